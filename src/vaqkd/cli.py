@@ -1,0 +1,189 @@
+"""vaqkd command line: thin wrappers that parse, load a config and call a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  vaqkd train configs/cifar100/teacher_resnet32_short.toml
+  vaqkd train configs/cifar100/vaqkd_logit.toml --set train.seed=1 --out runs/vaqkd_logit_s1
+  vaqkd eval runs/vaqkd_logit_s1 --json
+  vaqkd profile --model resnet32 --w-bits 2 --a-bits 2 --first-last same
+  vaqkd table --preset quick --seeds 3
+  vaqkd bench --quick
+"""
+
+
+def _add_data_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="folder holding the datasets (default: $VAQKD_DATA, else ./data)")
+
+
+def _overrides(args) -> list[str]:
+    sets = list(args.set or [])
+    if getattr(args, "data_root", None):
+        sets.append(f'data.root="{args.data_root}"')
+    return sets
+
+
+def cmd_train(args) -> int:
+    from vaqkd.config import load_config
+    from vaqkd.engine.train import fit
+
+    cfg = load_config(args.config, _overrides(args))
+    out = Path(args.out or Path("runs") / cfg.name)
+    final = fit(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if final:
+        print(f"{cfg.name}: test top-1 {final['top1_last']:.2f}% (best {final['top1_best']:.2f}% at epoch "
+              f"{final['best_epoch']}), {final['train_seconds']:.0f}s training -> {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from vaqkd.config import load_config
+    from vaqkd.engine.setup import build_data, resolve_device, resolve_precision
+    from vaqkd.engine.train import build_student, evaluate
+
+    run = Path(args.run_dir)
+    if not (run / "config.toml").exists() or not (run / "model.safetensors").exists():
+        raise FileNotFoundError(f"{run}: not a run directory (needs config.toml and model.safetensors)")
+    sets = _overrides(args) + ['model.init=""']
+    cfg = load_config(run / "config.toml", sets)
+    device = resolve_device(args.device or cfg.train.device)
+    precision = resolve_precision(args.precision or cfg.train.precision, device)
+    data = build_data(cfg, device)
+    model = build_student(cfg, data.num_classes, device)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run / "model.safetensors"), device=str(device)))
+    res = {"run": str(run), "name": cfg.name, **evaluate(model, data.test, precision), "precision": precision,
+           "test_images": len(data.test.labels)}
+    print(json.dumps(res) if args.json else f"{cfg.name}: test top-1 {res['top1']:.2f}% on {res['test_images']} images")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from vaqkd.metrics.size import profile
+
+    p = profile(args.model, args.num_classes, args.w_bits, args.a_bits, args.first_last)
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    print(f"{'layer':<22}{'type':<8}{'W':>4}{'A':>4}{'params':>10}{'MACs':>13}")
+    for r in p["layers"]:
+        print(f"{r['name']:<22}{r['kind']:<8}{r['w_bits']:>4}{r['a_bits']:>4}{r['params']:>10,}{r['macs']:>13,}")
+    print(f"\n{p['model']} ({p['num_classes']} classes), W{p['w_bits']}A{p['a_bits']}, first/last: {p['first_last']}")
+    print(f"params {p['params']:,}   MACs {p['macs']:,}")
+    print(f"size   {p['fp32_mib']:.3f} MiB (FP32) -> {p['quant_mib']:.4f} MiB ({p['fp32_mib'] / p['quant_mib']:.1f}x)")
+    print(f"BOPs   {p['bops_fp32']:.4g} (FP32) -> {p['bops']:.4g} ({p['bops_reduction']:.1f}x fewer)")
+    return 0
+
+
+def cmd_table(args) -> int:
+    from vaqkd.runner import run_table
+
+    run_table(args.preset, seeds=args.seeds, out=args.out, rows=args.rows, runs_dir=args.runs_dir,
+              extra_sets=_overrides(args), teacher=args.teacher)
+    return 0
+
+
+def cmd_gradcam(args) -> int:
+    from vaqkd.analysis.gradcam import gradcam_figure
+
+    out = gradcam_figure(args.run_a, args.run_b, args.images, args.out, data_root=args.data_root, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from vaqkd.bench import run_bench
+
+    run_bench(device=args.device, batch=args.batch, quick=args.quick, as_json=args.json, out=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vaqkd",
+        description="Train 2-bit (W2A2) image classifiers by knowledge distillation with virtual anchors (VA-QKD).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a TOML config")
+    t.add_argument("config", help="TOML config file (see configs/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.1")
+    t.add_argument("--out", help="run directory (default: runs/<name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_data_root(t)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="top-1 of a finished run on the test split")
+    e.add_argument("run_dir")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--device")
+    e.add_argument("--precision", choices=["fp32", "bf16"])
+    e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    _add_data_root(e)
+    e.set_defaults(fn=cmd_eval)
+
+    pr = sub.add_parser("profile", help="per-layer bits, params, MACs; model size and BOPs")
+    pr.add_argument("--model", default="resnet32")
+    pr.add_argument("--num-classes", type=int, default=100)
+    pr.add_argument("--w-bits", type=int, default=2)
+    pr.add_argument("--a-bits", type=int, default=2)
+    pr.add_argument("--first-last", choices=["fp32", "8", "same"], default="same")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=cmd_profile)
+
+    tb = sub.add_parser("table", help="train (or reuse) every row of the paper's table; write results/<preset>/")
+    tb.add_argument("--preset", choices=["demo", "quick", "paper"], default="demo")
+    tb.add_argument("--seeds", type=int, default=1)
+    tb.add_argument("--rows", nargs="*", help="subset of rows (default: all of the preset)")
+    tb.add_argument("--out", help="results folder (default: results/<preset>)")
+    tb.add_argument("--runs-dir", help="where run directories go (default: runs/<preset>)")
+    tb.add_argument("--teacher", default="pretrained", help="'pretrained', 'train', or a run dir / .safetensors")
+    tb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
+    _add_data_root(tb)
+    tb.set_defaults(fn=cmd_table)
+
+    g = sub.add_parser("gradcam", help="Grad-CAM grid comparing two runs (captum LayerGradCam on layer3)")
+    g.add_argument("run_a")
+    g.add_argument("run_b")
+    g.add_argument("--images", type=int, default=8)
+    g.add_argument("--out", default="gradcam.png")
+    g.add_argument("--seed", type=int, default=0)
+    _add_data_root(g)
+    g.set_defaults(fn=cmd_gradcam)
+
+    b = sub.add_parser("bench", help="throughput of train steps, loader, epoch and eval; ratios in one process")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--batch", type=int, default=128)
+    b.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs, not speed")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--out", help="also write the JSON here")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vaqkd.config import ConfigError
+    from vaqkd.data.cifar import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"vaqkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vaqkd {args.command}: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

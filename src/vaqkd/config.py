@@ -1,0 +1,322 @@
+"""Experiment configuration: frozen dataclasses, a TOML loader, and `--set section.key=value` overrides.
+
+Every field is typed and range-checked; an unknown key, a wrong type or an out-of-range value stops the
+program before any work, with an error that names the key. The resolved config is written into every run
+directory (`to_toml`), and that file loads back to the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type, or out of range."""
+
+
+def _check(key: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {what}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar100"  # cifar100 | cifar10 | folder
+    root: str = ""  # "" -> $VAQKD_DATA or ./data
+    subset_per_class: int = 0  # first N training images per class (0: all)
+    test_subset_per_class: int = 0
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    image_size: int = 32  # folder datasets are resized to this
+
+    def validate(self, p: str) -> None:
+        _check(f"{p}.dataset", self.dataset in ("cifar100", "cifar10", "folder"), "must be cifar100, cifar10 or folder")
+        _check(f"{p}.subset_per_class", self.subset_per_class >= 0, "must be >= 0")
+        _check(f"{p}.test_subset_per_class", self.test_subset_per_class >= 0, "must be >= 0")
+        _check(f"{p}.batch_size", self.batch_size >= 1, "must be >= 1")
+        _check(f"{p}.eval_batch_size", self.eval_batch_size >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet32"
+    init: str = ""  # weights to start from: a run dir, a .safetensors file, or "pretrained"
+
+    def validate(self, p: str) -> None:
+        from vaqkd.models import MODELS
+
+        _check(f"{p}.arch", self.arch in MODELS, f"unknown model {self.arch!r}; registered: {sorted(MODELS)}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    enabled: bool = False
+    w_bits: int = 2
+    a_bits: int = 2
+    weight: str = "lsq"  # lsq | ewgs | dorefa
+    act: str = "lsq"  # lsq | ewgs | pact
+    per_channel: bool = False  # weight quantizers only
+    first_last: str = "fp32"  # fp32 | 8 | same  (bits of the first conv and the last FC)
+    calib_batches: int = 1  # batches for the data-driven initialisation of the quantizers
+
+    def validate(self, p: str) -> None:
+        from vaqkd.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
+
+        _check(f"{p}.w_bits", 1 <= self.w_bits <= 8, "must be in [1, 8]")
+        _check(f"{p}.a_bits", 1 <= self.a_bits <= 8, "must be in [1, 8]")
+        _check(f"{p}.weight", self.weight in WEIGHT_QUANTIZERS, f"must be one of {sorted(WEIGHT_QUANTIZERS)}")
+        _check(f"{p}.act", self.act in ACT_QUANTIZERS, f"must be one of {sorted(ACT_QUANTIZERS)}")
+        _check(f"{p}.first_last", self.first_last in ("fp32", "8", "same"), "must be fp32, 8 or same")
+        _check(f"{p}.calib_batches", self.calib_batches >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 240
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"  # multistep | cosine | onecycle
+    milestones: tuple[int, ...] = (150, 180, 210)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    quant_lr_scale: float = 1.0  # lr multiplier for quantizer parameters (step sizes, clips)
+
+    def validate(self, p: str) -> None:
+        _check(f"{p}.epochs", self.epochs >= 1, "must be >= 1")
+        _check(f"{p}.lr", self.lr > 0, "must be > 0")
+        _check(f"{p}.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
+        _check(f"{p}.weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _check(f"{p}.schedule", self.schedule in ("multistep", "cosine", "onecycle"), "must be multistep, cosine or onecycle")
+        _check(f"{p}.gamma", 0 < self.gamma <= 1, "must be in (0, 1]")
+        _check(f"{p}.warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "must be in [0, epochs)")
+        _check(f"{p}.milestones", list(self.milestones) == sorted(self.milestones), "must be increasing")
+        _check(f"{p}.quant_lr_scale", self.quant_lr_scale > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class TermConfig:
+    """One weighted loss term; `anchor_bits`/`anchor_weights` add virtual-anchor copies of it."""
+
+    kind: str = "ce"  # ce | kd | hint | at | crd
+    weight: float = 1.0
+    temperature: float = 4.0  # kd
+    stage: str = "layer2"  # hint / at: which named stage
+    feat_dim: int = 128  # crd embedding size
+    nce_k: int = 16384  # crd negatives
+    nce_t: float = 0.07
+    nce_momentum: float = 0.5
+    anchor_bits: tuple[int, ...] = ()
+    anchor_weights: tuple[float, ...] = ()
+    anchor_mode: str = "minmax"  # minmax (per sample, asymmetric) | absmax (per sample, symmetric) | tensor
+
+    def validate(self, p: str) -> None:
+        from vaqkd.distill.objective import TERMS
+
+        _check(f"{p}.kind", self.kind in TERMS, f"unknown loss term {self.kind!r}; registered: {sorted(TERMS)}")
+        _check(f"{p}.weight", self.weight >= 0, "must be >= 0")
+        _check(f"{p}.temperature", self.temperature > 0, "must be > 0")
+        _check(f"{p}.stage", self.stage in ("stem", "layer1", "layer2", "layer3"), "must be stem, layer1, layer2 or layer3")
+        _check(f"{p}.nce_k", self.nce_k >= 1, "must be >= 1")
+        _check(f"{p}.anchor_weights", len(self.anchor_weights) == len(self.anchor_bits), "needs one weight per anchor bit width")
+        _check(f"{p}.anchor_bits", all(1 <= b <= 16 for b in self.anchor_bits), "bit widths must be in [1, 16]")
+        _check(f"{p}.anchor_mode", self.anchor_mode in ("minmax", "absmax", "tensor"), "must be minmax, absmax or tensor")
+        _check(f"{p}.anchor_bits", not self.anchor_bits or self.kind != "ce", "hard-label CE has no teacher to anchor")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # "" (no distillation), a run dir, a .safetensors file, or "pretrained"
+    teacher_arch: str = "resnet32"
+    terms: tuple[TermConfig, ...] = (TermConfig(),)
+
+    def validate(self, p: str) -> None:
+        _check(f"{p}.terms", len(self.terms) >= 1, "needs at least one term")
+        needs_teacher = any(t.kind != "ce" for t in self.terms)
+        _check(f"{p}.teacher", bool(self.teacher) or not needs_teacher, "distillation terms need a teacher")
+        for i, t in enumerate(self.terms):
+            t.validate(f"{p}.terms.{i}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16
+    channels_last: bool = False
+    compile: bool = False
+    eval_every: int = 1
+    checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    threads: int = 0  # CPU threads (0: torch default)
+
+    def validate(self, p: str) -> None:
+        _check(f"{p}.precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
+        _check(f"{p}.device", self.device in ("auto", "cpu") or self.device.startswith("cuda"), "must be auto, cpu or cuda[:N]")
+        _check(f"{p}.eval_every", self.eval_every >= 1, "must be >= 1")
+        _check(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0")
+        _check(f"{p}.threads", self.threads >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v.validate(f.name)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dict <-> dataclass with strict checking
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        _check(key, isinstance(value, dict), f"expected a table, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        (inner, _) = typing.get_args(tp)
+        _check(key, isinstance(value, (list, tuple)), f"expected a list, got {type(value).__name__}")
+        return tuple(_convert(f"{key}.{i}", inner, v) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported type {tp}")
+    if tp is float:
+        _check(key, isinstance(value, (int, float)) and not isinstance(value, bool), f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(key, isinstance(value, int) and not isinstance(value, bool), f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(key, isinstance(value, bool), f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # e.g. first_last = 8
+        _check(key, isinstance(value, str), f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported type {tp}")
+
+
+def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{k}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(f"{prefix + '.' if prefix else ''}{k}", hints[k], v) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string
+
+
+def apply_override(d: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value in TOML syntax; bare words are strings; list items addressed by index)."""
+    if "=" not in assignment:
+        raise ConfigError(f"{assignment}: an override must look like section.key=value")
+    path, text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node: Any = d
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            _check(path, k.isdigit() and int(k) < len(node), f"no list item {k!r}")
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+            _check(".".join(keys[: i + 1]), isinstance(node, (dict, list)), "is a value, not a table")
+    last = keys[-1]
+    if isinstance(node, list):
+        _check(path, last.isdigit() and int(last) < len(node), f"no list item {last!r}")
+        node[int(last)] = _parse_value(text.strip())
+    else:
+        node[last] = _parse_value(text.strip())
+
+
+def load_dict(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    base = d.pop("base", None)
+    if base is not None:  # a preset names the file it refines: its keys override the base's
+        parent = load_dict(path.parent / base)
+        _merge(parent, d)
+        d = parent
+    return d
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    d = load_dict(path) if path else {}
+    for o in overrides:
+        apply_override(d, o)
+    return from_dict(Config, d).validate()
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (loads back with `load_config` to an equal Config)."""
+    d = to_dict(cfg)
+    lines = [f"name = {_toml_value(d.pop('name'))}"]
+    for section, body in d.items():
+        terms = body.pop("terms", None) if isinstance(body, dict) else None
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        for t in terms or []:
+            lines.append(f"\n[[{section}.terms]]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in t.items()]
+    return "\n".join(lines) + "\n"

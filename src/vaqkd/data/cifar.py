@@ -1,0 +1,172 @@
+"""CIFAR-10 / CIFAR-100 from the official "python version" pickles.
+
+Two ways in:
+  * a folder the user already has: checked for *structure* (keys, dtype, shapes, label ranges, per-class
+    counts), not bytes, since faithful re-creations of CIFAR exist that are not byte-identical;
+  * a download (when the files are missing and the machine is online): the archive is checked against the
+    published MD5 before it is unpacked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """Missing or malformed dataset files (the message names the file and what is wrong)."""
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    folder: str  # folder inside the archive
+    url: str
+    archive_md5: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+    train_per_class: int
+    test_per_class: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+SPECS = {
+    "cifar100": CifarSpec(
+        folder="cifar-100-python",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train_files=("train",),
+        test_files=("test",),
+        label_key="fine_labels",
+        num_classes=100,
+        train_per_class=500,
+        test_per_class=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    ),
+    "cifar10": CifarSpec(
+        folder="cifar-10-batches-py",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        archive_md5="c58f30108f718f92721af3b95e74349a",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        label_key="labels",
+        num_classes=10,
+        train_per_class=5000,
+        test_per_class=1000,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    ),
+}
+
+
+def get_spec(name: str) -> CifarSpec:
+    if name not in SPECS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {sorted(SPECS)}")
+    return SPECS[name]
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(name: str, root: Path) -> None:
+    """Download the official archive into `root`, verify its published MD5, and unpack it."""
+    spec = get_spec(name)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / Path(spec.url).name
+    if not archive.exists():
+        tmp = archive.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(spec.url, tmp)  # noqa: S310 (fixed https URL)
+        except (urllib.error.URLError, OSError) as e:
+            tmp.unlink(missing_ok=True)
+            raise DataError(
+                f"{name} not found under {root / spec.folder} and the download failed ({e}); "
+                f"put the official '{spec.folder}' folder there or set --data-root / VAQKD_DATA"
+            ) from None
+        tmp.rename(archive)
+    digest = _md5(archive)
+    if digest != spec.archive_md5:
+        raise DataError(f"{archive}: MD5 {digest} does not match the published {spec.archive_md5}; delete it and retry")
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file missing") from None
+    except Exception as e:  # unpickling errors come in many types
+        raise DataError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {e})") from None
+
+
+def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
+    for key in ("data", spec.label_key):
+        if key not in d:
+            raise DataError(f"{path}: key {key!r} missing (found {sorted(d)})")
+    data = d["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {dtype} {shape}")
+    labels = np.asarray(d[spec.label_key], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise DataError(f"{path}: labels outside [0, {spec.num_classes}) (min {labels.min()}, max {labels.max()})")
+    return data, labels
+
+
+def load_split(name: str, root: str | Path, train: bool, download_missing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one split as (images uint8 (N, 3, 32, 32), labels int64 (N,)) after structural checks.
+
+    `root` is the folder that holds e.g. `cifar-100-python/`. Missing files are downloaded when
+    `download_missing` and the machine is online; otherwise a one-line error says where to put them.
+    """
+    spec = get_spec(name)
+    root = Path(root).expanduser()
+    folder = root / spec.folder
+    files = spec.train_files if train else spec.test_files
+    if not all((folder / f).exists() for f in files):
+        if not download_missing:
+            raise DataError(f"{name}: {folder} is missing {list(files)}; put the official '{spec.folder}' folder there")
+        download(name, root)
+    parts = [_check_split(folder / f, _load_pickle(folder / f), spec) for f in files]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    # Per-class counts: the official splits are balanced (500/100 per class for CIFAR-100); a folder that is
+    # not balanced is a truncated or mixed-up copy.
+    counts = np.bincount(labels, minlength=spec.num_classes)
+    if data.shape[0] == 0 or not (counts == counts[0]).all():
+        bad = int(np.argmax(counts != counts[0]))
+        raise DataError(f"{folder / files[0]}: unbalanced classes (class 0 has {counts[0]} images, class {bad} has "
+                        f"{counts[bad]}; the official split has {spec.train_per_class if train else spec.test_per_class})")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels)
+
+
+def class_names(name: str, root: str | Path) -> list[str]:
+    spec = get_spec(name)
+    path = Path(root).expanduser() / spec.folder / ("meta" if name == "cifar100" else "batches.meta")
+    meta = _load_pickle(path)
+    key = "fine_label_names" if name == "cifar100" else "label_names"
+    if key not in meta or len(meta[key]) != spec.num_classes:
+        raise DataError(f"{path}: expected {spec.num_classes} names under {key!r}")
+    return list(meta[key])

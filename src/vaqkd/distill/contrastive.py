@@ -1,0 +1,103 @@
+"""Contrastive representation distillation (CRD; Tian et al., ICLR 2020).
+
+Both sides' pooled embeddings go through a linear head to `feat_dim` dims and are L2-normalised. A memory
+bank per side holds one momentum-averaged embedding per training image. For each sample, K negatives are
+drawn uniformly from the images of *other* classes (the paper's "exact" mode), on the training device.
+With P_n = 1/N and the NCE normalisation h = exp(v·m/τ)/Z (Z fixed from the first batch):
+
+    L = -E[log h_pos/(h_pos + K·P_n)] - K·E[log K·P_n/(h_neg + K·P_n)]       (eq. 18-19 of the paper)
+
+summed over the two directions (student vs teacher memory, teacher vs student memory). Scores are computed
+as one (B, D) x (D, N) product followed by a gather, instead of gathering a (B, K+1, D) block of memory.
+
+Virtual anchors: r_T is the teacher's pooled embedding; an anchor term contrasts the student embedding with
+the anchor's embedding as the positive and the teacher memory as negatives (the student-side direction,
+the only one through which the student receives gradient). Memories are updated by the FP32 term only.
+
+Example term: `{kind = "crd", weight = 0.8, feat_dim = 128, nce_k = 16384, nce_t = 0.07}`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CRDLoss(nn.Module):
+    uses_teacher = True
+
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        labels: torch.Tensor,  # (N,) training labels, in dataset-index order
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        momentum: float = 0.5,
+        seed: int = 0,
+    ):
+        super().__init__()
+        n = len(labels)
+        self.k, self.t, self.momentum, self.seed, self.n = nce_k, nce_t, momentum, seed, n
+        self.embed_s = nn.Linear(s_dim, feat_dim)
+        self.embed_t = nn.Linear(t_dim, feat_dim)
+        stdv = 1.0 / math.sqrt(feat_dim / 3)
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("memory_s", F.normalize(torch.rand(n, feat_dim, generator=g) * 2 * stdv - stdv, dim=1))
+        self.register_buffer("memory_t", F.normalize(torch.rand(n, feat_dim, generator=g) * 2 * stdv - stdv, dim=1))
+        self.register_buffer("z", torch.tensor([-1.0, -1.0]))  # NCE normalisers (student side, teacher side)
+        # Sampling negatives from other classes: sort indices by class; a class c occupies
+        # order[start[c]:start[c]+count[c]]; draw u in [0, N - count[c]) and skip over the block.
+        labels = labels.long()
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels)
+        self.register_buffer("labels", labels, persistent=False)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("start", torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer("count", counts, persistent=False)
+
+    def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return t["embedding"]
+
+    def sample_negatives(self, index: torch.Tensor, step: int) -> torch.Tensor:
+        """(B, K) dataset indices, each from a class other than that of `index`'s sample."""
+        g = torch.Generator(device=index.device).manual_seed(hash((self.seed, step)) & 0x7FFF_FFFF_FFFF_FFFF)
+        y = self.labels[index]
+        size, start = (self.n - self.count[y]).unsqueeze(1), self.start[y].unsqueeze(1)
+        u = (torch.rand(len(index), self.k, generator=g, device=index.device) * size).long()
+        u = torch.where(u >= start, u + self.count[y].unsqueeze(1), u)
+        return self.order[u]
+
+    def _nce(self, v: torch.Tensor, pos: torch.Tensor, memory: torch.Tensor, neg: torch.Tensor, side: int) -> torch.Tensor:
+        """v (B, D) anchors; pos (B, D) positives; negatives memory[neg] (B, K). Returns the NCE loss."""
+        s_pos = torch.exp((v * pos).sum(1, keepdim=True) / self.t)  # (B, 1)
+        s_neg = torch.exp((v @ memory.t()).gather(1, neg) / self.t)  # (B, K)
+        if self.z[side] < 0:  # first batch fixes the normaliser, as in the reference implementation
+            self.z[side] = torch.cat([s_pos, s_neg], 1).mean().detach() * self.n
+        h_pos, h_neg = s_pos / self.z[side], s_neg / self.z[side]
+        kpn = self.k / self.n
+        eps = 1e-7
+        log_d1 = torch.log(h_pos / (h_pos + kpn + eps))
+        log_d0 = torch.log(kpn / (h_neg + kpn + eps))
+        return -(log_d1.sum() + log_d0.sum()) / len(v)
+
+    def forward(
+        self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+        step: int = 0, anchor: bool = False, **_,
+    ) -> torch.Tensor:  # fmt: skip
+        v_s = F.normalize(self.embed_s(s["embedding"].float()), dim=1)
+        v_t = F.normalize(self.embed_t(r.float()), dim=1)
+        neg = self.sample_negatives(index, step)
+        if anchor:  # the anchor embedding is the student's positive; memories stay untouched
+            return self._nce(v_s, v_t, self.memory_t, neg, 0)
+        loss = self._nce(v_s, self.memory_t[index], self.memory_t, neg, 0)
+        loss = loss + self._nce(v_t, self.memory_s[index], self.memory_s, neg, 1)
+        with torch.no_grad():
+            m = self.momentum
+            self.memory_s[index] = F.normalize(self.memory_s[index] * m + v_s.detach() * (1 - m), dim=1)
+            self.memory_t[index] = F.normalize(self.memory_t[index] * m + v_t.detach() * (1 - m), dim=1)
+        return loss

@@ -1,0 +1,51 @@
+"""Feature-map losses on a named stage: FitNet hints and attention transfer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class HintLoss(nn.Module):
+    """FitNets (Romero et al. 2015): L = MSE(reg(f_S), f_T) on a named stage, reg = 1x1 conv + BN.
+
+    Example term: `{kind = "hint", weight = 100.0, stage = "layer2"}` (the CIFAR-100 recipe's weight).
+    """
+
+    uses_teacher = True
+
+    def __init__(self, stage: str, s_channels: int, t_channels: int):
+        super().__init__()
+        self.stage = stage
+        self.regressor = nn.Sequential(nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels))
+
+    def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return t[self.stage]
+
+    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+        proj = s.get(f"_hint_{self.stage}")
+        if proj is None:  # one projection serves the FP32 term and every anchor term of this step
+            proj = s[f"_hint_{self.stage}"] = self.regressor(s[self.stage])
+        return F.mse_loss(proj.float(), r.float())
+
+
+def attention_map(f: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis 2017: a = normalize(mean_c f²), flattened. f: (B, C, H, W) -> (B, H*W)."""
+    return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+class AttentionTransfer(nn.Module):
+    """L_AT = ‖a(f_S) - a(f_T)‖² (mean over the batch) on a named stage; typical weight 1000."""
+
+    uses_teacher = True
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage = stage
+
+    def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return t[self.stage]
+
+    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+        return (attention_map(s[self.stage]) - attention_map(r)).pow(2).mean()

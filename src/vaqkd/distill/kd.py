@@ -1,0 +1,41 @@
+"""Logit losses: hard-label cross-entropy and Hinton's knowledge distillation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossEntropy(nn.Module):
+    """L_CE = CE(z_S, y). Uses no teacher."""
+
+    uses_teacher = False
+
+    def target(self, t: dict[str, torch.Tensor] | None) -> None:
+        return None
+
+    def forward(self, s: dict[str, torch.Tensor], r: None, labels: torch.Tensor, **_) -> torch.Tensor:
+        return F.cross_entropy(s["logits"].float(), labels)
+
+
+class LogitKD(nn.Module):
+    """Hinton et al. 2015: L_KD = T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), batch mean.
+
+    Example term: `{kind = "kd", weight = 0.9, temperature = 4.0}`.
+    """
+
+    uses_teacher = True
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return t["logits"]
+
+    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+        T = self.temperature
+        log_p_s = F.log_softmax(s["logits"].float() / T, dim=1)
+        log_p_t = F.log_softmax(r.float() / T, dim=1)
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T

@@ -1,0 +1,184 @@
+"""Building what a run needs from its Config: device, precision, data, models, teacher, objective."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from contextlib import nullcontext
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import vaqkd
+from vaqkd.config import Config, DataConfig
+from vaqkd.data.cifar import SPECS, load_split
+from vaqkd.data.loader import DeviceLoader, subset_per_class
+from vaqkd.models import create_model, stage_channels
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name}: CUDA is not available on this machine")
+    return dev
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # native bf16 matmul/conv on the CPU (AVX512-BF16 or AMX)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root or os.environ.get("VAQKD_DATA", "data")).expanduser()
+
+
+@dataclass
+class Data:
+    train: DeviceLoader
+    test: DeviceLoader
+    num_classes: int
+    train_labels: torch.Tensor  # labels of the (subset) training set, in loader index order
+
+
+def build_data(cfg: Config, device: torch.device) -> Data:
+    d = cfg.data
+    root = data_root(d)
+    if d.dataset == "folder":
+        from vaqkd.data.folder import load_folder_split
+
+        xtr, ytr, classes = load_folder_split(root, True, d.image_size)
+        xte, yte, _ = load_folder_split(root, False, d.image_size)
+        x = xtr.float() / 255
+        mean, std = tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
+        num_classes = len(classes)
+    else:
+        xtr, ytr = load_split(d.dataset, root, train=True)
+        xte, yte = load_split(d.dataset, root, train=False)
+        spec = SPECS[d.dataset]
+        mean, std, num_classes = spec.mean, spec.std, spec.num_classes
+    keep = subset_per_class(ytr, d.subset_per_class)
+    xtr, ytr = xtr[keep], ytr[keep]
+    keep = subset_per_class(yte, d.test_subset_per_class)
+    xte, yte = xte[keep], yte[keep]
+    cl = cfg.train.channels_last
+    train = DeviceLoader(xtr, ytr, d.batch_size, mean, std, device, train=True, seed=cfg.train.seed, channels_last=cl)
+    test = DeviceLoader(xte, yte, d.eval_batch_size, mean, std, device, train=False, channels_last=cl)
+    return Data(train, test, num_classes, ytr)
+
+
+PRETRAINED = {"resnet32": "resnet32_cifar100.safetensors"}
+
+
+def resolve_weights(spec: str, arch: str) -> Path:
+    """A weights spec -> a .safetensors path: 'pretrained', a run directory, or a file."""
+    if spec == "pretrained":
+        if arch not in PRETRAINED:
+            raise FileNotFoundError(f"no pretrained weights ship for {arch!r} (available: {sorted(PRETRAINED)})")
+        path = Path(str(resources.files("vaqkd") / "pretrained" / PRETRAINED[arch]))
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    return path
+
+
+def load_weights(model: nn.Module, spec: str, arch: str) -> None:
+    from safetensors.torch import load_file
+
+    path = resolve_weights(spec, arch)
+    state = load_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a quantized run's file holds quantizer parameters too; an FP32 model simply ignores them
+    unexpected = [k for k in unexpected if "_quant." not in k]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Module | None:
+    if not cfg.distill.teacher:
+        return None
+    teacher = create_model(cfg.distill.teacher_arch, num_classes)
+    load_weights(teacher, cfg.distill.teacher, cfg.distill.teacher_arch)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if cfg.train.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher
+
+
+def teacher_channels(teacher: nn.Module | None, student: nn.Module) -> dict[str, int]:
+    return stage_channels(teacher if teacher is not None else student)
+
+
+def git_sha() -> str:
+    src = Path(vaqkd.__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                               capture_output=True, text=True, timeout=5)
+        if sha.returncode == 0:
+            return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def environment(device: torch.device, seed: int, precision: str) -> dict:
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(device)
+    else:
+        dev_name = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    dev_name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {
+        "git_sha": git_sha(),
+        "vaqkd": vaqkd.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": dev_name,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "seed": seed,
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,33 @@
+"""Model registry: `create_model(name, num_classes)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from vaqkd.models.resnet_cifar import CifarResNet, stage_channels
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet20": lambda k: CifarResNet(20, k),
+    "resnet32": lambda k: CifarResNet(32, k),
+    "resnet56": lambda k: CifarResNet(56, k),
+}
+
+
+def create_model(name: str, num_classes: int = 100) -> nn.Module:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    return MODELS[name](num_classes)
+
+
+def count_weights(model: nn.Module) -> int:
+    """Conv and linear weights (+ linear biases), excluding BatchNorm: the convention of model-size tables."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            total += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return total
+
+
+__all__ = ["MODELS", "create_model", "count_weights", "stage_channels", "CifarResNet"]

@@ -1,0 +1,16 @@
+from vaqkd.quant.convert import calibrate, quantize, quantizers
+from vaqkd.quant.layers import QConv2d, QLinear
+from vaqkd.quant.quantizers import (
+    ACT_QUANTIZERS,
+    WEIGHT_QUANTIZERS,
+    DoReFaQuantizer,
+    EWGSQuantizer,
+    LSQQuantizer,
+    PACTQuantizer,
+    Quantizer,
+)
+
+__all__ = [
+    "quantize", "calibrate", "quantizers", "QConv2d", "QLinear", "Quantizer", "LSQQuantizer",
+    "EWGSQuantizer", "PACTQuantizer", "DoReFaQuantizer", "WEIGHT_QUANTIZERS", "ACT_QUANTIZERS",
+]  # fmt: skip

@@ -1,0 +1,85 @@
+"""`quantize(model, ...)`: swap every Conv2d/Linear of a registry model for its quantized version."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vaqkd.quant.layers import QConv2d, QLinear
+from vaqkd.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS, Quantizer
+
+
+def _bits_for(policy: str, body_bits: int) -> int | None:
+    """Bits of the first/last layer under a policy: None keeps it FP32."""
+    return {"fp32": None, "8": 8, "same": body_bits}[policy]
+
+
+def quantize(
+    model: nn.Module,
+    w_bits: int = 2,
+    a_bits: int = 2,
+    weight: str = "lsq",
+    act: str = "lsq",
+    per_channel: bool = False,
+    first_last: str = "fp32",
+) -> nn.Module:
+    """Replace layers in place and return the model.
+
+    The first conv sees the normalised image (signed input); every other layer follows a ReLU (unsigned).
+    `first_last`: "fp32" keeps the first conv and the last linear in FP32, "8" quantizes them at W8A8,
+    "same" at the body's bits (the convention of the paper's size and BOPs columns).
+    """
+    if first_last not in ("fp32", "8", "same"):
+        raise ValueError(f"first_last must be fp32, 8 or same, got {first_last!r}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        raise ValueError("model has no Conv2d or Linear layers to quantize")
+    edge = {layers[0][0], layers[-1][0]}
+    for i, (name, m) in enumerate(layers):
+        if isinstance(m, (QConv2d, QLinear)):
+            raise ValueError(f"{name} is already quantized")
+        wb, ab = (w_bits, a_bits) if name not in edge else (_bits_for(first_last, w_bits), _bits_for(first_last, a_bits))
+        if wb is None:
+            continue
+        signed_input = i == 0
+        ndim = m.weight.ndim
+        wq = WEIGHT_QUANTIZERS[weight]
+        if wq.__name__ == "LSQQuantizer":
+            w_quant = wq(wb, True, per_channel=per_channel, channels=m.weight.shape[0], ndim=ndim)
+        else:
+            w_quant = wq(wb, True)
+        aq = ACT_QUANTIZERS[act]
+        if signed_input and aq.__name__ == "PACTQuantizer":
+            aq = ACT_QUANTIZERS["lsq"]  # PACT clips at zero: the signed image input needs another quantizer
+        a_quant = aq(ab, signed_input)
+        new = QConv2d(m, w_quant, a_quant) if isinstance(m, nn.Conv2d) else QLinear(m, w_quant, a_quant)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], new)
+    return model
+
+
+def quantizers(model: nn.Module) -> list[Quantizer]:
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Data-driven initialisation of every quantizer from a few input batches; returns how many were seen."""
+    qs = quantizers(model)
+    was = model.training
+    model.eval()  # BatchNorm running stats must not move during calibration
+    for q in qs:
+        q.calibrating = True
+    n = 0
+    try:
+        for x in batches:
+            model(x)
+            n += 1
+    finally:
+        for q in qs:
+            q.calibrating = False
+            q.finish_calibration()
+        model.train(was)
+    return n

@@ -1,0 +1,43 @@
+"""Drop-in quantized layers: the FP32 weight stays the trained parameter; each forward quantizes the
+weight once and the incoming activation once, then runs the ordinary op on the fake-quantized tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QConv2d(nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, w_quant: nn.Module, a_quant: nn.Module):
+        super().__init__(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        self.load_state_dict(conv.state_dict())
+        self.w_quant, self.a_quant = w_quant, a_quant
+
+    @property
+    def w_bits(self) -> int:
+        return getattr(self.w_quant, "bits", 32)
+
+    @property
+    def a_bits(self) -> int:
+        return getattr(self.a_quant, "bits", 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.a_quant(x), self.w_quant(self.weight), self.bias)
+
+
+class QLinear(nn.Linear):
+    def __init__(self, fc: nn.Linear, w_quant: nn.Module, a_quant: nn.Module):
+        super().__init__(fc.in_features, fc.out_features, fc.bias is not None, device=fc.weight.device, dtype=fc.weight.dtype)
+        self.load_state_dict(fc.state_dict())
+        self.w_quant, self.a_quant = w_quant, a_quant
+
+    w_bits = QConv2d.w_bits
+    a_bits = QConv2d.a_bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.a_quant(x), self.w_quant(self.weight), self.bias)

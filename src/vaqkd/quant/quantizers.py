@@ -1,0 +1,183 @@
+"""Fake quantizers: modules with `bits` and `forward(x) -> x_hat` (x_hat on the same scale as x).
+
+Weight quantizers are signed, activation quantizers unsigned (they follow a ReLU) unless `signed=True` (the
+network input). Data-driven initialisation: `vaqkd.quant.calibrate` sets `calibrating` on every quantizer,
+runs a few batches through the model (each quantizer `observe`s its input), then calls `finish_calibration`.
+
+>>> q = LSQQuantizer(bits=2, signed=True)
+>>> x_hat = q(torch.randn(64))
+>>> len(torch.unique(x_hat)) <= 4
+True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vaqkd.quant.ste import EWGSDiscretize, LSQQuant, RoundSTE
+
+
+class Quantizer(nn.Module):
+    min_bits = 2
+
+    def __init__(self, bits: int, signed: bool):
+        super().__init__()
+        if not self.min_bits <= bits <= 16:
+            raise ValueError(f"{type(self).__name__}: bits must be in [{self.min_bits}, 16], got {bits}")
+        self.bits, self.signed = bits, signed
+        self.calibrating = False
+        self._obs_sum, self._obs_n = 0.0, 0
+
+    @property
+    def qn(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qp(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    def observe(self, x: torch.Tensor) -> None:  # accumulate an init statistic; see subclasses
+        pass
+
+    def finish_calibration(self) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"
+
+
+class LSQQuantizer(Quantizer):
+    """Learned step size quantization (Esser et al., ICLR 2020).
+
+    x_hat = clamp(round(x/s), Qn, Qp)·s; step init s = 2·mean|x|/√Qp; step gradient scaled by 1/√(N·Qp).
+    Per-channel (weights): one step per output channel, N counted per channel.
+    """
+
+    def __init__(self, bits: int, signed: bool, per_channel: bool = False, channels: int = 1, ndim: int = 4):
+        super().__init__(bits, signed)
+        shape = (channels,) + (1,) * (ndim - 1) if per_channel else ()
+        self.per_channel = per_channel
+        self.step = nn.Parameter(torch.ones(shape))
+
+    def _stat(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            return x.detach().abs().flatten(1).mean(1).view_as(self.step)
+        return x.detach().abs().mean()
+
+    def observe(self, x: torch.Tensor) -> None:
+        self._obs_sum = self._obs_sum + self._stat(x).float()
+        self._obs_n += 1
+
+    def finish_calibration(self) -> None:
+        if self._obs_n:
+            s = 2 * self._obs_sum / self._obs_n / math.sqrt(self.qp)
+            self.step.data.copy_(s.clamp_min(1e-8))
+            self._obs_sum, self._obs_n = 0.0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.observe(x)
+            return x
+        n = x.numel() // self.step.numel()
+        return LSQQuant.apply(x, self.step, self.qn, self.qp, 1.0 / math.sqrt(n * self.qp))
+
+
+class EWGSQuantizer(Quantizer):
+    """Element-wise gradient scaling (Lee et al., CVPR 2021) on a learnable interval [l, u].
+
+    x_n = clamp((x - l)/(u - l), 0, 1); x_q = round(x_n·L)/L; x_hat = l + (u - l)·x_q, L = 2^b - 1.
+    Backward through the discretizer: g_n = g_q·(1 + δ·sign(g_q)·(x_n - x_q)). δ is a buffer: fixed by
+    default (1e-3 as the paper's initial value) or updated by `set_delta` from a Hessian-trace estimate.
+    Init: weights l, u = ∓3·std(x); activations l = 0, u = mean + 3·std.
+    """
+
+    def __init__(self, bits: int, signed: bool, delta: float = 1e-3):
+        super().__init__(bits, signed)
+        self.lower = nn.Parameter(torch.tensor(-1.0 if signed else 0.0))
+        self.upper = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("delta", torch.tensor(float(delta)))
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        stat = torch.stack([x.mean(), x.std()])
+        self._obs_sum = self._obs_sum + stat
+        self._obs_n += 1
+
+    def finish_calibration(self) -> None:
+        if self._obs_n:
+            mean, std = (self._obs_sum / self._obs_n).tolist()
+            lo, hi = (mean - 3 * std, mean + 3 * std) if self.signed else (0.0, max(mean + 3 * std, 1e-3))
+            self.lower.data.fill_(lo)
+            self.upper.data.fill_(hi)
+            self._obs_sum, self._obs_n = 0.0, 0
+
+    def set_delta(self, delta: float) -> None:
+        self.delta.fill_(delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.observe(x)
+            return x
+        width = (self.upper - self.lower).clamp_min(1e-8)
+        xn = ((x - self.lower) / width).clamp(0, 1)
+        xq = EWGSDiscretize.apply(xn, 2**self.bits - 1, float(self.delta))
+        return self.lower + width * xq
+
+
+class PACTQuantizer(Quantizer):
+    """PACT (Choi et al. 2018): y = clamp(x, 0, α), x_hat = round(y·L/α)·α/L; α learnable (∂/∂α = 1 where x ≥ α).
+    Activations only. Init α = mean + 3·std of the calibration activations (the paper starts at 10)."""
+
+    def __init__(self, bits: int, signed: bool = False):
+        if signed:
+            raise ValueError("PACTQuantizer: PACT clips at 0 and is for unsigned (post-ReLU) activations only")
+        super().__init__(bits, signed)
+        self.alpha = nn.Parameter(torch.tensor(10.0))
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        self._obs_sum = self._obs_sum + (x.mean() + 3 * x.std())
+        self._obs_n += 1
+
+    def finish_calibration(self) -> None:
+        if self._obs_n:
+            self.alpha.data.fill_(max(float(self._obs_sum / self._obs_n), 1e-3))
+            self._obs_sum, self._obs_n = 0.0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.observe(x)
+            return x
+        levels = 2**self.bits - 1
+        y = torch.minimum(x.clamp_min(0), self.alpha)  # gradient to alpha where x >= alpha
+        scale = levels / self.alpha
+        return RoundSTE.apply(y * scale) / scale
+
+
+class DoReFaQuantizer(Quantizer):
+    """DoReFa weights (Zhou et al. 2016): w_t = tanh(w)/(2·max|tanh(w)|) + 1/2, w_hat = 2·round(w_t·L)/L - 1.
+    Output lies in [-1, 1] (BatchNorm after the conv absorbs the scale). 1 bit: sign(w)·mean|w|. No
+    learnable parameters. Not idempotent: the tanh normalisation moves already-quantized values."""
+
+    min_bits = 1
+
+    def __init__(self, bits: int, signed: bool = True):
+        super().__init__(bits, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            return x
+        if self.bits == 1:
+            scale = x.detach().abs().mean()
+            return scale * torch.where(x >= 0, 1.0, -1.0) + (x - x.detach())  # value ±E|w|, gradient 1
+        t = torch.tanh(x)
+        t = t / (2 * t.abs().max().detach()) + 0.5
+        levels = 2**self.bits - 1
+        return 2 * RoundSTE.apply(t * levels) / levels - 1
+
+
+WEIGHT_QUANTIZERS = {"lsq": LSQQuantizer, "ewgs": EWGSQuantizer, "dorefa": DoReFaQuantizer}
+ACT_QUANTIZERS = {"lsq": LSQQuantizer, "ewgs": EWGSQuantizer, "pact": PACTQuantizer}
