@@ -36,8 +36,10 @@ def cmd_train(args) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     final = fit(cfg, out, resume=args.resume, progress=not args.no_progress)
     if final:
-        print(f"{cfg.name}: test top-1 {final['top1_last']:.2f}% (best {final['top1_best']:.2f}% at epoch "
-              f"{final['best_epoch']}), {final['train_seconds']:.0f}s training -> {out}")
+        print(
+            f"{cfg.name}: test top-1 {final['top1_last']:.2f}% (best {final['top1_best']:.2f}% at epoch "
+            f"{final['best_epoch']}), {final['train_seconds']:.0f}s training -> {out}"
+        )
     return 0
 
 
@@ -58,8 +60,13 @@ def cmd_eval(args) -> int:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(run / "model.safetensors"), device=str(device)))
-    res = {"run": str(run), "name": cfg.name, **evaluate(model, data.test, precision), "precision": precision,
-           "test_images": len(data.test.labels)}
+    res = {
+        "run": str(run),
+        "name": cfg.name,
+        **evaluate(model, data.test, precision),
+        "precision": precision,
+        "test_images": len(data.test.labels),
+    }
     print(json.dumps(res) if args.json else f"{cfg.name}: test top-1 {res['top1']:.2f}% on {res['test_images']} images")
     return 0
 
@@ -84,8 +91,15 @@ def cmd_profile(args) -> int:
 def cmd_table(args) -> int:
     from vaqkd.runner import run_table
 
-    run_table(args.preset, seeds=args.seeds, out=args.out, rows=args.rows, runs_dir=args.runs_dir,
-              extra_sets=_overrides(args), teacher=args.teacher)
+    run_table(
+        args.preset,
+        seeds=args.seeds,
+        out=args.out,
+        rows=args.rows,
+        runs_dir=args.runs_dir,
+        extra_sets=_overrides(args),
+        teacher=args.teacher,
+    )
     return 0
 
 

@@ -99,7 +99,11 @@ class OptimConfig:
         _check(f"{p}.lr", self.lr > 0, "must be > 0")
         _check(f"{p}.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
         _check(f"{p}.weight_decay", self.weight_decay >= 0, "must be >= 0")
-        _check(f"{p}.schedule", self.schedule in ("multistep", "cosine", "onecycle"), "must be multistep, cosine or onecycle")
+        _check(
+            f"{p}.schedule",
+            self.schedule in ("multistep", "cosine", "onecycle"),
+            "must be multistep, cosine or onecycle",
+        )
         _check(f"{p}.gamma", 0 < self.gamma <= 1, "must be in (0, 1]")
         _check(f"{p}.warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "must be in [0, epochs)")
         _check(f"{p}.milestones", list(self.milestones) == sorted(self.milestones), "must be increasing")
@@ -128,11 +132,19 @@ class TermConfig:
         _check(f"{p}.kind", self.kind in TERMS, f"unknown loss term {self.kind!r}; registered: {sorted(TERMS)}")
         _check(f"{p}.weight", self.weight >= 0, "must be >= 0")
         _check(f"{p}.temperature", self.temperature > 0, "must be > 0")
-        _check(f"{p}.stage", self.stage in ("stem", "layer1", "layer2", "layer3"), "must be stem, layer1, layer2 or layer3")
+        _check(
+            f"{p}.stage", self.stage in ("stem", "layer1", "layer2", "layer3"), "must be stem, layer1, layer2 or layer3"
+        )
         _check(f"{p}.nce_k", self.nce_k >= 1, "must be >= 1")
-        _check(f"{p}.anchor_weights", len(self.anchor_weights) == len(self.anchor_bits), "needs one weight per anchor bit width")
+        _check(
+            f"{p}.anchor_weights",
+            len(self.anchor_weights) == len(self.anchor_bits),
+            "needs one weight per anchor bit width",
+        )
         _check(f"{p}.anchor_bits", all(1 <= b <= 16 for b in self.anchor_bits), "bit widths must be in [1, 16]")
-        _check(f"{p}.anchor_mode", self.anchor_mode in ("minmax", "absmax", "tensor"), "must be minmax, absmax or tensor")
+        _check(
+            f"{p}.anchor_mode", self.anchor_mode in ("minmax", "absmax", "tensor"), "must be minmax, absmax or tensor"
+        )
         _check(f"{p}.anchor_bits", not self.anchor_bits or self.kind != "ce", "hard-label CE has no teacher to anchor")
 
 
@@ -163,7 +175,11 @@ class TrainConfig:
 
     def validate(self, p: str) -> None:
         _check(f"{p}.precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
-        _check(f"{p}.device", self.device in ("auto", "cpu") or self.device.startswith("cuda"), "must be auto, cpu or cuda[:N]")
+        _check(
+            f"{p}.device",
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            "must be auto, cpu or cuda[:N]",
+        )
         _check(f"{p}.eval_every", self.eval_every >= 1, "must be >= 1")
         _check(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0")
         _check(f"{p}.threads", self.threads >= 0, "must be >= 0")
@@ -203,7 +219,9 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported type {tp}")
     if tp is float:
-        _check(key, isinstance(value, (int, float)) and not isinstance(value, bool), f"expected a number, got {value!r}")
+        _check(
+            key, isinstance(value, (int, float)) and not isinstance(value, bool), f"expected a number, got {value!r}"
+        )
         return float(value)
     if tp is int:
         _check(key, isinstance(value, int) and not isinstance(value, bool), f"expected an integer, got {value!r}")

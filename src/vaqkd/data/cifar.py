@@ -134,7 +134,9 @@ def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.n
     return data, labels
 
 
-def load_split(name: str, root: str | Path, train: bool, download_missing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    name: str, root: str | Path, train: bool, download_missing: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split as (images uint8 (N, 3, 32, 32), labels int64 (N,)) after structural checks.
 
     `root` is the folder that holds e.g. `cifar-100-python/`. Missing files are downloaded when
@@ -156,8 +158,10 @@ def load_split(name: str, root: str | Path, train: bool, download_missing: bool 
     counts = np.bincount(labels, minlength=spec.num_classes)
     if data.shape[0] == 0 or not (counts == counts[0]).all():
         bad = int(np.argmax(counts != counts[0]))
-        raise DataError(f"{folder / files[0]}: unbalanced classes (class 0 has {counts[0]} images, class {bad} has "
-                        f"{counts[bad]}; the official split has {spec.train_per_class if train else spec.test_per_class})")
+        raise DataError(
+            f"{folder / files[0]}: unbalanced classes (class 0 has {counts[0]} images, class {bad} has "
+            f"{counts[bad]}; the official split has {spec.train_per_class if train else spec.test_per_class})"
+        )
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels)
 

@@ -37,6 +37,8 @@ def virtual_anchor(r: torch.Tensor, bits: int, mode: str = "minmax") -> torch.Te
         lo, hi = r32.min(), r32.max()
     elif mode == "absmax":
         m = r32.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12)
+        if bits == 1:  # two levels, ±max|r|
+            return (torch.where(r32 >= 0, m, -m)).to(r.dtype)
         levels = max(2 ** (bits - 1) - 1, 1)
         scale = m / levels
         return ((r32 / scale).round().clamp(-levels, levels) * scale).to(r.dtype)

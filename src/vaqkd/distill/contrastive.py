@@ -72,13 +72,16 @@ class CRDLoss(nn.Module):
         u = torch.where(u >= start, u + self.count[y].unsqueeze(1), u)
         return self.order[u]
 
-    def _nce(self, v: torch.Tensor, pos: torch.Tensor, memory: torch.Tensor, neg: torch.Tensor, side: int) -> torch.Tensor:
+    def _nce(
+        self, v: torch.Tensor, pos: torch.Tensor, memory: torch.Tensor, neg: torch.Tensor, side: int
+    ) -> torch.Tensor:
         """v (B, D) anchors; pos (B, D) positives; negatives memory[neg] (B, K). Returns the NCE loss."""
         s_pos = torch.exp((v * pos).sum(1, keepdim=True) / self.t)  # (B, 1)
         s_neg = torch.exp((v @ memory.t()).gather(1, neg) / self.t)  # (B, K)
         if self.z[side] < 0:  # first batch fixes the normaliser, as in the reference implementation
             self.z[side] = torch.cat([s_pos, s_neg], 1).mean().detach() * self.n
-        h_pos, h_neg = s_pos / self.z[side], s_neg / self.z[side]
+        z = self.z[side].clone()  # a copy: the other side may still set its own normaliser in place
+        h_pos, h_neg = s_pos / z, s_neg / z
         kpn = self.k / self.n
         eps = 1e-7
         log_d1 = torch.log(h_pos / (h_pos + kpn + eps))
@@ -96,8 +99,10 @@ class CRDLoss(nn.Module):
             return self._nce(v_s, v_t, self.memory_t, neg, 0)
         loss = self._nce(v_s, self.memory_t[index], self.memory_t, neg, 0)
         loss = loss + self._nce(v_t, self.memory_s[index], self.memory_s, neg, 1)
-        with torch.no_grad():
+        with torch.no_grad():  # out of place: this step's graph (and its anchor terms) still read the old bank
             m = self.momentum
-            self.memory_s[index] = F.normalize(self.memory_s[index] * m + v_s.detach() * (1 - m), dim=1)
-            self.memory_t[index] = F.normalize(self.memory_t[index] * m + v_t.detach() * (1 - m), dim=1)
+            new_s = F.normalize(self.memory_s[index] * m + v_s.detach() * (1 - m), dim=1)
+            new_t = F.normalize(self.memory_t[index] * m + v_t.detach() * (1 - m), dim=1)
+            self.memory_s = self.memory_s.index_copy(0, index, new_s)
+            self.memory_t = self.memory_t.index_copy(0, index, new_t)
         return loss

@@ -23,8 +23,9 @@ from vaqkd.distill.kd import CrossEntropy, LogitKD
 TERMS = ("ce", "kd", "hint", "at", "crd")
 
 
-def build_term(cfg: TermConfig, s_channels: dict[str, int], t_channels: dict[str, int], train_labels: torch.Tensor,
-               seed: int = 0) -> nn.Module:
+def build_term(
+    cfg: TermConfig, s_channels: dict[str, int], t_channels: dict[str, int], train_labels: torch.Tensor, seed: int = 0
+) -> nn.Module:
     if cfg.kind == "ce":
         return CrossEntropy()
     if cfg.kind == "kd":
@@ -34,8 +35,16 @@ def build_term(cfg: TermConfig, s_channels: dict[str, int], t_channels: dict[str
     if cfg.kind == "at":
         return AttentionTransfer(cfg.stage)
     if cfg.kind == "crd":
-        return CRDLoss(s_channels["embedding"], t_channels["embedding"], train_labels, cfg.feat_dim, cfg.nce_k,
-                       cfg.nce_t, cfg.nce_momentum, seed)
+        return CRDLoss(
+            s_channels["embedding"],
+            t_channels["embedding"],
+            train_labels,
+            cfg.feat_dim,
+            cfg.nce_k,
+            cfg.nce_t,
+            cfg.nce_momentum,
+            seed,
+        )
     raise KeyError(f"unknown loss term {cfg.kind!r}; registered: {TERMS}")
 
 

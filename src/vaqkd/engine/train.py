@@ -22,8 +22,15 @@ from vaqkd.config import Config, OptimConfig, to_toml
 from vaqkd.distill.objective import Objective, build_term
 from vaqkd.engine.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from vaqkd.engine.setup import (
-    autocast, build_data, build_teacher, environment, load_weights, resolve_device, resolve_precision,
-    teacher_channels, write_json,
+    autocast,
+    build_data,
+    build_teacher,
+    environment,
+    load_weights,
+    resolve_device,
+    resolve_precision,
+    teacher_channels,
+    write_json,
 )  # fmt: skip
 from vaqkd.models import create_model, stage_channels
 from vaqkd.quant import calibrate, quantize, quantizers
@@ -99,8 +106,14 @@ def train_step(model, teacher, objective, opt, x, y, idx, step: int, precision: 
     return loss.detach(), parts, (s["logits"].detach().argmax(1) == y).sum()
 
 
-def fit(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
-        progress: bool = True, stop_after_steps: int | None = None) -> dict:
+def fit(
+    cfg: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict:
     """Train according to `cfg` in `run_dir`; returns final.json's content.
 
     `resume`: continue from the checkpoint in run_dir (an error if there is none, or if its config differs).
@@ -164,8 +177,14 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[s
     while state["step"] < total_steps:
         epoch, start = divmod(state["step"], steps_per_epoch)
         acc = state["acc"] or {"loss": 0.0, "correct": 0, "seen": 0, "parts": {}, "seconds": 0.0}
-        bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                   disable=not progress, leave=False, mininterval=1.0)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=start,
+            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+            disable=not progress,
+            leave=False,
+            mininterval=1.0,
+        )
         sums = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
         part_sums: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
@@ -222,8 +241,10 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, log: Callable[[s
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         test_txt = f" test top-1 {row['test_top1']:.2f}%" if "test_top1" in row else ""
-        log(f"epoch {epoch + 1}/{cfg.optim.epochs} loss {row['train_loss']:.4f} train top-1 "
-            f"{row['train_top1']:.2f}%{test_txt} ({row['epoch_seconds']:.1f}s, {row['img_per_s']:.0f} img/s)")
+        log(
+            f"epoch {epoch + 1}/{cfg.optim.epochs} loss {row['train_loss']:.4f} train top-1 "
+            f"{row['train_top1']:.2f}%{test_txt} ({row['epoch_seconds']:.1f}s, {row['img_per_s']:.0f} img/s)"
+        )
         checkpoint()
         if stop_after_steps is not None and state["step"] >= stop_after_steps and state["step"] < total_steps:
             log(f"stopped at step {state['step']} (checkpointed)")

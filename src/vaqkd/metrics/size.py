@@ -26,8 +26,17 @@ def layer_table(model: nn.Module, image_size: int = 32) -> list[dict]:
             out_positions = out.numel() // out.shape[1] if isinstance(m, nn.Conv2d) else out.shape[0]
             macs = out_positions * out.shape[1] * per_out if isinstance(m, nn.Conv2d) else w_elems
             params = w_elems + (m.bias.numel() if m.bias is not None else 0)
-            rows.append({"name": name, "kind": type(m).__name__, "w_bits": getattr(m, "w_bits", 32),
-                         "a_bits": getattr(m, "a_bits", 32), "params": params, "macs": int(macs)})
+            rows.append(
+                {
+                    "name": name,
+                    "kind": type(m).__name__,
+                    "w_bits": getattr(m, "w_bits", 32),
+                    "a_bits": getattr(m, "a_bits", 32),
+                    "params": params,
+                    "macs": int(macs),
+                }
+            )
+
         return fn
 
     for name, m in model.named_modules():
@@ -78,5 +87,12 @@ def profile(arch: str, num_classes: int, w_bits: int, a_bits: int, first_last: s
     if w_bits < 32:
         quantize(model, w_bits, a_bits, first_last=first_last)
     rows = layer_table(model)
-    return {"model": arch, "num_classes": num_classes, "w_bits": w_bits, "a_bits": a_bits,
-            "first_last": first_last, **summarize(rows), "layers": rows}
+    return {
+        "model": arch,
+        "num_classes": num_classes,
+        "w_bits": w_bits,
+        "a_bits": a_bits,
+        "first_last": first_last,
+        **summarize(rows),
+        "layers": rows,
+    }

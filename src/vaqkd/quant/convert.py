@@ -40,7 +40,9 @@ def quantize(
     for i, (name, m) in enumerate(layers):
         if isinstance(m, (QConv2d, QLinear)):
             raise ValueError(f"{name} is already quantized")
-        wb, ab = (w_bits, a_bits) if name not in edge else (_bits_for(first_last, w_bits), _bits_for(first_last, a_bits))
+        wb, ab = (
+            (w_bits, a_bits) if name not in edge else (_bits_for(first_last, w_bits), _bits_for(first_last, a_bits))
+        )
         if wb is None:
             continue
         signed_input = i == 0

@@ -32,7 +32,9 @@ class QConv2d(nn.Conv2d):
 
 class QLinear(nn.Linear):
     def __init__(self, fc: nn.Linear, w_quant: nn.Module, a_quant: nn.Module):
-        super().__init__(fc.in_features, fc.out_features, fc.bias is not None, device=fc.weight.device, dtype=fc.weight.dtype)
+        super().__init__(
+            fc.in_features, fc.out_features, fc.bias is not None, device=fc.weight.device, dtype=fc.weight.dtype
+        )
         self.load_state_dict(fc.state_dict())
         self.w_quant, self.a_quant = w_quant, a_quant
 

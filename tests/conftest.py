@@ -1,0 +1,55 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REAL_CIFAR100 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar100"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def write_cifar100(root: Path, per_class_train: int = 4, per_class_test: int = 2, seed: int = 0) -> Path:
+    """Synthetic CIFAR-100 in the exact official pickle layout (Python-2 style latin1-loadable dicts)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, per in (("train", per_class_train), ("test", per_class_test)):
+        fine = np.repeat(np.arange(100), per)
+        rng.shuffle(fine)
+        # class-dependent mean colour so a model can learn something
+        data = rng.integers(0, 256, (len(fine), 3072), dtype=np.uint8)
+        data[:, :1024] = (fine * 2.5).astype(np.uint8)[:, None] + data[:, :1024] // 4
+        d = {
+            "data": data,
+            "fine_labels": fine.tolist(),
+            "coarse_labels": (fine // 5).tolist(),
+            "batch_label": f"{split} batch",
+        }
+        with open(folder / split, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    meta = {
+        "fine_label_names": [f"class{i}" for i in range(100)],
+        "coarse_label_names": [f"super{i}" for i in range(20)],
+    }
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    return write_cifar100(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def shared_cifar_root(tmp_path_factory):
+    return write_cifar100(tmp_path_factory.mktemp("shared") / "data", per_class_train=6, per_class_test=2)
+
+
+@pytest.fixture
+def real_cifar100():
+    if not (REAL_CIFAR100 / "cifar-100-python" / "train").exists():
+        pytest.skip("real CIFAR-100 not present beside the project")
+    return REAL_CIFAR100

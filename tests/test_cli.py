@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from vaqkd.cli import main
+from vaqkd.metrics.size import profile
+
+
+def test_profile_reproduces_the_papers_columns(capsys):
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "resnet32",
+                "--num-classes",
+                "100",
+                "--w-bits",
+                "2",
+                "--a-bits",
+                "2",
+                "--first-last",
+                "same",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    p = json.loads(capsys.readouterr().out)
+    assert p["params"] == 467_732
+    assert round(p["fp32_mib"], 2) == 1.78 and round(p["quant_mib"], 2) == 0.11
+    assert p["bops_reduction"] == pytest.approx(256.0)
+    assert {"bops_fp32", "bops"} <= set(p)
+
+
+def test_profile_policies_give_smaller_true_reductions():
+    same = profile("resnet32", 100, 2, 2, "same")
+    eight = profile("resnet32", 100, 2, 2, "8")
+    fp32 = profile("resnet32", 100, 2, 2, "fp32")
+    assert 256 > eight["bops_reduction"] > fp32["bops_reduction"] > 1
+    assert same["quant_mib"] < eight["quant_mib"] < fp32["quant_mib"]
+    first = fp32["layers"][0]
+    assert first["macs"] == 32 * 32 * 16 * 27 and first["w_bits"] == 32  # 442,368 MACs, FP32 stem
+    assert fp32["layers"][-1]["macs"] == 6400
+
+
+def test_cli_errors_are_one_line_naming_the_culprit(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[optim]\nlr_typo = 1\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "optim.lr_typo: unknown key" in err
+    assert not (tmp_path / "r").exists()  # stopped before any work
+    assert main(["train", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml: config file not found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_train_then_eval_from_the_command_line(shared_cifar_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "configs/cifar100/teacher_resnet32_short.toml",
+        "--out",
+        str(out),
+        "--data-root",
+        str(shared_cifar_root),
+        "--no-progress",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "model.arch=resnet20",
+        "--set",
+        "data.subset_per_class=0",
+    ]
+    assert main(args) == 0
+    assert "test top-1" in capsys.readouterr().out
+    assert main(["eval", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    final = json.loads((out / "final.json").read_text())
+    assert res["test_images"] == 200 and res["top1"] == pytest.approx(final["top1_last"], abs=1.0)

@@ -1,0 +1,53 @@
+import pytest
+
+from vaqkd.config import Config, ConfigError, from_dict, load_config, to_toml
+
+
+def test_repo_configs_load(tmp_path):
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[1].glob("configs/**/*.toml"))
+    assert len(configs) >= 2
+    for path in configs:
+        cfg = load_config(path)
+        # the resolved config round-trips through the TOML written into run directories
+        (tmp_path / "c.toml").write_text(to_toml(cfg))
+        assert load_config(tmp_path / "c.toml") == cfg, path
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^trian: unknown key"):
+        from_dict(Config, {"trian": {}})
+
+
+def test_wrong_type_and_range_are_errors():
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: must be > 0"):
+        load_config(None, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"quant\.w_bits: must be in \[1, 8\]"):
+        load_config(None, ["quant.w_bits=9"])
+    with pytest.raises(ConfigError, match=r"distill\.terms\.1\.anchor_weights: needs one weight"):
+        load_config(None, ['distill.teacher="x"', 'distill.terms=[{kind="ce"}, {kind="kd", anchor_bits=[4]}]'])
+    with pytest.raises(ConfigError, match=r"distill\.teacher: distillation terms need a teacher"):
+        load_config(None, ['distill.terms=[{kind="kd"}]'])
+
+
+def test_overrides_reach_nested_and_list_items(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[distill]\nteacher = "t"\nterms = [{kind = "ce"}, {kind = "kd", weight = 0.5}]\n')
+    cfg = load_config(p, ["distill.terms.1.weight=0.9", "optim.milestones=[1, 2]", "quant.first_last=8"])
+    assert cfg.distill.terms[1].weight == 0.9 and cfg.optim.milestones == (1, 2) and cfg.quant.first_last == "8"
+    with pytest.raises(ConfigError, match="no list item"):
+        load_config(p, ["distill.terms.5.weight=1"])
+
+
+def test_base_file_is_refined(tmp_path):
+    (tmp_path / "a.toml").write_text('name = "a"\n[optim]\nlr = 0.2\nepochs = 9\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\nname = "b"\n[optim]\nepochs = 3\n')
+    cfg = load_config(tmp_path / "b.toml")
+    assert (cfg.name, cfg.optim.lr, cfg.optim.epochs) == ("b", 0.2, 3)

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vaqkd.config import OptimConfig, load_config
+from vaqkd.engine.train import fit, lr_at
+
+TINY = [
+    "data.batch_size=100",
+    "data.eval_batch_size=200",
+    "model.arch=resnet20",
+    "optim.epochs=2",
+    "optim.lr=0.05",
+    "optim.schedule=cosine",
+    "train.precision=fp32",
+    "train.device=cpu",
+]
+
+
+def tiny_cfg(root, *extra):
+    return load_config(None, TINY + [f'data.root="{root}"', *extra])
+
+
+def test_short_fit_learns_and_writes_the_run_directory(shared_cifar_root, tmp_path):
+    cfg = tiny_cfg(shared_cifar_root, "optim.epochs=3", "optim.lr=0.1")
+    final = fit(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    run = tmp_path / "run"
+    for f in ("config.toml", "env.json", "metrics.jsonl", "final.json", "model.safetensors", "state.pt"):
+        assert (run / f).exists(), f
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns the class colours
+    env = json.loads((run / "env.json").read_text())
+    assert {"git_sha", "torch", "device", "seed", "threads"} <= set(env)
+    assert final["top1_last"] == rows[-1]["test_top1"] and final["top1_best"] >= final["top1_last"]
+    assert load_config(run / "config.toml") == cfg
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(cfg, run, progress=False, log=lambda s: None)
+
+
+def test_resume_mid_epoch_continues_the_same_run(shared_cifar_root, tmp_path):
+    # a W2A2 student with logit KD + a virtual anchor, so quantizer and objective state are covered too
+    teacher_run = tmp_path / "teacher"
+    fit(tiny_cfg(shared_cifar_root, "optim.epochs=1"), teacher_run, progress=False, log=lambda s: None)
+    extra = [
+        "quant.enabled=true",
+        f'distill.teacher="{teacher_run}"',
+        "distill.teacher_arch=resnet20",
+        f'model.init="{teacher_run}"',
+        'distill.terms=[{kind="ce"}, {kind="kd", weight=1.0, anchor_bits=[4], anchor_weights=[0.5]}]',
+    ]
+    cfg = tiny_cfg(shared_cifar_root, *extra)
+    full = fit(cfg, tmp_path / "a", progress=False, log=lambda s: None)
+    # the same run, killed after 9 of its 12 steps (mid-epoch 2) and resumed
+    assert fit(cfg, tmp_path / "b", progress=False, log=lambda s: None, stop_after_steps=9) == {}
+    resumed = fit(cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and any("step" in k for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert resumed["top1_last"] == full["top1_last"]
+    ma = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(mb) == 2 and set(ma[-1]["parts"]) == {"ce", "kd", "kd@va4"}
+    assert ma[-1]["parts"]["kd"] == pytest.approx(mb[-1]["parts"]["kd"], rel=1e-5)
+    assert "profile" in full and full["profile"]["params"] > 0
+
+
+def test_resume_refuses_a_changed_config(shared_cifar_root, tmp_path):
+    cfg = tiny_cfg(shared_cifar_root, "optim.epochs=1")
+    fit(cfg, tmp_path / "r", progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="config differs"):
+        fit(tiny_cfg(shared_cifar_root, "optim.epochs=2"), tmp_path / "r", resume=True, progress=False)
+
+
+def test_schedules():
+    ms = OptimConfig(epochs=240, lr=0.05)
+    assert lr_at(ms, 0, 10) == 0.05 and lr_at(ms, 1500, 10) == pytest.approx(0.005)
+    assert lr_at(ms, 2100, 10) == pytest.approx(0.05e-3)
+    cos = OptimConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=1)
+    assert lr_at(cos, 0, 100) == pytest.approx(0.001) and lr_at(cos, 99, 100) == pytest.approx(0.1)
+    assert lr_at(cos, 550, 100) == pytest.approx(0.05)
+    one = OptimConfig(epochs=10, lr=0.1, schedule="onecycle", warmup_epochs=0)
+    assert lr_at(one, 500, 100) == pytest.approx(0.05)

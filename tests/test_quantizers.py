@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vaqkd.quant import DoReFaQuantizer, EWGSQuantizer, LSQQuantizer, PACTQuantizer, calibrate, quantize
+from vaqkd.quant.ste import LSQQuant
+
+SETTINGS = settings(max_examples=25, deadline=None)
+bits_st = st.integers(2, 8)
+seed_st = st.integers(0, 2**16)
+
+
+def _x(seed, n=257, scale=2.0):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _make(kind, bits, signed):
+    q = {"lsq": LSQQuantizer, "ewgs": EWGSQuantizer, "pact": PACTQuantizer, "dorefa": DoReFaQuantizer}[kind]
+    return q(bits, signed) if kind != "pact" else q(bits)
+
+
+def _calibrated(kind, bits, signed, x):
+    q = _make(kind, bits, signed)
+    q.calibrating = True
+    q(x)
+    q.calibrating = False
+    q.finish_calibration()
+    return q
+
+
+CASES = [("lsq", True), ("lsq", False), ("ewgs", True), ("ewgs", False), ("pact", False), ("dorefa", True)]
+
+
+@pytest.mark.parametrize("kind,signed", CASES)
+@SETTINGS
+@given(bits=bits_st, seed=seed_st)
+def test_at_most_2_to_the_b_values(kind, signed, bits, seed):
+    x = _x(seed, 1000)
+    q = _calibrated(kind, bits, signed, x)
+    assert len(torch.unique(q(x).detach())) <= 2**bits
+
+
+@pytest.mark.parametrize("kind,signed", [c for c in CASES if c[0] != "dorefa"])
+@SETTINGS
+@given(bits=bits_st, seed=seed_st)
+def test_idempotent(kind, signed, bits, seed):
+    x = _x(seed)
+    q = _calibrated(kind, bits, signed, x)
+    y = q(x).detach()
+    assert torch.allclose(q(y).detach(), y, atol=1e-5 * float(y.abs().max() + 1))
+
+
+@pytest.mark.parametrize("kind,signed", [("lsq", True), ("lsq", False), ("ewgs", True), ("pact", False)])
+@SETTINGS
+@given(bits=bits_st, seed=seed_st)
+def test_straight_through_gradient_one_inside_zero_outside(kind, signed, bits, seed):
+    x = _x(seed).requires_grad_()
+    q = _calibrated(kind, bits, signed, x.detach())
+    if kind == "ewgs":
+        q.set_delta(0.0)  # EWGS with delta = 0 is the plain STE
+    q(x).sum().backward()
+    if kind == "lsq":
+        v = x.detach() / q.step.detach()
+        inside = (v >= q.qn) & (v <= q.qp)
+    elif kind == "ewgs":
+        inside = (x.detach() > q.lower.detach()) & (x.detach() < q.upper.detach())
+    else:
+        inside = (x.detach() > 0) & (x.detach() < q.alpha.detach())
+    assert torch.allclose(x.grad[inside], torch.ones(int(inside.sum())), atol=1e-5)
+    assert torch.all(x.grad[~inside] == 0)
+
+
+@SETTINGS
+@given(bits=bits_st, seed=seed_st, signed=st.booleans())
+def test_lsq_step_gradient_matches_formula(bits, seed, signed):
+    x = _x(seed)
+    g_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    q = _calibrated("lsq", bits, signed, x)
+    q(x).backward(g_out)
+    s = q.step.detach()
+    v = x / s
+    term = torch.where(v <= q.qn, float(q.qn), torch.where(v >= q.qp, float(q.qp), torch.round(v) - v))
+    expected = (g_out * term).sum() / math.sqrt(x.numel() * q.qp)
+    assert torch.allclose(q.step.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lsq_function_matches_autograd_reference():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    s = torch.full((4, 1, 1, 1), 0.3, requires_grad=True)
+    g = 1 / math.sqrt(75 * 1)
+    LSQQuant.apply(x, s, -2, 1, g).pow(2).sum().backward()
+    gx, gs = x.grad.clone(), s.grad.clone()
+    x.grad = s.grad = None
+    # the round/clamp/detach formulation of the LSQ paper
+    s_scaled = (s - s * g).detach() + s * g
+    v = torch.clamp(x / s_scaled, -2, 1)
+    y = ((v.round() - v).detach() + v) * s_scaled
+    y.pow(2).sum().backward()
+    assert torch.allclose(gx, x.grad, atol=1e-6) and torch.allclose(gs, s.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,signed", [c for c in CASES if c[0] != "dorefa"])
+def test_learnable_parameters_receive_gradients(kind, signed):
+    x = _x(0)
+    q = _calibrated(kind, 2, signed, x)
+    q(x * 1.5).pow(2).sum().backward()
+    params = list(q.parameters())
+    assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_lsq_init_and_bits_checks():
+    x = _x(3)
+    q = _calibrated("lsq", 2, True, x)
+    assert torch.allclose(q.step, 2 * x.abs().mean() / math.sqrt(1))
+    with pytest.raises(ValueError, match="bits must be in"):
+        LSQQuantizer(1, True)
+    with pytest.raises(ValueError, match="unsigned"):
+        PACTQuantizer(2, signed=True)
+    assert len(torch.unique(DoReFaQuantizer(1)(x))) == 2
+
+
+def test_quantize_policies_and_calibration():
+    from vaqkd.models import create_model
+    from vaqkd.quant import QConv2d, QLinear
+
+    for policy, first_bits in (("fp32", None), ("8", 8), ("same", 2)):
+        m = quantize(create_model("resnet20", 10), 2, 2, first_last=policy)
+        qlayers = [x for x in m.modules() if isinstance(x, (QConv2d, QLinear))]
+        assert isinstance(m.layer1[0].conv1, QConv2d) and m.layer1[0].conv1.w_bits == 2
+        if first_bits is None:
+            assert not isinstance(m.conv1, QConv2d) and not isinstance(m.fc, QLinear) and len(qlayers) == 19 - 1
+        else:
+            assert m.conv1.w_bits == first_bits and m.fc.a_bits == first_bits and m.conv1.a_quant.signed
+    m = quantize(create_model("resnet20", 10), 2, 2)
+    x = torch.randn(8, 3, 32, 32)
+    assert calibrate(m, [x]) == 1
+    assert m.layer1[0].conv1.a_quant.step.item() != 1.0  # initialised from data
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(m, 2, 2)
