@@ -123,8 +123,18 @@ def load_weights(model: nn.Module, spec: str, arch: str) -> None:
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Module | None:
     if not cfg.distill.teacher:
         return None
-    teacher = create_model(cfg.distill.teacher_arch, num_classes)
-    load_weights(teacher, cfg.distill.teacher, cfg.distill.teacher_arch)
+    run = Path(cfg.distill.teacher).expanduser()
+    if (run / "config.toml").exists():  # a run directory: rebuild exactly that model, quantized or not
+        from safetensors.torch import load_file
+
+        from vaqkd.config import load_config
+        from vaqkd.engine.train import build_student
+
+        teacher = build_student(load_config(run / "config.toml", ['model.init=""']), num_classes, device)
+        teacher.load_state_dict(load_file(str(run / "model.safetensors"), device=str(device)))
+    else:
+        teacher = create_model(cfg.distill.teacher_arch, num_classes)
+        load_weights(teacher, cfg.distill.teacher, cfg.distill.teacher_arch)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -77,6 +77,7 @@ def model_profile(model: nn.Module, num_classes: int) -> dict:
     body = max(rows[1:-1], key=lambda r: r["params"]) if len(rows) > 2 else rows[0]
     same = [dict(r, w_bits=body["w_bits"], a_bits=body["a_bits"]) for r in rows]
     paper = summarize(same)
+    out["w_bits"], out["a_bits"] = body["w_bits"], body["a_bits"]
     out["paper_quant_mib"] = paper["quant_mib"]
     out["paper_bops_reduction"] = paper["bops_reduction"]
     return out

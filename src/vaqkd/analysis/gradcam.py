@@ -1,0 +1,88 @@
+"""The Grad-CAM figure: where two models look (captum's LayerGradCam on the last stage, layer3).
+
+Works through quantized layers: captum only needs the forward pass and the gradient at layer3's output,
+and the fake quantizers pass gradients straight through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def load_run_model(run_dir: str | Path, device: torch.device, data_root: str | None = None):
+    from safetensors.torch import load_file
+
+    from vaqkd.config import load_config
+    from vaqkd.engine.setup import build_data
+    from vaqkd.engine.train import build_student
+
+    run = Path(run_dir)
+    if not (run / "model.safetensors").exists():
+        raise FileNotFoundError(f"{run}: not a run directory (no model.safetensors)")
+    sets = ['model.init=""', "train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
+    cfg = load_config(run / "config.toml", sets)
+    data = build_data(cfg, device)
+    model = build_student(cfg, data.num_classes, device)
+    model.load_state_dict(load_file(str(run / "model.safetensors"), device=str(device)))
+    return model.eval(), data, cfg
+
+
+def gradcam_maps(model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM heat maps (B, H, W) in [0, 1] for class `target`, upsampled to the input size."""
+    from captum.attr import LayerGradCam
+
+    cam = LayerGradCam(model, model.layer3)
+    a = cam.attribute(x, target=target, relu_attributions=True)  # (B, 1, 8, 8)
+    a = F.interpolate(a, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    a = a - a.amin((1, 2), keepdim=True)
+    return (a / a.amax((1, 2), keepdim=True).clamp_min(1e-12)).detach()
+
+
+def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.png", data_root: str | None = None,
+                   seed: int = 0) -> Path:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vaqkd.data.cifar import class_names
+    from vaqkd.engine.setup import data_root as root_of
+
+    device = torch.device("cpu")
+    model_a, data, cfg = load_run_model(run_a, device, data_root)
+    model_b, _, _ = load_run_model(run_b, device, data_root)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.test.labels), generator=g)[:images]
+    x_u8, y = data.test.images[idx], data.test.labels[idx]
+    x = (x_u8.float() - data.test.mean) / data.test.std
+    try:
+        names = class_names(cfg.data.dataset, root_of(cfg.data))
+    except Exception:  # folder datasets and missing meta files: fall back to indices
+        names = [str(i) for i in range(int(data.num_classes))]
+    rows = []
+    for model in (model_a, model_b):
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        rows.append((pred, gradcam_maps(model, x, pred)))  # the map of each model's own decision
+    fig, axes = plt.subplots(images, 3, figsize=(6.6, 2.2 * images), squeeze=False)
+    label_a, label_b = Path(run_a).name, Path(run_b).name
+    for i in range(images):
+        img = x_u8[i].permute(1, 2, 0).numpy()
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title(f"true: {names[y[i]]}", fontsize=8)
+        for j, ((pred, maps), lab) in enumerate(zip(rows, (label_a, label_b)), start=1):
+            axes[i, j].imshow(img)
+            axes[i, j].imshow(maps[i].numpy(), cmap="jet", alpha=0.5)
+            ok = "✓" if pred[i] == y[i] else "✗"
+            axes[i, j].set_title(f"{lab[:22]}\n{names[pred[i]]} {ok}", fontsize=7)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.tight_layout()
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

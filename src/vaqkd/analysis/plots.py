@@ -1,0 +1,60 @@
+"""Figures for the report (matplotlib, PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def accuracy_bars(rows: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 2), 4))
+    names = [r["row"] for r in rows]
+    means = [r["top1_last_mean"] for r in rows]
+    errs = [0 if r["top1_last_std"] != r["top1_last_std"] else r["top1_last_std"] for r in rows]
+    colours = ["tab:green" if n.startswith("vaqkd") else "tab:blue" if n.startswith("qkd") else "tab:grey"
+               for n in names]  # fmt: skip
+    ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=colours)
+    for i, r in enumerate(rows):  # individual seeds as dots
+        ax.plot([i] * len(r["top1_last"]), r["top1_last"], "k.", ms=4)
+    lo = min(min(r["top1_last"]) for r in rows)
+    ax.set_ylim(max(0, lo - 5), max(max(r["top1_last"]) for r in rows) + 2)
+    ax.set_xticks(range(len(rows)), names, rotation=35, ha="right")
+    ax.set_ylabel("test top-1 (%), last epoch")
+    ax.set_title("mean ± std over seeds (dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_curves(results: dict[str, list[dict]], path: Path) -> None:
+    """Test top-1 and every loss part per epoch, QKD vs VA-QKD, seed 0, per setting."""
+    settings = [s for s in ("logit", "feature", "contrastive") if f"vaqkd_{s}" in results and f"qkd_{s}" in results]
+    if not settings:
+        return
+    fig, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 6), squeeze=False)
+    for j, s in enumerate(settings):
+        for row, style in ((f"qkd_{s}", "--"), (f"vaqkd_{s}", "-")):
+            m = _metrics(results[row][0]["run_dir"]) if "run_dir" in results[row][0] else []
+            ep = [r["epoch"] for r in m]
+            axes[0, j].plot(ep, [r.get("test_top1", float("nan")) for r in m], style, marker="o", label=row)
+            for part in m[0]["parts"] if m else []:
+                axes[1, j].plot(ep, [r["parts"][part] for r in m], style, marker=".", label=f"{row}: {part}")
+        axes[0, j].set_title(s)
+        axes[0, j].set_ylabel("test top-1 (%)")
+        axes[1, j].set_ylabel("loss part (unweighted)")
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_xlabel("epoch")
+        axes[0, j].legend(fontsize=7)
+        axes[1, j].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

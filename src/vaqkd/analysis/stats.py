@@ -1,0 +1,49 @@
+"""Statistics over seeds: mean ± sample std, and paired differences with a Student-t 95 % interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+# two-sided 95 % critical values t_{0.975, df} (df = 1..30), then 40, 60, 120 and the normal limit
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]  # fmt: skip
+_T975_TAIL = [(40, 2.021), (60, 2.000), (120, 1.980)]
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        raise ValueError("need at least 2 paired values (df >= 1) for an interval")
+    if df <= 30:
+        return _T975[df - 1]
+    for limit, t in _T975_TAIL:
+        if df <= limit:
+            return t
+    return 1.960
+
+
+def mean_std(x: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); std is nan for one value."""
+    n = len(x)
+    m = sum(x) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (n - 1)) if n > 1 else float("nan")
+    return m, sd
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Mean of a_i - b_i with its 95 % t-interval (pairs share a seed). n = 1 gives no interval."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired values must have the same non-zero length, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    m, sd = mean_std(d)
+    n = len(d)
+    if n == 1:
+        return {"n": 1, "mean": m, "lo": None, "hi": None, "verdict": "n = 1: no interval, one seed cannot tell"}
+    half = t975(n - 1) * sd / math.sqrt(n)
+    lo, hi = m - half, m + half
+    if lo <= 0 <= hi:
+        verdict = f"not distinguishable from zero at n = {n}"
+    else:
+        verdict = f"{'higher' if m > 0 else 'lower'}, interval excludes zero at n = {n}"
+    return {"n": n, "mean": m, "lo": lo, "hi": hi, "sd": sd, "verdict": verdict}

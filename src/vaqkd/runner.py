@@ -1,0 +1,135 @@
+"""`vaqkd table`: train (or reuse) the teacher and every row of the paper's table over several seeds, then
+write the report. A run directory is named by its row, seed and a hash of its resolved config, so a finished
+run with the same config is reused, an interrupted one is resumed, and a changed config starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from vaqkd.config import Config, apply_override, from_dict, load_dict, to_toml
+from vaqkd.engine.checkpoint import has_checkpoint
+
+TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
+
+
+def configs_dir() -> Path:
+    """The project's configs/ folder (beside src/ in a checkout; else ./configs)."""
+    here = Path(__file__).resolve().parents[2] / "configs"
+    return here if here.is_dir() else Path("configs")
+
+
+def load_preset(name: str) -> dict:
+    path = configs_dir() / "presets" / f"{name}.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"preset {name!r} not found at {path}")
+    return load_dict(path)
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str]) -> Config:
+    d = load_dict(configs_dir() / "cifar100" / f"{row}.toml")
+    _merge(d, json.loads(json.dumps(preset.get("student", {}))))
+    for s in [*sets, f"train.seed={seed}"]:
+        apply_override(d, s)
+    if d.get("distill", {}).get("teacher"):
+        d["distill"]["teacher"] = teacher
+    if d.get("model", {}).get("init"):
+        d["model"]["init"] = teacher
+    return from_dict(Config, d).validate()
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha1(to_toml(cfg).encode()).hexdigest()[:8]
+
+
+def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict:
+    """final.json of the run in run_dir: reused if finished, resumed if interrupted, else trained."""
+    from vaqkd.engine.train import fit
+
+    final = run_dir / "final.json"
+    if final.exists():
+        log(f"reuse  {run_dir}")
+        return json.loads(final.read_text())
+    resume = has_checkpoint(run_dir)
+    log(f"{'resume' if resume else 'train '} {run_dir}")
+    return fit(cfg, run_dir, resume=resume, log=lambda s: log(f"  {s}"), progress=sys.stderr.isatty())
+
+
+def resolve_teacher(teacher: str, preset: dict, runs: Path, sets: list[str], log) -> str:
+    """'pretrained' or a path are used as they are; 'train' trains the preset's teacher config first."""
+    if teacher != "train":
+        return teacher
+    from vaqkd.config import load_config
+
+    t = preset.get("teacher", {})
+    data_sets = [s for s in sets if s.startswith("data.root")]
+    cfg = load_config(configs_dir() / t["config"], list(t.get("set", [])) + data_sets)
+    run_dir = runs / f"teacher-{config_hash(cfg)}"
+    run_or_reuse(cfg, run_dir, log)
+    return str(run_dir)
+
+
+def run_table(
+    preset: str = "demo",
+    seeds: int = 1,
+    out: str | None = None,
+    rows: list[str] | None = None,
+    runs_dir: str | None = None,
+    extra_sets: list[str] = (),
+    teacher: str = "pretrained",
+    log: Callable[[str], None] = print,
+) -> dict:
+    from vaqkd.analysis.report import write_report
+
+    p = load_preset(preset)
+    rows = list(rows or p["rows"])
+    unknown = [r for r in rows if not (configs_dir() / "cifar100" / f"{r}.toml").exists()]
+    if unknown:
+        raise FileNotFoundError(f"unknown rows {unknown}: no such file in {configs_dir() / 'cifar100'}")
+    runs = Path(runs_dir or Path("runs") / preset)
+    out_dir = Path(out or Path("results") / preset)
+    sets = list(extra_sets)
+    teacher_spec = resolve_teacher(teacher, p, runs, sets, log)
+
+    results: dict[str, list[dict]] = {}
+    for seed in range(seeds):
+        for row in rows:
+            chain = TAKD_CHAIN if row == "takd" else (row,)
+            t_spec, stages = teacher_spec, []
+            for stage in chain:
+                cfg = row_config(stage, p, seed, t_spec, sets)
+                run_dir = runs / f"{stage}-s{seed}-{config_hash(cfg)}"
+                final = run_or_reuse(cfg, run_dir, log)
+                stages.append({**final, "run_dir": str(run_dir)})
+                t_spec = str(run_dir)  # TAKD: the next stage learns from, and starts from, this one
+            final = dict(stages[-1])
+            if len(stages) > 1:
+                final["train_seconds_own"] = final["train_seconds"]
+                final["train_seconds"] = sum(s["train_seconds"] for s in stages)
+                final["stages"] = [{"run_dir": s["run_dir"], "train_seconds": s["train_seconds"],
+                                    "top1_last": s["top1_last"]} for s in stages]  # fmt: skip
+            results.setdefault(row, []).append(final)
+            write_report(out_dir, results, meta(preset, seeds, rows, teacher_spec))  # keep the report current
+    return results
+
+
+def meta(preset: str, seeds: int, rows: list[str], teacher: str) -> dict:
+    from vaqkd.engine.setup import environment, resolve_device
+
+    env = environment(resolve_device("auto"), seed=-1, precision="see runs")
+    env.pop("seed")
+    return {"command": "vaqkd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
+            "preset": preset, "seeds": seeds, "rows": rows, "teacher": teacher, **env}  # fmt: skip

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+
+from vaqkd.analysis.stats import mean_std, paired_interval, t975
+from vaqkd.config import load_config
+from vaqkd.engine.train import fit
+from vaqkd.runner import config_hash, load_preset, row_config, run_table
+
+
+def test_paired_t_interval_on_hand_computed_numbers():
+    # differences 1, 2, 3, 4: mean 2.5, sd 1.29099, t(0.975, 3) = 3.182 -> half-width 3.182 * 1.29099 / 2
+    r = paired_interval([11, 12, 13, 14], [10, 10, 10, 10])
+    assert r["mean"] == pytest.approx(2.5)
+    assert r["lo"] == pytest.approx(2.5 - 2.05396, abs=1e-4) and r["hi"] == pytest.approx(2.5 + 2.05396, abs=1e-4)
+    assert r["verdict"].startswith("higher")
+    r = paired_interval([65.1, 64.8, 65.0], [65.0, 65.0, 64.8])  # diffs .1 -.2 .2
+    assert r["lo"] < 0 < r["hi"] and r["verdict"] == "not distinguishable from zero at n = 3"
+    assert paired_interval([1.0], [0.5])["lo"] is None
+    assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(1.41421356))
+    assert t975(1) == 12.706 and t975(1000) == 1.96
+    with pytest.raises(ValueError):
+        paired_interval([1, 2], [1])
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(shared_cifar_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = load_config(
+        None,
+        [
+            f'data.root="{shared_cifar_root}"',
+            "model.arch=resnet20",
+            "optim.epochs=1",
+            "data.batch_size=100",
+            "train.precision=fp32",
+        ],
+    )
+    fit(cfg, run, progress=False, log=lambda s: None)
+    return run
+
+
+def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_root, tiny_teacher, tmp_path):
+    sets = [
+        f'data.root="{shared_cifar_root}"',
+        "model.arch=resnet20",
+        "distill.teacher_arch=resnet20",
+        "train.precision=fp32",
+    ]
+    kw = dict(
+        preset="demo",
+        rows=["w2a2_qat", "qkd_logit", "vaqkd_logit"],
+        runs_dir=str(tmp_path / "runs"),
+        out=str(tmp_path / "results"),
+        extra_sets=sets,
+        teacher=str(tiny_teacher),
+    )
+    logs = []
+    res = run_table(**kw, log=logs.append)
+    assert sum(line.startswith("train ") for line in logs) == 3
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "vaqkd_logit - qkd_logit" in table and "| w2a2_qat | W2A2 | 1 |" in table
+    assert (tmp_path / "results" / "accuracy.png").stat().st_size > 1000
+
+    # an interrupted run of seed 1 (killed mid-epoch), then the table with 2 seeds
+    preset = load_preset("demo")
+    cfg = row_config("qkd_logit", preset, 1, str(tiny_teacher), sets)
+    run_dir = tmp_path / "runs" / f"qkd_logit-s1-{config_hash(cfg)}"
+    fit(cfg, run_dir, progress=False, log=lambda s: None, stop_after_steps=3)
+    logs.clear()
+    res = run_table(**kw, seeds=2, log=logs.append)
+    assert sum(line.startswith("reuse ") for line in logs) == 3  # seed 0 untouched
+    assert any(line.startswith("resume ") and "qkd_logit-s1" in line for line in logs)
+    assert sum(line.startswith("train ") for line in logs) == 2
+    assert [f["seed"] for f in res["qkd_logit"]] == [0, 1]
+    data = json.loads((tmp_path / "results" / "table.json").read_text())
+    assert {p["comparison"] for p in data["paired"]} == {"vaqkd_logit - qkd_logit"}
+    assert data["paired"][0]["n"] == 2 and data["meta"]["preset"] == "demo"
+
+
+def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):
+    sets = [
+        f'data.root="{shared_cifar_root}"',
+        "model.arch=resnet20",
+        "distill.teacher_arch=resnet20",
+        "train.precision=fp32",
+    ]
+    res = run_table(
+        "demo",
+        rows=["takd"],
+        runs_dir=str(tmp_path / "runs"),
+        out=str(tmp_path / "res"),
+        extra_sets=sets,
+        teacher=str(tiny_teacher),
+        log=lambda s: None,
+    )
+    stages = res["takd"][0]["stages"]
+    assert [s["run_dir"].split("/")[-1].split("-")[0] for s in stages] == ["takd_w8a8", "takd_w4a4", "takd"]
+    assert res["takd"][0]["train_seconds"] == pytest.approx(sum(s["train_seconds"] for s in stages))
+    w4 = load_config(stages[1]["run_dir"] + "/config.toml")
+    assert w4.distill.teacher == stages[0]["run_dir"] and w4.quant.w_bits == 4
+    with pytest.raises(FileNotFoundError, match="unknown rows"):
+        run_table("demo", rows=["nope"], teacher=str(tiny_teacher))
