@@ -1,0 +1,209 @@
+"""`vaqkd bench`: throughput of the training step in its variants, the loader, a whole epoch and eval.
+
+Everything runs in one process on synthetic CIFAR-sized data, so ratios compare like with like. Each case:
+warm-up steps, then the median of `repeats` timed steps. `--quick` shrinks every size so a test can check that
+each case runs; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vaqkd.config import TermConfig
+from vaqkd.data.loader import DeviceLoader
+from vaqkd.distill.objective import Objective, build_term
+from vaqkd.engine.setup import bf16_supported, resolve_device
+from vaqkd.engine.train import evaluate, train_step
+from vaqkd.metrics.size import layer_table
+from vaqkd.models import create_model, stage_channels
+from vaqkd.quant import calibrate, quantize
+
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+SETTINGS = {
+    "logit": ([TermConfig("ce", 0.1), TermConfig("kd", 0.9)], (4, 2), (0.45, 0.45)),
+    "feature": ([TermConfig("ce", 1.0), TermConfig("hint", 100.0)], (4, 2), (50.0, 50.0)),
+    "contrastive": ([TermConfig("ce", 1.0), TermConfig("crd", 0.8)], (4, 2), (0.4, 0.4)),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of one call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _student(w_bits: int | None, weight: str, act: str, x: torch.Tensor, device, channels_last: bool) -> nn.Module:
+    torch.manual_seed(0)
+    m = create_model("resnet32", 100)
+    if w_bits is not None:
+        quantize(m, w_bits, w_bits, weight, act)
+    m.to(device)
+    if channels_last:
+        m.to(memory_format=torch.channels_last)
+    if w_bits is not None:
+        calibrate(m, [x])
+    return m.train()
+
+
+def _with_anchors(terms: list[TermConfig], bits, weights) -> list[TermConfig]:
+    from dataclasses import replace
+
+    return [terms[0], replace(terms[1], anchor_bits=bits, anchor_weights=weights)]
+
+
+def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_json: bool = False,
+              out: str | None = None, precision: str = "auto", channels_last: bool = False) -> dict:  # fmt: skip
+    dev = resolve_device(device)
+    if quick:
+        batch, warmup, repeats, n_train = min(batch, 8), 1, 2, 64
+    else:
+        warmup, repeats, n_train = 3, 10, 50_000
+    prec = ("bf16" if bf16_supported(dev) else "fp32") if precision == "auto" else precision
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n_train) % 100
+    loader = DeviceLoader(images, labels, batch, MEAN, STD, dev, train=True, channels_last=channels_last)
+    x, y, idx = next(iter(loader))
+    flops_per_img = 6 * sum(r["macs"] for r in layer_table(create_model("resnet32", 100)))  # fwd + bwd ~ 3x fwd
+    results: dict[str, dict] = {}
+
+    def case(name: str, model: nn.Module, terms: list[TermConfig], teacher: nn.Module | None = None,
+             prec_: str = prec) -> float:  # fmt: skip
+        ch = stage_channels(model)
+        obj = Objective(terms, [build_term(t, ch, stage_channels(teacher or model), labels, 0) for t in terms])
+        obj.to(dev)
+        opt = torch.optim.SGD(list(model.parameters()) + list(obj.parameters()), lr=1e-3, momentum=0.9)
+        step = [0]
+
+        def fn():
+            step[0] += 1
+            train_step(model, teacher, obj, opt, x, y, idx.to(dev), step[0], prec_)
+
+        sec = _time(fn, dev, warmup, repeats)
+        results[name] = {"ms_per_step": 1e3 * sec, "img_per_s": batch / sec, "gflops": flops_per_img * batch / sec / 1e9}
+        return sec
+
+    ce = [TermConfig("ce", 1.0)]
+    fp32_model = _student(None, "lsq", "lsq", x, dev, channels_last)
+    case("fp32_step_fp32", fp32_model, ce, prec_="fp32")
+    if prec == "bf16":
+        case("fp32_step_bf16", fp32_model, ce, prec_="bf16")
+    base = "fp32_step_bf16" if prec == "bf16" else "fp32_step_fp32"
+    for wq, aq in (("lsq", "lsq"), ("ewgs", "ewgs"), ("dorefa", "pact")):
+        case(f"w2a2_{wq}_{aq}", _student(2, wq, aq, x, dev, channels_last), ce)
+
+    teacher = _student(None, "lsq", "lsq", x, dev, channels_last).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for setting, (terms, bits, weights) in SETTINGS.items():
+        case(f"qkd_{setting}", _student(2, "lsq", "lsq", x, dev, channels_last), terms, teacher)
+        case(f"vaqkd_{setting}", _student(2, "lsq", "lsq", x, dev, channels_last), _with_anchors(terms, bits, weights),
+             teacher)  # fmt: skip
+    # TAKD: its last stage learns from a W4A4 assistant (fake-quantized teacher forward), and the whole method
+    # trains three students (W8A8, W4A4, W2A2) where VA-QKD trains one.
+    qteacher = _student(4, "lsq", "lsq", x, dev, channels_last).eval()
+    for p in qteacher.parameters():
+        p.requires_grad_(False)
+    case("takd_w2a2_from_w4a4", _student(2, "lsq", "lsq", x, dev, channels_last), SETTINGS["logit"][0], qteacher)
+    case("takd_w4a4_from_w8a8", _student(4, "lsq", "lsq", x, dev, channels_last), SETTINGS["logit"][0], qteacher)
+    case("takd_w8a8_from_fp32", _student(8, "lsq", "lsq", x, dev, channels_last), SETTINGS["logit"][0], teacher)
+
+    # the loader alone, over a whole epoch
+    def load_epoch():
+        for xb, _, _ in loader.batches(1):
+            pass
+        return xb
+
+    sec = _time(load_epoch, dev, 0 if not quick else 1, 1 if not quick else 2)
+    results["loader"] = {"img_per_s": len(loader) * batch / sec, "ms_per_batch": 1e3 * sec / len(loader)}
+
+    # a whole (short) epoch through the engine's loop vs the sum of its steps, W2A2 VA-QKD logit
+    n_steps = 4 if quick else 30
+    sub = DeviceLoader(images[: n_steps * batch], labels[: n_steps * batch], batch, MEAN, STD, dev, train=True,
+                       channels_last=channels_last)  # fmt: skip
+    model = _student(2, "lsq", "lsq", x, dev, channels_last)
+    terms = _with_anchors(*SETTINGS["logit"])
+    obj = Objective(terms, [build_term(t, stage_channels(model), stage_channels(teacher), labels, 0) for t in terms])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step_times = []
+
+    def epoch():
+        step_times.clear()
+        loss_sum = torch.zeros((), device=dev)
+        t_prev = time.perf_counter()
+        for k, (xb, yb, ib) in enumerate(sub.batches(0)):
+            loss, _, _ = train_step(model, teacher, obj, opt, xb, yb, ib, k, prec)
+            loss_sum += loss
+            _sync(dev)
+            t_now = time.perf_counter()
+            step_times.append(t_now - t_prev)
+            t_prev = t_now
+        return loss_sum.item()
+
+    epoch()  # warm-up
+    t0 = time.perf_counter()
+    epoch()
+    wall = time.perf_counter() - t0
+    step_sec = results["vaqkd_logit"]["ms_per_step"] / 1e3
+    results["epoch"] = {"steps": n_steps, "wall_s": wall, "sum_of_steps_s": n_steps * step_sec}
+
+    eval_loader = DeviceLoader(images[: 20 * batch], labels[: 20 * batch], 500, MEAN, STD, dev, train=False)
+    eval_model = _student(2, "lsq", "lsq", x, dev, channels_last)
+    sec = _time(lambda: evaluate(eval_model, eval_loader, prec), dev, 1, 1 if quick else 3)
+    results["eval_w2a2"] = {"img_per_s": len(eval_loader.labels) / sec}
+
+    r = results
+    ratios = {
+        "w2a2_over_fp32": r["w2a2_lsq_lsq"]["img_per_s"] / r[base]["img_per_s"],
+        "bf16_over_fp32": r.get("fp32_step_bf16", r["fp32_step_fp32"])["img_per_s"] / r["fp32_step_fp32"]["img_per_s"],
+        "vaqkd_over_qkd_logit": r["vaqkd_logit"]["ms_per_step"] / r["qkd_logit"]["ms_per_step"],
+        "vaqkd_over_qkd_feature": r["vaqkd_feature"]["ms_per_step"] / r["qkd_feature"]["ms_per_step"],
+        "vaqkd_over_qkd_contrastive": r["vaqkd_contrastive"]["ms_per_step"] / r["qkd_contrastive"]["ms_per_step"],
+        "takd_over_vaqkd_logit": sum(r[k]["ms_per_step"] for k in ("takd_w8a8_from_fp32", "takd_w4a4_from_w8a8",
+                                                                 "takd_w2a2_from_w4a4")) / r["vaqkd_logit"]["ms_per_step"],
+        "epoch_over_steps": r["epoch"]["wall_s"] / r["epoch"]["sum_of_steps_s"],
+    }  # fmt: skip
+    report = {"device": str(dev), "precision": prec, "batch": batch, "quick": quick, "threads": torch.get_num_threads(),
+              "channels_last": channels_last, "cases": results, "ratios": ratios}  # fmt: skip
+    from vaqkd.engine.setup import environment
+
+    report["env"] = environment(dev, 0, prec)
+    text = json.dumps(report, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    if as_json:
+        print(text)
+    else:
+        print(f"vaqkd bench: {report['env']['device_name']} ({dev}), {prec}, batch {batch}, "
+              f"{report['threads']} threads{' (QUICK: sizes too small to mean anything)' if quick else ''}")
+        print(f"{'case':<24}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}")
+        for k, v in results.items():
+            if "ms_per_step" in v:
+                print(f"{k:<24}{v['img_per_s']:>10.0f}{v['ms_per_step']:>10.1f}{v['gflops']:>10.1f}")
+        print(f"{'loader':<24}{results['loader']['img_per_s']:>10.0f}")
+        print(f"{'eval_w2a2':<24}{results['eval_w2a2']['img_per_s']:>10.0f}")
+        print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    return report
+
