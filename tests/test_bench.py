@@ -8,8 +8,13 @@ def test_bench_quick_runs_every_case_and_reports_the_ratios(tmp_path, capsys):
     assert main(["bench", "--quick", "--json", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
-    for key in ("w2a2_over_fp32", "vaqkd_over_qkd_logit", "vaqkd_over_qkd_feature", "vaqkd_over_qkd_contrastive",
-                "epoch_over_steps"):
+    for key in (
+        "w2a2_over_fp32",
+        "vaqkd_over_qkd_logit",
+        "vaqkd_over_qkd_feature",
+        "vaqkd_over_qkd_contrastive",
+        "epoch_over_steps",
+    ):
         assert report["ratios"][key] > 0
     cases = report["cases"]
     assert {"fp32_step_fp32", "w2a2_lsq_lsq", "w2a2_ewgs_ewgs", "w2a2_dorefa_pact", "loader", "eval_w2a2"} <= set(cases)

@@ -25,6 +25,7 @@ from vaqkd.metrics.size import layer_table
 from vaqkd.models import create_model, stage_channels
 from vaqkd.quant import calibrate, quantize
 
+TAKD_STAGES = ("takd_w8a8_from_fp32", "takd_w4a4_from_w8a8", "takd_w2a2_from_w4a4")
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 SETTINGS = {
@@ -101,7 +102,11 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
             train_step(model, teacher, obj, opt, x, y, idx.to(dev), step[0], prec_)
 
         sec = _time(fn, dev, warmup, repeats)
-        results[name] = {"ms_per_step": 1e3 * sec, "img_per_s": batch / sec, "gflops": flops_per_img * batch / sec / 1e9}
+        results[name] = {
+            "ms_per_step": 1e3 * sec,
+            "img_per_s": batch / sec,
+            "gflops": flops_per_img * batch / sec / 1e9,
+        }
         return sec
 
     ce = [TermConfig("ce", 1.0)]
@@ -131,9 +136,10 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
 
     # the loader alone, over a whole epoch
     def load_epoch():
+        n = 0
         for xb, _, _ in loader.batches(1):
-            pass
-        return xb
+            n += len(xb)
+        return n
 
     sec = _time(load_epoch, dev, 0 if not quick else 1, 1 if not quick else 2)
     results["loader"] = {"img_per_s": len(loader) * batch / sec, "ms_per_batch": 1e3 * sec / len(loader)}
@@ -180,8 +186,7 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         "vaqkd_over_qkd_logit": r["vaqkd_logit"]["ms_per_step"] / r["qkd_logit"]["ms_per_step"],
         "vaqkd_over_qkd_feature": r["vaqkd_feature"]["ms_per_step"] / r["qkd_feature"]["ms_per_step"],
         "vaqkd_over_qkd_contrastive": r["vaqkd_contrastive"]["ms_per_step"] / r["qkd_contrastive"]["ms_per_step"],
-        "takd_over_vaqkd_logit": sum(r[k]["ms_per_step"] for k in ("takd_w8a8_from_fp32", "takd_w4a4_from_w8a8",
-                                                                 "takd_w2a2_from_w4a4")) / r["vaqkd_logit"]["ms_per_step"],
+        "takd_over_vaqkd_logit": sum(r[k]["ms_per_step"] for k in TAKD_STAGES) / r["vaqkd_logit"]["ms_per_step"],
         "epoch_over_steps": r["epoch"]["wall_s"] / r["epoch"]["sum_of_steps_s"],
     }  # fmt: skip
     report = {"device": str(dev), "precision": prec, "batch": batch, "quick": quick, "threads": torch.get_num_threads(),
@@ -196,8 +201,10 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     if as_json:
         print(text)
     else:
-        print(f"vaqkd bench: {report['env']['device_name']} ({dev}), {prec}, batch {batch}, "
-              f"{report['threads']} threads{' (QUICK: sizes too small to mean anything)' if quick else ''}")
+        print(
+            f"vaqkd bench: {report['env']['device_name']} ({dev}), {prec}, batch {batch}, "
+            f"{report['threads']} threads{' (QUICK: sizes too small to mean anything)' if quick else ''}"
+        )
         print(f"{'case':<24}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}")
         for k, v in results.items():
             if "ms_per_step" in v:
@@ -206,4 +213,3 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         print(f"{'eval_w2a2':<24}{results['eval_w2a2']['img_per_s']:>10.0f}")
         print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     return report
-

@@ -84,8 +84,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
             f"{r['epochs']} × {r['train_images']} |"
         )
     if pairs:
-        lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", "",
-                  "| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", ""]
+        lines += ["| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for p in pairs:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
             lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']} |")

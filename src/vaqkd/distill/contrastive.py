@@ -72,12 +72,8 @@ class CRDLoss(nn.Module):
         u = torch.where(u >= start, u + self.count[y].unsqueeze(1), u)
         return self.order[u]
 
-    def _nce(
-        self, v: torch.Tensor, pos: torch.Tensor, memory: torch.Tensor, neg: torch.Tensor, side: int
-    ) -> torch.Tensor:
-        """v (B, D) anchors; pos (B, D) positives; negatives memory[neg] (B, K). Returns the NCE loss."""
-        s_pos = torch.exp((v * pos).sum(1, keepdim=True) / self.t)  # (B, 1)
-        s_neg = torch.exp((v @ memory.t()).gather(1, neg) / self.t)  # (B, K)
+    def _nce(self, s_pos: torch.Tensor, s_neg: torch.Tensor, side: int) -> torch.Tensor:
+        """NCE loss from positive scores (B, 1) and negative scores (B, K), both exp(v·m/τ)."""
         if self.z[side] < 0:  # first batch fixes the normaliser, as in the reference implementation
             self.z[side] = torch.cat([s_pos, s_neg], 1).mean().detach() * self.n
         z = self.z[side].clone()  # a copy: the other side may still set its own normaliser in place
@@ -86,19 +82,30 @@ class CRDLoss(nn.Module):
         eps = 1e-7
         log_d1 = torch.log(h_pos / (h_pos + kpn + eps))
         log_d0 = torch.log(kpn / (h_neg + kpn + eps))
-        return -(log_d1.sum() + log_d0.sum()) / len(v)
+        return -(log_d1.sum() + log_d0.sum()) / len(s_pos)
+
+    def _pos(self, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return torch.exp((v * pos).sum(1, keepdim=True) / self.t)  # (B, 1)
+
+    def _neg(self, v: torch.Tensor, memory: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        # one (B, D) x (D, N) product, then a gather: cheaper than gathering a (B, K, D) block of memory
+        return torch.exp((v @ memory.t()).gather(1, neg) / self.t)  # (B, K)
 
     def forward(
         self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
         step: int = 0, anchor: bool = False, **_,
     ) -> torch.Tensor:  # fmt: skip
-        v_s = F.normalize(self.embed_s(s["embedding"].float()), dim=1)
         v_t = F.normalize(self.embed_t(r.float()), dim=1)
-        neg = self.sample_negatives(index, step)
-        if anchor:  # the anchor embedding is the student's positive; memories stay untouched
-            return self._nce(v_s, v_t, self.memory_t, neg, 0)
-        loss = self._nce(v_s, self.memory_t[index], self.memory_t, neg, 0)
-        loss = loss + self._nce(v_t, self.memory_s[index], self.memory_s, neg, 1)
+        cached = s.get("_crd")  # the student side of this step, shared by the FP32 term and its anchors
+        if cached is None:
+            v_s = F.normalize(self.embed_s(s["embedding"].float()), dim=1)
+            neg = self.sample_negatives(index, step)
+            cached = s["_crd"] = (v_s, neg, self._neg(v_s, self.memory_t, neg))
+        v_s, neg, s_neg_student = cached
+        if anchor:  # the anchor embedding is the student's positive; negatives and memories are shared
+            return self._nce(self._pos(v_s, v_t), s_neg_student, 0)
+        loss = self._nce(self._pos(v_s, self.memory_t[index]), s_neg_student, 0)
+        loss = loss + self._nce(self._pos(v_t, self.memory_s[index]), self._neg(v_t, self.memory_s, neg), 1)
         with torch.no_grad():  # out of place: this step's graph (and its anchor terms) still read the old bank
             m = self.momentum
             new_s = F.normalize(self.memory_s[index] * m + v_s.detach() * (1 - m), dim=1)

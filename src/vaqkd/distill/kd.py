@@ -36,6 +36,9 @@ class LogitKD(nn.Module):
 
     def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
         T = self.temperature
-        log_p_s = F.log_softmax(s["logits"].float() / T, dim=1)
+        key = f"_log_p_T{T}"  # shared by the FP32 term and its anchors within a step
+        log_p_s = s.get(key)
+        if log_p_s is None:
+            log_p_s = s[key] = F.log_softmax(s["logits"].float() / T, dim=1)
         log_p_t = F.log_softmax(r.float() / T, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T

@@ -6,7 +6,52 @@ instead of building a graph of round/clamp/detach tricks.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
+
+
+def _lsq_forward(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    return torch.clamp(torch.round(x / s), qn, qp) * s
+
+
+def _lsq_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, qn: int, qp: int):
+    """(dx, Σ dy·(x_hat - x inside, x_hat outside)) for a per-tensor step s (same dtype as x)."""
+    inside = (x >= qn * s) & (x <= qp * s)
+    dx = torch.where(inside, dy, 0)
+    t = (dy * torch.where(inside, y - x, y)).sum(dtype=torch.float32)
+    return dx, t
+
+
+class _Fused:
+    """Elementwise kernels compiled into single loops by torch.compile (an eager chain of ~12 ops costs 5x
+    more on the CPU); falls back to eager, once and with a warning, where compilation is unavailable.
+    VAQKD_COMPILE=0 turns compilation off."""
+
+    def __init__(self, fn):
+        self.eager = fn
+        self.fn = None
+
+    def __call__(self, *args):
+        if self.fn is None:
+            use = os.environ.get("VAQKD_COMPILE", "1") != "0" and hasattr(torch, "compile")
+            self.fn = torch.compile(self.eager, dynamic=True) if use else self.eager
+        try:
+            return self.fn(*args)
+        except Exception as e:  # no C++ compiler / triton, an unsupported platform, ...
+            if self.fn is self.eager:
+                raise
+            warnings.warn(
+                f"vaqkd: torch.compile failed ({type(e).__name__}); using eager quantizer kernels", stacklevel=2
+            )
+            self.fn = self.eager
+            return self.fn(*args)
+
+
+FUSE_MIN_NUMEL = 1 << 16
+lsq_forward = _Fused(_lsq_forward)
+lsq_backward = _Fused(_lsq_backward)
 
 
 class LSQQuant(torch.autograd.Function):
@@ -16,28 +61,45 @@ class LSQQuant(torch.autograd.Function):
     backward: dx = dy * 1[Qn <= x/s <= Qp]                           (straight-through inside the range)
               ds = g * sum(dy * (round(x/s) - x/s  inside, Qn or Qp outside)),  g = 1/sqrt(N * Qp)
     `s` is a scalar or broadcasts against `x` (per-channel); the sum runs over each step's elements.
+
+    Speed: the backward needs only x and x_hat, which the surrounding layers keep alive anyway (the ReLU
+    before keeps x, the conv after keeps x_hat), so nothing new is saved; with x/s - round(x/s) =
+    (x - x_hat)/s inside the range and round(x/s) = x_hat/s outside, the step term is one expression. The
+    arithmetic runs in x's dtype (bf16 under autocast), sums accumulate in fp32; per-tensor steps (all
+    activations) use the fused kernels above.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
-        v = x / s
-        q = v.round().clamp_(qn, qp)
-        ctx.save_for_backward(v, q)
-        ctx.grad_scale, ctx.qn, ctx.qp, ctx.s_shape = grad_scale, qn, qp, s.shape
-        return q * s
+        s_x = s.to(x.dtype)
+        fused = s.numel() == 1 and x.numel() >= FUSE_MIN_NUMEL  # activations; weights are too small to matter
+        y = lsq_forward(x, s_x.reshape(()), qn, qp) if fused else _lsq_forward(x, s_x, qn, qp)
+        ctx.save_for_backward(x, y, s)
+        ctx.grad_scale, ctx.qn, ctx.qp, ctx.fused = grad_scale, qn, qp, fused
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        v, q = ctx.saved_tensors
-        inside = (v >= ctx.qn) & (v <= ctx.qp)
-        dx = dy * inside
-        ds = dy * torch.where(inside, q - v, q)  # q equals Qn or Qp outside the range
-        if len(ctx.s_shape) == 0 or ctx.s_shape.numel() == 1:
-            ds = ds.sum().reshape(ctx.s_shape)
+        x, y, s = ctx.saved_tensors
+        s_x = s.to(x.dtype)
+        if ctx.fused:
+            dx, t = lsq_backward(dy.contiguous(memory_format=_memory_format(x)), x, y, s_x.reshape(()), ctx.qn, ctx.qp)
+            ds = t.reshape(s.shape)
         else:
-            dims = [d for d, n in enumerate(ctx.s_shape) if n == 1]
-            ds = ds.sum(dim=dims, keepdim=True)
-        return dx, ds * ctx.grad_scale, None, None, None
+            s_x = s_x if s.numel() > 1 else s_x.reshape(())
+            inside = (x >= ctx.qn * s_x) & (x <= ctx.qp * s_x)
+            dx = dy * inside
+            dims = [d for d, n in enumerate(s.shape) if n == 1]
+            ds = (dy * torch.where(inside, y - x, y)).sum(dim=dims, keepdim=True, dtype=torch.float32)
+        return dx, (ds / s * ctx.grad_scale).to(s.dtype), None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
 
 
 class EWGSDiscretize(torch.autograd.Function):
