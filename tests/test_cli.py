@@ -80,3 +80,15 @@ def test_train_then_eval_from_the_command_line(shared_cifar_root, tmp_path, caps
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     final = json.loads((out / "final.json").read_text())
     assert res["test_images"] == 200 and res["top1"] == pytest.approx(final["top1_last"], abs=1.0)
+
+
+def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
+    out = tmp_path / "qat"
+    assert main(["train", "configs/cifar100/w2a2_qat.toml", "--preset", "demo", "--out", str(out), "--data-root",
+                 str(shared_cifar_root), "--no-progress", "--set", 'model.init=""', "--set", "model.arch=resnet20"]) == 0
+    from vaqkd.config import load_config
+
+    cfg = load_config(out / "config.toml")
+    assert cfg.optim.epochs == 1 and cfg.data.subset_per_class == 20 and cfg.quant.enabled  # demo's student section
+    final = json.loads((out / "final.json").read_text())
+    assert final["profile"]["w_bits"] == 2 and final["profile"]["bops_reduction"] > 1

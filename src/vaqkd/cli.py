@@ -29,10 +29,10 @@ def _overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from vaqkd.config import load_config
     from vaqkd.engine.train import fit
+    from vaqkd.runner import preset_config
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = preset_config(args.config, args.preset, _overrides(args))
     out = Path(args.out or Path("runs") / cfg.name)
     final = fit(cfg, out, resume=args.resume, progress=not args.no_progress)
     if final:
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.1")
     t.add_argument("--out", help="run directory (default: runs/<name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--preset", help="apply a preset's student settings (configs/presets/NAME.toml), e.g. quick")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_data_root(t)
     t.set_defaults(fn=cmd_train)

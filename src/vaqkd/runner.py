@@ -51,6 +51,49 @@ def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str])
     return from_dict(Config, d).validate()
 
 
+def preset_config(path: str | Path, preset: str | None, sets: list[str]) -> Config:
+    """A config file with a preset's [student] section merged in, then the overrides."""
+    d = load_dict(path)
+    if preset:
+        _merge(d, json.loads(json.dumps(load_preset(preset).get("student", {}))))
+    for s in sets:
+        apply_override(d, s)
+    return from_dict(Config, d).validate()
+
+
+def teacher_entry(teacher: str, preset: dict, runs: Path, sets: list[str], log) -> dict:
+    """The teacher's row: its top-1 on this preset's test split (evaluated once, cached), and how it was
+    trained (final.json of its run, or the recipe shipped beside the pretrained weights)."""
+    import torch
+
+    from vaqkd.engine.setup import build_data, build_teacher, resolve_device, resolve_precision, resolve_weights
+    from vaqkd.engine.train import evaluate
+
+    cfg = row_config("qkd_logit", preset, 0, teacher, sets)
+    cache = runs / f"teacher_eval-{config_hash(cfg)}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    device = resolve_device(cfg.train.device)
+    data = build_data(cfg, device)
+    model = build_teacher(cfg, data.num_classes, device)
+    with torch.no_grad():
+        top1 = evaluate(model, data.test, resolve_precision(cfg.train.precision, device))["top1"]
+    run = Path(teacher)
+    info_path = (
+        run / "final.json"
+        if (run / "final.json").exists()
+        else resolve_weights(teacher, "resnet32").with_suffix(".json")
+    )
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    entry = {"seed": info.get("seed", 0), "top1_last": top1, "top1_best": top1, "epochs": info.get("epochs", 0),
+             "train_images": info.get("train_images", 0), "train_seconds": info.get("train_seconds", 0.0),
+             "teacher": teacher}  # fmt: skip
+    log(f"teacher {teacher}: test top-1 {top1:.2f}%")
+    runs.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
+
+
 def config_hash(cfg: Config) -> str:
     return hashlib.sha1(to_toml(cfg).encode()).hexdigest()[:8]
 
@@ -104,7 +147,7 @@ def run_table(
     sets = list(extra_sets)
     teacher_spec = resolve_teacher(teacher, p, runs, sets, log)
 
-    results: dict[str, list[dict]] = {}
+    results: dict[str, list[dict]] = {"teacher": [teacher_entry(teacher_spec, p, runs, sets, log)]}
     for seed in range(seeds):
         for row in rows:
             chain = TAKD_CHAIN if row == "takd" else (row,)
@@ -126,10 +169,18 @@ def run_table(
     return results
 
 
+def command_line() -> str:
+    """The command that is running, as a user would type it."""
+    prog = Path(sys.argv[0]).name
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if prog in ("vaqkd", "cli.py", "__main__.py"):
+        return f"vaqkd {args}"
+    return f"python {shlex.quote(sys.argv[0])} {args}"
+
+
 def meta(preset: str, seeds: int, rows: list[str], teacher: str) -> dict:
     from vaqkd.engine.setup import environment, resolve_device
 
     env = environment(resolve_device("auto"), seed=-1, precision="see runs")
     env.pop("seed")
-    return {"command": "vaqkd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "",
-            "preset": preset, "seeds": seeds, "rows": rows, "teacher": teacher, **env}  # fmt: skip
+    return {"command": command_line(), "preset": preset, "seeds": seeds, "rows": rows, "teacher": teacher, **env}
