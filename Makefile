@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 demo: install
 	$(VENV)/bin/vaqkd table --preset demo --data-root $(DATA)

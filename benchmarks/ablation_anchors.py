@@ -46,20 +46,27 @@ def main() -> None:
             row, sets = VARIANTS[name]
             cfg = row_config(row, preset, seed, args.teacher, [f'data.root="{args.data_root}"', *sets])
             final = run_or_reuse(cfg, runs / f"{row}-s{seed}-{config_hash(cfg)}", print)
-            res.setdefault(name, []).append({"seed": seed, "top1_last": final["top1_last"],
-                                             "top1_best": final["top1_best"], "train_seconds": final["train_seconds"]})
+            res.setdefault(name, []).append(
+                {
+                    "seed": seed,
+                    "top1_last": final["top1_last"],
+                    "top1_best": final["top1_best"],
+                    "train_seconds": final["train_seconds"],
+                }
+            )
     lines = [f"# Anchor ablation, logit setting — preset `{args.preset}` (reduced scale), {args.seeds} seed(s)", ""]
     lines += ["| variant | anchors (bits: weight) | seeds | top-1 last | top-1 best | train s |", "|" + "---|" * 6]
     for name, rows in res.items():
         last, best = mean_std([r["top1_last"] for r in rows]), mean_std([r["top1_best"] for r in rows])
         sets = VARIANTS[name][1]
         anchors = " ".join(s.split("=", 1)[1] for s in sets) if sets else "—"
-        fmt = (lambda m: f"{m[0]:.2f}" if m[1] != m[1] else f"{m[0]:.2f} ± {m[1]:.2f}")  # noqa: E731
+        fmt = lambda m: f"{m[0]:.2f}" if m[1] != m[1] else f"{m[0]:.2f} ± {m[1]:.2f}"  # noqa: E731
         secs = sum(r["train_seconds"] for r in rows) / len(rows)
         lines.append(f"| {name} | {anchors} | {len(rows)} | {fmt(last)} | {fmt(best)} | {secs:.0f} |")
     (out / "anchors.md").write_text("\n".join(lines) + "\n")
-    (out / "anchors.json").write_text(json.dumps({"results": res, "meta": meta(args.preset, args.seeds, list(res),
-                                                                                   args.teacher)}, indent=2) + "\n")
+    (out / "anchors.json").write_text(
+        json.dumps({"results": res, "meta": meta(args.preset, args.seeds, list(res), args.teacher)}, indent=2) + "\n"
+    )
     print("\n".join(lines))
 
 

@@ -84,8 +84,26 @@ def test_train_then_eval_from_the_command_line(shared_cifar_root, tmp_path, caps
 
 def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
     out = tmp_path / "qat"
-    assert main(["train", "configs/cifar100/w2a2_qat.toml", "--preset", "demo", "--out", str(out), "--data-root",
-                 str(shared_cifar_root), "--no-progress", "--set", 'model.init=""', "--set", "model.arch=resnet20"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "configs/cifar100/w2a2_qat.toml",
+                "--preset",
+                "demo",
+                "--out",
+                str(out),
+                "--data-root",
+                str(shared_cifar_root),
+                "--no-progress",
+                "--set",
+                'model.init=""',
+                "--set",
+                "model.arch=resnet20",
+            ]
+        )
+        == 0
+    )
     from vaqkd.config import load_config
 
     cfg = load_config(out / "config.toml")

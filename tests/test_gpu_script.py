@@ -9,9 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_script_cpu_path(shared_cifar_root, tmp_path):
     """benchmarks/gpu.sh end to end on the CPU at toy size: every step runs and the summary is written."""
-    env = dict(os.environ, DEVICE="cpu", SMALL="1", DATA=str(shared_cifar_root), OUT_DIR=str(tmp_path / "gpu"),
-               VAQKD=f"{sys.executable} -m vaqkd.cli", PYTHON=sys.executable,
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        DEVICE="cpu",
+        SMALL="1",
+        DATA=str(shared_cifar_root),
+        OUT_DIR=str(tmp_path / "gpu"),
+        VAQKD=f"{sys.executable} -m vaqkd.cli",
+        PYTHON=sys.executable,
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -140,3 +140,26 @@ def test_quantize_policies_and_calibration():
     assert m.layer1[0].conv1.a_quant.step.item() != 1.0  # initialised from data
     with pytest.raises(ValueError, match="already quantized"):
         quantize(m, 2, 2)
+
+
+@pytest.mark.parametrize("act", ["lsq", "pact", "ewgs"])
+def test_skipping_the_relu_before_a_clamping_quantizer_is_exact(act):
+    """BasicBlock skips the ReLU before conv2 when its quantizer clamps at zero: same outputs and gradients."""
+    from vaqkd.models import create_model
+
+    torch.manual_seed(0)
+    m = quantize(create_model("resnet20", 10), 2, 2, act=act)
+    x = torch.randn(4, 3, 32, 32)
+    calibrate(m, [x])
+    block = m.layer1[0]
+    assert block.conv2.input_clamps_at_zero == (act != "ewgs")
+    h = torch.randn(4, 16, 32, 32, requires_grad=True)
+    pre = block.bn1(block.conv1(h))
+    a = block.conv2.a_quant(torch.relu(pre))
+    b = block.conv2.a_quant(pre)
+    if act != "ewgs":
+        assert torch.equal(a, b)
+        ga = torch.autograd.grad(a.sum(), [h, *block.conv2.a_quant.parameters()], retain_graph=True)
+        gb = torch.autograd.grad(b.sum(), [h, *block.conv2.a_quant.parameters()])
+        for u, v in zip(ga, gb):
+            assert torch.allclose(u, v, atol=1e-6)

@@ -28,7 +28,12 @@ class BasicBlock(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn1(self.conv1(x))
+        # A quantized conv2 whose input quantizer clamps at zero computes exactly what it would after the
+        # ReLU (same values, same gradients), so the ReLU pass is skipped; the block output's ReLU stays,
+        # since the shortcut needs it.
+        if not getattr(self.conv2, "input_clamps_at_zero", False):
+            out = F.relu(out)
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 

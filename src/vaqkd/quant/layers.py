@@ -19,6 +19,11 @@ class QConv2d(nn.Conv2d):
         self.w_quant, self.a_quant = w_quant, a_quant
 
     @property
+    def input_clamps_at_zero(self) -> bool:
+        """True when the input quantizer maps every x <= 0 to 0 with zero gradient (a preceding ReLU is a no-op)."""
+        return bool(getattr(self.a_quant, "clamps_at_zero", False))
+
+    @property
     def w_bits(self) -> int:
         return getattr(self.w_quant, "bits", 32)
 

@@ -58,6 +58,7 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, bits: int, signed: bool, per_channel: bool = False, channels: int = 1, ndim: int = 4):
         super().__init__(bits, signed)
+        self.clamps_at_zero = not signed  # Qn = 0: q(x) = q(relu(x)), gradients included
         shape = (channels,) + (1,) * (ndim - 1) if per_channel else ()
         self.per_channel = per_channel
         self.step = nn.Parameter(torch.ones(shape))
@@ -135,6 +136,7 @@ class PACTQuantizer(Quantizer):
         if signed:
             raise ValueError("PACTQuantizer: PACT clips at 0 and is for unsigned (post-ReLU) activations only")
         super().__init__(bits, signed)
+        self.clamps_at_zero = True  # clamp(x, 0, alpha): a preceding ReLU changes nothing
         self.alpha = nn.Parameter(torch.tensor(10.0))
 
     def observe(self, x: torch.Tensor) -> None:
