@@ -1,5 +1,10 @@
+import os
 import pickle
 from pathlib import Path
+
+# Tests run the eager quantizer kernels (compiling them costs ~20 s per process on a fresh machine); one test
+# checks that the compiled kernels agree with the eager ones.
+os.environ.setdefault("VAQKD_COMPILE", "0")
 
 import numpy as np
 import pytest

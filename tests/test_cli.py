@@ -107,6 +107,6 @@ def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
     from vaqkd.config import load_config
 
     cfg = load_config(out / "config.toml")
-    assert cfg.optim.epochs == 1 and cfg.data.subset_per_class == 20 and cfg.quant.enabled  # demo's student section
+    assert cfg.optim.epochs == 2 and cfg.data.subset_per_class == 50 and cfg.quant.enabled  # demo's student section
     final = json.loads((out / "final.json").read_text())
     assert final["profile"]["w_bits"] == 2 and final["profile"]["bops_reduction"] > 1
