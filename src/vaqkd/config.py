@@ -168,7 +168,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16
     channels_last: bool = False
-    compile: bool = False
     eval_every: int = 1
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
     threads: int = 0  # CPU threads (0: torch default)
