@@ -125,6 +125,32 @@ def resolve_teacher(teacher: str, preset: dict, runs: Path, sets: list[str], log
     return str(run_dir)
 
 
+MAX_SEEDS = 20  # the report looks for finished runs of seeds 0..MAX_SEEDS-1
+
+
+def row_result(row: str, seed: int, p: dict, teacher: str, sets: list[str], runs: Path, log,
+               train: bool = True) -> dict | None:  # fmt: skip
+    """final.json of one row and seed (TAKD: its whole chain, times summed); with train=False, None unless
+    every stage has finished."""
+    chain = TAKD_CHAIN if row == "takd" else (row,)
+    t_spec, stages = teacher, []
+    for stage in chain:
+        cfg = row_config(stage, p, seed, t_spec, sets)
+        run_dir = runs / f"{stage}-s{seed}-{config_hash(cfg)}"
+        if not train and not (run_dir / "final.json").exists():
+            return None
+        final = run_or_reuse(cfg, run_dir, log) if train else json.loads((run_dir / "final.json").read_text())
+        stages.append({**final, "run_dir": str(run_dir)})
+        t_spec = str(run_dir)  # TAKD: the next stage learns from, and starts from, this one
+    final = dict(stages[-1])
+    if len(stages) > 1:
+        final["train_seconds_own"] = final["train_seconds"]
+        final["train_seconds"] = sum(s["train_seconds"] for s in stages)
+        final["stages"] = [{"run_dir": s["run_dir"], "train_seconds": s["train_seconds"],
+                            "top1_last": s["top1_last"]} for s in stages]  # fmt: skip
+    return final
+
+
 def run_table(
     preset: str = "demo",
     seeds: int = 1,
@@ -135,6 +161,8 @@ def run_table(
     teacher: str = "pretrained",
     log: Callable[[str], None] = print,
 ) -> dict:
+    """Train (or reuse / resume) `rows` x `seeds`, then report every finished run of the preset's rows (with the
+    same teacher and overrides), so a later call with more seeds for some rows extends the same table."""
     from vaqkd.analysis.report import write_report
 
     p = load_preset(preset)
@@ -146,27 +174,22 @@ def run_table(
     out_dir = Path(out or Path("results") / preset)
     sets = list(extra_sets)
     teacher_spec = resolve_teacher(teacher, p, runs, sets, log)
+    teacher_row = teacher_entry(teacher_spec, p, runs, sets, log)
 
-    results: dict[str, list[dict]] = {"teacher": [teacher_entry(teacher_spec, p, runs, sets, log)]}
+    def report() -> dict:
+        results: dict[str, list[dict]] = {"teacher": [teacher_row]}
+        for row in dict.fromkeys([*p["rows"], *rows]):
+            found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False) for s in range(MAX_SEEDS)]
+            if any(found):
+                results[row] = [f for f in found if f]
+        write_report(out_dir, results, meta(preset, seeds, rows, teacher_spec))
+        return results
+
     for seed in range(seeds):
         for row in rows:
-            chain = TAKD_CHAIN if row == "takd" else (row,)
-            t_spec, stages = teacher_spec, []
-            for stage in chain:
-                cfg = row_config(stage, p, seed, t_spec, sets)
-                run_dir = runs / f"{stage}-s{seed}-{config_hash(cfg)}"
-                final = run_or_reuse(cfg, run_dir, log)
-                stages.append({**final, "run_dir": str(run_dir)})
-                t_spec = str(run_dir)  # TAKD: the next stage learns from, and starts from, this one
-            final = dict(stages[-1])
-            if len(stages) > 1:
-                final["train_seconds_own"] = final["train_seconds"]
-                final["train_seconds"] = sum(s["train_seconds"] for s in stages)
-                final["stages"] = [{"run_dir": s["run_dir"], "train_seconds": s["train_seconds"],
-                                    "top1_last": s["top1_last"]} for s in stages]  # fmt: skip
-            results.setdefault(row, []).append(final)
-            write_report(out_dir, results, meta(preset, seeds, rows, teacher_spec))  # keep the report current
-    return results
+            row_result(row, seed, p, teacher_spec, sets, runs, log)
+            report()  # keep the report current after every run
+    return report()
 
 
 def command_line() -> str:
