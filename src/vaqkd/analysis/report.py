@@ -15,6 +15,12 @@ def _fmt(m: float, sd: float) -> str:
     return f"{m:.2f}" if sd != sd else f"{m:.2f} ± {sd:.2f}"  # sd != sd: nan (one seed)
 
 
+def _config_text(final: dict) -> str | None:
+    """The resolved config of a row's first run (the others differ in train.seed only)."""
+    path = Path(final.get("run_dir", "")) / "config.toml"
+    return path.read_text() if final.get("run_dir") and path.exists() else None
+
+
 def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for row, finals in results.items():
@@ -32,6 +38,7 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
             "train_seconds_mean": sum(f["train_seconds"] for f in finals) / len(finals),
             "epochs": finals[0]["epochs"], "train_images": finals[0]["train_images"],
             "top1_last": last, "seeds_list": [f["seed"] for f in finals],
+            "config": _config_text(finals[0]),
         })  # fmt: skip
     return rows
 
@@ -56,7 +63,7 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
     rows, pairs = summary_rows(results), paired_rows(results)
     (out_dir / "table.json").write_text(json.dumps({"rows": rows, "paired": pairs, "meta": meta}, indent=2) + "\n")
     with open(out_dir / "table.csv", "w", newline="") as f:
-        keys = [k for k in rows[0] if k not in ("top1_last", "seeds_list")]
+        keys = [k for k in rows[0] if k not in ("top1_last", "seeds_list", "config")]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
