@@ -184,3 +184,21 @@ def test_compiled_lsq_kernels_match_eager(monkeypatch):
         # exactly on the range's edge may fall on either side, and eager rounds the products to bf16 before summing
         tol = 1e-3 if dtype == torch.float32 else 0.1
         assert (dx != dx_e).float().mean() < tol / 10 and torch.allclose(t, t_e, rtol=tol)
+
+
+@pytest.mark.parametrize("act", ["lsq", "pact", "ewgs"])
+def test_calibration_sees_the_fp32_function(act):
+    """While calibrating, a quantized model computes exactly its FP32 original (ReLUs it skips included), so
+    every quantizer is initialised from the activations the FP32 model really has."""
+    import copy
+
+    from vaqkd.models import create_model
+    from vaqkd.quant import quantizers
+
+    torch.manual_seed(0)
+    fp = create_model("resnet20", 10).eval()
+    q = quantize(copy.deepcopy(fp), 2, 2, act=act).eval()
+    x = torch.randn(4, 3, 32, 32)
+    for m in quantizers(q):
+        m.calibrating = True
+    assert torch.allclose(q(x), fp(x), atol=1e-5)

@@ -39,8 +39,18 @@ class Quantizer(nn.Module):
     def qp(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
+    clamps_at_zero = False  # True: q(x) == q(relu(x)), so a model may skip the ReLU before this quantizer
+
     def observe(self, x: torch.Tensor) -> None:  # accumulate an init statistic; see subclasses
         pass
+
+    def calibration_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """While calibrating: record statistics and return the input unquantized -- as the FP32 model would see
+        it, so with the ReLU this quantizer may have absorbed applied."""
+        if self.clamps_at_zero:
+            x = x.clamp_min(0)
+        self.observe(x)
+        return x
 
     def finish_calibration(self) -> None:
         pass
@@ -80,8 +90,7 @@ class LSQQuantizer(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            self.observe(x)
-            return x
+            return self.calibration_pass(x)
         n = x.numel() // self.step.numel()
         return LSQQuant.apply(x, self.step, self.qn, self.qp, 1.0 / math.sqrt(n * self.qp))
 
@@ -120,8 +129,7 @@ class EWGSQuantizer(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            self.observe(x)
-            return x
+            return self.calibration_pass(x)
         width = (self.upper - self.lower).clamp_min(1e-8)
         xn = ((x - self.lower) / width).clamp(0, 1)
         xq = EWGSDiscretize.apply(xn, 2**self.bits - 1, float(self.delta))
@@ -151,8 +159,7 @@ class PACTQuantizer(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            self.observe(x)
-            return x
+            return self.calibration_pass(x)
         levels = 2**self.bits - 1
         y = torch.minimum(x.clamp_min(0), self.alpha)  # gradient to alpha where x >= alpha
         scale = levels / self.alpha
