@@ -72,17 +72,19 @@ class CRDLoss(nn.Module):
         u = torch.where(u >= start, u + self.count[y].unsqueeze(1), u)
         return self.order[u]
 
-    def _nce(self, s_pos: torch.Tensor, s_neg: torch.Tensor, side: int) -> torch.Tensor:
-        """NCE loss from positive scores (B, 1) and negative scores (B, K), both exp(v·m/τ)."""
-        if self.z[side] < 0:  # first batch fixes the normaliser, as in the reference implementation
-            self.z[side] = torch.cat([s_pos, s_neg], 1).mean().detach() * self.n
-        z = self.z[side].clone()  # a copy: the other side may still set its own normaliser in place
-        h_pos, h_neg = s_pos / z, s_neg / z
+    def _h(self, scores: torch.Tensor, side: int) -> torch.Tensor:
+        """Normalised scores h = exp(v·m/τ)/Z (Z is fixed by the first batch, see forward)."""
+        return scores / self.z[side].clone()  # a copy: side 1 sets its Z in place after side 0's graph is built
+
+    def _nce_pos(self, s_pos: torch.Tensor, side: int) -> torch.Tensor:
+        """Σ log h_pos/(h_pos + K·P_n) over the batch. s_pos: (B, 1)."""
+        h = self._h(s_pos, side)
+        return torch.log(h / (h + self.k / self.n + 1e-7)).sum()
+
+    def _nce_neg(self, s_neg: torch.Tensor, side: int) -> torch.Tensor:
+        """Σ log K·P_n/(h_neg + K·P_n) over the batch and the K negatives. s_neg: (B, K)."""
         kpn = self.k / self.n
-        eps = 1e-7
-        log_d1 = torch.log(h_pos / (h_pos + kpn + eps))
-        log_d0 = torch.log(kpn / (h_neg + kpn + eps))
-        return -(log_d1.sum() + log_d0.sum()) / len(s_pos)
+        return torch.log(kpn / (self._h(s_neg, side) + kpn + 1e-7)).sum()
 
     def _pos(self, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return torch.exp((v * pos).sum(1, keepdim=True) / self.t)  # (B, 1)
@@ -100,12 +102,20 @@ class CRDLoss(nn.Module):
         if cached is None:
             v_s = F.normalize(self.embed_s(s["embedding"].float()), dim=1)
             neg = self.sample_negatives(index, step)
-            cached = s["_crd"] = (v_s, neg, self._neg(v_s, self.memory_t, neg))
-        v_s, neg, s_neg_student = cached
-        if anchor:  # the anchor embedding is the student's positive; negatives and memories are shared
-            return self._nce(self._pos(v_s, v_t), s_neg_student, 0)
-        loss = self._nce(self._pos(v_s, self.memory_t[index]), s_neg_student, 0)
-        loss = loss + self._nce(self._pos(v_t, self.memory_s[index]), self._neg(v_t, self.memory_s, neg), 1)
+            s_neg = self._neg(v_s, self.memory_t, neg)
+            if self.z[0] < 0:  # Z from the first batch, positives and negatives together (reference behaviour)
+                s_pos0 = self._pos(v_s, self.memory_t[index])
+                self.z[0] = torch.cat([s_pos0, s_neg], 1).mean().detach() * self.n
+            cached = s["_crd"] = (v_s, neg, self._nce_neg(s_neg, 0))
+        v_s, neg, neg_term = cached
+        b = len(v_s)
+        if anchor:  # only the positive changes: the anchor embedding; negatives, memories and Z are shared
+            return -(self._nce_pos(self._pos(v_s, v_t), 0) + neg_term) / b
+        loss = -(self._nce_pos(self._pos(v_s, self.memory_t[index]), 0) + neg_term) / b
+        s_pos_t, s_neg_t = self._pos(v_t, self.memory_s[index]), self._neg(v_t, self.memory_s, neg)
+        if self.z[1] < 0:
+            self.z[1] = torch.cat([s_pos_t, s_neg_t], 1).mean().detach() * self.n
+        loss = loss - (self._nce_pos(s_pos_t, 1) + self._nce_neg(s_neg_t, 1)) / b
         with torch.no_grad():  # out of place: this step's graph (and its anchor terms) still read the old bank
             m = self.momentum
             new_s = F.normalize(self.memory_s[index] * m + v_s.detach() * (1 - m), dim=1)

@@ -26,8 +26,8 @@ class HintLoss(nn.Module):
     def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
         proj = s.get(f"_hint_{self.stage}")
         if proj is None:  # one projection serves the FP32 term and every anchor term of this step
-            proj = s[f"_hint_{self.stage}"] = self.regressor(s[self.stage])
-        return F.mse_loss(proj.float(), r.float())
+            proj = s[f"_hint_{self.stage}"] = self.regressor(s[self.stage]).float()
+        return F.mse_loss(proj, r.float())
 
 
 def attention_map(f: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ def _lsq_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, s: torch.T
     return dx, t
 
 
-class _Fused:
+class Fused:
     """Elementwise kernels compiled into single loops by torch.compile (an eager chain of ~12 ops costs 5x
     more on the CPU); falls back to eager, once and with a warning, where compilation is unavailable.
     VAQKD_COMPILE=0 turns compilation off."""
@@ -50,8 +50,8 @@ class _Fused:
 
 
 FUSE_MIN_NUMEL = 1 << 16
-lsq_forward = _Fused(_lsq_forward)
-lsq_backward = _Fused(_lsq_backward)
+lsq_forward = Fused(_lsq_forward)
+lsq_backward = Fused(_lsq_backward)
 
 
 class LSQQuant(torch.autograd.Function):
