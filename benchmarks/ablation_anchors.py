@@ -65,7 +65,7 @@ def main() -> None:
     for name, rows in res.items():
         last, best = mean_std([r["top1_last"] for r in rows]), mean_std([r["top1_best"] for r in rows])
         sets = VARIANTS[name][1]
-        anchors = " ".join(s.split(".")[-1] for s in sets) if sets else "—"
+        anchors = " ".join(s.removeprefix("distill.terms.1.") for s in sets) if sets else "—"
         fmt = lambda m: f"{m[0]:.2f}" if m[1] != m[1] else f"{m[0]:.2f} ± {m[1]:.2f}"  # noqa: E731
         secs = sum(r["train_seconds"] for r in rows) / len(rows)
         lines.append(f"| {name} | {anchors} | {len(rows)} | {fmt(last)} | {fmt(best)} | {secs:.0f} |")

@@ -28,11 +28,16 @@ from vaqkd.quant import calibrate, quantize
 TAKD_STAGES = ("takd_w8a8_from_fp32", "takd_w4a4_from_w8a8", "takd_w2a2_from_w4a4")
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
-SETTINGS = {
-    "logit": ([TermConfig("ce", 0.1), TermConfig("kd", 0.9)], (4, 2), (0.45, 0.45)),
-    "feature": ([TermConfig("ce", 1.0), TermConfig("hint", 100.0)], (4, 2), (50.0, 50.0)),
-    "contrastive": ([TermConfig("ce", 1.0), TermConfig("crd", 0.8)], (4, 2), (0.4, 0.4)),
-}
+
+def _terms(row: str) -> list[TermConfig]:
+    """The loss terms of a row of the table, read from its config file (so the bench times the defaults)."""
+    from vaqkd.config import load_config
+    from vaqkd.runner import configs_dir
+
+    return list(load_config(configs_dir() / "cifar100" / f"{row}.toml").distill.terms)
+
+
+SETTINGS = ("logit", "feature", "contrastive")
 
 
 def _sync(device: torch.device) -> None:
@@ -65,12 +70,6 @@ def _student(w_bits: int | None, weight: str, act: str, x: torch.Tensor, device,
     if w_bits is not None:
         calibrate(m, [x])
     return m.train()
-
-
-def _with_anchors(terms: list[TermConfig], bits, weights) -> list[TermConfig]:
-    from dataclasses import replace
-
-    return [terms[0], replace(terms[1], anchor_bits=bits, anchor_weights=weights)]
 
 
 def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_json: bool = False,
@@ -121,18 +120,18 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     teacher = _student(None, "lsq", "lsq", x, dev, channels_last).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    for setting, (terms, bits, weights) in SETTINGS.items():
-        case(f"qkd_{setting}", _student(2, "lsq", "lsq", x, dev, channels_last), terms, teacher)
-        case(f"vaqkd_{setting}", _student(2, "lsq", "lsq", x, dev, channels_last), _with_anchors(terms, bits, weights),
-             teacher)  # fmt: skip
+    for setting in SETTINGS:
+        for method in ("qkd", "vaqkd"):
+            case(f"{method}_{setting}", _student(2, "lsq", "lsq", x, dev, channels_last), _terms(f"{method}_{setting}"),
+                 teacher)  # fmt: skip
     # TAKD: its last stage learns from a W4A4 assistant (fake-quantized teacher forward), and the whole method
     # trains three students (W8A8, W4A4, W2A2) where VA-QKD trains one.
     qteacher = _student(4, "lsq", "lsq", x, dev, channels_last).eval()
     for p in qteacher.parameters():
         p.requires_grad_(False)
-    case("takd_w2a2_from_w4a4", _student(2, "lsq", "lsq", x, dev, channels_last), SETTINGS["logit"][0], qteacher)
-    case("takd_w4a4_from_w8a8", _student(4, "lsq", "lsq", x, dev, channels_last), SETTINGS["logit"][0], qteacher)
-    case("takd_w8a8_from_fp32", _student(8, "lsq", "lsq", x, dev, channels_last), SETTINGS["logit"][0], teacher)
+    case("takd_w2a2_from_w4a4", _student(2, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), qteacher)
+    case("takd_w4a4_from_w8a8", _student(4, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), qteacher)
+    case("takd_w8a8_from_fp32", _student(8, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), teacher)
 
     # the loader alone, over a whole epoch
     def load_epoch():
@@ -149,7 +148,7 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     sub = DeviceLoader(images[: n_steps * batch], labels[: n_steps * batch], batch, MEAN, STD, dev, train=True,
                        channels_last=channels_last)  # fmt: skip
     model = _student(2, "lsq", "lsq", x, dev, channels_last)
-    terms = _with_anchors(*SETTINGS["logit"])
+    terms = _terms("vaqkd_logit")
     obj = Objective(terms, [build_term(t, stage_channels(model), stage_channels(teacher), labels, 0) for t in terms])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     step_times = []
