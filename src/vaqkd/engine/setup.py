@@ -151,9 +151,9 @@ def git_sha() -> str:
     src = Path(vaqkd.__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True, timeout=5
-        )
+        # modified tracked files make the SHA "-dirty"; results/ (outputs that runs rewrite) does not count
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results"]
+        dirty = subprocess.run(status, cwd=src, capture_output=True, text=True, timeout=5)
         if sha.returncode == 0:
             return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
