@@ -20,16 +20,39 @@ from vaqkd.runner import config_hash, load_preset, meta, row_config, run_or_reus
 VARIANTS = {
     "qkd_logit": ("qkd_logit", []),
     "qkd_logit_wmatched": ("qkd_logit_wmatched", []),
-    "va8": ("vaqkd_logit", ["distill.terms.1.anchor_bits=[8]", "distill.terms.1.anchor_weights=[0.9]"]),
-    "va4": ("vaqkd_logit", ["distill.terms.1.anchor_bits=[4]", "distill.terms.1.anchor_weights=[0.9]"]),
-    "va3": ("vaqkd_logit", ["distill.terms.1.anchor_bits=[3]", "distill.terms.1.anchor_weights=[0.9]"]),
-    "va2": ("vaqkd_logit", ["distill.terms.1.anchor_bits=[2]", "distill.terms.1.anchor_weights=[0.9]"]),
-    "va4+2": ("vaqkd_logit", ["distill.terms.1.anchor_bits=[4, 2]", "distill.terms.1.anchor_weights=[0.45, 0.45]"]),
+    "va8": (
+        "vaqkd_logit",
+        ["distill.terms.1.weight=0.9", "distill.terms.1.anchor_bits=[8]", "distill.terms.1.anchor_weights=[0.9]"],
+    ),
+    "va4": (
+        "vaqkd_logit",
+        ["distill.terms.1.weight=0.9", "distill.terms.1.anchor_bits=[4]", "distill.terms.1.anchor_weights=[0.9]"],
+    ),
+    "va3": (
+        "vaqkd_logit",
+        ["distill.terms.1.weight=0.9", "distill.terms.1.anchor_bits=[3]", "distill.terms.1.anchor_weights=[0.9]"],
+    ),
+    "va2": (
+        "vaqkd_logit",
+        ["distill.terms.1.weight=0.9", "distill.terms.1.anchor_bits=[2]", "distill.terms.1.anchor_weights=[0.9]"],
+    ),
+    "va4+2": (
+        "vaqkd_logit",
+        [
+            "distill.terms.1.weight=0.9",
+            "distill.terms.1.anchor_bits=[4, 2]",
+            "distill.terms.1.anchor_weights=[0.45, 0.45]",
+        ],
+    ),
     # weight-preserving: the anchors take part of the FP32 term's weight, total KD weight stays 0.9 as in QKD
-    "va2_split": ("vaqkd_logit", ["distill.terms.1.weight=0.45", "distill.terms.1.anchor_bits=[2]",
-                                  "distill.terms.1.anchor_weights=[0.45]"]),
-    "va4_split": ("vaqkd_logit", ["distill.terms.1.weight=0.45", "distill.terms.1.anchor_bits=[4]",
-                                  "distill.terms.1.anchor_weights=[0.45]"]),
+    "va2_split": (
+        "vaqkd_logit",
+        ["distill.terms.1.weight=0.45", "distill.terms.1.anchor_bits=[2]", "distill.terms.1.anchor_weights=[0.45]"],
+    ),
+    "va4_split": (
+        "vaqkd_logit",
+        ["distill.terms.1.weight=0.45", "distill.terms.1.anchor_bits=[4]", "distill.terms.1.anchor_weights=[0.45]"],
+    ),
 }
 
 
