@@ -76,7 +76,10 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         "Top-1 on the CIFAR-100 test split, mean ± sample std over seeds; *last* = final epoch, *best* = best "
         "epoch (optimistic: chosen on the test split). Size at the weights' bit width (MiB); BOPs reduction "
         "vs FP32. *paper* = every layer at the body's bits (the paper's convention), *run* = the policy trained "
-        "(first conv and last FC as configured). TAKD's time includes its W8A8 and W4A4 assistants.",
+        "(first conv and last FC as configured). TAKD's time includes its W8A8 and W4A4 assistants. "
+        "The default VA-QKD rows share their QKD row's distillation weight (FP32 term + anchor = QKD's weight), "
+        "so VA-QKD − QKD is the weight-matched comparison; `qkd_*_wmatched` rows are the control for anchors "
+        "added on top of the FP32 term.",
         "",
         "| row | bits | seeds | top-1 last | top-1 best | size MiB (paper / run) | BOPs ↓ (paper / run) | "
         "train s / seed | epochs × images |",
