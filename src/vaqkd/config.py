@@ -295,15 +295,16 @@ def load_dict(path: str | Path) -> dict:
     base = d.pop("base", None)
     if base is not None:  # a preset names the file it refines: its keys override the base's
         parent = load_dict(path.parent / base)
-        _merge(parent, d)
+        merge(parent, d)
         d = parent
     return d
 
 
-def _merge(into: dict, new: dict) -> None:
+def merge(into: dict, new: dict) -> None:
+    """Merge `new` into `into` recursively (tables merge, values replace)."""
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
+            merge(into[k], v)
         else:
             into[k] = v
 

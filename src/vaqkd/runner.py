@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vaqkd.config import Config, apply_override, from_dict, load_dict, to_toml
+from vaqkd.config import Config, apply_override, from_dict, load_dict, merge, to_toml
 from vaqkd.engine.checkpoint import has_checkpoint
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
@@ -31,17 +31,9 @@ def load_preset(name: str) -> dict:
     return load_dict(path)
 
 
-def _merge(into: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
-
-
 def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str]) -> Config:
     d = load_dict(configs_dir() / "cifar100" / f"{row}.toml")
-    _merge(d, json.loads(json.dumps(preset.get("student", {}))))
+    merge(d, json.loads(json.dumps(preset.get("student", {}))))
     for s in [*sets, f"train.seed={seed}"]:
         apply_override(d, s)
     if d.get("distill", {}).get("teacher"):
@@ -55,7 +47,7 @@ def preset_config(path: str | Path, preset: str | None, sets: list[str]) -> Conf
     """A config file with a preset's [student] section merged in, then the overrides."""
     d = load_dict(path)
     if preset:
-        _merge(d, json.loads(json.dumps(load_preset(preset).get("student", {}))))
+        merge(d, json.loads(json.dumps(load_preset(preset).get("student", {}))))
     for s in sets:
         apply_override(d, s)
     return from_dict(Config, d).validate()
