@@ -214,3 +214,40 @@ def test_compiled_anchor_matches_eager(monkeypatch):
     a = fused(r, 3)
     assert fused.fn is not fused.eager
     assert (a != anchors._minmax_anchor(r, 3)).float().mean() < 1e-3  # ties at .5 may round either way
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_fused_block_output_relu_and_next_quantizer_equal_the_separate_ops(compiled, monkeypatch):
+    """A block's closing ReLU and the next conv's input quantizer run fused (ReluLSQQuant): the model's
+    outputs and every gradient equal those with the ReLU and the quantizer applied separately (fp32)."""
+    import copy
+
+    from vaqkd.models import create_model
+    from vaqkd.quant import QConv2d, ste
+
+    monkeypatch.setenv("VAQKD_COMPILE", compiled)
+    for f in (ste.relu_lsq_forward, ste.relu_lsq_backward, ste.lsq_forward, ste.lsq_backward):
+        monkeypatch.setattr(f, "fn", None)
+    torch.manual_seed(0)
+    fused = quantize(create_model("resnet20", 10), 2, 2)
+    x = torch.randn(4, 3, 32, 32)
+    calibrate(fused, [x])
+    plain = copy.deepcopy(fused)
+    for m in plain.modules():
+        if isinstance(m, QConv2d):
+            m.a_quant.relu_quant = lambda a, b=None: None  # no fused kernel: ReLU, then the quantizer
+    outs = []
+    for model in (fused, plain):
+        f = model.forward_features(x)
+        (f["logits"].square().mean() + f["layer2"].mean()).backward()  # a stage output gets a gradient of its own
+        outs.append((f["logits"], {n: p.grad for n, p in model.named_parameters()}))
+    assert all(m._given is None for m in fused.modules() if isinstance(m, QConv2d))  # every fused input was used
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    for name, g in outs[1][1].items():
+        assert torch.allclose(outs[0][1][name], g, rtol=1e-4, atol=1e-6), name
+    # the fused path was really taken: the first block's conv received its input from the stem's fused pass
+    h = torch.randn(2, 16, 8, 8)
+    conv = fused.layer1[0].conv1
+    given = conv.take_quantized_input(h, None)
+    assert conv._given is not None and conv._given[0] is given and torch.equal(given, h.relu())
+    assert torch.equal(conv._given[1], conv.a_quant(h.relu()))

@@ -19,6 +19,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.downsample = stride != 1 or c_in != c_out
         self.pad = c_out - c_in
+        self.feeds = ()  # (next block's first conv,) when the model links blocks; a tuple, not a submodule
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if not self.downsample:
@@ -35,7 +36,15 @@ class BasicBlock(nn.Module):
         if not getattr(self.conv2, "input_clamps_at_zero", False):
             out = F.relu(out)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return _relu_into(out, self.shortcut(x), self.feeds)
+
+
+def _relu_into(a: torch.Tensor, b: torch.Tensor | None, feeds: tuple) -> torch.Tensor:
+    """relu(a + b), handed to the quantized conv it feeds (if any) so that the ReLU and the conv's input
+    quantizer run as one fused pass."""
+    if feeds and hasattr(feeds[0], "take_quantized_input"):
+        return feeds[0].take_quantized_input(a, b)
+    return F.relu(a if b is None else a + b)
 
 
 class CifarResNet(nn.Module):
@@ -71,7 +80,10 @@ class CifarResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named stages: stem (B,16,32,32), layer1 (B,16,32,32), layer2 (B,32,16,16), layer3 (B,64,8,8),
         embedding (B,64) and logits (B,K)."""
-        stem = F.relu(self.bn1(self.conv1(x)))
+        blocks = [*self.layer1, *self.layer2, *self.layer3]
+        for block, nxt in zip(blocks, blocks[1:] + [None]):
+            block.feeds = (nxt.conv1,) if nxt is not None else ()
+        stem = _relu_into(self.bn1(self.conv1(x)), None, (blocks[0].conv1,))
         l1 = self.layer1(stem)
         l2 = self.layer2(l1)
         l3 = self.layer3(l2)

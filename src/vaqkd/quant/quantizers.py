@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from vaqkd.quant.ste import EWGSDiscretize, LSQQuant, RoundSTE
+from vaqkd.quant.ste import EWGSDiscretize, LSQQuant, ReluLSQQuant, RoundSTE
 
 
 class Quantizer(nn.Module):
@@ -54,6 +54,11 @@ class Quantizer(nn.Module):
 
     def finish_calibration(self) -> None:
         pass
+
+    def relu_quant(self, a: torch.Tensor, b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(h, q(h)) for h = relu(a + b) computed in one fused pass, or None where this quantizer has no fused
+        kernel (the caller then applies the ReLU and the quantizer separately)."""
+        return None
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
@@ -93,6 +98,11 @@ class LSQQuantizer(Quantizer):
             return self.calibration_pass(x)
         n = x.numel() // self.step.numel()
         return LSQQuant.apply(x, self.step, self.qn, self.qp, 1.0 / math.sqrt(n * self.qp))
+
+    def relu_quant(self, a: torch.Tensor, b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.calibrating or self.signed or self.per_channel:
+            return None
+        return ReluLSQQuant.apply(a, b, self.step, self.qp, 1.0 / math.sqrt(a.numel() * self.qp))
 
 
 class EWGSQuantizer(Quantizer):

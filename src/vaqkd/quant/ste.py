@@ -94,6 +94,56 @@ class LSQQuant(torch.autograd.Function):
         return dx, (ds / s * ctx.grad_scale).to(s.dtype), None, None, None
 
 
+def _relu_lsq_forward(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, qp: int):
+    """(h, q(h)) with h = relu(a + b): a residual block's output and its unsigned LSQ quantization in one pass."""
+    h = torch.relu(a if b is None else a + b)
+    return h, torch.clamp(torch.round(h / s), 0, qp) * s
+
+
+def _relu_lsq_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
+                       qp: int):  # fmt: skip
+    """(da, Σ dy·(y - h inside, y outside)): the gradient reaching h from the quantizer (straight-through up to
+    Qp·s) plus the one reaching it directly (the shortcut), through the ReLU; the step term as in LSQ."""
+    inside = h <= qp * s
+    g = torch.where(inside, dy, 0) if dh is None else torch.where(inside, dy, 0) + dh
+    da = torch.where(h > 0, g, 0)
+    t = (dy * torch.where(inside, y - h, y)).sum(dtype=torch.float32)
+    return da, t
+
+
+relu_lsq_forward = Fused(_relu_lsq_forward)
+relu_lsq_backward = Fused(_relu_lsq_backward)
+
+
+class ReluLSQQuant(torch.autograd.Function):
+    """h = relu(a + b) and x_hat = LSQ(h) for an unsigned per-tensor quantizer, fused: the ReLU that ends a
+    residual block and the input quantizer of the next convolution, which would otherwise be three passes
+    forward (add, ReLU, quantize) and four backward (quantizer, gradient sum, ReLU, ...). Returns (h, x_hat);
+    h feeds the shortcut and the stage outputs, x_hat the next convolution. Gradients equal those of
+    LSQQuant applied to relu(a + b)."""
+
+    @staticmethod
+    def forward(ctx, a, b, s, qp: int, grad_scale: float):
+        s_x = s.to(a.dtype).reshape(())
+        h, y = relu_lsq_forward(a, b, s_x, qp)
+        ctx.save_for_backward(h, y, s)
+        ctx.qp, ctx.grad_scale, ctx.has_b = qp, grad_scale, b is not None
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        h, y, s = ctx.saved_tensors
+        fmt = _memory_format(h)
+        if dy is None:  # x_hat unused: only the ReLU's gradient
+            da = None if dh is None else torch.where(h > 0, dh, 0)
+            ds = torch.zeros_like(s)
+        else:
+            dh = None if dh is None else dh.contiguous(memory_format=fmt)
+            da, t = relu_lsq_backward(dy.contiguous(memory_format=fmt), dh, h, y, s.to(h.dtype).reshape(()), ctx.qp)
+            ds = (t / s * ctx.grad_scale).to(s.dtype)
+        return da, (da if ctx.has_b else None), ds, None, None
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return (
         torch.channels_last
