@@ -1,8 +1,10 @@
 """`vaqkd bench`: throughput of the training step in its variants, the loader, a whole epoch and eval.
 
-Everything runs in one process on synthetic CIFAR-sized data, so ratios compare like with like. Each case:
-warm-up steps, then the median of `repeats` timed steps. `--quick` shrinks every size so a test can check that
-each case runs; its figures mean nothing.
+Everything runs in one process on synthetic CIFAR-sized data, so ratios compare like with like. The step
+cases are built first, warmed up, then timed in interleaved rounds (a few steps of each case per round), so a
+slow spell of the machine lands on every case alike instead of on whichever case was running; each case
+reports the median of its timed steps and their interquartile spread. `--quick` shrinks every size so a test
+can check that each case runs; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) if times else 0.0
 
 
 def _student(w_bits: int | None, weight: str, act: str, x: torch.Tensor, device, channels_last: bool) -> nn.Module:
@@ -76,9 +78,9 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
               out: str | None = None, precision: str = "auto", channels_last: bool = False) -> dict:  # fmt: skip
     dev = resolve_device(device)
     if quick:
-        batch, warmup, repeats, n_train = min(batch, 8), 1, 2, 64
+        batch, warmup, rounds, per_round, n_train = min(batch, 8), 1, 2, 1, 64
     else:
-        warmup, repeats, n_train = 3, 10, 50_000
+        warmup, rounds, per_round, n_train = 3, 8, 2, 50_000
     prec = ("bf16" if bf16_supported(dev) else "fp32") if precision == "auto" else precision
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -87,26 +89,21 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     x, y, idx = next(iter(loader))
     flops_per_img = 6 * sum(r["macs"] for r in layer_table(create_model("resnet32", 100)))  # fwd + bwd ~ 3x fwd
     results: dict[str, dict] = {}
+    steps: dict[str, Callable[[], object]] = {}
 
     def case(name: str, model: nn.Module, terms: list[TermConfig], teacher: nn.Module | None = None,
-             prec_: str = prec) -> float:  # fmt: skip
+             prec_: str = prec) -> None:  # fmt: skip
         ch = stage_channels(model)
         obj = Objective(terms, [build_term(t, ch, stage_channels(teacher or model), labels, 0) for t in terms])
         obj.to(dev)
         opt = torch.optim.SGD(list(model.parameters()) + list(obj.parameters()), lr=1e-3, momentum=0.9)
-        step = [0]
+        count = [0]
 
         def fn():
-            step[0] += 1
-            train_step(model, teacher, obj, opt, x, y, idx.to(dev), step[0], prec_)
+            count[0] += 1
+            train_step(model, teacher, obj, opt, x, y, idx.to(dev), count[0], prec_)
 
-        sec = _time(fn, dev, warmup, repeats)
-        results[name] = {
-            "ms_per_step": 1e3 * sec,
-            "img_per_s": batch / sec,
-            "gflops": flops_per_img * batch / sec / 1e9,
-        }
-        return sec
+        steps[name] = fn
 
     ce = [TermConfig("ce", 1.0)]
     fp32_model = _student(None, "lsq", "lsq", x, dev, channels_last)
@@ -133,6 +130,24 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     case("takd_w4a4_from_w8a8", _student(4, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), qteacher)
     case("takd_w8a8_from_fp32", _student(8, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), teacher)
 
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for fn in steps.values():
+        _time(fn, dev, warmup, 0)
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            for _ in range(per_round):
+                times[name].append(_time(fn, dev, 0, 1))
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (sec, sec, sec)
+        results[name] = {
+            "ms_per_step": 1e3 * sec,
+            "img_per_s": batch / sec,
+            "gflops": flops_per_img * batch / sec / 1e9,
+            "iqr_pct": 100 * (q3 - q1) / sec,
+            "steps_timed": len(ts),
+        }
+
     # the loader alone, over a whole epoch
     def load_epoch():
         n = 0
@@ -151,27 +166,25 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     terms = _terms("vaqkd_logit")
     obj = Objective(terms, [build_term(t, stage_channels(model), stage_channels(teacher), labels, 0) for t in terms])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    step_times = []
 
-    def epoch():
-        step_times.clear()
+    def epoch():  # as the engine runs one: batches from the loader, no sync until the end
         loss_sum = torch.zeros((), device=dev)
-        t_prev = time.perf_counter()
         for k, (xb, yb, ib) in enumerate(sub.batches(0)):
-            loss, _, _ = train_step(model, teacher, obj, opt, xb, yb, ib, k, prec)
-            loss_sum += loss
-            _sync(dev)
-            t_now = time.perf_counter()
-            step_times.append(t_now - t_prev)
-            t_prev = t_now
+            loss_sum += train_step(model, teacher, obj, opt, xb, yb, ib, k, prec)[0]
         return loss_sum.item()
 
-    epoch()  # warm-up
-    t0 = time.perf_counter()
-    epoch()
-    wall = time.perf_counter() - t0
-    step_sec = results["vaqkd_logit"]["ms_per_step"] / 1e3
-    results["epoch"] = {"steps": n_steps, "wall_s": wall, "sum_of_steps_s": n_steps * step_sec}
+    def fixed_steps():  # the same number of steps on one batch already on the device: no loader at all
+        loss_sum = torch.zeros((), device=dev)
+        for k in range(n_steps):
+            loss_sum += train_step(model, teacher, obj, opt, x, y, idx.to(dev), k, prec)[0]
+        return loss_sum.item()
+
+    epoch(), fixed_steps()  # warm-up
+    walls, sums = [], []
+    for _ in range(1 if quick else 2):  # interleaved, as the step cases
+        walls.append(_time(epoch, dev, 0, 1))
+        sums.append(_time(fixed_steps, dev, 0, 1))
+    results["epoch"] = {"steps": n_steps, "wall_s": min(walls), "sum_of_steps_s": min(sums)}
 
     eval_loader = DeviceLoader(images[: 20 * batch], labels[: 20 * batch], 500, MEAN, STD, dev, train=False)
     eval_model = _student(2, "lsq", "lsq", x, dev, channels_last)
@@ -204,10 +217,12 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
             f"vaqkd bench: {report['env']['device_name']} ({dev}), {prec}, batch {batch}, "
             f"{report['threads']} threads{' (QUICK: sizes too small to mean anything)' if quick else ''}"
         )
-        print(f"{'case':<24}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}")
+        print(f"{'case':<24}{'img/s':>10}{'ms/step':>10}{'IQR %':>8}{'GFLOP/s':>10}")
         for k, v in results.items():
             if "ms_per_step" in v:
-                print(f"{k:<24}{v['img_per_s']:>10.0f}{v['ms_per_step']:>10.1f}{v['gflops']:>10.1f}")
+                print(
+                    f"{k:<24}{v['img_per_s']:>10.0f}{v['ms_per_step']:>10.1f}{v['iqr_pct']:>8.1f}{v['gflops']:>10.1f}"
+                )
         print(f"{'loader':<24}{results['loader']['img_per_s']:>10.0f}")
         print(f"{'eval_w2a2':<24}{results['eval_w2a2']['img_per_s']:>10.0f}")
         print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
