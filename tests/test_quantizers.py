@@ -173,17 +173,18 @@ def test_compiled_lsq_kernels_match_eager(monkeypatch):
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(4, 16, 32, 32).relu().to(dtype)
-        s = torch.tensor(0.4, dtype=dtype)
+        s = torch.tensor(0.4)  # the step stays fp32; the kernels compute in x's dtype
         y = fwd(x, s, 0, 3)
         assert fwd.fn is not fwd.eager  # really compiled (or the test would compare eager with eager)
-        assert torch.equal(y, ste._lsq_forward(x, s, 0, 3))
+        assert y.dtype == dtype and torch.equal(y, ste._lsq_forward(x, s, 0, 3))
         dy = torch.randn_like(x)
-        dx, t = bwd(dy, x, y, s, 0, 3)
-        dx_e, t_e = ste._lsq_backward(dy, x, y, s, 0, 3)
+        dx, ds = bwd(dy, x, y, s, 0, 3, 0.5)
+        dx_e, ds_e = ste._lsq_backward(dy, x, y, s, 0, 3, 0.5)
         # bf16: the compiled kernel compares x with Qp*s in fp32, eager in bf16, so an element that lies
         # exactly on the range's edge may fall on either side, and eager rounds the products to bf16 before summing
         tol = 1e-3 if dtype == torch.float32 else 0.1
-        assert (dx != dx_e).float().mean() < tol / 10 and torch.allclose(t, t_e, rtol=tol)
+        assert ds.dtype == torch.float32 and ds.shape == s.shape
+        assert (dx != dx_e).float().mean() < tol / 10 and torch.allclose(ds, ds_e, rtol=tol)
 
 
 @pytest.mark.parametrize("act", ["lsq", "pact", "ewgs"])
