@@ -1,12 +1,15 @@
-"""Does the fast path change accuracy? Two paired comparisons on real CIFAR-100 at reduced scale.
+"""Does the fast path change accuracy? Two paired comparisons on real CIFAR-100 at reduced scale, over seeds.
 
 1. The short teacher preset (configs/cifar100/teacher_resnet32_short.toml) in bf16 and in fp32: top-1,
    seconds per epoch and img/s of each.
-2. The W2A2 no-KD row at the `quick` preset: the fast path (bf16 autocast, compiled LSQ kernels, the ReLU
-   absorbed by the quantizer) against the plain path (fp32, eager kernels); the ReLU skip is exact, so
-   what differs is precision and rounding at the quantizer's edges.
+2. The W2A2 no-KD row at the `quick` preset: the fast path (bf16 autocast, compiled LSQ kernels, ReLUs
+   absorbed by or fused with the quantizers) against the plain path (fp32, eager kernels); the ReLU
+   absorption and fusion are exact, so what differs is precision and rounding at the quantizer's edges.
 
-    python benchmarks/fast_vs_plain.py --data-root ../shared/data/cifar100 [--teacher pretrained]
+Each pair shares a seed (same initial weights, data order and augmentation); the report gives each path's
+mean ± std and the paired difference fast − plain with its 95 % t-interval.
+
+    python benchmarks/fast_vs_plain.py --data-root ../shared/data/cifar100 [--seeds 3] [--teacher pretrained]
 
 Writes results/fast_vs_plain/{report.md,report.json}; the runs live under runs/fast_vs_plain/.
 """
@@ -20,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.runner import command_line, config_hash, meta, preset_config, run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,41 +53,55 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--teacher", default="pretrained")
+    ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     runs = ROOT / "runs/fast_vs_plain"
     out = ROOT / "results/fast_vs_plain"
     out.mkdir(parents=True, exist_ok=True)
     root = [f'data.root="{Path(args.data_root).resolve()}"']
     report: dict = {}
-    for prec in ("bf16", "fp32"):
-        cfg = preset_config(
-            ROOT / "configs/cifar100/teacher_resnet32_short.toml", None, root + [f"train.precision={prec}"]
-        )
-        run = runs / f"teacher_short_{prec}-{config_hash(cfg)}"
-        run_or_reuse(cfg, run, print)
-        report[f"teacher_short_{prec}"] = {**_summary(run), "kernels": "—"}
-    sets = root + [f'model.init="{args.teacher}"']
-    for name, prec, compile_ in (("w2a2_fast", "bf16", "1"), ("w2a2_plain", "fp32", "0")):
-        run = runs / name
-        _train_cli(
-            "configs/cifar100/w2a2_qat.toml",
-            run,
-            sets + [f"train.precision={prec}"],
-            dict(os.environ, VAQKD_COMPILE=compile_),
-        )
-        report[name] = {**_summary(run), "kernels": "compiled" if compile_ == "1" else "eager"}
-    lines = ["# Fast path vs plain path (real CIFAR-100, reduced scale, 1 seed each)", "",
+    for seed in range(args.seeds):
+        for prec in ("bf16", "fp32"):
+            sets_ = root + [f"train.precision={prec}", f"train.seed={seed}"]
+            cfg = preset_config(ROOT / "configs/cifar100/teacher_resnet32_short.toml", None, sets_)
+            run = runs / f"teacher_short_{prec}-s{seed}-{config_hash(cfg)}"
+            run_or_reuse(cfg, run, print)
+            report[f"teacher_short_{prec}-s{seed}"] = {**_summary(run), "kernels": "—", "seed": seed}
+        sets = root + [f'model.init="{args.teacher}"', f"train.seed={seed}"]
+        for name, prec, compile_ in (("w2a2_fast", "bf16", "1"), ("w2a2_plain", "fp32", "0")):
+            run = runs / f"{name}-s{seed}"
+            _train_cli(
+                "configs/cifar100/w2a2_qat.toml",
+                run,
+                sets + [f"train.precision={prec}"],
+                dict(os.environ, VAQKD_COMPILE=compile_),
+            )
+            report[f"{name}-s{seed}"] = {**_summary(run), "kernels": "compiled" if compile_ == "1" else "eager",
+                                         "seed": seed}  # fmt: skip
+    lines = [f"# Fast path vs plain path (real CIFAR-100, reduced scale, {args.seeds} seeds)", "",
              f"Command: `{command_line()}`", "",
-             "| run | precision | quantizer kernels | epochs × images | top-1 last | top-1 best | s / epoch | img/s |",
+             "| run | seed | precision | quantizer kernels | epochs × images | top-1 last | s / epoch | img/s |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in report.items():
         lines.append(
-            f"| {name} | {r['precision']} | {r['kernels']} | {r['epochs']} × {r['train_images']} | "
-            f"{r['top1_last']:.2f} | {r['top1_best']:.2f} | {r['seconds_per_epoch']:.1f} | {r['img_per_s']:.0f} |"
+            f"| {name.rsplit('-s', 1)[0]} | {r['seed']} | {r['precision']} | {r['kernels']} | "
+            f"{r['epochs']} × {r['train_images']} | {r['top1_last']:.2f} | {r['seconds_per_epoch']:.1f} | "
+            f"{r['img_per_s']:.0f} |"
         )
+    lines += ["", "| comparison | fast (mean ± std) | plain (mean ± std) | fast − plain, 95 % interval | verdict |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    summary = {}
+    for fast, plain in (("teacher_short_bf16", "teacher_short_fp32"), ("w2a2_fast", "w2a2_plain")):
+        a = [report[f"{fast}-s{k}"]["top1_last"] for k in range(args.seeds)]
+        b = [report[f"{plain}-s{k}"]["top1_last"] for k in range(args.seeds)]
+        d = paired_interval(a, b)
+        summary[f"{fast}_vs_{plain}"] = d
+        (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+        ci = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d["lo"] is not None else f"{d['mean']:+.2f}"
+        lines.append(f"| {fast} vs {plain} | {ma:.2f} ± {sa:.2f} | {mb:.2f} ± {sb:.2f} | {ci} | {d['verdict']} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    meta_ = meta("quick", 1, list(report), args.teacher)
-    (out / "report.json").write_text(json.dumps({"runs": report, "meta": meta_}, indent=2) + "\n")
+    meta_ = meta("quick", args.seeds, list(report), args.teacher)
+    (out / "report.json").write_text(json.dumps({"runs": report, "paired": summary, "meta": meta_}, indent=2) + "\n")
     print("\n".join(lines))
 
 
