@@ -102,6 +102,22 @@ def test_lsq_function_matches_autograd_reference():
     assert torch.allclose(gx, x.grad, atol=1e-6) and torch.allclose(gs, s.grad, atol=1e-5)
 
 
+@SETTINGS
+@given(bits=bits_st, seed=seed_st)
+def test_pact_clipping_gradient_is_the_papers(bits, seed):
+    """PACT eq. 3: the rounding is straight-through, so dL/dα = Σ dL/dx_hat over the elements with x ≥ α, and
+    x_hat = round(clamp(x, 0, α)·L/α)·α/L."""
+    x = _x(seed) * 2
+    g_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    q = _calibrated("pact", bits, False, x)
+    y = q(x)
+    y.backward(g_out)
+    a, levels = q.alpha.detach(), 2**bits - 1
+    expected_y = torch.round(torch.clamp(x, 0, a) * levels / a) * a / levels
+    assert torch.allclose(y.detach(), expected_y, atol=1e-5 * float(a))
+    assert torch.allclose(q.alpha.grad, g_out[x >= a].sum(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind,signed", [c for c in CASES if c[0] != "dorefa"])
 def test_learnable_parameters_receive_gradients(kind, signed):
     x = _x(0)
@@ -217,8 +233,9 @@ def test_compiled_anchor_matches_eager(monkeypatch):
     assert (a != anchors._minmax_anchor(r, 3)).float().mean() < 1e-3  # ties at .5 may round either way
 
 
+@pytest.mark.parametrize("act", ["lsq", "pact"])
 @pytest.mark.parametrize("compiled", ["0", "1"])
-def test_fused_block_output_relu_and_next_quantizer_equal_the_separate_ops(compiled, monkeypatch):
+def test_fused_block_output_relu_and_next_quantizer_equal_the_separate_ops(compiled, act, monkeypatch):
     """A block's closing ReLU and the next conv's input quantizer run fused (ReluLSQQuant): the model's
     outputs and every gradient equal those with the ReLU and the quantizer applied separately (fp32)."""
     import copy
@@ -230,7 +247,7 @@ def test_fused_block_output_relu_and_next_quantizer_equal_the_separate_ops(compi
     for f in (ste.relu_lsq_forward, ste.relu_lsq_backward, ste.lsq_forward, ste.lsq_backward):
         monkeypatch.setattr(f, "fn", None)
     torch.manual_seed(0)
-    fused = quantize(create_model("resnet20", 10), 2, 2)
+    fused = quantize(create_model("resnet20", 10), 2, 2, act=act)
     x = torch.randn(4, 3, 32, 32)
     calibrate(fused, [x])
     plain = copy.deepcopy(fused)

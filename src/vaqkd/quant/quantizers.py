@@ -147,8 +147,12 @@ class EWGSQuantizer(Quantizer):
 
 
 class PACTQuantizer(Quantizer):
-    """PACT (Choi et al. 2018): y = clamp(x, 0, α), x_hat = round(y·L/α)·α/L; α learnable (∂/∂α = 1 where x ≥ α).
-    Activations only. Init α = mean + 3·std of the calibration activations (the paper starts at 10)."""
+    """PACT (Choi et al. 2018): y = clamp(x, 0, α), x_hat = round(y·L/α)·α/L, L = 2^b - 1; α learnable with the
+    paper's gradient ∂x_hat/∂α = 1 where x ≥ α, 0 elsewhere (eq. 3: the rounding is straight-through).
+    Activations only. Init α = mean + 3·std of the calibration activations (the paper starts at 10).
+
+    Forward, this is LSQ's unsigned grid with step α/L; so it runs on the LSQ kernels (fused, and fused with a
+    preceding ReLU), with the quantization-error term of LSQ's step gradient switched off."""
 
     def __init__(self, bits: int, signed: bool = False):
         if signed:
@@ -171,9 +175,14 @@ class PACTQuantizer(Quantizer):
         if self.calibrating:
             return self.calibration_pass(x)
         levels = 2**self.bits - 1
-        y = torch.minimum(x.clamp_min(0), self.alpha)  # gradient to alpha where x >= alpha
-        scale = levels / self.alpha
-        return RoundSTE.apply(y * scale) / scale
+        # ds = Σ dy·x_hat/s over x ≥ α (x_hat = α there), and dα = ds/L: Σ dy·1[x ≥ α]
+        return LSQQuant.apply(x, self.alpha / levels, 0, levels, 1.0, False)
+
+    def relu_quant(self, a: torch.Tensor, b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.calibrating:
+            return None
+        levels = 2**self.bits - 1
+        return ReluLSQQuant.apply(a, b, self.alpha / levels, levels, 1.0, False)
 
 
 class DoReFaQuantizer(Quantizer):

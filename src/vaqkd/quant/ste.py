@@ -19,13 +19,15 @@ def _lsq_forward(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Te
     return (torch.clamp(torch.round(x.float() * torch.reciprocal(s)), qn, qp) * s).to(x.dtype)
 
 
-def _lsq_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float):
+def _lsq_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float,
+                  err: bool = True):  # fmt: skip
     """(dx, ds) for a per-tensor step s (0-d): dx straight-through inside the range, ds = g·Σ dy·(x_hat - x
-    inside, x_hat outside) / s, summed in fp32 and returned in s's dtype."""
+    inside, x_hat outside) / s, summed in fp32 and returned in s's dtype. err=False drops the inside term
+    (x_hat - x): PACT's clipping-level gradient, which sees only the clipped elements."""
     s_x = s.to(x.dtype)
     inside = (x >= qn * s_x) & (x <= qp * s_x)
     dx = torch.where(inside, dy, 0)
-    t = (dy * torch.where(inside, y - x, y)).sum(dtype=torch.float32)
+    t = (dy * torch.where(inside, y - x if err else 0, y)).sum(dtype=torch.float32)
     return dx, (t / s * g).to(s.dtype)
 
 
@@ -75,11 +77,12 @@ class LSQQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, grad_scale: float,
+                err: bool = True) -> torch.Tensor:  # fmt: skip
         fused = s.ndim == 0 and x.numel() >= FUSE_MIN_NUMEL  # activations; weights are too small to matter
         y = (lsq_forward if fused else _lsq_forward)(x, s, qn, qp)
         ctx.save_for_backward(x, y, s)
-        ctx.grad_scale, ctx.qn, ctx.qp, ctx.fused = grad_scale, qn, qp, fused
+        ctx.grad_scale, ctx.qn, ctx.qp, ctx.fused, ctx.err = grad_scale, qn, qp, fused, err
         return y
 
     @staticmethod
@@ -87,14 +90,15 @@ class LSQQuant(torch.autograd.Function):
         x, y, s = ctx.saved_tensors
         if ctx.fused:
             dy = dy.contiguous(memory_format=_memory_format(x))
-            dx, ds = lsq_backward(dy, x, y, s, ctx.qn, ctx.qp, ctx.grad_scale)
-            return dx, ds, None, None, None
+            dx, ds = lsq_backward(dy, x, y, s, ctx.qn, ctx.qp, ctx.grad_scale, ctx.err)
+            return dx, ds, None, None, None, None
         s_x = s.to(x.dtype)
         inside = (x >= ctx.qn * s_x) & (x <= ctx.qp * s_x)
         dx = dy * inside
         dims = [d for d, n in enumerate(s.shape) if n == 1] if s.ndim else None
-        ds = (dy * torch.where(inside, y - x, y)).sum(dim=dims, keepdim=s.ndim > 0, dtype=torch.float32)
-        return dx, (ds / s * ctx.grad_scale).to(s.dtype), None, None, None
+        term = torch.where(inside, y - x if ctx.err else 0, y)
+        ds = (dy * term).sum(dim=dims, keepdim=s.ndim > 0, dtype=torch.float32)
+        return dx, (ds / s * ctx.grad_scale).to(s.dtype), None, None, None, None
 
 
 def _relu_lsq_forward(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, qp: int):
@@ -104,14 +108,14 @@ def _relu_lsq_forward(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, 
 
 
 def _relu_lsq_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
-                       qp: int, g: float):  # fmt: skip
+                       qp: int, g: float, err: bool = True):  # fmt: skip
     """(da, ds): the gradient reaching h from the quantizer (straight-through up to Qp·s) plus the one reaching
     it directly (the shortcut), through the ReLU; ds as in `_lsq_backward`."""
     s_x = s.to(h.dtype)
     inside = h <= qp * s_x
     dq = torch.where(inside, dy, 0) if dh is None else torch.where(inside, dy, 0) + dh
     da = torch.where(h > 0, dq, 0)
-    t = (dy * torch.where(inside, y - h, y)).sum(dtype=torch.float32)
+    t = (dy * torch.where(inside, y - h if err else 0, y)).sum(dtype=torch.float32)
     return da, (t / s * g).to(s.dtype)
 
 
@@ -127,10 +131,10 @@ class ReluLSQQuant(torch.autograd.Function):
     LSQQuant applied to relu(a + b)."""
 
     @staticmethod
-    def forward(ctx, a, b, s, qp: int, grad_scale: float):
+    def forward(ctx, a, b, s, qp: int, grad_scale: float, err: bool = True):
         h, y = relu_lsq_forward(a, b, s, qp)
         ctx.save_for_backward(h, y, s)
-        ctx.qp, ctx.grad_scale, ctx.has_b = qp, grad_scale, b is not None
+        ctx.qp, ctx.grad_scale, ctx.has_b, ctx.err = qp, grad_scale, b is not None, err
         return h, y
 
     @staticmethod
@@ -142,8 +146,8 @@ class ReluLSQQuant(torch.autograd.Function):
             ds = torch.zeros_like(s)
         else:
             dh = None if dh is None else dh.contiguous(memory_format=fmt)
-            da, ds = relu_lsq_backward(dy.contiguous(memory_format=fmt), dh, h, y, s, ctx.qp, ctx.grad_scale)
-        return da, (da if ctx.has_b else None), ds, None, None
+            da, ds = relu_lsq_backward(dy.contiguous(memory_format=fmt), dh, h, y, s, ctx.qp, ctx.grad_scale, ctx.err)
+        return da, (da if ctx.has_b else None), ds, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
