@@ -269,3 +269,36 @@ def test_fused_block_output_relu_and_next_quantizer_equal_the_separate_ops(compi
     given = conv.take_quantized_input(h, None)
     assert conv._given is not None and conv._given[0] is given and torch.equal(given, h.relu())
     assert torch.equal(conv._given[1], conv.a_quant(h.relu()))
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"])
+@pytest.mark.parametrize("signed,delta", [(False, 1e-3), (False, 0.5), (True, 0.2)])
+def test_fused_ewgs_equals_the_composite(compiled, signed, delta, monkeypatch):
+    """EWGSQuant (one kernel each way) gives the outputs and the x / lower / upper gradients of the composite
+    interval + EWGSDiscretize + autograd formulation (fp32), including EWGS's gradient scaling."""
+    import importlib
+
+    from vaqkd.quant import ste
+
+    qmod = importlib.import_module("vaqkd.quant.quantizers")  # the module; the package exports a function so named
+    monkeypatch.setenv("VAQKD_COMPILE", compiled)
+    for f in (ste.ewgs_forward, ste.ewgs_backward):
+        monkeypatch.setattr(f, "fn", None)
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 32, 32) * 2
+    g_out = torch.randn_like(x)
+    q = _calibrated("ewgs", 2, signed, x)
+    q.set_delta(delta)
+    res = []
+    for limit in (ste.FUSE_MIN_NUMEL, x.numel() + 1):  # fused, then the composite
+        monkeypatch.setattr(qmod, "FUSE_MIN_NUMEL", limit)
+        xi = x.clone().requires_grad_()
+        q.zero_grad()
+        y = q(xi)
+        y.backward(g_out)
+        res.append((y.detach(), xi.grad, q.lower.grad.clone(), q.upper.grad.clone()))
+    (y1, gx1, gl1, gu1), (y2, gx2, gl2, gu2) = res
+    assert torch.allclose(y1, y2, atol=1e-6)
+    assert torch.allclose(gx1, gx2, atol=1e-6)
+    assert torch.allclose(gl1, gl2, rtol=1e-4, atol=1e-3) and torch.allclose(gu1, gu2, rtol=1e-4, atol=1e-3)
+    assert gl1.abs() > 0 and gu1.abs() > 0

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from vaqkd.quant.ste import EWGSDiscretize, LSQQuant, ReluLSQQuant, RoundSTE
+from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSDiscretize, EWGSQuant, LSQQuant, ReluLSQQuant, RoundSTE
 
 
 class Quantizer(nn.Module):
@@ -111,7 +111,8 @@ class EWGSQuantizer(Quantizer):
     x_n = clamp((x - l)/(u - l), 0, 1); x_q = round(x_n·L)/L; x_hat = l + (u - l)·x_q, L = 2^b - 1.
     Backward through the discretizer: g_n = g_q·(1 + δ·sign(g_q)·(x_n - x_q)). δ is a buffer: fixed by
     default (1e-3 as the paper's initial value) or updated by `set_delta` from a Hessian-trace estimate.
-    Init: weights l, u = ∓3·std(x); activations l = 0, u = mean + 3·std.
+    Init: weights l, u = ∓3·std(x); activations l = 0, u = mean + 3·std. Activations (≥ 64k elements) run
+    as one fused kernel each way (`EWGSQuant`); weights through the composite below (same gradients).
     """
 
     def __init__(self, bits: int, signed: bool, delta: float = 1e-3):
@@ -140,6 +141,8 @@ class EWGSQuantizer(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             return self.calibration_pass(x)
+        if x.numel() >= FUSE_MIN_NUMEL:  # activations: one fused kernel each way
+            return EWGSQuant.apply(x, self.lower, self.upper, 2**self.bits - 1, float(self.delta))
         width = (self.upper - self.lower).clamp_min(1e-8)
         xn = ((x - self.lower) / width).clamp(0, 1)
         xq = EWGSDiscretize.apply(xn, 2**self.bits - 1, float(self.delta))

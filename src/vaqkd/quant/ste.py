@@ -158,6 +158,52 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     )
 
 
+def _ewgs_forward(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
+    w = (hi - lo).clamp_min(1e-8)
+    xq = torch.round(((x.float() - lo) / w).clamp(0, 1) * levels) / levels
+    return (lo + w * xq).to(x.dtype)
+
+
+def _ewgs_backward(dy: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int, delta: float):
+    """(dx, d_lo, d_hi) of x_hat = lo + w·round(x_n·L)/L, x_n = clamp((x - lo)/w, 0, 1), w = max(hi - lo, 1e-8),
+    with EWGS's scaling e = 1 + δ·sign(dy)·(x_n - x_q) of the gradient entering x_n (sign(dy·w) = sign(dy))."""
+    wm = (hi - lo > 1e-8).float()  # 0 where the width is clamped: then it passes no gradient to lo, hi
+    w = (hi - lo).clamp_min(1e-8)
+    v = (x.float() - lo) / w
+    inside = (v >= 0) & (v <= 1)
+    xn = v.clamp(0, 1)
+    xq = torch.round(xn * levels) / levels
+    g = dy.float()
+    ge = torch.where(inside, g * (1 + delta * torch.sign(g) * (xn - xq)), 0)  # dL/dx_n · w
+    dx = ge.to(x.dtype)
+    d_lo = (g * (1 - wm * xq)).sum() + (ge * (xn * wm - 1)).sum()
+    d_hi = (g * wm * xq).sum() - (ge * xn * wm).sum()
+    return dx, d_lo, d_hi
+
+
+ewgs_forward = Fused(_ewgs_forward)
+ewgs_backward = Fused(_ewgs_backward)
+
+
+class EWGSQuant(torch.autograd.Function):
+    """The whole EWGS quantizer (interval, discretizer with its gradient scaling, and back) as one kernel each
+    way, for per-tensor intervals on large tensors; the same gradients as the composite of `EWGSDiscretize`
+    with autograd through the interval, computed in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, levels: int, delta: float):
+        ctx.save_for_backward(x, lo, hi)
+        ctx.levels, ctx.delta = levels, delta
+        return ewgs_forward(x, lo, hi, levels)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lo, hi = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=_memory_format(x))
+        dx, d_lo, d_hi = ewgs_backward(dy, x, lo, hi, ctx.levels, ctx.delta)
+        return dx, d_lo.to(lo.dtype), d_hi.to(hi.dtype), None, None
+
+
 class EWGSDiscretize(torch.autograd.Function):
     """EWGS discretizer (Lee et al., CVPR 2021, eq. 6) on normalised inputs x_n in [0, 1].
 
