@@ -76,6 +76,9 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     data = json.loads((tmp_path / "results" / "table.json").read_text())
     assert {p["comparison"] for p in data["paired"]} == {"vaqkd_logit - qkd_logit"}
     assert data["paired"][0]["n"] == 2 and data["meta"]["preset"] == "demo"
+    # the report says which code trained the runs it shows (reused runs keep theirs)
+    assert sum(data["meta"]["runs_git_sha"].values()) == 6
+    assert "Runs trained at git" in (tmp_path / "results" / "table.md").read_text()
 
 
 def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):

@@ -174,7 +174,7 @@ def run_table(
             found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False) for s in range(MAX_SEEDS)]
             if any(found):
                 results[row] = [f for f in found if f]
-        write_report(out_dir, results, meta(preset, seeds, rows, teacher_spec))
+        write_report(out_dir, results, {**meta(preset, seeds, rows, teacher_spec), "runs_git_sha": trained_at(results)})
         return results
 
     for seed in range(seeds):
@@ -182,6 +182,20 @@ def run_table(
             row_result(row, seed, p, teacher_spec, sets, runs, log)
             report()  # keep the report current after every run
     return report()
+
+
+def trained_at(results: dict[str, list[dict]]) -> dict[str, int]:
+    """How many of the reported runs each git SHA trained (a reused run keeps the SHA that trained it, which
+    may be older than the report's)."""
+    shas: dict[str, int] = {}
+    for entries in results.values():
+        for e in entries:
+            dirs = [st["run_dir"] for st in e.get("stages", [])] or ([e["run_dir"]] if "run_dir" in e else [])
+            for d in dirs:
+                env = Path(d) / "env.json"
+                sha = json.loads(env.read_text()).get("git_sha", "unknown") if env.exists() else "unknown"
+                shas[sha] = shas.get(sha, 0) + 1
+    return shas
 
 
 def command_line() -> str:

@@ -73,6 +73,11 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         f"Command: `{meta['command']}`  ",
         f"git {meta['git_sha']}, torch {meta['torch']}, {meta['device_name']} ({meta['device']}), "
         f"teacher `{meta['teacher']}`.  ",
+        *(
+            [f"Runs trained at git {', '.join(f'{k[:12]} ({n})' for k, n in meta['runs_git_sha'].items())}.  "]
+            if meta.get("runs_git_sha")
+            else []
+        ),
         "Top-1 on the CIFAR-100 test split, mean ± sample std over seeds; *last* = final epoch, *best* = best "
         "epoch (optimistic: chosen on the test split). Size at the weights' bit width (MiB); BOPs reduction "
         "vs FP32. *paper* = every layer at the body's bits (the paper's convention), *run* = the policy trained "
