@@ -19,3 +19,4 @@ def test_bench_quick_runs_every_case_and_reports_the_ratios(tmp_path, capsys):
     cases = report["cases"]
     assert {"fp32_step_fp32", "w2a2_lsq_lsq", "w2a2_ewgs_ewgs", "w2a2_dorefa_pact", "loader", "eval_w2a2"} <= set(cases)
     assert report["quick"] is True and report["env"]["torch"]
+    assert report["targets"]["w2a2_over_fp32"]["met"] == (report["ratios"]["w2a2_over_fp32"] >= 0.95)

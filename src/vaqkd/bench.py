@@ -28,6 +28,14 @@ from vaqkd.models import create_model, stage_channels
 from vaqkd.quant import calibrate, quantize
 
 TAKD_STAGES = ("takd_w8a8_from_fp32", "takd_w4a4_from_w8a8", "takd_w2a2_from_w4a4")
+# the project's speed targets, as (ratio, "min" or "max", bound); checked in the report, never in a test
+TARGETS = (
+    ("w2a2_over_fp32", "min", 0.95),
+    ("vaqkd_over_qkd_logit", "max", 1.02),
+    ("vaqkd_over_qkd_feature", "max", 1.02),
+    ("vaqkd_over_qkd_contrastive", "max", 1.02),
+    ("epoch_over_steps", "max", 1.05),
+)
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
@@ -201,8 +209,12 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         "takd_over_vaqkd_logit": sum(r[k]["ms_per_step"] for k in TAKD_STAGES) / r["vaqkd_logit"]["ms_per_step"],
         "epoch_over_steps": r["epoch"]["wall_s"] / r["epoch"]["sum_of_steps_s"],
     }  # fmt: skip
+    targets = {}
+    for k, kind, b in TARGETS:
+        met = ratios[k] >= b if kind == "min" else ratios[k] <= b
+        targets[k] = {"bound": f"{'>=' if kind == 'min' else '<='} {b}", "met": bool(met)}
     report = {"device": str(dev), "precision": prec, "batch": batch, "quick": quick, "threads": torch.get_num_threads(),
-              "channels_last": channels_last, "cases": results, "ratios": ratios}  # fmt: skip
+              "channels_last": channels_last, "cases": results, "ratios": ratios, "targets": targets}  # fmt: skip
     from vaqkd.engine.setup import environment
 
     report["env"] = environment(dev, 0, prec)
@@ -226,4 +238,6 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         print(f"{'loader':<24}{results['loader']['img_per_s']:>10.0f}")
         print(f"{'eval_w2a2':<24}{results['eval_w2a2']['img_per_s']:>10.0f}")
         print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        met = [f"{k} {t['bound']} {'met' if t['met'] else 'NOT met'}" for k, t in targets.items()]
+        print("targets: " + ", ".join(met))
     return report
