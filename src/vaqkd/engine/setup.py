@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
 import subprocess
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
@@ -161,6 +163,30 @@ def git_sha() -> str:
     return "unknown"
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Keep freed tensor buffers in the process heap instead of handing each back to the OS (glibc only).
+
+    glibc serves blocks above its mmap threshold (128 KiB, raised dynamically) with fresh mappings that
+    are unmapped on free, so every step page-faults in its activations anew: ~8-12k minor faults per
+    ResNet-32 step at batch 128, ~5-10 % of a CPU step. Fixed thresholds (mmap 32 MiB, trim 1 GiB) keep
+    the memory mapped: the process holds its peak heap instead of shrinking between steps. Called by the
+    command line, not on import; VAQKD_MALLOC_TUNE=0 leaves the allocator alone. Returns whether it applied.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or os.environ.get("VAQKD_MALLOC_TUNE", "1") == "0" or not sys.platform.startswith("linux"):
+        return _ALLOCATOR_TUNED
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc
+        _ALLOCATOR_TUNED = False
+    return _ALLOCATOR_TUNED
+
+
 def environment(device: torch.device, seed: int, precision: str) -> dict:
     if device.type == "cuda":
         dev_name = torch.cuda.get_device_name(device)
@@ -186,6 +212,7 @@ def environment(device: torch.device, seed: int, precision: str) -> dict:
         "threads": torch.get_num_threads(),
         "precision": precision,
         "seed": seed,
+        "malloc_tuned": _ALLOCATOR_TUNED,
     }
 
 
