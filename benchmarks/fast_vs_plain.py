@@ -35,7 +35,8 @@ def _summary(run_dir: Path) -> dict:
     return {"top1_last": final["top1_last"], "top1_best": final["top1_best"], "epochs": final["epochs"],
             "train_images": final["train_images"], "precision": final["precision"],
             "seconds_per_epoch": sum(r["epoch_seconds"] for r in rows) / len(rows),
-            "img_per_s": final["img_per_s"], "run_dir": str(run_dir)}  # fmt: skip
+            "img_per_s": final["img_per_s"], "run_dir": str(run_dir),
+            "git_sha": json.loads((run_dir / "env.json").read_text()).get("git_sha", "unknown")}  # fmt: skip
 
 
 def _train_cli(config: str, out: Path, sets: list[str], env: dict) -> None:
@@ -80,13 +81,16 @@ def main() -> None:
                                          "seed": seed}  # fmt: skip
     lines = [f"# Fast path vs plain path (real CIFAR-100, reduced scale, {args.seeds} seeds)", "",
              f"Command: `{command_line()}`", "",
-             "| run | seed | precision | quantizer kernels | epochs × images | top-1 last | s / epoch | img/s |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "Top-1 on the full CIFAR-100 test split after the stated epochs (reduced scale). s / epoch and img/s are "
+             "wall-clock figures of each run and some runs shared the cores with other work; `vaqkd bench` "
+             "(results/bench/) gives the clean speed ratios. *git*: the code that trained the run.", "",
+             "| run | seed | precision | quantizer kernels | epochs × images | top-1 last | s / epoch | img/s | git |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in report.items():
         lines.append(
             f"| {name.rsplit('-s', 1)[0]} | {r['seed']} | {r['precision']} | {r['kernels']} | "
             f"{r['epochs']} × {r['train_images']} | {r['top1_last']:.2f} | {r['seconds_per_epoch']:.1f} | "
-            f"{r['img_per_s']:.0f} |"
+            f"{r['img_per_s']:.0f} | {r['git_sha'][:7]} |"
         )
     lines += ["", "| comparison | fast (mean ± std) | plain (mean ± std) | fast − plain, 95 % interval | verdict |",
               "|---|---|---|---|---|"]  # fmt: skip
