@@ -83,14 +83,15 @@ def main() -> None:
              f"Command: `{command_line()}`", "",
              "Top-1 on the full CIFAR-100 test split after the stated epochs (reduced scale). s / epoch and img/s are "
              "wall-clock figures of each run and some runs shared the cores with other work; `vaqkd bench` "
-             "(results/bench/) gives the clean speed ratios. *git*: the code that trained the run.", "",
+             "(results/bench/) gives the clean speed ratios. *git*: the code that trained the run (-dirty: with "
+             "uncommitted changes to tracked files outside results/).", "",
              "| run | seed | precision | quantizer kernels | epochs × images | top-1 last | s / epoch | img/s | git |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in report.items():
         lines.append(
             f"| {name.rsplit('-s', 1)[0]} | {r['seed']} | {r['precision']} | {r['kernels']} | "
             f"{r['epochs']} × {r['train_images']} | {r['top1_last']:.2f} | {r['seconds_per_epoch']:.1f} | "
-            f"{r['img_per_s']:.0f} | {r['git_sha'][:7]} |"
+            f"{r['img_per_s']:.0f} | {r['git_sha'][:7]}{'-dirty' if r['git_sha'].endswith('-dirty') else ''} |"
         )
     lines += ["", "| comparison | fast (mean ± std) | plain (mean ± std) | fast − plain, 95 % interval | verdict |",
               "|---|---|---|---|---|"]  # fmt: skip
