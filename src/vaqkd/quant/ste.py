@@ -72,8 +72,9 @@ class LSQQuant(torch.autograd.Function):
     Speed: the backward needs only x and x_hat, which the surrounding layers keep alive anyway (the ReLU
     before keeps x, the conv after keeps x_hat), so nothing new is saved; with x/s - round(x/s) =
     (x - x_hat)/s inside the range and round(x/s) = x_hat/s outside, the step term is one expression. The
-    arithmetic runs in x's dtype (bf16 under autocast), sums accumulate in fp32; per-tensor steps (all
-    activations) use the fused kernels above.
+    step stays fp32; tensors keep x's dtype (bf16 under autocast), the kernels compute in fp32 and sums
+    accumulate in fp32; per-tensor steps on large tensors (all activations) use the fused kernels above.
+    `err=False` drops the inside term of the step gradient (PACT's clipping-level gradient).
     """
 
     @staticmethod
