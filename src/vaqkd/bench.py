@@ -66,7 +66,7 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) if times else 0.0
+    return statistics.median(times)
 
 
 def _student(w_bits: int | None, weight: str, act: str, x: torch.Tensor, device, channels_last: bool) -> nn.Module:
@@ -138,9 +138,10 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     case("takd_w4a4_from_w8a8", _student(4, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), qteacher)
     case("takd_w8a8_from_fp32", _student(8, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), teacher)
 
+    for fn in steps.values():  # warm-up (compilation, allocator) for every case before any timing
+        for _ in range(warmup):
+            fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for fn in steps.values():
-        _time(fn, dev, warmup, 0)
     for _ in range(rounds):
         for name, fn in steps.items():
             for _ in range(per_round):

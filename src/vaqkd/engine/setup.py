@@ -170,8 +170,8 @@ def tune_allocator() -> bool:
     """Keep freed tensor buffers in the process heap instead of handing each back to the OS (glibc only).
 
     glibc serves blocks above its mmap threshold (128 KiB, raised dynamically) with fresh mappings that
-    are unmapped on free, so every step page-faults in its activations anew: ~8-12k minor faults per
-    ResNet-32 step at batch 128, ~5-10 % of a CPU step. Fixed thresholds (mmap 32 MiB, trim 1 GiB) keep
+    are unmapped on free, so every step page-faults in its activations anew: 5-12k minor faults per
+    ResNet-32 step at batch 128 (measured), about 5 % of a CPU step. Fixed thresholds (mmap 32 MiB, trim 1 GiB) keep
     the memory mapped: the process holds its peak heap instead of shrinking between steps. Called by the
     command line, not on import; VAQKD_MALLOC_TUNE=0 leaves the allocator alone. Returns whether it applied.
     """
