@@ -189,18 +189,70 @@ def test_compiled_lsq_kernels_match_eager(monkeypatch):
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(4, 16, 32, 32).relu().to(dtype)
-        s = torch.tensor(0.4)  # the step stays fp32; the kernels compute in x's dtype
+        s = torch.tensor(0.4)  # the step stays fp32; the kernels compute in fp32
         y = fwd(x, s, 0, 3)
         assert fwd.fn is not fwd.eager  # really compiled (or the test would compare eager with eager)
         assert y.dtype == dtype and torch.equal(y, ste._lsq_forward(x, s, 0, 3))
         dy = torch.randn_like(x)
-        dx, ds = bwd(dy, x, y, s, 0, 3, 0.5)
-        dx_e, ds_e = ste._lsq_backward(dy, x, y, s, 0, 3, 0.5)
-        # bf16: the compiled kernel compares x with Qp*s in fp32, eager in bf16, so an element that lies
-        # exactly on the range's edge may fall on either side, and eager rounds the products to bf16 before summing
-        tol = 1e-3 if dtype == torch.float32 else 0.1
+        dx, ds = bwd(dy, x, s, 0, 3, 0.5)
+        dx_e, ds_e = ste._lsq_backward(dy, x, s, 0, 3, 0.5)
         assert ds.dtype == torch.float32 and ds.shape == s.shape
-        assert (dx != dx_e).float().mean() < tol / 10 and torch.allclose(ds, ds_e, rtol=tol)
+        assert torch.equal(dx, dx_e) and torch.allclose(ds, ds_e, rtol=1e-4)
+
+
+def _boundary_input(s: float, qn: int, qp: int, dtype, n: int = 1 << 16) -> torch.Tensor:
+    """Values on and right around the clip points Qn·s and Qp·s (as x's dtype rounds them) and rounding ties,
+    with random values between: the elements a bf16-rounded step puts on the wrong side of the range."""
+    g = torch.Generator().manual_seed(0)
+    edges = torch.tensor([qn * s, qp * s, (qp + 0.5) * s, (qn - 0.5) * s, 0.5 * s, 1.5 * s])
+    jitter = 1 + (torch.rand(n // 2, generator=g) - 0.5) * 0.02
+    near = edges[torch.randint(0, len(edges), (n // 2,), generator=g)] * jitter
+    rand = (torch.rand(n - n // 2, generator=g) * (qp - qn + 2) + qn - 1) * s
+    return torch.cat([near, rand]).to(dtype)
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"])
+@pytest.mark.parametrize("kind", ["lsq_signed", "lsq_unsigned", "pact", "relu_lsq"])
+def test_bf16_backward_agrees_with_fp32_at_the_clip_boundary(kind, compiled, monkeypatch):
+    """A bf16 input's gradients equal those of the same values in fp32: the forward clips with the fp32 step,
+    so the backward must use the same mask (not one built from the step rounded to bf16) and the exact error
+    term. Eager (small tensors, VAQKD_COMPILE=0) and compiled paths, inputs placed at the clip points."""
+    from vaqkd.quant import ste
+
+    monkeypatch.setenv("VAQKD_COMPILE", compiled)
+    for f in (ste.relu_lsq_forward, ste.relu_lsq_backward, ste.lsq_forward, ste.lsq_backward):
+        monkeypatch.setattr(f, "fn", None)
+    qn, qp, err = {"lsq_signed": (-2, 1, True), "lsq_unsigned": (0, 3, True), "pact": (0, 3, False),
+                   "relu_lsq": (0, 3, True)}[kind]  # fmt: skip
+    step = 0.999
+    for n in (8, 1 << 16):  # below and above the fused-kernel size
+        xb = _boundary_input(step, qn, qp, torch.bfloat16, n)
+        grads = []
+        for x0 in (xb, xb.float()):
+            x = x0.clone().requires_grad_(True)
+            s = torch.tensor(step, requires_grad=True)
+            if kind == "relu_lsq":
+                h, y = ste.ReluLSQQuant.apply(x, None, s, qp, 0.01, err)
+            else:
+                y = LSQQuant.apply(x, s, qn, qp, 0.01, err)
+            dy = torch.linspace(-1, 1, n).bfloat16().to(x.dtype)  # the same values in both dtypes
+            y.backward(dy)
+            grads.append((y.detach().float(), x.grad.float(), s.grad))
+        (yb, dxb, dsb), (yf, dxf, dsf) = grads
+        assert torch.equal(yb, yf.bfloat16().float())  # the forward already agreed
+        assert torch.equal(dxb, dxf), n  # the same elements pass gradient
+        assert torch.allclose(dsb, dsf, rtol=1e-5, atol=1e-6), (n, dsb, dsf)
+
+
+def test_issue_reproduction_bf16_lsq_at_the_clip_point():
+    s = torch.tensor(0.999, requires_grad=True)
+    x = torch.full((4,), 3.0, dtype=torch.bfloat16, requires_grad=True)
+    LSQQuant.apply(x, s, 0, 3, 1.0).sum().backward()
+    assert x.grad.tolist() == [0.0] * 4 and s.grad.item() == 12.0  # fp32's answer (was 1 and 0)
+    a = torch.tensor(3 * 0.999, requires_grad=True)  # PACT: α = 3 s, dα = Σ dy over x ≥ α
+    x = torch.full((8,), 3.0, dtype=torch.bfloat16, requires_grad=True)
+    LSQQuant.apply(x, a / 3, 0, 3, 1.0, False).sum().backward()
+    assert a.grad.item() == pytest.approx(8.0)
 
 
 @pytest.mark.parametrize("act", ["lsq", "pact", "ewgs"])

@@ -19,41 +19,74 @@ def _lsq_forward(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Te
     return (torch.clamp(torch.round(x.float() * torch.reciprocal(s)), qn, qp) * s).to(x.dtype)
 
 
-def _lsq_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float,
-                  err: bool = True):  # fmt: skip
-    """(dx, ds) for a per-tensor step s (0-d): dx straight-through inside the range, ds = g·Σ dy·(x_hat - x
-    inside, x_hat outside) / s, summed in fp32 and returned in s's dtype. err=False drops the inside term
-    (x_hat - x): PACT's clipping-level gradient, which sees only the clipped elements."""
-    s_x = s.to(x.dtype)
-    inside = (x >= qn * s_x) & (x <= qp * s_x)
+def _lsq_grads(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, err: bool, dims):
+    """(dx, Σ dy·t) with t = round(v) - v inside the range and the clamped level outside, v = x·(1/s).
+
+    Everything is recomputed in fp32 from x exactly as the forward computed it, so the in-range mask is the
+    forward's own (a bf16 mask from a bf16-rounded step would pass gradient through elements the forward
+    clipped) and the error term is exact (not the bf16-rounded x_hat minus x)."""
+    v = x.float() * torch.reciprocal(s.float())
+    q = torch.clamp(torch.round(v), qn, qp)
+    inside = (v >= qn) & (v <= qp)
     dx = torch.where(inside, dy, 0)
-    t = (dy * torch.where(inside, y - x if err else 0, y)).sum(dtype=torch.float32)
-    return dx, (t / s * g).to(s.dtype)
+    t = dy.float() * torch.where(inside, q - v if err else 0, q)
+    return dx, (t.sum() if dims is None else t.sum(dim=dims, keepdim=True))
+
+
+def _lsq_backward(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float, err: bool = True):
+    """(dx, ds) for a per-tensor step s (0-d): dx straight-through inside the range, ds = g·Σ dy·(round(x/s) -
+    x/s inside, Qn or Qp outside), summed in fp32 and returned in s's dtype. err=False drops the inside term:
+    PACT's clipping-level gradient, which sees only the clipped elements."""
+    dx, t = _lsq_grads(dy, x, s, qn, qp, err, None)
+    return dx, (t * g).to(s.dtype)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = []
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+
+        errs.append(TorchDynamoException)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torch._inductor.exc import InductorError
+
+        errs.append(InductorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
 
 
 class Fused:
     """Elementwise kernels compiled into single loops by torch.compile (an eager chain of ~12 ops costs 5x
-    more on the CPU); falls back to eager, once and with a warning, where compilation is unavailable.
-    VAQKD_COMPILE=0 turns compilation off."""
+    more on the CPU); falls back to eager, once and with a warning, where compilation is unavailable (no C++
+    compiler, no triton, an unsupported platform). Only compilation failures fall back: an error raised by a
+    kernel that has run before (out of memory, a device assert) propagates. VAQKD_COMPILE=0 turns
+    compilation off."""
 
     def __init__(self, fn):
         self.eager = fn
         self.fn = None
+        self.ran = False  # the compiled kernel has run at least once
 
     def __call__(self, *args):
         if self.fn is None:
             use = os.environ.get("VAQKD_COMPILE", "1") != "0" and hasattr(torch, "compile")
             self.fn = torch.compile(self.eager, dynamic=True) if use else self.eager
         try:
-            return self.fn(*args)
-        except Exception as e:  # no C++ compiler / triton, an unsupported platform, ...
-            if self.fn is self.eager:
+            out = self.fn(*args)
+        except Exception as e:
+            oom = isinstance(e, torch.OutOfMemoryError)
+            if self.fn is self.eager or oom or (self.ran and not isinstance(e, _compile_errors())):
                 raise
             warnings.warn(
                 f"vaqkd: torch.compile failed ({type(e).__name__}); using eager quantizer kernels", stacklevel=2
             )
             self.fn = self.eager
             return self.fn(*args)
+        self.ran = True
+        return out
 
 
 FUSE_MIN_NUMEL = 1 << 16
@@ -69,11 +102,11 @@ class LSQQuant(torch.autograd.Function):
               ds = g * sum(dy * (round(x/s) - x/s  inside, Qn or Qp outside)),  g = 1/sqrt(N * Qp)
     `s` is a scalar or broadcasts against `x` (per-channel); the sum runs over each step's elements.
 
-    Speed: the backward needs only x and x_hat, which the surrounding layers keep alive anyway (the ReLU
-    before keeps x, the conv after keeps x_hat), so nothing new is saved; with x/s - round(x/s) =
-    (x - x_hat)/s inside the range and round(x/s) = x_hat/s outside, the step term is one expression. The
-    step stays fp32; tensors keep x's dtype (bf16 under autocast), the kernels compute in fp32 and sums
-    accumulate in fp32; per-tensor steps on large tensors (all activations) use the fused kernels above.
+    Speed: the backward needs only x, which the ReLU before keeps alive anyway, so nothing new is saved; it
+    recomputes v = x·(1/s) and round(v) in fp32 (cheap inside one fused loop), which makes its in-range mask
+    the forward's own in every dtype. The step stays fp32; tensors keep x's dtype (bf16 under autocast), the
+    kernels compute in fp32 and sums accumulate in fp32; per-tensor steps on large tensors (all activations)
+    use the fused kernels above.
     `err=False` drops the inside term of the step gradient (PACT's clipping-level gradient).
     """
 
@@ -82,24 +115,20 @@ class LSQQuant(torch.autograd.Function):
                 err: bool = True) -> torch.Tensor:  # fmt: skip
         fused = s.ndim == 0 and x.numel() >= FUSE_MIN_NUMEL  # activations; weights are too small to matter
         y = (lsq_forward if fused else _lsq_forward)(x, s, qn, qp)
-        ctx.save_for_backward(x, y, s)
+        ctx.save_for_backward(x, s)
         ctx.grad_scale, ctx.qn, ctx.qp, ctx.fused, ctx.err = grad_scale, qn, qp, fused, err
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, y, s = ctx.saved_tensors
+        x, s = ctx.saved_tensors
         if ctx.fused:
             dy = dy.contiguous(memory_format=_memory_format(x))
-            dx, ds = lsq_backward(dy, x, y, s, ctx.qn, ctx.qp, ctx.grad_scale, ctx.err)
+            dx, ds = lsq_backward(dy, x, s, ctx.qn, ctx.qp, ctx.grad_scale, ctx.err)
             return dx, ds, None, None, None, None
-        s_x = s.to(x.dtype)
-        inside = (x >= ctx.qn * s_x) & (x <= ctx.qp * s_x)
-        dx = dy * inside
         dims = [d for d, n in enumerate(s.shape) if n == 1] if s.ndim else None
-        term = torch.where(inside, y - x if ctx.err else 0, y)
-        ds = (dy * term).sum(dim=dims, keepdim=s.ndim > 0, dtype=torch.float32)
-        return dx, (ds / s * ctx.grad_scale).to(s.dtype), None, None, None, None
+        dx, t = _lsq_grads(dy, x, s, ctx.qn, ctx.qp, ctx.err, dims)
+        return dx, (t * ctx.grad_scale).to(s.dtype), None, None, None, None
 
 
 def _relu_lsq_forward(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, qp: int):
@@ -108,16 +137,13 @@ def _relu_lsq_forward(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, 
     return h, _lsq_forward(h, s, 0, qp)
 
 
-def _relu_lsq_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
-                       qp: int, g: float, err: bool = True):  # fmt: skip
+def _relu_lsq_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, s: torch.Tensor, qp: int, g: float,
+                       err: bool = True):  # fmt: skip
     """(da, ds): the gradient reaching h from the quantizer (straight-through up to Qp·s) plus the one reaching
-    it directly (the shortcut), through the ReLU; ds as in `_lsq_backward`."""
-    s_x = s.to(h.dtype)
-    inside = h <= qp * s_x
-    dq = torch.where(inside, dy, 0) if dh is None else torch.where(inside, dy, 0) + dh
-    da = torch.where(h > 0, dq, 0)
-    t = (dy * torch.where(inside, y - h if err else 0, y)).sum(dtype=torch.float32)
-    return da, (t / s * g).to(s.dtype)
+    it directly (the shortcut), through the ReLU; ds as in `_lsq_backward` (h >= 0, so only Qp can clip)."""
+    dq, t = _lsq_grads(dy, h, s, 0, qp, err, None)
+    da = torch.where(h > 0, dq if dh is None else dq + dh, 0)
+    return da, (t * g).to(s.dtype)
 
 
 relu_lsq_forward = Fused(_relu_lsq_forward)
@@ -134,20 +160,20 @@ class ReluLSQQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, s, qp: int, grad_scale: float, err: bool = True):
         h, y = relu_lsq_forward(a, b, s, qp)
-        ctx.save_for_backward(h, y, s)
+        ctx.save_for_backward(h, s)
         ctx.qp, ctx.grad_scale, ctx.has_b, ctx.err = qp, grad_scale, b is not None, err
         return h, y
 
     @staticmethod
     def backward(ctx, dh, dy):
-        h, y, s = ctx.saved_tensors
+        h, s = ctx.saved_tensors
         fmt = _memory_format(h)
         if dy is None:  # x_hat unused: only the ReLU's gradient
             da = None if dh is None else torch.where(h > 0, dh, 0)
             ds = torch.zeros_like(s)
         else:
             dh = None if dh is None else dh.contiguous(memory_format=fmt)
-            da, ds = relu_lsq_backward(dy.contiguous(memory_format=fmt), dh, h, y, s, ctx.qp, ctx.grad_scale, ctx.err)
+            da, ds = relu_lsq_backward(dy.contiguous(memory_format=fmt), dh, h, s, ctx.qp, ctx.grad_scale, ctx.err)
         return da, (da if ctx.has_b else None), ds, None, None, None
 
 
