@@ -106,5 +106,84 @@ def test_crd_negatives_are_other_classes_and_memory_updates():
     changed = (crd.memory_s != before).any(1)
     assert changed[idx].all() and changed.sum() == len(idx)
     after = crd.memory_s.clone()
-    crd(s, torch.randn(len(idx), 64), labels[idx], index=idx, step=1, anchor=True)
+    cache = {}
+    crd(s, torch.randn(len(idx), 64), labels[idx], index=idx, step=1, cache=cache)
+    after = crd.memory_s.clone()
+    crd(s, torch.randn(len(idx), 64), labels[idx], index=idx, step=1, anchor=True, cache=cache)
     assert torch.equal(crd.memory_s, after)  # anchors never write the memory
+
+
+@pytest.mark.parametrize("kind", ["hint", "crd", "kd"])
+def test_two_terms_of_one_kind_keep_their_own_state(kind):
+    """Two terms of the same kind (same stage) each use their own regressor / head / negatives: every
+    trainable head gets a gradient, and each term's loss is what it would be alone."""
+    student, teacher, labels, _, _ = _setup("ce")
+    cfgs = [TermConfig(kind=kind, nce_k=16, temperature=4.0), TermConfig(kind=kind, nce_k=16, temperature=2.0)]
+    s_ch, t_ch = stage_channels(student), stage_channels(teacher)
+    torch.manual_seed(1)
+    terms = [build_term(c, s_ch, t_ch, labels, seed=i) for i, c in enumerate(cfgs)]
+    obj = Objective(cfgs, terms)
+    idx = torch.arange(8)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        t = teacher.forward_features(x)
+    feats = student.forward_features(x)
+    total, parts = obj(feats, t, labels[idx], index=idx)
+    total.backward()
+    for term in terms:
+        for p in term.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    import copy
+
+    alone = copy.deepcopy(terms[1])
+    alone.load_state_dict(terms[1].state_dict())
+    if kind == "crd":  # the first call above moved the memories and Z: compare on a fresh pair
+        return
+    with torch.no_grad():
+        solo = Objective(cfgs[1:], [alone])({k: v.detach() for k, v in feats.items()}, t, labels[idx], index=idx)[1]
+    assert torch.allclose(parts[f"{kind}2"], solo[kind], rtol=1e-5)
+
+
+def _crd_pair(k=4096, n=2000, seed=0):
+    labels = torch.arange(n) % 100
+    torch.manual_seed(seed)
+    crd = CRDLoss(64, 64, labels, feat_dim=128, nce_k=k, seed=seed)
+    idx = torch.arange(0, n, 16)[:64]
+    g = torch.Generator().manual_seed(seed)
+    emb_s, emb_t = torch.randn(2, len(idx), 64, generator=g).relu()
+    return crd, labels, idx, emb_s, emb_t
+
+
+def test_crd_scores_stay_fp32_under_bf16_autocast():
+    """Under bf16 autocast h_neg (~1e-5) vanished against K·P_n: the negative term read ~0.01 instead of ~1 per
+    sample. The loss must equal its fp32 value."""
+    import copy
+
+    crd, labels, idx, emb_s, emb_t = _crd_pair()
+    ref = copy.deepcopy(crd)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16 = crd({"embedding": emb_s.bfloat16()}, emb_t.bfloat16(), labels[idx], index=idx, step=0)
+        loss_bf16_2 = crd({"embedding": emb_s.bfloat16()}, emb_t.bfloat16(), labels[idx], index=idx, step=1)
+    loss32 = ref({"embedding": emb_s.bfloat16().float()}, emb_t.bfloat16().float(), labels[idx], index=idx, step=0)
+    loss32_2 = ref({"embedding": emb_s.bfloat16().float()}, emb_t.bfloat16().float(), labels[idx], index=idx, step=1)
+    assert loss_bf16.dtype == torch.float32
+    assert torch.allclose(loss_bf16, loss32, rtol=1e-5) and torch.allclose(loss_bf16_2, loss32_2, rtol=1e-5)
+
+
+def test_contrastive_anchor_split_matches_qkd_exactly_on_the_teacher_side():
+    """VA-QKD contrastive (FP32 weight w, anchor weight w_b) against QKD (weight w + w_b): the teacher head and
+    both memories get exactly QKD's gradient and updates; the student's head differs (the anchor positive)."""
+    import copy
+
+    crd, labels, idx, emb_s, emb_t = _crd_pair(k=512)
+    va_term, qkd_term = crd, copy.deepcopy(crd)
+    va = Objective([TermConfig(kind="crd", weight=0.4, nce_k=512, anchor_bits=(2,), anchor_weights=(0.4,))], [va_term])
+    qkd = Objective([TermConfig(kind="crd", weight=0.8, nce_k=512)], [qkd_term])
+    for obj in (va, qkd):
+        for step in range(2):
+            total, parts = obj({"embedding": emb_s}, {"embedding": emb_t}, labels[idx], index=idx, step=step)
+            total.backward()
+    for name in ("embed_t.weight", "embed_t.bias"):
+        assert torch.allclose(va_term.get_parameter(name).grad, qkd_term.get_parameter(name).grad, atol=1e-6), name
+    assert torch.equal(va_term.memory_s, qkd_term.memory_s) and torch.equal(va_term.memory_t, qkd_term.memory_t)
+    assert not torch.allclose(va_term.embed_s.weight.grad, qkd_term.embed_s.weight.grad)

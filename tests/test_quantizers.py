@@ -158,6 +158,35 @@ def test_quantize_policies_and_calibration():
         quantize(m, 2, 2)
 
 
+def test_calibration_of_a_fresh_student_uses_batch_statistics():
+    """A student trained from scratch (BatchNorm at mean 0, var 1): every step is initialised from the
+    activations training will see (train-mode BatchNorm), and the running statistics do not move."""
+    from vaqkd.models import create_model
+
+    torch.manual_seed(0)
+    fp = create_model("resnet32", 100)
+    m = quantize(create_model("resnet32", 100), 2, 2)
+    m.load_state_dict(fp.state_dict(), strict=False)
+    x = torch.randn(16, 3, 32, 32)
+    running = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+    calibrate(m, [x])
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in running.items())
+    # what the conv's input quantizer sees in a train-mode forward of the FP32 model: relu(block output)
+    seen = {}
+    fp.layer3[4].conv2.register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0].detach()))
+    fp.train()
+    with torch.no_grad():
+        fp(x)
+    expected = 2 * seen["x"].relu().abs().mean() / math.sqrt(3)
+    step = m.layer3[4].conv2.a_quant.step.detach()
+    assert torch.allclose(step, expected, rtol=1e-4), (step, expected)
+    fp.eval()  # in eval mode the initial running statistics give a far larger step (the old behaviour)
+    seen.clear()
+    with torch.no_grad():
+        fp(x)
+    assert 2 * seen["x"].relu().mean() / math.sqrt(3) > 10 * step
+
+
 @pytest.mark.parametrize("act", ["lsq", "pact", "ewgs"])
 def test_skipping_the_relu_before_a_clamping_quantizer_is_exact(act):
     """BasicBlock skips the ReLU before conv2 when its quantizer clamps at zero: same outputs and gradients."""

@@ -23,10 +23,12 @@ class HintLoss(nn.Module):
     def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t[self.stage]
 
-    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
-        proj = s.get(f"_hint_{self.stage}")
-        if proj is None:  # one projection serves the FP32 term and every anchor term of this step
-            proj = s[f"_hint_{self.stage}"] = self.regressor(s[self.stage]).float()
+    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, cache: dict | None = None,
+                **_) -> torch.Tensor:  # fmt: skip
+        cache = {} if cache is None else cache  # this term's per-step state, shared with its anchors
+        proj = cache.get("proj")
+        if proj is None:  # one projection (this term's regressor) serves its FP32 term and its anchors
+            proj = cache["proj"] = self.regressor(s[self.stage]).float()
         return F.mse_loss(proj, r.float())
 
 

@@ -34,11 +34,12 @@ class LogitKD(nn.Module):
     def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t["logits"]
 
-    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, cache: dict | None = None,
+                **_) -> torch.Tensor:  # fmt: skip
         T = self.temperature
-        key = f"_log_p_T{T}"  # shared by the FP32 term and its anchors within a step
-        log_p_s = s.get(key)
+        cache = {} if cache is None else cache  # this term's per-step state, shared with its anchors
+        log_p_s = cache.get("log_p_s")
         if log_p_s is None:
-            log_p_s = s[key] = F.log_softmax(s["logits"].float() / T, dim=1)
+            log_p_s = cache["log_p_s"] = F.log_softmax(s["logits"].float() / T, dim=1)
         log_p_t = F.log_softmax(r.float() / T, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T

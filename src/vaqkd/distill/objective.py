@@ -75,11 +75,13 @@ class Objective(nn.Module):
         names = iter(self.names)
         for cfg, term in zip(self.cfgs, self.terms):
             r = term.target(t)
-            loss = term(s, r, labels, index=index, step=step)
+            cache: dict = {}  # this term's per-step state (projections, negatives), shared with its anchors only
+            loss = term(s, r, labels, index=index, step=step, cache=cache)
             parts[next(names)] = loss.detach()
             total = total + cfg.weight * loss
             for bits, w in zip(cfg.anchor_bits, cfg.anchor_weights):
-                loss_va = term(s, virtual_anchor(r, bits, cfg.anchor_mode), labels, index=index, step=step, anchor=True)
+                anchor = virtual_anchor(r, bits, cfg.anchor_mode)
+                loss_va = term(s, anchor, labels, index=index, step=step, anchor=True, cache=cache)
                 parts[next(names)] = loss_va.detach()
                 total = total + w * loss_va
         return total, parts

@@ -68,10 +68,17 @@ def quantizers(model: nn.Module) -> list[Quantizer]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Data-driven initialisation of every quantizer from a few input batches; returns how many were seen."""
+    """Data-driven initialisation of every quantizer from a few input batches; returns how many were seen.
+
+    The model runs in training mode, so BatchNorm normalises with each batch's statistics, as it will in the
+    first training steps (in eval mode a student trained from scratch would use its initial running statistics,
+    mean 0 and variance 1: deep activations grow and the steps come out far too large); the running statistics
+    are restored afterwards, so calibration moves nothing but the quantizers."""
     qs = quantizers(model)
     was = model.training
-    model.eval()  # BatchNorm running stats must not move during calibration
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]
+    model.train()
     for q in qs:
         q.calibrating = True
     n = 0
@@ -83,5 +90,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
         for q in qs:
             q.calibrating = False
             q.finish_calibration()
+        for m, buffers in zip(bns, saved):
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
         model.train(was)
     return n
