@@ -5,7 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from vaqkd.config import OptimConfig, load_config
+from vaqkd.engine.checkpoint import checkpoints, run_weights
 from vaqkd.engine.train import fit, lr_at
+from vaqkd.errors import RunFileError
 
 TINY = [
     "data.batch_size=100",
@@ -27,13 +29,16 @@ def test_short_fit_learns_and_writes_the_run_directory(shared_cifar_root, tmp_pa
     cfg = tiny_cfg(shared_cifar_root, "optim.epochs=3", "optim.lr=0.1")
     final = fit(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     run = tmp_path / "run"
-    for f in ("config.toml", "env.json", "metrics.jsonl", "final.json", "model.safetensors", "state.pt"):
+    for f in ("config.toml", "env.json", "metrics.jsonl", "final.json"):
         assert (run / f).exists(), f
+    cks = checkpoints(run)
+    assert [c.name for c in cks] == [f"ckpt-{18:09d}"]  # one checkpoint, the last (3 epochs x 6 steps)
+    assert {f.name for f in cks[0].iterdir()} == {"model.safetensors", "objective.safetensors", "state.pt"}
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns the class colours
     env = json.loads((run / "env.json").read_text())
-    assert {"git_sha", "torch", "device", "seed", "threads"} <= set(env)
+    assert {"git_sha", "torch", "device", "seed", "threads", "cpu_capability"} <= set(env)
     assert final["top1_last"] == rows[-1]["test_top1"] and final["top1_best"] >= final["top1_last"]
     assert load_config(run / "config.toml") == cfg
     with pytest.raises(FileExistsError, match="--resume"):
@@ -56,7 +61,7 @@ def test_resume_mid_epoch_continues_the_same_run(shared_cifar_root, tmp_path):
     # the same run, killed after 9 of its 12 steps (mid-epoch 2) and resumed
     assert fit(cfg, tmp_path / "b", progress=False, log=lambda s: None, stop_after_steps=9) == {}
     resumed = fit(cfg, tmp_path / "b", resume=True, progress=False, log=lambda s: None)
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    a, b = load_file(run_weights(tmp_path / "a")), load_file(run_weights(tmp_path / "b"))
     assert a.keys() == b.keys() and any("step" in k for k in a)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
@@ -71,7 +76,7 @@ def test_resume_mid_epoch_continues_the_same_run(shared_cifar_root, tmp_path):
 def test_resume_refuses_a_changed_config(shared_cifar_root, tmp_path):
     cfg = tiny_cfg(shared_cifar_root, "optim.epochs=1")
     fit(cfg, tmp_path / "r", progress=False, log=lambda s: None)
-    with pytest.raises(ValueError, match="config differs"):
+    with pytest.raises(RunFileError, match="config differs"):
         fit(tiny_cfg(shared_cifar_root, "optim.epochs=2"), tmp_path / "r", resume=True, progress=False)
 
 

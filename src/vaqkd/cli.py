@@ -44,24 +44,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vaqkd.config import load_config
-    from vaqkd.engine.setup import build_data, resolve_device, resolve_precision
-    from vaqkd.engine.train import build_student, evaluate
+    from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
+    from vaqkd.engine.train import evaluate
 
-    run = Path(args.run_dir)
-    if not (run / "config.toml").exists() or not (run / "model.safetensors").exists():
-        raise FileNotFoundError(f"{run}: not a run directory (needs config.toml and model.safetensors)")
-    sets = _overrides(args) + ['model.init=""']
-    cfg = load_config(run / "config.toml", sets)
-    device = resolve_device(args.device or cfg.train.device)
+    device = resolve_device(args.device or "auto")
+    cfg, model, data = load_run(args.run_dir, device, _overrides(args))
     precision = resolve_precision(args.precision or cfg.train.precision, device)
-    data = build_data(cfg, device)
-    model = build_student(cfg, data.num_classes, device)
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(run / "model.safetensors"), device=str(device)))
     res = {
-        "run": str(run),
+        "run": str(args.run_dir),
         "name": cfg.name,
         **evaluate(model, data.test, precision),
         "precision": precision,
@@ -125,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a TOML config")
@@ -185,19 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_USER, EXIT_DIVERGED = 2, 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vaqkd.config import ConfigError
-    from vaqkd.data.cifar import DataError
     from vaqkd.engine.setup import tune_allocator
+    from vaqkd.errors import TrainingDiverged, VaqkdError
 
     tune_allocator()  # fewer page faults per step on glibc; VAQKD_MALLOC_TUNE=0 turns it off
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (VaqkdError, FileNotFoundError, FileExistsError) as e:
+        # errors the user can fix: one line naming the culprit; anything else is a bug and keeps its traceback
+        if args.debug:
+            raise
         print(f"vaqkd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
     except KeyboardInterrupt:
         print(f"vaqkd {args.command}: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
         return 130

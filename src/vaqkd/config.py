@@ -21,7 +21,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+from vaqkd.errors import VaqkdError
+
+
+class ConfigError(VaqkdError, ValueError):
     """A config key is unknown, of the wrong type, or out of range."""
 
 
@@ -77,6 +80,10 @@ class QuantConfig:
         _check(f"{p}.a_bits", 1 <= self.a_bits <= 8, "must be in [1, 8]")
         _check(f"{p}.weight", self.weight in WEIGHT_QUANTIZERS, f"must be one of {sorted(WEIGHT_QUANTIZERS)}")
         _check(f"{p}.act", self.act in ACT_QUANTIZERS, f"must be one of {sorted(ACT_QUANTIZERS)}")
+        w_min, a_min = WEIGHT_QUANTIZERS[self.weight].min_bits, ACT_QUANTIZERS[self.act].min_bits
+        _check(f"{p}.w_bits", self.w_bits >= w_min, f"{self.weight} needs at least {w_min} bits, got {self.w_bits}")
+        _check(f"{p}.a_bits", self.a_bits >= a_min, f"{self.act} needs at least {a_min} bits, got {self.a_bits}")
+        _check(f"{p}.per_channel", not self.per_channel or self.weight == "lsq", "per-channel steps exist for lsq only")
         _check(f"{p}.first_last", self.first_last in ("fp32", "8", "same"), "must be fp32, 8 or same")
         _check(f"{p}.calib_batches", self.calib_batches >= 1, "must be >= 1")
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vaqkd.config import Config, apply_override, from_dict, load_dict, merge, to_toml
-from vaqkd.engine.checkpoint import has_checkpoint
+from vaqkd.engine.checkpoint import has_checkpoint, read_json
+from vaqkd.errors import RunLockedError, TrainingDiverged, VaqkdError
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
 
@@ -64,7 +65,9 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, sets: list[str], log) 
     cfg = row_config("qkd_logit", preset, 0, teacher, sets)
     cache = runs / f"teacher_eval-{config_hash(cfg)}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = read_json(cache)
+        if "fp32_mib" in cached:  # older caches lack the size
+            return cached
     device = resolve_device(cfg.train.device)
     data = build_data(cfg, device)
     model = build_teacher(cfg, data.num_classes, device)
@@ -76,10 +79,12 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, sets: list[str], log) 
         if (run / "final.json").exists()
         else resolve_weights(teacher, "resnet32").with_suffix(".json")
     )
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info = read_json(info_path) if info_path.exists() else {}
+    from vaqkd.models import count_weights
+
     entry = {"seed": info.get("seed", 0), "top1_last": top1, "top1_best": top1, "epochs": info.get("epochs", 0),
              "train_images": info.get("train_images", 0), "train_seconds": info.get("train_seconds", 0.0),
-             "teacher": teacher}  # fmt: skip
+             "teacher": teacher, "fp32_mib": count_weights(model) * 4 / 2**20}  # fmt: skip
     log(f"teacher {teacher}: test top-1 {top1:.2f}%")
     runs.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(entry, indent=2) + "\n")
@@ -90,17 +95,25 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha1(to_toml(cfg).encode()).hexdigest()[:8]
 
 
-def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict:
-    """final.json of the run in run_dir: reused if finished, resumed if interrupted, else trained."""
+def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict | None:
+    """final.json of the run in run_dir: reused if finished, resumed if interrupted, else trained. None when the
+    run failed (diverged: failed.json, not retried until the folder is removed) or another process holds it."""
     from vaqkd.engine.train import fit
 
     final = run_dir / "final.json"
     if final.exists():
         log(f"reuse  {run_dir}")
-        return json.loads(final.read_text())
+        return read_json(final)
+    if (run_dir / "failed.json").exists():
+        log(f"FAILED {run_dir} (earlier: {read_json(run_dir / 'failed.json').get('reason')}; remove it to retry)")
+        return None
     resume = has_checkpoint(run_dir)
     log(f"{'resume' if resume else 'train '} {run_dir}")
-    return fit(cfg, run_dir, resume=resume, log=lambda s: log(f"  {s}"), progress=sys.stderr.isatty())
+    try:
+        return fit(cfg, run_dir, resume=resume, log=lambda s: log(f"  {s}"), progress=sys.stderr.isatty())
+    except (TrainingDiverged, RunLockedError) as e:
+        log(f"FAILED {e}")
+        return None
 
 
 def resolve_teacher(teacher: str, preset: dict, runs: Path, sets: list[str], log) -> str:
@@ -131,7 +144,9 @@ def row_result(row: str, seed: int, p: dict, teacher: str, sets: list[str], runs
         run_dir = runs / f"{stage}-s{seed}-{config_hash(cfg)}"
         if not train and not (run_dir / "final.json").exists():
             return None
-        final = run_or_reuse(cfg, run_dir, log) if train else json.loads((run_dir / "final.json").read_text())
+        final = run_or_reuse(cfg, run_dir, log) if train else read_json(run_dir / "final.json")
+        if final is None:
+            return None
         stages.append({**final, "run_dir": str(run_dir)})
         t_spec = str(run_dir)  # TAKD: the next stage learns from, and starts from, this one
     final = dict(stages[-1])
@@ -168,20 +183,32 @@ def run_table(
     teacher_spec = resolve_teacher(teacher, p, runs, sets, log)
     teacher_row = teacher_entry(teacher_spec, p, runs, sets, log)
 
+    failed: list[str] = []
+
     def report() -> dict:
         results: dict[str, list[dict]] = {"teacher": [teacher_row]}
         for row in dict.fromkeys([*p["rows"], *rows]):
             found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False) for s in range(MAX_SEEDS)]
             if any(found):
                 results[row] = [f for f in found if f]
-        write_report(out_dir, results, {**meta(preset, seeds, rows, teacher_spec), "runs_git_sha": trained_at(results)})
+        info = {**meta(preset, seeds, rows, teacher_spec), "runs_git_sha": trained_at(results), "failed": failed}
+        write_report(out_dir, results, info)
         return results
 
     for seed in range(seeds):
         for row in rows:
-            row_result(row, seed, p, teacher_spec, sets, runs, log)
+            if row_result(row, seed, p, teacher_spec, sets, runs, log) is None:
+                failed.append(f"{row} seed {seed}")
             report()  # keep the report current after every run
-    return report()
+    results = report()
+    if failed:
+        cells = ", ".join(failed)
+        raise TableIncomplete(f"{len(failed)} cell(s) failed: {cells} (see the log; the others are in {out_dir})")
+    return results
+
+
+class TableIncomplete(VaqkdError):
+    """Some cells of the table failed; the report holds the others."""
 
 
 def trained_at(results: dict[str, list[dict]]) -> dict[str, int]:
@@ -193,7 +220,7 @@ def trained_at(results: dict[str, list[dict]]) -> dict[str, int]:
             dirs = [st["run_dir"] for st in e.get("stages", [])] or ([e["run_dir"]] if "run_dir" in e else [])
             for d in dirs:
                 env = Path(d) / "env.json"
-                sha = json.loads(env.read_text()).get("git_sha", "unknown") if env.exists() else "unknown"
+                sha = read_json(env).get("git_sha", "unknown") if env.exists() else "unknown"
                 shas[sha] = shas.get(sha, 0) + 1
     return shas
 

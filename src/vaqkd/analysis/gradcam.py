@@ -13,20 +13,10 @@ import torch.nn.functional as F
 
 
 def load_run_model(run_dir: str | Path, device: torch.device, data_root: str | None = None):
-    from safetensors.torch import load_file
+    from vaqkd.engine.setup import load_run
 
-    from vaqkd.config import load_config
-    from vaqkd.engine.setup import build_data
-    from vaqkd.engine.train import build_student
-
-    run = Path(run_dir)
-    if not (run / "model.safetensors").exists():
-        raise FileNotFoundError(f"{run}: not a run directory (no model.safetensors)")
-    sets = ['model.init=""', "train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
-    cfg = load_config(run / "config.toml", sets)
-    data = build_data(cfg, device)
-    model = build_student(cfg, data.num_classes, device)
-    model.load_state_dict(load_file(str(run / "model.safetensors"), device=str(device)))
+    sets = ["train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
+    cfg, model, data = load_run(run_dir, device, sets)
     return model.eval(), data, cfg
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
@@ -13,6 +14,17 @@ SETTINGS = ("logit", "feature", "contrastive")
 
 def _fmt(m: float, sd: float) -> str:
     return f"{m:.2f}" if sd != sd else f"{m:.2f} ± {sd:.2f}"  # sd != sd: nan (one seed)
+
+
+def _no_nan(obj):
+    """NaN (a one-seed std) and inf as null: bare NaN is not JSON, and strict readers reject the file."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
 
 
 def _config_text(final: dict) -> str | None:
@@ -39,6 +51,7 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
             "epochs": finals[0]["epochs"], "train_images": finals[0]["train_images"],
             "top1_last": last, "seeds_list": [f["seed"] for f in finals],
             "config": _config_text(finals[0]),
+            "fp32_mib": finals[0].get("fp32_mib") or (prof.get("fp32_mib") if prof else None),
         })  # fmt: skip
     return rows
 
@@ -61,7 +74,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, pairs = summary_rows(results), paired_rows(results)
-    (out_dir / "table.json").write_text(json.dumps({"rows": rows, "paired": pairs, "meta": meta}, indent=2) + "\n")
+    doc = _no_nan({"rows": rows, "paired": pairs, "meta": meta})
+    (out_dir / "table.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     with open(out_dir / "table.csv", "w", newline="") as f:
         keys = [k for k in rows[0] if k not in ("top1_last", "seeds_list", "config")]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -71,8 +85,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         f"# vaqkd table — preset `{meta['preset']}`",
         "",
         f"Command: `{meta['command']}`  ",
-        f"git {meta['git_sha']}, torch {meta['torch']}, {meta['device_name']} ({meta['device']}), "
-        f"teacher `{meta['teacher']}`.  ",
+        f"git {meta['git_sha']}, torch {meta['torch']}, {meta['device_name']} ({meta['device']}, CPU capability "
+        f"{meta.get('cpu_capability', 'unknown')}), teacher `{meta['teacher']}`.  ",
         *(
             [f"Runs trained at git {', '.join(f'{k[:12]} ({n})' for k, n in meta['runs_git_sha'].items())}.  "]
             if meta.get("runs_git_sha")
@@ -91,7 +105,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        size = f"{r['size_mib_paper']:.3f} / {r['size_mib_run']:.3f}" if r["size_mib_run"] else "1.784 (FP32)"
+        fp32 = f"{r['fp32_mib']:.3f} (FP32)" if r.get("fp32_mib") else "FP32"
+        size = f"{r['size_mib_paper']:.3f} / {r['size_mib_run']:.3f}" if r["size_mib_run"] else fp32
         bops = f"{r['bops_reduction_paper']:.0f}× / {r['bops_reduction_run']:.1f}×" if r["size_mib_run"] else "1×"
         lines.append(
             f"| {r['row']} | {r['bits']} | {r['seeds']} | {_fmt(r['top1_last_mean'], r['top1_last_std'])} | "
@@ -104,8 +119,10 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         for p in pairs:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
             lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']} |")
+    if meta.get("failed"):
+        lines += ["", f"**Failed cells** (not in the table): {', '.join(meta['failed'])}."]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / "meta.json").write_text(json.dumps(_no_nan(meta), indent=2, allow_nan=False) + "\n")
     try:
         from vaqkd.analysis.plots import accuracy_bars, training_curves
 

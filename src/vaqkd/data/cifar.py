@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaqkd.errors import VaqkdError
 
-class DataError(RuntimeError):
+
+class DataError(VaqkdError, RuntimeError):
     """Missing or malformed dataset files (the message names the file and what is wrong)."""
 
 

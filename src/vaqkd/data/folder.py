@@ -7,6 +7,8 @@ so a second run starts in seconds. The cache key covers the file list, sizes and
 from __future__ import annotations
 
 import hashlib
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +36,40 @@ def _list_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
-def load_folder_split(root: str | Path, train: bool, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Return (images uint8 (N, 3, size, size), labels int64 (N,), class names), decoding at most once."""
+def load_folder_split(
+    root: str | Path, train: bool, size: int = 32, classes: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Return (images uint8 (N, 3, size, size), labels int64 (N,), class names), decoding at most once.
+
+    `classes`: the training split's class names. Labels are then those classes' indices, matched by name (a
+    test split that lacks a class keeps every other label right), and a class the training split does not
+    have is an error."""
     from PIL import Image  # Pillow comes with matplotlib; imported here to keep the core light
 
     split_dir = Path(root).expanduser() / ("train" if train else "test")
-    classes, items = _list_files(split_dir)
+    own, items = _list_files(split_dir)
+    if classes is not None:
+        unknown = [c for c in own if c not in classes]
+        if unknown:
+            raise DataError(f"{split_dir}: class folder(s) {unknown[:5]} not in the training split's classes")
+        index = {c: i for i, c in enumerate(classes)}
+        items = [(f, index[own[label]]) for f, label in items]
+    else:
+        classes = own
     key = hashlib.sha1(str(size).encode())
     for f, label in items:
         st = f.stat()
         key.update(f"{f.relative_to(split_dir)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = split_dir.parent / f".vaqkd_cache_{split_dir.name}_{key.hexdigest()[:16]}.pt"
     if cache.exists():
-        blob = torch.load(cache, weights_only=True)
-        return blob["images"], blob["labels"], classes
+        try:
+            blob = torch.load(cache, weights_only=True)
+            if blob["images"].shape == (len(items), 3, size, size) and len(blob["labels"]) == len(items):
+                return blob["images"], blob["labels"], classes
+            problem = "wrong shape"
+        except Exception as e:  # truncated or damaged: decode again and rewrite it
+            problem = type(e).__name__
+        warnings.warn(f"{cache}: damaged decoded-image cache ({problem}); decoding the images again", stacklevel=2)
     images = np.empty((len(items), size, size, 3), dtype=np.uint8)
     for i, (f, _) in enumerate(items):
         try:
@@ -57,8 +79,10 @@ def load_folder_split(root: str | Path, train: bool, size: int = 32) -> tuple[to
             raise DataError(f"{f}: cannot decode image ({e})") from None
     out = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    try:
-        torch.save({"images": out, "labels": labels}, cache)
+    tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+    try:  # written whole, then renamed: a kill mid-save leaves no truncated cache behind
+        torch.save({"images": out, "labels": labels}, tmp)
+        tmp.replace(cache)
     except OSError:
-        pass  # read-only data folder: still usable, just decoded again next time
+        tmp.unlink(missing_ok=True)  # read-only data folder: still usable, just decoded again next time
     return out, labels, classes

@@ -1,36 +1,193 @@
-"""Checkpoints: weights in safetensors, the rest (optimizer, counters, metric accumulators) in a torch file
-that loads with `weights_only=True`. Files are written to a temporary name and renamed, so a run killed
-while saving keeps its previous checkpoint."""
+"""Checkpoints as one atomic unit, run-directory files read with one-line errors, and the run lock.
+
+A checkpoint is a directory `ckpt-<step>/` holding `model.safetensors`, `objective.safetensors` (weights, each
+stamped with the step in its metadata) and `state.pt` (optimizer, counters, metric accumulators; loads with
+`weights_only=True`). It is written under a temporary name, flushed to disk and renamed in one step, and
+the previous checkpoint is deleted only after that: at every instant the run directory holds at least one
+complete checkpoint, and a kill (even inside the save) never pairs weights of one step with state of another.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from vaqkd.errors import RunFileError, RunLockedError
 
-def _save_module(module: nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+FORMAT = "vaqkd-checkpoint-1"
+PREFIX = "ckpt-"
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, state: dict) -> None:
-    _save_module(model, run_dir / "model.safetensors")
-    _save_module(objective, run_dir / "objective.safetensors")
-    tmp = run_dir / "state.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(run_dir / "state.pt")
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def load_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, device: torch.device) -> dict:
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors"), device=str(device)))
-    objective.load_state_dict(load_file(str(run_dir / "objective.safetensors"), device=str(device)))
-    return torch.load(run_dir / "state.pt", map_location=device, weights_only=True)
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (a temporary one is never named ckpt-<digits>)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return all((run_dir / f).exists() for f in ("model.safetensors", "objective.safetensors", "state.pt"))
+    return latest_checkpoint(run_dir) is not None
+
+
+def run_weights(run_dir: Path) -> Path:
+    """model.safetensors of a run's latest checkpoint (the final weights of a finished run)."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise RunFileError(f"{run_dir}: not a run directory with weights (no {PREFIX}<step>/ checkpoint)")
+    return ck / "model.safetensors"
+
+
+def _save_module(module: nn.Module, path: Path, step: int) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={"format": FORMAT, "step": str(step)})
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, state: dict) -> Path:
+    run_dir = Path(run_dir)
+    step = int(state["step"])
+    final = run_dir / f"{PREFIX}{step:09d}"
+    tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save_module(model, tmp / "model.safetensors", step)
+    _save_module(objective, tmp / "objective.safetensors", step)
+    torch.save(state, tmp / "state.pt")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again: move the old copy aside first (rename, not delete)
+        old = run_dir / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync(run_dir)
+    for p in checkpoints(run_dir):  # the new one is complete: the older ones can go
+        if p != final:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(f".{PREFIX}*"):  # temporaries of killed saves
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def read_safetensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing, truncated or damaged file is a RunFileError."""
+    path = Path(path)
+    if not path.exists():
+        raise RunFileError(f"{path}: file missing")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # SafetensorError, OSError, ... : the message is what the user needs
+        raise RunFileError(f"{path}: damaged or not a safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+def load_module(module: nn.Module, path: Path, device: str = "cpu", strict: bool = True) -> dict[str, str]:
+    """Load weights into `module`; a file that belongs to another model is a RunFileError. Returns metadata."""
+    tensors, meta = read_safetensors(path, device)
+    try:
+        module.load_state_dict(tensors, strict=strict)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise RunFileError(f"{path}: does not fit this model ({first[:200]})") from None
+    return meta
+
+
+def load_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, device: torch.device) -> dict:
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise RunFileError(f"{run_dir}: no checkpoint to resume from")
+    step = int(ck.name[len(PREFIX) :])
+    for name, module in (("model.safetensors", model), ("objective.safetensors", objective)):
+        meta = load_module(module, ck / name, str(device))
+        if meta.get("step") != str(step):
+            raise RunFileError(f"{ck / name}: stamped step {meta.get('step')!r}, expected {step} (foreign file)")
+    path = ck / "state.pt"
+    if not path.exists():
+        raise RunFileError(f"{path}: file missing")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise RunFileError(f"{path}: damaged or not a checkpoint state ({type(e).__name__})") from None
+    held = state.get("step") if isinstance(state, dict) else None
+    if held != step:
+        raise RunFileError(f"{path}: holds step {held}, expected {step} (foreign file)")
+    return state
+
+
+def read_json(path: Path) -> dict:
+    """A run directory's JSON file (final.json, env.json, ...), with a one-line error naming a damaged one."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: file missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: damaged (not JSON: {e})") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise RunFileError(f"{path}:{i}: damaged line (not JSON)") from None
+    return rows
+
+
+class RunLock:
+    """An exclusive lock on a run directory (flock on `.lock`, released when the process ends, even by a kill).
+    The lock file says who holds it: pid, host and start time."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            msg = f"{self.path.parent}: in use by {holder}; wait for it or choose another --out"
+            raise RunLockedError(msg) from None
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

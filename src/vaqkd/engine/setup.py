@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 import vaqkd
-from vaqkd.config import Config, DataConfig
+from vaqkd.config import Config, ConfigError, DataConfig
 from vaqkd.data.cifar import SPECS, load_split
 from vaqkd.data.loader import DeviceLoader, subset_per_class
+from vaqkd.engine.checkpoint import read_safetensors, run_weights
+from vaqkd.errors import RunFileError
 from vaqkd.models import create_model, stage_channels
 
 
@@ -73,7 +75,7 @@ def build_data(cfg: Config, device: torch.device) -> Data:
         from vaqkd.data.folder import load_folder_split
 
         xtr, ytr, classes = load_folder_split(root, True, d.image_size)
-        xte, yte, _ = load_folder_split(root, False, d.image_size)
+        xte, yte, _ = load_folder_split(root, False, d.image_size, classes=classes)
         x = xtr.float() / 255
         mean, std = tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
         num_classes = len(classes)
@@ -86,6 +88,8 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     xtr, ytr = xtr[keep], ytr[keep]
     keep = subset_per_class(yte, d.test_subset_per_class)
     xte, yte = xte[keep], yte[keep]
+    if d.batch_size > len(ytr):
+        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the {len(ytr)} training images")
     cl = cfg.train.channels_last
     train = DeviceLoader(xtr, ytr, d.batch_size, mean, std, device, train=True, seed=cfg.train.seed, channels_last=cl)
     test = DeviceLoader(xte, yte, d.eval_batch_size, mean, std, device, train=False, channels_last=cl)
@@ -104,22 +108,55 @@ def resolve_weights(spec: str, arch: str) -> Path:
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            path = path / "model.safetensors"
+            path = run_weights(path)
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
     return path
 
 
 def load_weights(model: nn.Module, spec: str, arch: str) -> None:
-    from safetensors.torch import load_file
-
     path = resolve_weights(spec, arch)
-    state = load_file(path)
+    state, _ = read_safetensors(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # a quantized run's file holds quantizer parameters too; an FP32 model simply ignores them
     unexpected = [k for k in unexpected if "_quant." not in k]
     if missing or unexpected:
-        raise ValueError(f"{path}: does not fit {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise RunFileError(f"{path}: does not fit {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The model a config trains: created, initialised from `model.init`, quantized, on the device."""
+    from vaqkd.quant import quantize
+
+    model = create_model(cfg.model.arch, num_classes)
+    if cfg.model.init:
+        load_weights(model, cfg.model.init, cfg.model.arch)
+    if cfg.quant.enabled:
+        q = cfg.quant
+        quantize(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_run(run_dir: str | Path, device: torch.device, sets: list[str] = ()) -> tuple[Config, nn.Module, Data]:
+    """Rebuild a run's model from its directory: (config, model with the latest weights, data).
+
+    `sets` override the run's config (e.g. data.root); the model is built without `model.init` (the run's own
+    weights replace it)."""
+    from vaqkd.config import load_config
+    from vaqkd.engine.checkpoint import load_module
+
+    run = Path(run_dir)
+    if not (run / "config.toml").exists():
+        raise RunFileError(f"{run}: not a run directory (no config.toml)")
+    cfg = load_config(run / "config.toml", [*sets, 'model.init=""'])
+    weights = run_weights(run)
+    data = build_data(cfg, device)
+    model = build_student(cfg, data.num_classes, device)
+    load_module(model, weights, str(device))
+    return cfg, model, data
 
 
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Module | None:
@@ -127,13 +164,11 @@ def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
         return None
     run = Path(cfg.distill.teacher).expanduser()
     if (run / "config.toml").exists():  # a run directory: rebuild exactly that model, quantized or not
-        from safetensors.torch import load_file
-
         from vaqkd.config import load_config
-        from vaqkd.engine.train import build_student
+        from vaqkd.engine.checkpoint import load_module
 
         teacher = build_student(load_config(run / "config.toml", ['model.init=""']), num_classes, device)
-        teacher.load_state_dict(load_file(str(run / "model.safetensors"), device=str(device)))
+        load_module(teacher, run_weights(run), str(device))
     else:
         teacher = create_model(cfg.distill.teacher_arch, num_classes)
         load_weights(teacher, cfg.distill.teacher, cfg.distill.teacher_arch)
@@ -187,6 +222,15 @@ def tune_allocator() -> bool:
     return _ALLOCATOR_TUNED
 
 
+def cpu_capability() -> str:
+    """The CPU's vector instruction set as PyTorch dispatches it (e.g. AVX512, AVX2): results are reproducible
+    bit for bit only on the same capability, precision and thread count."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
 def environment(device: torch.device, seed: int, precision: str) -> dict:
     if device.type == "cuda":
         dev_name = torch.cuda.get_device_name(device)
@@ -210,6 +254,7 @@ def environment(device: torch.device, seed: int, precision: str) -> dict:
         "device_name": dev_name,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability(),
         "precision": precision,
         "seed": seed,
         "malloc_tuned": _ALLOCATOR_TUNED,

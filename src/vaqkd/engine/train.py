@@ -1,9 +1,11 @@
 """The training engine: `fit` (a whole run in a run directory), `train_one_epoch`, `evaluate`, `lr_at`.
 
-Run directory: config.toml (resolved), env.json (git SHA, versions, device, seed, threads), metrics.jsonl
-(one line per epoch), final.json, and a checkpoint (model/objective .safetensors + state.pt). All training
-state is explicit: the data order and augmentation of step k of epoch e depend only on (seed, e, k), the
-learning rate is a pure function of the step, so a run resumed from any checkpoint continues the same run.
+Run directory: config.toml (resolved), env.json (git SHA, versions, device, CPU capability, seed, threads; the
+environment that started the run, with each resume appended), metrics.jsonl (one line per epoch), final.json,
+and the latest checkpoint `ckpt-<step>/` (see `engine.checkpoint`). All training state is explicit: the data
+order and augmentation of step k of epoch e depend only on (seed, e, k), the learning rate is a pure function
+of the step, so a run resumed from any checkpoint continues the same run. A run whose loss becomes non-finite
+stops (TrainingDiverged) with its last good checkpoint and a `failed.json` saying where.
 """
 
 from __future__ import annotations
@@ -20,20 +22,23 @@ from tqdm import tqdm
 
 from vaqkd.config import Config, OptimConfig, to_toml
 from vaqkd.distill.objective import Objective, build_term
-from vaqkd.engine.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from vaqkd.engine.checkpoint import RunLock, has_checkpoint, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from vaqkd.engine.setup import (
     autocast,
     build_data,
+    build_student,
     build_teacher,
     environment,
-    load_weights,
     resolve_device,
     resolve_precision,
     teacher_channels,
     write_json,
 )  # fmt: skip
-from vaqkd.models import create_model, stage_channels
-from vaqkd.quant import calibrate, quantize, quantizers
+from vaqkd.errors import RunFileError, TrainingDiverged
+from vaqkd.models import stage_channels
+from vaqkd.quant import calibrate, quantizers
+
+NONFINITE_CHECK_EVERY = 25  # steps between host-side checks of the on-device non-finite flag
 
 
 def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
@@ -47,19 +52,6 @@ def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.lr * max(1.0 - progress, 0.0)  # onecycle: warm-up, then linear decay to zero
-
-
-def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
-    model = create_model(cfg.model.arch, num_classes)
-    if cfg.model.init:
-        load_weights(model, cfg.model.init, cfg.model.arch)
-    if cfg.quant.enabled:
-        q = cfg.quant
-        quantize(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last)
-    model.to(device)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module) -> torch.optim.SGD:
@@ -106,6 +98,58 @@ def train_step(model, teacher, objective, opt, x, y, idx, step: int, precision: 
     return loss.detach(), parts, (s["logits"].detach().argmax(1) == y).sum()
 
 
+class _Guard:
+    """Watches the loss and its parts for non-finite values on the device (no per-step host sync): remembers
+    the first bad step and which parts went bad; `check()` reads it back (one sync)."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.parts: dict[str, torch.Tensor] = {}
+
+    def update(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        bad = ~torch.isfinite(loss)
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
+        for k, v in parts.items():
+            b = ~torch.isfinite(v)
+            self.parts[k] = b if k not in self.parts else self.parts[k] | b
+
+    def check(self) -> tuple[int, list[str]] | None:
+        first = int(self.first)
+        if first < 0:
+            return None
+        return first, [k for k, b in self.parts.items() if bool(b)]
+
+
+def _start_run(cfg: Config, run_dir: Path, resume: bool) -> None:
+    """Check that run_dir can take this run (fresh, or resumable with the same config); write config.toml."""
+    config_text = to_toml(cfg)
+    if resume:
+        if not has_checkpoint(run_dir):
+            raise RunFileError(f"{run_dir}: no checkpoint to resume from")
+        old = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else None
+        if old != config_text:
+            raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
+    elif has_checkpoint(run_dir) or (run_dir / "final.json").exists():
+        raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    if not resume:
+        (run_dir / "config.toml").write_text(config_text)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _record_env(run_dir: Path, env: dict, resume: bool, step: int) -> dict:
+    """env.json keeps the environment that started the run (its git SHA is the run's); a resume is appended."""
+    path = run_dir / "env.json"
+    if resume and path.exists():
+        first = read_json(path)
+        first.setdefault("resumes", []).append({**env, "at_step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        write_json(path, first)
+        return first
+    write_json(path, env)
+    return env
+
+
 def fit(
     cfg: Config,
     run_dir: str | Path,
@@ -118,28 +162,21 @@ def fit(
 
     `resume`: continue from the checkpoint in run_dir (an error if there is none, or if its config differs).
     `stop_after_steps`: stop (after checkpointing) once this many global steps are done; for tests and for
-    splitting a run into pieces.
+    splitting a run into pieces. Holds the run directory's lock for the whole run.
     """
     run_dir = Path(run_dir)
-    config_text = to_toml(cfg)
-    if resume:
-        if not has_checkpoint(run_dir):
-            raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from")
-        old = (run_dir / "config.toml").read_text()
-        if old != config_text:
-            raise ValueError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
-    elif has_checkpoint(run_dir):
-        raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config_text)
+    with RunLock(run_dir):
+        return _fit(cfg, run_dir, resume, log, progress, stop_after_steps)
 
+
+def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_after_steps: int | None) -> dict:
+    _start_run(cfg, run_dir, resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
-    env = environment(device, cfg.train.seed, precision)
-    write_json(run_dir / "env.json", env)
 
     data = build_data(cfg, device)
     model = build_student(cfg, data.num_classes, device)
@@ -162,16 +199,18 @@ def fit(
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists():
             done = state["step"] // steps_per_epoch
-            lines = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["epoch"] <= done]
+            lines = [json.dumps(r) for r in read_jsonl(metrics) if r["epoch"] <= done]
             metrics.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed {run_dir} at step {state['step']}/{total_steps}")
+    env = _record_env(run_dir, environment(device, cfg.train.seed, precision), resume, state["step"])
 
     def checkpoint() -> None:
         save_checkpoint(run_dir, model, objective, {**state, "optimizer": opt.state_dict()})
 
     from vaqkd.metrics.size import model_profile  # local: profile imports the quant package
 
-    profile = model_profile(model, data.num_classes) if cfg.quant.enabled else None
+    image_size = cfg.data.image_size if cfg.data.dataset == "folder" else 32
+    profile = model_profile(model, data.num_classes, image_size) if cfg.quant.enabled else None
     model.train()
     objective.train()
     while state["step"] < total_steps:
@@ -187,6 +226,7 @@ def fit(
         )
         sums = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
         part_sums: dict[str, torch.Tensor] = {}
+        guard = _Guard(device)
         t0 = time.perf_counter()
         seen = 0
         for x, y, idx in data.train.batches(epoch, start):
@@ -194,6 +234,7 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             loss, parts, correct = train_step(model, teacher, objective, opt, x, y, idx, state["step"], precision)
+            guard.update(state["step"], loss, parts)
             sums["loss"] += loss * len(y)
             sums["correct"] += correct
             for k, v in parts.items():
@@ -204,9 +245,14 @@ def fit(
             done_epoch = state["step"] % steps_per_epoch == 0
             every = cfg.train.checkpoint_every_steps
             stop = stop_after_steps is not None and state["step"] >= stop_after_steps
+            if state["step"] % NONFINITE_CHECK_EVERY == 0 and guard.check():
+                break
             if not done_epoch and ((every and state["step"] % every == 0) or stop):
                 break  # flush accumulators below, checkpoint mid-epoch
         bar.close()
+        bad = guard.check()  # before anything of this stretch is kept
+        if bad is not None:
+            _diverged(run_dir, cfg, bad, steps_per_epoch)
         # fold this stretch of steps into the epoch accumulators (host sync once per stretch)
         acc["loss"] += sums["loss"].item()
         acc["correct"] += int(sums["correct"].item())
@@ -250,7 +296,7 @@ def fit(
             log(f"stopped at step {state['step']} (checkpointed)")
             return {}
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     final = {
         "name": cfg.name,
         "top1_last": rows[-1]["test_top1"],
@@ -262,6 +308,7 @@ def fit(
         "img_per_s": sum(r["img_per_s"] for r in rows) / len(rows),
         "precision": precision,
         "device": env["device_name"],
+        "cpu_capability": env.get("cpu_capability", "unknown"),
         "seed": cfg.train.seed,
         "git_sha": env["git_sha"],
     }
@@ -269,3 +316,18 @@ def fit(
         final["profile"] = profile
     write_json(run_dir / "final.json", final)
     return final
+
+
+def _diverged(run_dir: Path, cfg: Config, bad: tuple[int, list[str]], steps_per_epoch: int) -> None:
+    from vaqkd.engine.checkpoint import latest_checkpoint
+
+    step, parts = bad
+    ck = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint ({ck.name}) is kept" if ck else "no checkpoint was written before it"
+    what = ", ".join(parts) if parts else "the total only"
+    msg = (
+        f"{run_dir}: loss became non-finite at step {step} (epoch {step // steps_per_epoch + 1}; non-finite parts: "
+        f"{what}); {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or check the data"
+    )
+    write_json(run_dir / "failed.json", {"reason": "non-finite loss", "step": step, "parts": parts, "message": msg})
+    raise TrainingDiverged(msg)

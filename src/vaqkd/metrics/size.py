@@ -70,9 +70,10 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def model_profile(model: nn.Module, num_classes: int) -> dict:
-    """Totals for a (quantized) model, plus the paper's all-layers convention at the body's bits."""
-    rows = layer_table(model)
+def model_profile(model: nn.Module, num_classes: int, image_size: int = 32) -> dict:
+    """Totals for a (quantized) model on `image_size` inputs, plus the paper's all-layers convention at the
+    body's bits."""
+    rows = layer_table(model, image_size)
     out = summarize(rows)
     body = max(rows[1:-1], key=lambda r: r["params"]) if len(rows) > 2 else rows[0]
     same = [dict(r, w_bits=body["w_bits"], a_bits=body["a_bits"]) for r in rows]

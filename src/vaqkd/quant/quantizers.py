@@ -109,8 +109,9 @@ class EWGSQuantizer(Quantizer):
     """Element-wise gradient scaling (Lee et al., CVPR 2021) on a learnable interval [l, u].
 
     x_n = clamp((x - l)/(u - l), 0, 1); x_q = round(x_n·L)/L; x_hat = l + (u - l)·x_q, L = 2^b - 1.
-    Backward through the discretizer: g_n = g_q·(1 + δ·sign(g_q)·(x_n - x_q)). δ is a buffer: fixed by
-    default (1e-3 as the paper's initial value) or updated by `set_delta` from a Hessian-trace estimate.
+    Backward through the discretizer: g_n = g_q·(1 + δ·sign(g_q)·(x_n - x_q)). δ is a fixed buffer (1e-3, the
+    paper's initial value): the paper's periodic δ update from a Hessian-trace estimate is not implemented;
+    `set_delta` changes δ by hand.
     Init: weights l, u = ∓3·std(x); activations l = 0, u = mean + 3·std. Activations (≥ 64k elements) run
     as one fused kernel each way (`EWGSQuant`); weights through the composite below (same gradients).
     """
@@ -120,6 +121,7 @@ class EWGSQuantizer(Quantizer):
         self.lower = nn.Parameter(torch.tensor(-1.0 if signed else 0.0))
         self.upper = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("delta", torch.tensor(float(delta)))
+        self.delta_value = float(delta)  # a host copy: reading the buffer each forward would sync a GPU
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
@@ -137,15 +139,20 @@ class EWGSQuantizer(Quantizer):
 
     def set_delta(self, delta: float) -> None:
         self.delta.fill_(delta)
+        self.delta_value = float(delta)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.delta_value = float(self.delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             return self.calibration_pass(x)
         if x.numel() >= FUSE_MIN_NUMEL:  # activations: one fused kernel each way
-            return EWGSQuant.apply(x, self.lower, self.upper, 2**self.bits - 1, float(self.delta))
+            return EWGSQuant.apply(x, self.lower, self.upper, 2**self.bits - 1, self.delta_value)
         width = (self.upper - self.lower).clamp_min(1e-8)
         xn = ((x - self.lower) / width).clamp(0, 1)
-        xq = EWGSDiscretize.apply(xn, 2**self.bits - 1, float(self.delta))
+        xq = EWGSDiscretize.apply(xn, 2**self.bits - 1, self.delta_value)
         return self.lower + width * xq
 
 
