@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
+from vaqkd.engine.checkpoint import has_checkpoint
 from vaqkd.runner import command_line, config_hash, meta, preset_config, run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def _train_cli(config: str, out: Path, sets: list[str], env: dict) -> None:
     if (out / "final.json").exists():
         print(f"reuse  {out}")
         return
-    resume = ["--resume"] if (out / "state.pt").exists() else []
+    resume = ["--resume"] if has_checkpoint(out) else []
     cmd = [sys.executable, "-m", "vaqkd.cli", "train", config, "--preset", "quick", "--out", str(out), "--no-progress",
            *resume, *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)

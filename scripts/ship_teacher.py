@@ -15,6 +15,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from vaqkd.engine.checkpoint import run_weights
+
 DEST = Path(__file__).resolve().parents[1] / "src" / "vaqkd" / "pretrained" / "resnet32_cifar100.safetensors"
 
 
@@ -25,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run_dir)
     final = json.loads((run / "final.json").read_text())
-    state = load_file(str(run / "model.safetensors"))
+    state = load_file(str(run_weights(run)))
     if any("_quant." in k for k in state):
         raise SystemExit(f"{run}: a quantized run cannot be the FP32 teacher")
     save_file(state, str(DEST), metadata={"top1": f"{final['top1_last']:.2f}", "git_sha": final["git_sha"]})

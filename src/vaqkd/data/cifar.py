@@ -120,6 +120,8 @@ def _load_pickle(path: Path) -> dict:
 
 
 def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a CIFAR pickle (holds a {type(d).__name__}, expected a dict)")
     for key in ("data", spec.label_key):
         if key not in d:
             raise DataError(f"{path}: key {key!r} missing (found {sorted(d)})")
@@ -128,7 +130,10 @@ def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.n
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {dtype} {shape}")
-    labels = np.asarray(d[spec.label_key], dtype=np.int64)
+    try:
+        labels = np.asarray(d[spec.label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{path}: {spec.label_key!r} is not a list of integer labels") from None
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
     if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):

@@ -251,6 +251,8 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
                 break  # flush accumulators below, checkpoint mid-epoch
         bar.close()
         bad = guard.check()  # before anything of this stretch is kept
+        if bad is None and not _finite(model, objective):  # the last update overflowed: its loss is unseen yet
+            bad = (state["step"] - 1, ["weights after the update"])
         if bad is not None:
             _diverged(run_dir, cfg, bad, steps_per_epoch)
         # fold this stretch of steps into the epoch accumulators (host sync once per stretch)
@@ -318,6 +320,12 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
     return final
 
 
+def _finite(*modules: nn.Module) -> bool:
+    """All parameters finite (one reduction per tensor, one host sync)."""
+    sums = [p.detach().float().sum() for m in modules for p in m.parameters()]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+
+
 def _diverged(run_dir: Path, cfg: Config, bad: tuple[int, list[str]], steps_per_epoch: int) -> None:
     from vaqkd.engine.checkpoint import latest_checkpoint
 
@@ -326,8 +334,8 @@ def _diverged(run_dir: Path, cfg: Config, bad: tuple[int, list[str]], steps_per_
     kept = f"the last good checkpoint ({ck.name}) is kept" if ck else "no checkpoint was written before it"
     what = ", ".join(parts) if parts else "the total only"
     msg = (
-        f"{run_dir}: loss became non-finite at step {step} (epoch {step // steps_per_epoch + 1}; non-finite parts: "
+        f"{run_dir}: training became non-finite at step {step} (epoch {step // steps_per_epoch + 1}; non-finite: "
         f"{what}); {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or check the data"
     )
-    write_json(run_dir / "failed.json", {"reason": "non-finite loss", "step": step, "parts": parts, "message": msg})
+    write_json(run_dir / "failed.json", {"reason": "non-finite loss or weights", "step": step, "parts": parts, "message": msg})
     raise TrainingDiverged(msg)

@@ -1,0 +1,160 @@
+"""Bad input: one test each, a one-line error naming the culprit and no traceback (the CLI's exit code 2);
+fuzzing of the config loader and the CIFAR reader (hypothesis)."""
+
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vaqkd.cli import main
+from vaqkd.config import Config, ConfigError, from_dict, load_config
+from vaqkd.data.cifar import DataError, load_split
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def one_line_error(capsys, args, *needles):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+@pytest.mark.parametrize(
+    "sets,needle",
+    [
+        (["quant.w_bits=0"], "quant.w_bits: must be in [1, 8]"),
+        (["quant.w_bits=33"], "quant.w_bits: must be in [1, 8]"),
+        (["quant.a_bits=1"], "quant.a_bits: lsq needs at least 2 bits"),
+        (["quant.weight=ewgs", "quant.per_channel=true"], "quant.per_channel: per-channel steps exist for lsq only"),
+        (["optim.lr=-0.1"], "optim.lr: must be > 0"),
+        (["optim.epochs=0"], "optim.epochs: must be >= 1"),
+        (["optim.lr=fast"], "optim.lr: expected a number"),
+        (["train.seed=1.5"], "train.seed: expected an integer"),
+        (["distill.terms.1.anchor_bits=[]"], "distill.terms.1.anchor_weights: needs one weight per anchor"),
+        (["distill.terms.1.anchor_bits=[0]"], "distill.terms.1.anchor_bits: bit widths must be in [1, 16]"),
+        (["distill.terms.1.anchor_bits=[33]"], "distill.terms.1.anchor_bits: bit widths must be in [1, 16]"),
+        (["optim.nonsense=1"], "optim.nonsense: unknown key"),
+    ],
+)
+def test_bad_config_values(sets, needle, capsys, tmp_path):
+    args = ["train", "configs/cifar100/vaqkd_logit.toml", "--out", str(tmp_path / "r")]
+    one_line_error(capsys, args + [a for s in sets for a in ("--set", s)], needle)
+    assert not (tmp_path / "r").exists()  # stopped before any work
+
+
+def test_malformed_toml(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr = 0.1\n")
+    one_line_error(capsys, ["train", str(bad)], "bad.toml: invalid TOML")
+
+
+def test_batch_larger_than_the_data(capsys, cifar_root, tmp_path):
+    args = ["train", "configs/cifar100/w2a2_qat.toml", "--out", str(tmp_path / "r"), "--data-root", str(cifar_root),
+            "--set", "data.batch_size=1000", "--set", 'model.init=""']  # fmt: skip
+    one_line_error(capsys, args, "data.batch_size: 1000 is larger than the 400 training images")
+    assert not list((tmp_path / "r").glob("ckpt-*"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "wrong_shape"])
+def test_damaged_dataset_files(damage, capsys, cifar_root, tmp_path):
+    path = cifar_root / "cifar-100-python" / "train"
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(3000))
+    else:
+        d = pickle.loads(path.read_bytes(), encoding="latin1")
+        d["data"] = d["data"][:, :1000]
+        path.write_bytes(pickle.dumps(d))
+    with pytest.raises(DataError, match="cifar-100-python"):
+        load_split("cifar100", cifar_root, train=True, download_missing=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fuzzing
+
+KEYS = {
+    "data": ["dataset", "root", "subset_per_class", "batch_size", "image_size", "bogus"],
+    "quant": ["enabled", "w_bits", "a_bits", "weight", "act", "per_channel", "first_last", "calib_batches"],
+    "optim": ["epochs", "lr", "momentum", "schedule", "milestones", "gamma", "warmup_epochs", "nesterov"],
+    "train": ["seed", "device", "precision", "threads", "eval_every"],
+    "distill": ["teacher", "terms"],
+}
+values = st.one_of(
+    st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=8),
+    st.lists(st.integers(-3, 40), max_size=3), st.sampled_from(["lsq", "pact", "ewgs", "dorefa", "cosine", "8", "cpu"]),
+    st.lists(st.dictionaries(st.sampled_from(["kind", "weight", "anchor_bits", "anchor_weights", "stage", "x"]),
+                             st.one_of(st.sampled_from(["kd", "ce", "crd", "hint", "layer2"]), st.floats(-1, 2),
+                                       st.lists(st.integers(0, 20), max_size=2))), max_size=3),
+)  # fmt: skip
+configs = st.dictionaries(
+    st.sampled_from([*KEYS, "name", "extra"]),
+    st.one_of(values, st.dictionaries(st.sampled_from(sum(KEYS.values(), [])), values, max_size=4)),
+    max_size=5,
+)
+FUZZ_CASES = {"config_dict": 0, "config_text": 0, "cifar": 0}
+
+
+@FUZZ
+@given(d=configs)
+def test_fuzz_config_dict_gives_a_config_or_a_config_error(d):
+    FUZZ_CASES["config_dict"] += 1
+    try:
+        cfg = from_dict(Config, d).validate()
+    except ConfigError:
+        return
+    assert isinstance(cfg, Config)
+
+
+@FUZZ
+@given(text=st.text(alphabet=st.sampled_from(list("[]=.\"'{},\n #abdeilmnoprstuqz0123456789_-")), max_size=80))
+def test_fuzz_config_text_gives_a_config_or_a_config_error(text, tmp_path):
+    FUZZ_CASES["config_text"] += 1
+    p = tmp_path / "fuzz.toml"
+    p.write_text(text)
+    try:
+        load_config(p)
+    except ConfigError:
+        pass
+
+
+def _pickled(obj) -> bytes:
+    return pickle.dumps(obj, protocol=2)
+
+
+arrays = st.builds(
+    lambda n, w, dt: np.zeros((n, w), dtype=dt), st.integers(0, 4), st.sampled_from([3072, 3071, 1]),
+    st.sampled_from([np.uint8, np.float32, np.int64]),
+)  # fmt: skip
+payloads = st.one_of(
+    st.binary(max_size=200),
+    st.builds(_pickled, st.dictionaries(st.sampled_from(["data", "fine_labels", "labels", "x"]),
+                                        st.one_of(arrays, st.lists(st.integers(-2, 120), max_size=5), st.none()))),
+    st.builds(_pickled, st.one_of(st.lists(st.integers()), st.text(), st.integers())),
+)  # fmt: skip
+
+
+@FUZZ
+@given(payload=payloads)
+def test_fuzz_cifar_reader_gives_data_or_a_data_error(payload, tmp_path):
+    FUZZ_CASES["cifar"] += 1
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir(exist_ok=True)
+    (folder / "test").write_bytes(payload)
+    try:
+        x, y = load_split("cifar100", tmp_path, train=False, download_missing=False)
+    except DataError:
+        return
+    assert x.dtype.is_floating_point is False and len(x) == len(y) > 0
+
+
+def test_fuzz_case_counts_are_reported(capsys):
+    """Prints how many cases each fuzz test ran in this session (for the record)."""
+    with capsys.disabled():
+        print(f"\nfuzz cases: {FUZZ_CASES}")

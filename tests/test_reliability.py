@@ -1,0 +1,199 @@
+"""Nothing lost, nothing wrong in silence: divergence, crash consistency, damaged files, the run lock, resumes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaqkd.cli import main
+from vaqkd.config import load_config
+from vaqkd.engine.checkpoint import RunLock, checkpoints, load_checkpoint, run_weights
+from vaqkd.engine.train import fit
+from vaqkd.errors import RunFileError, RunLockedError, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.batch_size=100", "data.eval_batch_size=200", "model.arch=resnet20", "optim.epochs=1",
+        "optim.schedule=cosine", "train.precision=fp32", "train.device=cpu"]  # fmt: skip
+
+
+def cfg_for(root, *extra):
+    return load_config(ROOT / "configs/cifar100/w2a2_qat.toml", TINY + [f'data.root="{root}"', 'model.init=""', *extra])
+
+
+def quiet(_):
+    pass
+
+
+def test_a_diverged_run_stops_keeps_its_last_good_checkpoint_and_says_where(shared_cifar_root, tmp_path):
+    cfg = cfg_for(shared_cifar_root, "optim.lr=1e8", "train.checkpoint_every_steps=1")
+    with pytest.raises(TrainingDiverged, match=r"non-finite at step \d+ .*non-finite: (ce|weights)") as e:
+        fit(cfg, tmp_path / "r", progress=False, log=quiet)
+    failed = json.loads((tmp_path / "r" / "failed.json").read_text())
+    assert failed["step"] >= 1 and failed["parts"] and str(failed["step"]) in str(e.value)
+    assert not (tmp_path / "r" / "final.json").exists()
+    cks = checkpoints(tmp_path / "r")  # only steps before the first bad one were kept, and they are finite
+    assert cks and int(cks[-1].name[5:]) <= failed["step"]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(run_weights(tmp_path / "r")).values())
+
+
+def test_cli_exit_code_for_divergence_and_the_runner_marks_the_cell_failed(shared_cifar_root, tmp_path, capsys):
+    args = ["train", "configs/cifar100/w2a2_qat.toml", "--out", str(tmp_path / "r"), "--data-root",
+            str(shared_cifar_root), "--no-progress", *[a for s in TINY + ['model.init=""', "optim.lr=1e8"]
+                                                       for a in ("--set", s)]]  # fmt: skip
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "non-finite" in err and "Traceback" not in err
+    from vaqkd.runner import run_or_reuse
+
+    logs = []
+    assert run_or_reuse(cfg_for(shared_cifar_root, "optim.lr=1e8"), tmp_path / "r", logs.append) is None
+    assert "FAILED" in logs[-1]  # not retried, not reused as finished
+
+
+def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
+    """SIGKILL inside and between checkpoint saves (benchmarks/kill_resume.py, a few kills here; the closing
+    note reports a longer series), each followed by --resume: identical final metrics and weights."""
+    out = tmp_path / "res.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks/kill_resume.py"), "--kills", "4", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    res = json.loads(out.read_text())
+    assert p.returncode == 0 and res["identical"] and res["kills"] == 4, (p.stdout, p.stderr[-2000:])
+
+
+def test_comparison_in_the_kill_benchmark_sees_a_difference():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kill_resume import same
+
+    a = {"final": {"top1_last": 1.0}, "metrics": [{"train_loss": 2.0}], "weights": {"w": torch.zeros(3)}}
+    b = {**a, "weights": {"w": torch.tensor([0.0, 0.0, 1e-7])}}
+    assert same(a, a) and not same(a, b) and not same(a, {**a, "metrics": [{"train_loss": 2.0001}]})
+
+
+@pytest.fixture
+def finished_run(shared_cifar_root, tmp_path):
+    run = tmp_path / "run"
+    fit(cfg_for(shared_cifar_root), run, progress=False, log=quiet)
+    return run
+
+
+def test_damaged_run_files_are_named_in_one_line(finished_run, shared_cifar_root, capsys):
+    weights = run_weights(finished_run)
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    assert main(["eval", str(finished_run), "--data-root", str(shared_cifar_root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(weights) in err and "damaged" in err
+    weights.write_bytes(good)
+    state = weights.parent / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(RunFileError, match=r"state\.pt: damaged"):
+        load_checkpoint(finished_run, *_model_and_objective(finished_run))
+    (finished_run / "final.json").write_text('{"top1_last": 1')
+    from vaqkd.runner import run_or_reuse
+
+    with pytest.raises(RunFileError, match=r"final\.json: damaged"):
+        run_or_reuse(load_config(finished_run / "config.toml"), finished_run, quiet)
+    (finished_run / "config.toml").write_text("[optim\nlr = ")
+    assert main(["eval", str(finished_run)]) == 2
+    assert "config.toml: invalid TOML" in capsys.readouterr().err
+
+
+def _model_and_objective(run):
+    from vaqkd.distill.objective import Objective, build_term
+    from vaqkd.engine.setup import build_student
+    from vaqkd.models import stage_channels
+
+    cfg = load_config(run / "config.toml", ['model.init=""'])
+    model = build_student(cfg, 100, torch.device("cpu"))
+    ch = stage_channels(model)
+    terms = [build_term(t, ch, ch, torch.zeros(600, dtype=torch.long)) for t in cfg.distill.terms]
+    return model, Objective(cfg.distill.terms, terms), torch.device("cpu")
+
+
+def test_foreign_and_mismatched_checkpoints_are_refused(finished_run, shared_cifar_root, tmp_path, capsys):
+    other = tmp_path / "other"
+    fit(load_config(None, TINY + [f'data.root="{shared_cifar_root}"', "model.arch=resnet32"]), other, progress=False,
+        log=quiet)  # fmt: skip
+    run_weights(finished_run).write_bytes(run_weights(other).read_bytes())  # a resnet32's weights in a resnet20 run
+    assert main(["eval", str(finished_run), "--data-root", str(shared_cifar_root)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "Traceback" not in err
+    ck = checkpoints(other)[-1]  # weights stamped with another step than the checkpoint's
+    ck.rename(ck.with_name("ckpt-000000001"))
+    with pytest.raises(RunFileError, match="stamped step"):
+        load_checkpoint(other, *_model_and_objective(other))
+
+
+def test_a_second_writer_is_told_who_holds_the_run(shared_cifar_root, tmp_path):
+    run = tmp_path / "r"
+    with RunLock(run):
+        with pytest.raises(RunLockedError, match=r"in use by pid \d+ on .* since"):
+            fit(cfg_for(shared_cifar_root), run, progress=False, log=quiet)
+    fit(cfg_for(shared_cifar_root), run, progress=False, log=quiet)  # released: now it runs
+
+
+def test_resume_keeps_the_environment_that_started_the_run(shared_cifar_root, tmp_path):
+    cfg = cfg_for(shared_cifar_root, "optim.epochs=2")
+    fit(cfg, tmp_path / "r", progress=False, log=quiet, stop_after_steps=3)
+    env = json.loads((tmp_path / "r" / "env.json").read_text())
+    fit(cfg, tmp_path / "r", resume=True, progress=False, log=quiet)
+    after = json.loads((tmp_path / "r" / "env.json").read_text())
+    assert after["git_sha"] == env["git_sha"] and after["resumes"][0]["at_step"] == 3
+    assert {k: v for k, v in after.items() if k != "resumes"} == env
+    final = json.loads((tmp_path / "r" / "final.json").read_text())
+    assert final["cpu_capability"] == env["cpu_capability"] != ""
+
+
+def _folder(root: Path, split: str, classes: dict[str, int]):
+    from PIL import Image
+
+    for c, n in classes.items():
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (10 * i, 50, ord(c[0]))).save(root / split / c / f"{i}.png")
+
+
+def test_folder_test_labels_follow_the_training_classes_by_name(tmp_path):
+    from vaqkd.data.cifar import DataError
+    from vaqkd.data.folder import load_folder_split
+
+    _folder(tmp_path, "train", {"apple": 2, "bear": 2, "cat": 2})
+    _folder(tmp_path, "test", {"apple": 1, "cat": 1})  # no bear: cat must stay 2, not become 1
+    _, ytr, classes = load_folder_split(tmp_path, True, 8)
+    _, yte, _ = load_folder_split(tmp_path, False, 8, classes=classes)
+    assert classes == ["apple", "bear", "cat"] and yte.tolist() == [0, 2]
+    _folder(tmp_path, "test", {"dog": 1})
+    with pytest.raises(DataError, match=r"\['dog'\] not in the training split"):
+        load_folder_split(tmp_path, False, 8, classes=classes)
+
+
+def test_folder_cache_damaged_is_decoded_again_and_bad_images_are_named(tmp_path):
+    from vaqkd.data.cifar import DataError
+    from vaqkd.data.folder import load_folder_split
+
+    _folder(tmp_path, "train", {"a": 2, "b": 2})
+    x, y, _ = load_folder_split(tmp_path, True, 8)
+    (cache,) = tmp_path.glob(".vaqkd_cache_train_*.pt")
+    cache.write_bytes(cache.read_bytes()[:50])  # a kill mid-save in the old code
+    with pytest.warns(UserWarning, match="damaged decoded-image cache"):
+        x2, y2, _ = load_folder_split(tmp_path, True, 8)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and not list(tmp_path.glob("*.tmp-*"))
+    (tmp_path / "train" / "b" / "9.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"9\.png: cannot decode image"):
+        load_folder_split(tmp_path, True, 8)
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
+    import vaqkd.metrics.size as size
+
+    def broken(*a, **k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(size, "profile", broken)
+    with pytest.raises(ValueError, match="an internal bug"):  # not swallowed into one line
+        main(["profile"])
