@@ -73,7 +73,13 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     assert any(line.startswith("resume ") and "qkd_logit-s1" in line for line in logs)
     assert sum(line.startswith("train ") for line in logs) == 2
     assert [f["seed"] for f in res["qkd_logit"]] == [0, 1]
-    data = json.loads((tmp_path / "results" / "table.json").read_text())
+    def strict(name):  # NaN / Infinity are not JSON: a strict reader (jq, browsers) refuses them
+        raise ValueError(f"bare {name} in table.json")
+
+    text = (tmp_path / "results" / "table.json").read_text()
+    data = json.loads(text, parse_constant=strict)
+    teacher = next(r for r in data["rows"] if r["row"] == "teacher")
+    assert teacher["top1_last_std"] is None  # one seed: no std, written as null
     assert {p["comparison"] for p in data["paired"]} == {"vaqkd_logit - qkd_logit"}
     assert data["paired"][0]["n"] == 2 and data["meta"]["preset"] == "demo"
     # the report says which code trained the runs it shows (reused runs keep theirs)
