@@ -70,9 +70,18 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     logs.clear()
     res = run_table(**kw, seeds=2, log=logs.append)
     assert sum(line.startswith("reuse ") for line in logs) == 3  # seed 0 untouched
+    records = sorted(p.name for p in (tmp_path / "results" / "runs").iterdir())
+    assert len(records) == 6 and all(r.split("-s")[0] in kw["rows"] for r in records)
+    assert {f.name for f in (tmp_path / "results" / "runs" / records[0]).iterdir()} == {
+        "config.toml",
+        "env.json",
+        "metrics.jsonl",
+        "final.json",
+    }  # a record: no weights
     assert any(line.startswith("resume ") and "qkd_logit-s1" in line for line in logs)
     assert sum(line.startswith("train ") for line in logs) == 2
     assert [f["seed"] for f in res["qkd_logit"]] == [0, 1]
+
     def strict(name):  # NaN / Infinity are not JSON: a strict reader (jq, browsers) refuses them
         raise ValueError(f"bare {name} in table.json")
 
@@ -85,6 +94,29 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     # the report says which code trained the runs it shows (reused runs keep theirs)
     assert sum(data["meta"]["runs_git_sha"].values()) == 6
     assert "Runs trained at git" in (tmp_path / "results" / "table.md").read_text()
+
+    # another session: no run directories, only the committed records; the report still has every run
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    logs.clear()
+    again = run_table(**kw, seeds=2, log=logs.append)
+    assert not any(line.startswith("train ") for line in logs)
+    assert [f["top1_last"] for f in again["qkd_logit"]] == [f["top1_last"] for f in res["qkd_logit"]]
+
+
+def test_pairs_from_different_machines_are_left_out():
+    from vaqkd.analysis.report import paired_rows
+
+    def run(seed, acc, cap="AVX512"):
+        return {"seed": seed, "top1_last": acc, "device": "cpu x", "cpu_capability": cap, "precision": "bf16",
+                "threads": 2}  # fmt: skip
+
+    res = {"qkd_logit": [run(0, 40.0), run(1, 41.0), run(2, 42.0)],
+           "vaqkd_logit": [run(0, 40.5), run(1, 41.7), run(2, 45.0, cap="AVX2")]}  # fmt: skip
+    (p,) = paired_rows(res)
+    assert p["n"] == 2 and p["seeds"] == [0, 1] and p["cross_machine_pairs_left_out"] == 1
+    assert p["mean"] == pytest.approx(0.6)
 
 
 def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):

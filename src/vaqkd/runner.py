@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -130,25 +131,61 @@ def resolve_teacher(teacher: str, preset: dict, runs: Path, sets: list[str], log
     return str(run_dir)
 
 
-MAX_SEEDS = 20  # the report looks for finished runs of seeds 0..MAX_SEEDS-1
+MAX_SEEDS = 100  # the report looks for finished runs of seeds 0..MAX_SEEDS-1
+RECORD_FILES = ("config.toml", "env.json", "metrics.jsonl", "final.json")
+
+
+def save_record(run_dir: Path, records: Path) -> Path:
+    """Copy a finished run's record (config, env, metrics, final; no weights) to records/<run name>, to be
+    committed: a report reads every committed record, so runs of different sessions add up."""
+    dest = records / run_dir.name
+    if (dest / "final.json").exists():
+        return dest
+    tmp = records / f".{run_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in RECORD_FILES:
+        if (run_dir / f).exists():
+            shutil.copy2(run_dir / f, tmp / f)
+    tmp.rename(dest)
+    return dest
+
+
+def _finished(name: str, runs: Path, records: Path | None) -> Path | None:
+    """Where the finished run `name` can be read: its run directory, else its committed record."""
+    for place in (runs / name, records / name if records else None):
+        if place is not None and (place / "final.json").exists():
+            return place
+    return None
 
 
 def row_result(row: str, seed: int, p: dict, teacher: str, sets: list[str], runs: Path, log,
-               train: bool = True) -> dict | None:  # fmt: skip
-    """final.json of one row and seed (TAKD: its whole chain, times summed); with train=False, None unless
-    every stage has finished."""
+               train: bool = True, records: Path | None = None) -> dict | None:  # fmt: skip
+    """final.json of one row and seed (TAKD: its whole chain, times summed), read from run directories or
+    committed records; with train=True, whatever is missing is trained (a chain from the first missing run
+    directory) and recorded. None if a run failed, or (train=False) unless every stage has finished."""
     chain = TAKD_CHAIN if row == "takd" else (row,)
-    t_spec, stages = teacher, []
+    names, t_spec = [], teacher
     for stage in chain:
         cfg = row_config(stage, p, seed, t_spec, sets)
-        run_dir = runs / f"{stage}-s{seed}-{config_hash(cfg)}"
-        if not train and not (run_dir / "final.json").exists():
-            return None
-        final = run_or_reuse(cfg, run_dir, log) if train else read_json(run_dir / "final.json")
-        if final is None:
-            return None
-        stages.append({**final, "run_dir": str(run_dir)})
-        t_spec = str(run_dir)  # TAKD: the next stage learns from, and starts from, this one
+        names.append((stage, cfg, f"{stage}-s{seed}-{config_hash(cfg)}"))
+        t_spec = str(runs / names[-1][2])  # TAKD: the next stage learns from, and starts from, this one
+    found = [_finished(name, runs, records) for _, _, name in names]
+    if all(found):
+        stages = [{**read_json(f / "final.json"), "run_dir": str(f)} for f in found]
+        if train:
+            log(f"reuse  {row} seed {seed} ({', '.join(str(f) for f in found)})")
+    elif not train:
+        return None
+    else:
+        stages = []
+        for _, cfg, name in names:
+            final = run_or_reuse(cfg, runs / name, log)
+            if final is None:
+                return None
+            if records is not None:
+                save_record(runs / name, records)
+            stages.append({**final, "run_dir": str(runs / name)})
     final = dict(stages[-1])
     if len(stages) > 1:
         final["train_seconds_own"] = final["train_seconds"]
@@ -179,6 +216,7 @@ def run_table(
         raise FileNotFoundError(f"unknown rows {unknown}: no such file in {configs_dir() / 'cifar100'}")
     runs = Path(runs_dir or Path("runs") / preset)
     out_dir = Path(out or Path("results") / preset)
+    records = out_dir / "runs"
     sets = list(extra_sets)
     teacher_spec = resolve_teacher(teacher, p, runs, sets, log)
     teacher_row = teacher_entry(teacher_spec, p, runs, sets, log)
@@ -188,7 +226,8 @@ def run_table(
     def report() -> dict:
         results: dict[str, list[dict]] = {"teacher": [teacher_row]}
         for row in dict.fromkeys([*p["rows"], *rows]):
-            found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False) for s in range(MAX_SEEDS)]
+            found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False, records=records)
+                     for s in range(MAX_SEEDS)]  # fmt: skip
             if any(found):
                 results[row] = [f for f in found if f]
         info = {**meta(preset, seeds, rows, teacher_spec), "runs_git_sha": trained_at(results), "failed": failed}
@@ -197,7 +236,7 @@ def run_table(
 
     for seed in range(seeds):
         for row in rows:
-            if row_result(row, seed, p, teacher_spec, sets, runs, log) is None:
+            if row_result(row, seed, p, teacher_spec, sets, runs, log, records=records) is None:
                 failed.append(f"{row} seed {seed}")
             report()  # keep the report current after every run
     results = report()

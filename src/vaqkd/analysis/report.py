@@ -56,17 +56,28 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+def machine_kind(final: dict) -> tuple:
+    """What must match for two runs to be bit-comparable: CPU/GPU name, its capability, precision, threads.
+    Records written before a field existed have None there."""
+    return (final.get("device"), final.get("cpu_capability"), final.get("precision"), final.get("threads"))
+
+
 def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
+    """VA-QKD - QKD per setting over the seeds both rows have. A pair counts only if both runs come from the same
+    kind of machine (`machine_kind`): a difference between machines would mix the method's effect with the
+    machine's numerics, so such pairs are left out and counted in `cross_machine_pairs_left_out`."""
     out = []
     for setting in SETTINGS:
-        va = {f["seed"]: f["top1_last"] for f in results.get(f"vaqkd_{setting}", [])}
+        va = {f["seed"]: f for f in results.get(f"vaqkd_{setting}", [])}
         for base in (f"qkd_{setting}", f"qkd_{setting}_wmatched"):
-            ref = {f["seed"]: f["top1_last"] for f in results.get(base, [])}
-            seeds = sorted(set(va) & set(ref))
+            ref = {f["seed"]: f for f in results.get(base, [])}
+            both = sorted(set(va) & set(ref))
+            seeds = [s for s in both if machine_kind(va[s]) == machine_kind(ref[s])]
             if not seeds:
                 continue
-            stat = paired_interval([va[s] for s in seeds], [ref[s] for s in seeds])
-            out.append({"comparison": f"vaqkd_{setting} - {base}", **stat})
+            stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
+            out.append({"comparison": f"vaqkd_{setting} - {base}", **stat, "seeds": seeds,
+                        "cross_machine_pairs_left_out": len(both) - len(seeds)})  # fmt: skip
     return out
 
 
@@ -114,11 +125,15 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
             f"{r['epochs']} × {r['train_images']} |"
         )
     if pairs:
-        lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", ""]
+        lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", "",
+                  "A pair counts only when both runs come from the same kind of machine (device, CPU capability, "
+                  "precision, threads); other pairs are left out and counted.", ""]  # fmt: skip
         lines += ["| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for p in pairs:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
-            lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']} |")
+            left = p.get("cross_machine_pairs_left_out", 0)
+            note = f" ({left} cross-machine pair(s) left out)" if left else ""
+            lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']}{note} |")
     if meta.get("failed"):
         lines += ["", f"**Failed cells** (not in the table): {', '.join(meta['failed'])}."]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")

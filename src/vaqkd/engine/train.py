@@ -311,6 +311,7 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
         "precision": precision,
         "device": env["device_name"],
         "cpu_capability": env.get("cpu_capability", "unknown"),
+        "threads": env["threads"],
         "seed": cfg.train.seed,
         "git_sha": env["git_sha"],
     }
@@ -337,5 +338,6 @@ def _diverged(run_dir: Path, cfg: Config, bad: tuple[int, list[str]], steps_per_
         f"{run_dir}: training became non-finite at step {step} (epoch {step // steps_per_epoch + 1}; non-finite: "
         f"{what}); {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or check the data"
     )
-    write_json(run_dir / "failed.json", {"reason": "non-finite loss or weights", "step": step, "parts": parts, "message": msg})
+    failed = {"reason": "non-finite loss or weights", "step": step, "parts": parts, "message": msg}
+    write_json(run_dir / "failed.json", failed)
     raise TrainingDiverged(msg)
