@@ -48,16 +48,44 @@ def cmd_eval(args) -> int:
     from vaqkd.engine.train import evaluate
 
     device = resolve_device(args.device or "auto")
-    cfg, model, data = load_run(args.run_dir, device, _overrides(args))
+    if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
+        from vaqkd.config import load_config
+        from vaqkd.deploy import ExportError, load
+        from vaqkd.engine.setup import build_data
+
+        if args.backend != "torch":
+            raise ExportError(f"--backend {args.backend}: not available yet for packed artifacts (use torch)")
+        model, header = load(args.run_dir, device)
+        sets = [f'data.dataset="{header["dataset"]}"', f"data.image_size={header['image_size']}", *_overrides(args)]
+        cfg = load_config(None, sets)
+        data = build_data(cfg, device)
+        name = Path(args.run_dir).name
+    else:
+        cfg, model, data = load_run(args.run_dir, device, _overrides(args))
+        name = cfg.name
     precision = resolve_precision(args.precision or cfg.train.precision, device)
     res = {
         "run": str(args.run_dir),
-        "name": cfg.name,
+        "name": name,
         **evaluate(model, data.test, precision),
         "precision": precision,
         "test_images": len(data.test.labels),
     }
-    print(json.dumps(res) if args.json else f"{cfg.name}: test top-1 {res['top1']:.2f}% on {res['test_images']} images")
+    print(json.dumps(res) if args.json else f"{name}: test top-1 {res['top1']:.2f}% on {res['test_images']} images")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from vaqkd.deploy import ExportError, export_packed
+
+    if args.format != "packed":
+        raise ExportError(f"--format {args.format}: not available yet (packed only)")
+    header = export_packed(args.run_dir, args.out, data_root=args.data_root)
+    size = Path(args.out).stat().st_size
+    print(
+        f"wrote {args.out}: {size:,} bytes ({size / 2**20:.4f} MiB), {header['packed_layers']} packed layers, "
+        f"W{header['quant']['w_bits']}A{header['quant']['a_bits']} first/last {header['quant']['first_last']}"
+    )
     return 0
 
 
@@ -128,14 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_root(t)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="top-1 of a finished run on the test split")
-    e.add_argument("run_dir")
+    e = sub.add_parser("eval", help="top-1 of a finished run (or a packed artifact) on the test split")
+    e.add_argument("run_dir", help="a run directory or a packed artifact file")
     e.add_argument("--json", action="store_true")
     e.add_argument("--device")
     e.add_argument("--precision", choices=["fp32", "bf16"])
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
+    e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="for packed artifacts")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a finished quantized run as a deployable artifact")
+    x.add_argument("run_dir")
+    x.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    x.add_argument("--out", required=True, help="e.g. model.vaqkd.safetensors")
+    _add_data_root(x)
+    x.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("profile", help="per-layer bits, params, MACs; model size and BOPs")
     pr.add_argument("--model", default="resnet32")

@@ -1,0 +1,139 @@
+"""The packed artifact: code packing, bit-exact reload, sizes, and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vaqkd.cli import main
+from vaqkd.config import load_config
+from vaqkd.deploy import ExportError, export_packed, load, pack_codes, pack_model, packed_size, save_artifact
+from vaqkd.deploy.pack import unpack_codes
+from vaqkd.engine.train import fit
+from vaqkd.errors import RunFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), data=st.data())
+def test_pack_unpack_round_trip_any_width(bits, data):
+    codes = torch.tensor(data.draw(st.lists(st.integers(0, 2**bits - 1), max_size=70)), dtype=torch.int64)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(len(codes), bits)  # dense
+    assert torch.equal(unpack_codes(packed, bits, len(codes)), codes)  # no code lost, no bit shifted
+
+
+def test_two_bit_layout_is_onnx_int2_first_code_in_the_low_bits():
+    assert pack_codes(torch.tensor([1, 0, 0, 0]), 2).tolist() == [0b00000001]
+    assert pack_codes(torch.tensor([0, 0, 0, 3]), 2).tolist() == [0b11000000]
+    assert pack_codes(torch.tensor([2, 1, 3, 0, 1]), 2).tolist() == [0b00110110, 0b01]
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 3\]"):
+        pack_codes(torch.tensor([4]), 2)
+    with pytest.raises(ValueError, match="cannot hold exactly"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 2, 5)
+
+
+TINY = ["data.batch_size=100", "data.eval_batch_size=200", "model.arch=resnet20", "optim.epochs=1",
+        "train.precision=fp32", "train.device=cpu", 'model.init=""']  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def w2a2_run(shared_cifar_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("deploy") / "w2a2"
+    cfg = load_config(ROOT / "configs/cifar100/w2a2_qat.toml", TINY + [f'data.root="{shared_cifar_root}"'])
+    fit(cfg, run, progress=False, log=lambda s: None)
+    return run
+
+
+def test_packed_model_gives_the_fake_quant_logits_bit_for_bit(w2a2_run, shared_cifar_root, tmp_path):
+    from vaqkd.engine.setup import load_run
+
+    out = tmp_path / "m.vaqkd.safetensors"
+    header = export_packed(w2a2_run, out, data_root=str(shared_cifar_root))
+    assert header["packed_layers"] == 18 and header["codes_bytes"] == 267_264 // 4  # 18 body convs, 4 codes a byte
+    assert header["quant"]["first_last"] == "fp32" and header["git_sha"]
+    _, fake, data = load_run(w2a2_run, torch.device("cpu"), [f'data.root="{shared_cifar_root}"'])
+    packed, _ = load(out)
+    fake.eval()
+    with torch.no_grad():
+        for x, _, _ in data.test.batches(0):
+            assert torch.equal(packed(x), fake(x))
+    # and the CLI evaluates the artifact to the run's own top-1
+    assert main(["eval", str(out), "--json", "--data-root", str(shared_cifar_root), "--precision", "fp32"]) == 0
+
+
+def test_a_changed_code_changes_the_model(w2a2_run, shared_cifar_root, tmp_path):
+    """The bit-exact test above would catch a lost code: flipping one code changes the logits."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "m.vaqkd.safetensors"
+    export_packed(w2a2_run, out, data_root=str(shared_cifar_root))
+    a, _ = load(out)
+    tensors = load_file(out)
+    meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["vaqkd"])
+    tensors["codes"][1000] ^= 0b11  # one 2-bit code of some layer
+    save_file(tensors, str(out), metadata={"vaqkd": json.dumps(meta)})
+    b, _ = load(out)
+    diff = [n for (n, p), q in zip(a.named_parameters(), b.parameters()) if not torch.equal(p, q)]
+    assert len(diff) == 1 and diff[0].endswith(".weight")
+
+
+@pytest.mark.parametrize("policy", ["same", "8", "fp32"])
+def test_file_size_is_codes_plus_parameters(policy, tmp_path):
+    from vaqkd.models import create_model
+    from vaqkd.quant import quantize
+
+    model = quantize(create_model("resnet32", 100), 2, 2, first_last=policy)
+    tensors, summary = pack_model(model)
+    out = save_artifact(tmp_path / "m.safetensors", tensors, {"format": "vaqkd-packed", "version": 1, **summary})
+    payload = tensors["codes"].numel() + 4 * tensors["params"].numel()
+    assert 0 < out.stat().st_size - payload < 1024  # the safetensors and JSON headers only
+    if policy == "same":  # every conv/linear weight at 2 bits: the paper's 0.1115 MiB of weights
+        assert tensors["codes"].numel() == 467_732 // 4 - 25  # 100 FC biases are FP32 params, not codes
+
+
+def test_bad_exports_and_tampered_files(w2a2_run, shared_cifar_root, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "m.vaqkd.safetensors"
+    # an FP32 run, an unfinished run, EWGS weights: one line each, nothing written
+    fp = tmp_path / "fp"
+    fit(load_config(None, TINY + [f'data.root="{shared_cifar_root}"']), fp, progress=False, log=lambda s: None)
+    with pytest.raises(ExportError, match="not a quantized run"):
+        export_packed(fp, out, data_root=str(shared_cifar_root))
+    (fp / "final.json").unlink()
+    assert main(["export", str(fp), "--out", str(out), "--data-root", str(shared_cifar_root)]) == 2
+    assert "not a finished run" in capsys.readouterr().err and not out.exists()
+    ewgs = tmp_path / "ewgs"
+    cfg = load_config(ROOT / "configs/cifar100/w2a2_qat.toml",
+                      TINY + [f'data.root="{shared_cifar_root}"', "quant.weight=ewgs"])  # fmt: skip
+    fit(cfg, ewgs, progress=False, log=lambda s: None)
+    with pytest.raises(ExportError, match=r"layer layer1\.0\.conv1: EWGSQuantizer weights cannot be packed"):
+        export_packed(ewgs, out, data_root=str(shared_cifar_root))
+    # a good file, then damaged copies of it
+    export_packed(w2a2_run, out, data_root=str(shared_cifar_root))
+    good = out.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(good[: len(good) // 2])
+    with pytest.raises(RunFileError, match="trunc.safetensors: damaged"):
+        load(trunc)
+    header = json.loads(safe_open(str(out), "pt").metadata()["vaqkd"])
+    tensors = load_file(out)
+    for change, needle in [
+        (lambda h, t: h.update(arch="resnet32"), "layout does not match resnet32"),
+        (lambda h, t: t.update(codes=t["codes"][:-1]), "codes missing or of the wrong length"),
+        (lambda h, t: t.update(params=t["params"][1:]), "params missing or of the wrong length"),
+        (lambda h, t: h.update(version=99), "format version 99 is not supported"),
+        (lambda h, t: h.update(format="other"), "format 'other'"),
+    ]:
+        h, t = json.loads(json.dumps(header)), dict(tensors)
+        change(h, t)
+        bad = tmp_path / "bad.safetensors"
+        save_file(t, str(bad), metadata={"vaqkd": json.dumps(h)})
+        with pytest.raises(RunFileError, match=needle):
+            load(bad)
