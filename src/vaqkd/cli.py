@@ -48,6 +48,8 @@ def cmd_eval(args) -> int:
     from vaqkd.engine.train import evaluate
 
     device = resolve_device(args.device or "auto")
+    if Path(args.run_dir).suffix == ".onnx":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
+        return _eval_onnx(args)
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
         from vaqkd.config import load_config
         from vaqkd.deploy import ExportError, load
@@ -75,11 +77,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_onnx(args) -> int:
+    import torch
+
+    from vaqkd.config import load_config
+    from vaqkd.deploy.onnx_export import ort_evaluate, session
+    from vaqkd.engine.setup import build_data
+
+    if args.backend != "onnxruntime":
+        from vaqkd.deploy import ExportError
+
+        raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime")
+    meta = session(args.run_dir).get_modelmeta().custom_metadata_map
+    cfg = load_config(None, [f'data.dataset="{meta.get("dataset", "cifar100")}"', *_overrides(args)])
+    data = build_data(cfg, torch.device("cpu"))
+    res = {"run": str(args.run_dir), "backend": "onnxruntime", **ort_evaluate(args.run_dir, data.test),
+           "test_images": len(data.test.labels)}  # fmt: skip
+    print(json.dumps(res) if args.json else f"{args.run_dir}: test top-1 {res['top1']:.2f}% (onnxruntime)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from vaqkd.deploy import ExportError, export_packed
 
+    if args.format == "onnx":
+        from vaqkd.deploy.onnx_export import export_run_onnx
+
+        export_run_onnx(args.run_dir, args.out, data_root=args.data_root)
+        print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes)")
+        return 0
     if args.format != "packed":
-        raise ExportError(f"--format {args.format}: not available yet (packed only)")
+        raise ExportError(f"--format {args.format}: unknown")
     header = export_packed(args.run_dir, args.out, data_root=args.data_root)
     size = Path(args.out).stat().st_size
     print(

@@ -1,0 +1,131 @@
+"""ONNX Runtime vs PyTorch for a W2A2 run: agreement and top-1 on the whole test split, and inference speed.
+
+    python benchmarks/deploy_onnx.py RUN_DIR --data-root ../shared/data/cifar100 --out results/deploy
+
+Agreement: the fake-quant PyTorch model (fp32) against its ONNX graph in ONNX Runtime with all graph
+optimizations (QDQ fused into QLinearConv: integer kernels), and the reference graph (float biases, no graph
+optimizations: float convolutions on the exact 2-bit codes; ORT's basic level already fuses QDQ). Speed
+(img/s, peak RSS), each case in a fresh process, in one run: ORT integer graph, ORT FP32 graph of the
+shipped teacher (exported plainly by the same builder), PyTorch eval of the W2A2 model and of the teacher, at
+batch 1 and 256, 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CASES = ("ort_w2a2_int", "ort_fp32_teacher", "torch_w2a2", "torch_fp32_teacher")
+
+
+def speed_case(case: str, onnx_dir: Path, run: str, data_root: str | None) -> dict:
+    torch.set_num_threads(2)
+    if case.startswith("ort"):
+        from vaqkd.deploy.onnx_export import session
+
+        sess = session(onnx_dir / ("w2a2.onnx" if "w2a2" in case else "teacher.onnx"), threads=2)
+
+        def fn(x):
+            return sess.run(None, {"input": x.numpy()})[0]
+    else:
+        from vaqkd.engine.setup import load_run, load_weights
+        from vaqkd.models import create_model
+
+        if "w2a2" in case:
+            sets = ["train.device=cpu", "data.test_subset_per_class=1"] + (
+                [f'data.root="{data_root}"'] if data_root else [])  # fmt: skip
+            model = load_run(run, torch.device("cpu"), sets)[1].eval()
+        else:
+            model = create_model("resnet32", 100)
+            load_weights(model, "pretrained", "resnet32")
+            model.eval()
+
+        def fn(x):
+            with torch.no_grad():
+                return model(x)
+
+    out = {}
+    for batch, reps in ((1, 200), (256, 8)):
+        x = torch.randn(batch, 3, 32, 32)
+        for _ in range(3):
+            fn(x)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn(x)
+        out[f"img_per_s_batch{batch}"] = batch * reps / (time.perf_counter() - t0)
+    # VmHWM: this process's peak resident set (ru_maxrss would include the parent's peak, kept across exec)
+    hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
+    out["peak_rss_mib"] = int(hwm.split()[1]) / 1024
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--data-root")
+    ap.add_argument("--out", type=Path, default=Path("results/deploy"))
+    ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    ap.add_argument("--onnx-dir", type=Path, default=Path("runs/deploy_onnx"))
+    args = ap.parse_args()
+    if args.case:  # a child process: one speed case
+        print(json.dumps(speed_case(args.case, args.onnx_dir, args.run_dir, args.data_root)))
+        return
+    import onnxruntime as ort
+
+    from vaqkd.deploy.onnx_export import build_onnx, export_onnx, export_run_onnx, ort_logits, session
+    from vaqkd.engine.setup import load_run, load_weights
+    from vaqkd.models import create_model
+    from vaqkd.runner import command_line, meta
+
+    args.onnx_dir.mkdir(parents=True, exist_ok=True)
+    export_run_onnx(args.run_dir, args.onnx_dir / "w2a2.onnx", data_root=args.data_root)
+    teacher = create_model("resnet32", 100)
+    load_weights(teacher, "pretrained", "resnet32")
+    export_onnx(teacher, args.onnx_dir / "teacher.onnx")
+    sets = ["train.device=cpu"] + ([f'data.root="{args.data_root}"'] if args.data_root else [])
+    _, model, data = load_run(args.run_dir, torch.device("cpu"), sets)
+    model.eval()
+    fused = session(args.onnx_dir / "w2a2.onnx")
+    # the reference graph: float biases, no graph optimizations (ORT's basic level already fuses QDQ)
+    unfused = session(build_onnx(model, integer=False).SerializeToString(), optimize=False)
+    counts = {"torch": 0, "ort_int": 0, "ort_reference": 0, "agree_int": 0, "agree_reference": 0, "n": 0}
+    with torch.no_grad():
+        for x, y, _ in data.test.batches(0):
+            pt, pi, pf = model(x).argmax(1), ort_logits(fused, x).argmax(1), ort_logits(unfused, x).argmax(1)
+            counts["torch"] += int((pt == y).sum())
+            counts["ort_int"] += int((pi == y).sum())
+            counts["ort_reference"] += int((pf == y).sum())
+            counts["agree_int"] += int((pi == pt).sum())
+            counts["agree_reference"] += int((pf == pt).sum())
+            counts["n"] += len(y)
+    n = counts["n"]
+    agreement = {
+        "test_images": n,
+        "top1": {k: 100 * counts[k] / n for k in ("torch", "ort_int", "ort_reference")},
+        "prediction_agreement_with_torch": {"ort_int": counts["agree_int"] / n,
+                                            "ort_reference": counts["agree_reference"] / n},
+    }  # fmt: skip
+    speed = {}
+    for case in CASES:
+        cmd = [sys.executable, __file__, args.run_dir, "--case", case, "--onnx-dir", str(args.onnx_dir)]
+        cmd += ["--data-root", args.data_root] if args.data_root else []
+        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        speed[case] = json.loads(p.stdout.strip().splitlines()[-1])
+    ratios = {f"ort_int_over_ort_fp32_batch{b}": speed["ort_w2a2_int"][f"img_per_s_batch{b}"]
+              / speed["ort_fp32_teacher"][f"img_per_s_batch{b}"] for b in (1, 256)}  # fmt: skip
+    res = {"run": args.run_dir, **agreement, "speed": speed, "ratios": ratios, "target_int_over_fp32_batch256": 1.5,
+           "meta": {**meta("deploy_onnx", 1, [], "pretrained"), "command": command_line(),
+                    "onnxruntime": ort.__version__}}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "onnx.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "meta"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
