@@ -10,15 +10,18 @@ be logged. A term module has `target(teacher_feats) -> r_T` (the representation 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vaqkd.config import TermConfig
 from vaqkd.distill.anchors import virtual_anchor
 from vaqkd.distill.contrastive import CRDLoss
 from vaqkd.distill.feature import AttentionTransfer, HintLoss
 from vaqkd.distill.kd import CrossEntropy, LogitKD
+
+if TYPE_CHECKING:  # config imports TERMS from here: no import at run time, no circle
+    from vaqkd.config import TermConfig
 
 TERMS = ("ce", "kd", "hint", "at", "crd")
 

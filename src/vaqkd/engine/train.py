@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ from tqdm import tqdm
 from vaqkd.config import Config, OptimConfig, to_toml
 from vaqkd.distill.objective import Objective, build_term
 from vaqkd.engine.checkpoint import RunLock, has_checkpoint, load_checkpoint, read_json, read_jsonl, save_checkpoint
+from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import (
+    Data,
     autocast,
     build_data,
     build_student,
@@ -34,11 +37,9 @@ from vaqkd.engine.setup import (
     teacher_channels,
     write_json,
 )  # fmt: skip
-from vaqkd.errors import RunFileError, TrainingDiverged
+from vaqkd.errors import RunFileError
 from vaqkd.models import stage_channels
 from vaqkd.quant import calibrate, quantizers
-
-NONFINITE_CHECK_EVERY = 25  # steps between host-side checks of the on-device non-finite flag
 
 
 def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
@@ -98,28 +99,6 @@ def train_step(model, teacher, objective, opt, x, y, idx, step: int, precision: 
     return loss.detach(), parts, (s["logits"].detach().argmax(1) == y).sum()
 
 
-class _Guard:
-    """Watches the loss and its parts for non-finite values on the device (no per-step host sync): remembers
-    the first bad step and which parts went bad; `check()` reads it back (one sync)."""
-
-    def __init__(self, device: torch.device):
-        self.first = torch.full((), -1, dtype=torch.long, device=device)
-        self.parts: dict[str, torch.Tensor] = {}
-
-    def update(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        bad = ~torch.isfinite(loss)
-        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
-        for k, v in parts.items():
-            b = ~torch.isfinite(v)
-            self.parts[k] = b if k not in self.parts else self.parts[k] | b
-
-    def check(self) -> tuple[int, list[str]] | None:
-        first = int(self.first)
-        if first < 0:
-            return None
-        return first, [k for k, b in self.parts.items() if bool(b)]
-
-
 def _start_run(cfg: Config, run_dir: Path, resume: bool) -> None:
     """Check that run_dir can take this run (fresh, or resumable with the same config); write config.toml."""
     config_text = to_toml(cfg)
@@ -170,7 +149,52 @@ def fit(
         return _fit(cfg, run_dir, resume, log, progress, stop_after_steps)
 
 
+@dataclass
+class Run:
+    """Everything a run in progress holds (built by `prepare`)."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    precision: str
+    data: Data
+    model: nn.Module
+    teacher: nn.Module | None
+    objective: Objective
+    opt: torch.optim.Optimizer
+    state: dict  # step, best top-1 and epoch, train seconds, the epoch's accumulators ("acc")
+    env: dict
+    profile: dict | None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data.train)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.optim.epochs * self.steps_per_epoch
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.run_dir, self.model, self.objective, {**self.state, "optimizer": self.opt.state_dict()})
+
+
 def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_after_steps: int | None) -> dict:
+    run = prepare(cfg, run_dir, resume, log)
+    while run.state["step"] < run.total_steps:
+        stretch = train_stretch(run, progress, stop_after_steps)
+        fold_stretch(run, stretch)  # stops here (TrainingDiverged) if the stretch went non-finite
+        if run.state["step"] % run.steps_per_epoch:  # mid-epoch: the accumulators travel in the checkpoint
+            run.checkpoint()
+        else:
+            end_epoch(run, log)
+        if stop_after_steps is not None and stop_after_steps <= run.state["step"] < run.total_steps:
+            log(f"stopped at step {run.state['step']} (checkpointed)")
+            return {}
+    return finish(run)
+
+
+def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
+    """Data, student, teacher, objective, calibration, optimizer; the checkpoint's state when resuming."""
     _start_run(cfg, run_dir, resume)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -189,8 +213,6 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
         calibrate(model, calib)
     opt = make_optimizer(cfg.optim, model, objective)
 
-    steps_per_epoch = len(data.train)
-    total_steps = cfg.optim.epochs * steps_per_epoch
     state = {"step": 0, "best_top1": -1.0, "best_epoch": -1, "train_seconds": 0.0, "acc": {}}
     if resume:
         state = load_checkpoint(run_dir, model, objective, device)
@@ -198,14 +220,11 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
         # drop metric lines written after the checkpoint (a kill between the two writes)
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists():
-            done = state["step"] // steps_per_epoch
+            done = state["step"] // len(data.train)
             lines = [json.dumps(r) for r in read_jsonl(metrics) if r["epoch"] <= done]
             metrics.write_text("".join(ln + "\n" for ln in lines))
-        log(f"resumed {run_dir} at step {state['step']}/{total_steps}")
+        log(f"resumed {run_dir} at step {state['step']}/{cfg.optim.epochs * len(data.train)}")
     env = _record_env(run_dir, environment(device, cfg.train.seed, precision), resume, state["step"])
-
-    def checkpoint() -> None:
-        save_checkpoint(run_dir, model, objective, {**state, "optimizer": opt.state_dict()})
 
     from vaqkd.metrics.size import model_profile  # local: profile imports the quant package
 
@@ -213,131 +232,117 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
     profile = model_profile(model, data.num_classes, image_size) if cfg.quant.enabled else None
     model.train()
     objective.train()
-    while state["step"] < total_steps:
-        epoch, start = divmod(state["step"], steps_per_epoch)
-        acc = state["acc"] or {"loss": 0.0, "correct": 0, "seen": 0, "parts": {}, "seconds": 0.0}
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=start,
-            desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-            disable=not progress,
-            leave=False,
-            mininterval=1.0,
-        )
-        sums = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), dtype=torch.long, device=device)}
-        part_sums: dict[str, torch.Tensor] = {}
-        guard = _Guard(device)
-        t0 = time.perf_counter()
-        seen = 0
-        for x, y, idx in data.train.batches(epoch, start):
-            lr = lr_at(cfg.optim, state["step"], steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            loss, parts, correct = train_step(model, teacher, objective, opt, x, y, idx, state["step"], precision)
-            guard.update(state["step"], loss, parts)
-            sums["loss"] += loss * len(y)
-            sums["correct"] += correct
-            for k, v in parts.items():
-                part_sums[k] = part_sums.get(k, 0) + v * len(y)
-            seen += len(y)
-            state["step"] += 1
-            bar.update(1)
-            done_epoch = state["step"] % steps_per_epoch == 0
-            every = cfg.train.checkpoint_every_steps
-            stop = stop_after_steps is not None and state["step"] >= stop_after_steps
-            if state["step"] % NONFINITE_CHECK_EVERY == 0 and guard.check():
-                break
-            if not done_epoch and ((every and state["step"] % every == 0) or stop):
-                break  # flush accumulators below, checkpoint mid-epoch
-        bar.close()
-        bad = guard.check()  # before anything of this stretch is kept
-        if bad is None and not _finite(model, objective):  # the last update overflowed: its loss is unseen yet
-            bad = (state["step"] - 1, ["weights after the update"])
-        if bad is not None:
-            _diverged(run_dir, cfg, bad, steps_per_epoch)
-        # fold this stretch of steps into the epoch accumulators (host sync once per stretch)
-        acc["loss"] += sums["loss"].item()
-        acc["correct"] += int(sums["correct"].item())
-        acc["seen"] += seen
-        acc["seconds"] += time.perf_counter() - t0
-        for k, v in part_sums.items():
-            acc["parts"][k] = acc["parts"].get(k, 0.0) + float(v)
-        state["train_seconds"] += time.perf_counter() - t0
-        if state["step"] % steps_per_epoch:  # mid-epoch: keep the accumulators in the checkpoint
-            state["acc"] = acc
-            checkpoint()
-            if stop_after_steps is not None and state["step"] >= stop_after_steps:
-                log(f"stopped at step {state['step']} (checkpointed)")
-                return {}
-            continue
-        state["acc"] = {}
-        last = epoch + 1 == cfg.optim.epochs
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": acc["loss"] / acc["seen"],
-            "train_top1": 100.0 * acc["correct"] / acc["seen"],
-            "parts": {k: v / acc["seen"] for k, v in acc["parts"].items()},
-            "epoch_seconds": acc["seconds"],
-            "img_per_s": acc["seen"] / acc["seconds"],
-        }
-        if (epoch + 1) % cfg.train.eval_every == 0 or last:
-            ev = evaluate(model, data.test, precision)
-            row.update(test_top1=ev["top1"], test_loss=ev["loss"])
-            if ev["top1"] > state["best_top1"]:
-                state["best_top1"], state["best_epoch"] = ev["top1"], epoch + 1
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        test_txt = f" test top-1 {row['test_top1']:.2f}%" if "test_top1" in row else ""
-        log(
-            f"epoch {epoch + 1}/{cfg.optim.epochs} loss {row['train_loss']:.4f} train top-1 "
-            f"{row['train_top1']:.2f}%{test_txt} ({row['epoch_seconds']:.1f}s, {row['img_per_s']:.0f} img/s)"
-        )
-        checkpoint()
-        if stop_after_steps is not None and state["step"] >= stop_after_steps and state["step"] < total_steps:
-            log(f"stopped at step {state['step']} (checkpointed)")
-            return {}
+    return Run(cfg, run_dir, device, precision, data, model, teacher, objective, opt, state, env, profile)
 
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+
+def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dict:
+    """Steps from the current one to the end of the epoch, or to the next mid-epoch checkpoint or stop. Sums
+    stay on the device (no host sync per step); returns them with the non-finite guard."""
+    cfg, state = run.cfg, run.state
+    epoch, start = divmod(state["step"], run.steps_per_epoch)
+    bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+               disable=not progress, leave=False, mininterval=1.0)  # fmt: skip
+    sums = {"loss": torch.zeros((), device=run.device), "correct": torch.zeros((), dtype=torch.long, device=run.device)}
+    parts_sum: dict[str, torch.Tensor] = {}
+    guard = Guard(run.device)
+    t0, seen, lr = time.perf_counter(), 0, 0.0
+    for x, y, idx in run.data.train.batches(epoch, start):
+        lr = lr_at(cfg.optim, state["step"], run.steps_per_epoch)
+        for g in run.opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        loss, parts, correct = train_step(run.model, run.teacher, run.objective, run.opt, x, y, idx, state["step"],
+                                          run.precision)  # fmt: skip
+        guard.update(state["step"], loss, parts)
+        sums["loss"] += loss * len(y)
+        sums["correct"] += correct
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v * len(y)
+        seen += len(y)
+        state["step"] += 1
+        bar.update(1)
+        done_epoch = state["step"] % run.steps_per_epoch == 0
+        every = cfg.train.checkpoint_every_steps
+        stop = stop_after_steps is not None and state["step"] >= stop_after_steps
+        if state["step"] % NONFINITE_CHECK_EVERY == 0 and guard.check():
+            break
+        if not done_epoch and ((every and state["step"] % every == 0) or stop):
+            break
+    bar.close()
+    return {"sums": sums, "parts": parts_sum, "guard": guard, "seen": seen, "seconds": time.perf_counter() - t0,
+            "lr": lr}  # fmt: skip
+
+
+def fold_stretch(run: Run, stretch: dict) -> None:
+    """Check the stretch for non-finite values (before anything of it is kept), then fold its sums into the
+    epoch's accumulators (one host sync per stretch)."""
+    bad = stretch["guard"].check()
+    if bad is None and not finite(run.model, run.objective):  # the last update overflowed: its loss is unseen yet
+        bad = (run.state["step"] - 1, ["weights after the update"])
+    if bad is not None:
+        diverged(run.run_dir, run.cfg, bad, run.steps_per_epoch)
+    acc = run.state["acc"] or {"loss": 0.0, "correct": 0, "seen": 0, "parts": {}, "seconds": 0.0}
+    acc["loss"] += stretch["sums"]["loss"].item()
+    acc["correct"] += int(stretch["sums"]["correct"].item())
+    acc["seen"] += stretch["seen"]
+    acc["seconds"] += stretch["seconds"]
+    acc["lr"] = stretch["lr"]
+    for k, v in stretch["parts"].items():
+        acc["parts"][k] = acc["parts"].get(k, 0.0) + float(v)
+    run.state["acc"] = acc
+    run.state["train_seconds"] += stretch["seconds"]
+
+
+def end_epoch(run: Run, log) -> None:
+    """Evaluate (every `eval_every` epochs and the last), append the epoch's line to metrics.jsonl, log it and
+    checkpoint."""
+    cfg, state = run.cfg, run.state
+    acc, state["acc"] = state["acc"], {}
+    epoch = state["step"] // run.steps_per_epoch
+    row = {
+        "epoch": epoch,
+        "lr": acc["lr"],
+        "train_loss": acc["loss"] / acc["seen"],
+        "train_top1": 100.0 * acc["correct"] / acc["seen"],
+        "parts": {k: v / acc["seen"] for k, v in acc["parts"].items()},
+        "epoch_seconds": acc["seconds"],
+        "img_per_s": acc["seen"] / acc["seconds"],
+    }
+    if epoch % cfg.train.eval_every == 0 or epoch == cfg.optim.epochs:
+        ev = evaluate(run.model, run.data.test, run.precision)
+        row.update(test_top1=ev["top1"], test_loss=ev["loss"])
+        if ev["top1"] > state["best_top1"]:
+            state["best_top1"], state["best_epoch"] = ev["top1"], epoch
+    with open(run.run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    test_txt = f" test top-1 {row['test_top1']:.2f}%" if "test_top1" in row else ""
+    log(
+        f"epoch {epoch}/{cfg.optim.epochs} loss {row['train_loss']:.4f} train top-1 "
+        f"{row['train_top1']:.2f}%{test_txt} ({row['epoch_seconds']:.1f}s, {row['img_per_s']:.0f} img/s)"
+    )
+    run.checkpoint()
+
+
+def finish(run: Run) -> dict:
+    """final.json from the metrics of every epoch and the run's state."""
+    rows = read_jsonl(run.run_dir / "metrics.jsonl")
+    env = run.env
     final = {
-        "name": cfg.name,
+        "name": run.cfg.name,
         "top1_last": rows[-1]["test_top1"],
-        "top1_best": state["best_top1"],
-        "best_epoch": state["best_epoch"],
-        "epochs": cfg.optim.epochs,
-        "train_seconds": state["train_seconds"],
-        "train_images": len(data.train_labels),
+        "top1_best": run.state["best_top1"],
+        "best_epoch": run.state["best_epoch"],
+        "epochs": run.cfg.optim.epochs,
+        "train_seconds": run.state["train_seconds"],
+        "train_images": len(run.data.train_labels),
         "img_per_s": sum(r["img_per_s"] for r in rows) / len(rows),
-        "precision": precision,
+        "precision": run.precision,
         "device": env["device_name"],
         "cpu_capability": env.get("cpu_capability", "unknown"),
         "threads": env["threads"],
-        "seed": cfg.train.seed,
+        "seed": run.cfg.train.seed,
         "git_sha": env["git_sha"],
     }
-    if profile is not None:
-        final["profile"] = profile
-    write_json(run_dir / "final.json", final)
+    if run.profile is not None:
+        final["profile"] = run.profile
+    write_json(run.run_dir / "final.json", final)
     return final
-
-
-def _finite(*modules: nn.Module) -> bool:
-    """All parameters finite (one reduction per tensor, one host sync)."""
-    sums = [p.detach().float().sum() for m in modules for p in m.parameters()]
-    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
-
-
-def _diverged(run_dir: Path, cfg: Config, bad: tuple[int, list[str]], steps_per_epoch: int) -> None:
-    from vaqkd.engine.checkpoint import latest_checkpoint
-
-    step, parts = bad
-    ck = latest_checkpoint(run_dir)
-    kept = f"the last good checkpoint ({ck.name}) is kept" if ck else "no checkpoint was written before it"
-    what = ", ".join(parts) if parts else "the total only"
-    msg = (
-        f"{run_dir}: training became non-finite at step {step} (epoch {step // steps_per_epoch + 1}; non-finite: "
-        f"{what}); {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or check the data"
-    )
-    failed = {"reason": "non-finite loss or weights", "step": step, "parts": parts, "message": msg}
-    write_json(run_dir / "failed.json", failed)
-    raise TrainingDiverged(msg)

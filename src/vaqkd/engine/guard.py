@@ -1,0 +1,58 @@
+"""The non-finite guard: a diverged run stops at the first non-finite loss or weight, keeps its last good
+checkpoint and says where (failed.json, TrainingDiverged)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vaqkd.config import Config
+from vaqkd.engine.checkpoint import latest_checkpoint
+from vaqkd.engine.setup import write_json
+from vaqkd.errors import TrainingDiverged
+
+NONFINITE_CHECK_EVERY = 25  # steps between host-side checks of the on-device non-finite flag
+
+
+class Guard:
+    """Watches the loss and its parts for non-finite values on the device (no per-step host sync): remembers
+    the first bad step and which parts went bad; `check()` reads it back (one sync)."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+        self.parts: dict[str, torch.Tensor] = {}
+
+    def update(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        bad = ~torch.isfinite(loss)
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
+        for k, v in parts.items():
+            b = ~torch.isfinite(v)
+            self.parts[k] = b if k not in self.parts else self.parts[k] | b
+
+    def check(self) -> tuple[int, list[str]] | None:
+        first = int(self.first)
+        if first < 0:
+            return None
+        return first, [k for k, b in self.parts.items() if bool(b)]
+
+
+def finite(*modules: nn.Module) -> bool:
+    """All parameters finite (one reduction per tensor, one host sync)."""
+    sums = [p.detach().float().sum() for m in modules for p in m.parameters()]
+    return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
+
+
+def diverged(run_dir: Path, cfg: Config, bad: tuple[int, list[str]], steps_per_epoch: int) -> None:
+    step, parts = bad
+    ck = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint ({ck.name}) is kept" if ck else "no checkpoint was written before it"
+    what = ", ".join(parts) if parts else "the total only"
+    msg = (
+        f"{run_dir}: training became non-finite at step {step} (epoch {step // steps_per_epoch + 1}; non-finite: "
+        f"{what}); {kept}. Lower optim.lr (now {cfg.optim.lr:g}) or check the data"
+    )
+    failed = {"reason": "non-finite loss or weights", "step": step, "parts": parts, "message": msg}
+    write_json(run_dir / "failed.json", failed)
+    raise TrainingDiverged(msg)
