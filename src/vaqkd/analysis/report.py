@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
 
-SETTINGS = ("logit", "feature", "contrastive")
+SETTINGS = ("logit", "feature", "contrastive", "feature_wrn")
 
 
 def _fmt(m: float, sd: float) -> str:

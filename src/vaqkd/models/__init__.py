@@ -7,11 +7,14 @@ from collections.abc import Callable
 from torch import nn
 
 from vaqkd.models.resnet_cifar import CifarResNet, stage_channels
+from vaqkd.models.wrn_cifar import WideResNet
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": lambda k: CifarResNet(20, k),
     "resnet32": lambda k: CifarResNet(32, k),
     "resnet56": lambda k: CifarResNet(56, k),
+    "wrn_16_2": lambda k: WideResNet(16, 2, k),
+    "wrn_40_2": lambda k: WideResNet(40, 2, k),
 }
 
 
@@ -30,4 +33,4 @@ def count_weights(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["MODELS", "create_model", "count_weights", "stage_channels", "CifarResNet"]
+__all__ = ["MODELS", "create_model", "count_weights", "stage_channels", "CifarResNet", "WideResNet"]
