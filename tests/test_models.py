@@ -59,3 +59,36 @@ def test_heterogeneous_pair_hint_and_crd_on_quantized_wrn_student():
     total.backward()
     assert set(parts) == {"hint", "hint@va2", "crd", "crd@va2"} and torch.isfinite(total)
     assert student.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_features_by_module_path_on_a_model_without_forward_features():
+    from torch import nn
+
+    from vaqkd.models import features, stage_channels
+    from vaqkd.quant import quantize
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))  # fmt: skip
+    q = quantize(net, 2, 2)
+    f = features(q, torch.randn(2, 3, 32, 32), ["3", "embedding"])
+    assert f["3"].shape == (2, 16, 16, 16) and f["embedding"].shape == (2, 16) and f["logits"].shape == (2, 10)
+    assert stage_channels(q, ["1", "embedding"]) == {"1": 8, "embedding": 16, "logits": 10}
+    with pytest.raises(KeyError, match="'layer9' is neither a named stage"):
+        features(q, torch.randn(1, 3, 32, 32), ["layer9"])
+    # the CIFAR ResNets keep their short names, and module paths work beside them
+    r = create_model("resnet20", 10).eval()
+    g = features(r, torch.randn(2, 3, 32, 32), ["layer2", "layer3.2"])
+    assert torch.equal(g["layer3.2"], g["layer3"]) and g["layer2"].shape == (2, 32, 16, 16)
+
+
+def test_a_wrong_stage_name_is_a_config_error(shared_cifar_root, tmp_path):
+    from vaqkd.config import ConfigError, load_config
+    from vaqkd.engine.train import fit
+
+    sets = ["model.arch=resnet20", 'model.init=""', "distill.teacher_arch=resnet20", "train.device=cpu",
+            "train.precision=fp32", "optim.epochs=1", f'data.root="{shared_cifar_root}"', "data.batch_size=100",
+            'distill.terms=[{kind="ce"}, {kind="hint", stage="layer9"}]']  # fmt: skip
+    teacher = tmp_path / "t"
+    fit(load_config(None, sets[:-1] + ['distill.terms=[{kind="ce"}]']), teacher, progress=False, log=lambda s: 0)
+    with pytest.raises(ConfigError, match=r"distill\.terms\.1\.stage: 'layer9' is neither"):
+        fit(load_config(None, [*sets, f'distill.teacher="{teacher}"']), tmp_path / "r", progress=False, log=lambda s: 0)

@@ -124,7 +124,8 @@ class TermConfig:
     kind: str = "ce"  # ce | kd | hint | at | crd
     weight: float = 1.0
     temperature: float = 4.0  # kd
-    stage: str = "layer2"  # hint / at: which named stage
+    stage: str = "layer2"  # hint / at: a named stage (stem, layer1..3) or a module path ("features.4")
+    teacher_stage: str = ""  # the teacher's stage when its name differs ("" = stage)
     feat_dim: int = 128  # crd embedding size
     nce_k: int = 16384  # crd negatives
     nce_t: float = 0.07
@@ -139,9 +140,7 @@ class TermConfig:
         _check(f"{p}.kind", self.kind in TERMS, f"unknown loss term {self.kind!r}; registered: {sorted(TERMS)}")
         _check(f"{p}.weight", self.weight >= 0, "must be >= 0")
         _check(f"{p}.temperature", self.temperature > 0, "must be > 0")
-        _check(
-            f"{p}.stage", self.stage in ("stem", "layer1", "layer2", "layer3"), "must be stem, layer1, layer2 or layer3"
-        )
+        _check(f"{p}.stage", bool(self.stage), "must name a stage (layer2, ...) or a module path")
         _check(f"{p}.nce_k", self.nce_k >= 1, "must be >= 1")
         _check(
             f"{p}.anchor_weights",
@@ -331,6 +330,26 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
+
+
+# Fields added after runs were recorded: while at their default they are left out of a run's identity (its
+# config hash, the resume check), so records and run directories made before the field existed still match.
+LATER_DEFAULTS = ('teacher_stage = ""',)
+
+
+def identity(toml_text: str) -> str:
+    """A resolved config's text as a run's identity: what decides its result, not where files lie. Left out:
+    `data.root` (where the dataset lives) and later fields at their defaults (LATER_DEFAULTS); a teacher or
+    init that is a run directory counts by its name (which holds its own config hash), not its location."""
+    out = []
+    for ln in toml_text.splitlines(keepends=True):
+        key, _, value = ln.strip().partition(" = ")
+        if ln.strip() in LATER_DEFAULTS or key == "root":
+            continue
+        if key in ("teacher", "init") and "/" in value:
+            ln = f'{key} = "{Path(value.strip().strip(chr(34))).name}"\n'
+        out.append(ln)
+    return "".join(out)
 
 
 def to_toml(cfg: Config) -> str:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from vaqkd.config import Config, apply_override, from_dict, load_dict, merge, to_toml
+from vaqkd.config import Config, apply_override, from_dict, identity, load_dict, merge, to_toml
 from vaqkd.engine.checkpoint import has_checkpoint, read_json
 from vaqkd.errors import RunLockedError, TrainingDiverged, VaqkdError
 
@@ -93,7 +93,7 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, sets: list[str], log) 
 
 
 def config_hash(cfg: Config) -> str:
-    return hashlib.sha1(to_toml(cfg).encode()).hexdigest()[:8]
+    return hashlib.sha1(identity(to_toml(cfg)).encode()).hexdigest()[:8]
 
 
 def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict | None:

@@ -8,20 +8,21 @@ from torch import nn
 
 
 class HintLoss(nn.Module):
-    """FitNets (Romero et al. 2015): L = MSE(reg(f_S), f_T) on a named stage, reg = 1x1 conv + BN.
+    """FitNets (Romero et al. 2015): L = MSE(reg(f_S), f_T) on a named stage, reg = 1x1 conv + BN. The student's
+    and the teacher's stage may have different names (a module path of a user's model vs "layer2").
 
     Example term: `{kind = "hint", weight = 100.0, stage = "layer2"}` (the CIFAR-100 recipe's weight).
     """
 
     uses_teacher = True
 
-    def __init__(self, stage: str, s_channels: int, t_channels: int):
+    def __init__(self, stage: str, s_channels: int, t_channels: int, teacher_stage: str = ""):
         super().__init__()
-        self.stage = stage
+        self.stage, self.teacher_stage = stage, teacher_stage or stage
         self.regressor = nn.Sequential(nn.Conv2d(s_channels, t_channels, 1, bias=False), nn.BatchNorm2d(t_channels))
 
     def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        return t[self.stage]
+        return t[self.teacher_stage]
 
     def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, cache: dict | None = None,
                 **_) -> torch.Tensor:  # fmt: skip
@@ -42,12 +43,12 @@ class AttentionTransfer(nn.Module):
 
     uses_teacher = True
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, teacher_stage: str = ""):
         super().__init__()
-        self.stage = stage
+        self.stage, self.teacher_stage = stage, teacher_stage or stage
 
     def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        return t[self.stage]
+        return t[self.teacher_stage]
 
     def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
         return (attention_map(s[self.stage]) - attention_map(r)).pow(2).mean()

@@ -34,9 +34,10 @@ def build_term(
     if cfg.kind == "kd":
         return LogitKD(cfg.temperature)
     if cfg.kind == "hint":
-        return HintLoss(cfg.stage, s_channels[cfg.stage], t_channels[cfg.stage])
+        t_stage = cfg.teacher_stage or cfg.stage
+        return HintLoss(cfg.stage, s_channels[cfg.stage], t_channels[t_stage], t_stage)
     if cfg.kind == "at":
-        return AttentionTransfer(cfg.stage)
+        return AttentionTransfer(cfg.stage, cfg.teacher_stage)
     if cfg.kind == "crd":
         return CRDLoss(
             s_channels["embedding"],
@@ -49,6 +50,13 @@ def build_term(
             seed,
         )
     raise KeyError(f"unknown loss term {cfg.kind!r}; registered: {TERMS}")
+
+
+def stages_of(terms: Sequence[TermConfig], teacher: bool = False) -> tuple[str, ...]:
+    """Stages (aliases or module paths) that a list of terms reads from the student (or the teacher)."""
+    out = [(t.teacher_stage or t.stage) if teacher else t.stage for t in terms if t.kind in ("hint", "at")]
+    out += ["embedding" for t in terms if t.kind == "crd"]
+    return tuple(dict.fromkeys(out))
 
 
 def part_names(terms: Sequence[TermConfig]) -> list[str]:
@@ -68,6 +76,8 @@ class Objective(nn.Module):
         self.terms = nn.ModuleList(modules)
         self.names = part_names(terms)
         self.uses_teacher = any(getattr(m, "uses_teacher", False) for m in modules)
+        self.stages = stages_of(terms)  # the named tensors the terms read, besides the logits
+        self.teacher_stages = stages_of(terms, teacher=True)
 
     def forward(
         self, s: dict[str, torch.Tensor], t: dict[str, torch.Tensor] | None, labels: torch.Tensor,

@@ -23,7 +23,7 @@ from vaqkd.data.cifar import SPECS, load_split
 from vaqkd.data.loader import DeviceLoader, subset_per_class
 from vaqkd.engine.checkpoint import read_safetensors, run_weights
 from vaqkd.errors import RunFileError
-from vaqkd.models import create_model, stage_channels
+from vaqkd.models import create_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,10 +178,6 @@ def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
     if cfg.train.channels_last:
         teacher.to(memory_format=torch.channels_last)
     return teacher
-
-
-def teacher_channels(teacher: nn.Module | None, student: nn.Module) -> dict[str, int]:
-    return stage_channels(teacher if teacher is not None else student)
 
 
 def git_sha() -> str:

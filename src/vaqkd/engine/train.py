@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vaqkd.config import Config, OptimConfig, to_toml
+from vaqkd.config import Config, OptimConfig, identity, to_toml
 from vaqkd.distill.objective import Objective, build_term
 from vaqkd.engine.checkpoint import RunLock, has_checkpoint, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
@@ -34,11 +34,10 @@ from vaqkd.engine.setup import (
     environment,
     resolve_device,
     resolve_precision,
-    teacher_channels,
     write_json,
 )  # fmt: skip
 from vaqkd.errors import RunFileError
-from vaqkd.models import stage_channels
+from vaqkd.models import features, stage_channels
 from vaqkd.quant import calibrate, quantizers
 
 
@@ -88,10 +87,10 @@ def train_step(model, teacher, objective, opt, x, y, idx, step: int, precision: 
     with autocast(x.device, precision):
         if teacher is not None and objective.uses_teacher:
             with torch.no_grad():
-                t = teacher.forward_features(x)
+                t = features(teacher, x, objective.teacher_stages)
         else:
             t = None
-        s = model.forward_features(x)
+        s = features(model, x, objective.stages)
         loss, parts = objective(s, t, y, index=idx, step=step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -106,7 +105,7 @@ def _start_run(cfg: Config, run_dir: Path, resume: bool) -> None:
         if not has_checkpoint(run_dir):
             raise RunFileError(f"{run_dir}: no checkpoint to resume from")
         old = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else None
-        if old != config_text:
+        if old is None or identity(old) != identity(config_text):
             raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
     elif has_checkpoint(run_dir) or (run_dir / "final.json").exists():
         raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
@@ -193,6 +192,26 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
     return finish(run)
 
 
+def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None) -> tuple[dict, dict]:
+    """Channels of the stages the terms read, on student and teacher; a stage neither has is a ConfigError."""
+    from vaqkd.config import ConfigError
+    from vaqkd.distill.objective import stages_of
+
+    size = cfg.data.image_size if cfg.data.dataset == "folder" else 32
+    try:
+        s_ch = stage_channels(model, stages_of(cfg.distill.terms), size)
+        t_ch = stage_channels(teacher or model, stages_of(cfg.distill.terms, teacher=True), size)
+        return s_ch, t_ch
+    except KeyError as e:
+        msg = str(e.args[0])
+        for i, t in enumerate(cfg.distill.terms):
+            for key in ("stage", "teacher_stage"):
+                name = getattr(t, key)
+                if t.kind in ("hint", "at") and name and msg.startswith(repr(name)):
+                    raise ConfigError(f"distill.terms.{i}.{key}: {msg}") from None
+        raise ConfigError(f"distill.terms: {msg}") from None
+
+
 def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     """Data, student, teacher, objective, calibration, optimizer; the checkpoint's state when resuming."""
     _start_run(cfg, run_dir, resume)
@@ -205,7 +224,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     data = build_data(cfg, device)
     model = build_student(cfg, data.num_classes, device)
     teacher = build_teacher(cfg, data.num_classes, device)
-    s_ch, t_ch = stage_channels(model), teacher_channels(teacher, model)
+    s_ch, t_ch = _stage_channels(cfg, model, teacher)
     terms = [build_term(t, s_ch, t_ch, data.train_labels, cfg.train.seed) for t in cfg.distill.terms]
     objective = Objective(cfg.distill.terms, terms).to(device)
     if cfg.quant.enabled:

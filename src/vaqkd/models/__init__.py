@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from vaqkd.models.resnet_cifar import CifarResNet, stage_channels
+from vaqkd.models.features import classifier_path, features, stage_channels
+from vaqkd.models.resnet_cifar import CifarResNet
 from vaqkd.models.wrn_cifar import WideResNet
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
@@ -33,4 +34,13 @@ def count_weights(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["MODELS", "create_model", "count_weights", "stage_channels", "CifarResNet", "WideResNet"]
+__all__ = [
+    "MODELS",
+    "create_model",
+    "count_weights",
+    "stage_channels",
+    "features",
+    "classifier_path",
+    "CifarResNet",
+    "WideResNet",
+]

@@ -92,14 +92,3 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)["logits"]
-
-
-def stage_channels(model: nn.Module) -> dict[str, int]:
-    """Channels of each named stage, read from a dry run on one image."""
-    p = next(model.parameters())
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        feats = model.forward_features(torch.zeros(1, 3, 32, 32, device=p.device))
-        model.train(was)
-    return {k: v.shape[1] for k, v in feats.items()}
