@@ -189,7 +189,8 @@ def test_calibration_of_a_fresh_student_uses_batch_statistics():
 
 @pytest.mark.parametrize("act", ["lsq", "pact", "ewgs"])
 def test_skipping_the_relu_before_a_clamping_quantizer_is_exact(act):
-    """BasicBlock skips the ReLU before conv2 when its quantizer clamps at zero: same outputs and gradients."""
+    """The quantized block skips the ReLU before conv2 when its quantizer clamps at zero: same outputs and
+    gradients."""
     from vaqkd.models import create_model
 
     torch.manual_seed(0)
@@ -197,7 +198,7 @@ def test_skipping_the_relu_before_a_clamping_quantizer_is_exact(act):
     x = torch.randn(4, 3, 32, 32)
     calibrate(m, [x])
     block = m.layer1[0]
-    assert block.conv2.input_clamps_at_zero == (act != "ewgs")
+    assert block.conv2.a_quant.clamps_at_zero == (act != "ewgs")
     h = torch.randn(4, 16, 32, 32, requires_grad=True)
     pre = block.bn1(block.conv1(h))
     a = block.conv2.a_quant(torch.relu(pre))
@@ -317,39 +318,63 @@ def test_compiled_anchor_matches_eager(monkeypatch):
 @pytest.mark.parametrize("act", ["lsq", "pact"])
 @pytest.mark.parametrize("compiled", ["0", "1"])
 def test_fused_block_output_relu_and_next_quantizer_equal_the_separate_ops(compiled, act, monkeypatch):
-    """A block's closing ReLU and the next conv's input quantizer run fused (ReluLSQQuant): the model's
-    outputs and every gradient equal those with the ReLU and the quantizer applied separately (fp32)."""
+    """quantize() installs the fused residual stages (a block's closing ReLU and the next conv's input quantizer
+    in one pass, ReluLSQQuant); removing them gives the plain blocks. Outputs and every gradient are equal
+    (bit for bit in eager fp32), and a training step gives the same weights."""
     import copy
 
     from vaqkd.models import create_model
-    from vaqkd.quant import QConv2d, ste
+    from vaqkd.quant import ste
+    from vaqkd.quant.fusion import FusedStage, remove_fusions
 
     monkeypatch.setenv("VAQKD_COMPILE", compiled)
     for f in (ste.relu_lsq_forward, ste.relu_lsq_backward, ste.lsq_forward, ste.lsq_backward):
         monkeypatch.setattr(f, "fn", None)
     torch.manual_seed(0)
     fused = quantize(create_model("resnet20", 10), 2, 2, act=act)
+    assert all(type(s) is FusedStage for s in (fused.layer1, fused.layer2, fused.layer3))
     x = torch.randn(4, 3, 32, 32)
     calibrate(fused, [x])
     plain = copy.deepcopy(fused)
-    for m in plain.modules():
-        if isinstance(m, QConv2d):
-            m.a_quant.relu_quant = lambda a, b=None: None  # no fused kernel: ReLU, then the quantizer
+    remove_fusions(plain)
+    assert type(plain.layer1) is torch.nn.Sequential and type(plain.layer1[0]).__name__ == "BasicBlock"
+    calls = []
+    orig = ste.ReluLSQQuant.apply
+    monkeypatch.setattr(ste.ReluLSQQuant, "apply", lambda *a: calls.append(1) or orig(*a))
     outs = []
     for model in (fused, plain):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         f = model.forward_features(x)
         (f["logits"].square().mean() + f["layer2"].mean()).backward()  # a stage output gets a gradient of its own
-        outs.append((f["logits"], {n: p.grad for n, p in model.named_parameters()}))
-    assert all(m._given is None for m in fused.modules() if isinstance(m, QConv2d))  # every fused input was used
-    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
-    for name, g in outs[1][1].items():
-        assert torch.allclose(outs[0][1][name], g, rtol=1e-4, atol=1e-6), name
-    # the fused path was really taken: the first block's conv received its input from the stem's fused pass
-    h = torch.randn(2, 16, 8, 8)
-    conv = fused.layer1[0].conv1
-    given = conv.take_quantized_input(h, None)
-    assert conv._given is not None and conv._given[0] is given and torch.equal(given, h.relu())
-    assert torch.equal(conv._given[1], conv.a_quant(h.relu()))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        outs.append((f["logits"], grads, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert len(calls) == 3 * 2  # the fused path was taken: 2 block boundaries inside each of the 3 stages
+    exact = compiled == "0"
+    same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-6))
+    assert same(outs[0][0], outs[1][0])
+    for name in outs[1][1]:
+        assert same(outs[0][1][name], outs[1][1][name]), name
+        assert same(outs[0][2][name], outs[1][2][name]), name
+
+
+def test_fused_model_keeps_no_state_between_forwards_and_hooks_see_every_block():
+    from vaqkd.models import create_model, features
+
+    torch.manual_seed(0)
+    m = quantize(create_model("resnet20", 10), 2, 2)
+    x = torch.randn(2, 3, 32, 32)
+    calibrate(m, [x])
+    m.eval()  # (in train mode BatchNorm's running statistics move, as they should)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    attrs = {n: dict(vars(mod)) for n, mod in m.named_modules()}
+    with torch.no_grad():
+        y1 = m(x)
+        f = features(m, x, ["layer2.1"])  # a hook on a block inside a fused stage: the plain path for that stage
+        y2 = m(x)
+    assert torch.equal(y1, y2) and torch.equal(f["logits"], y1) and f["layer2.1"].shape == (2, 32, 16, 16)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert {n: set(vars(mod)) for n, mod in m.named_modules()} == {n: set(a) for n, a in attrs.items()}
 
 
 @pytest.mark.parametrize("compiled", ["0", "1"])

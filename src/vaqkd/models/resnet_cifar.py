@@ -1,6 +1,7 @@
 """CIFAR ResNets (He et al. 2016, sec. 4.2): 6n+2 layers, 16/32/64 channels, option-A (zero-padding)
 shortcuts, so a shortcut has no weights. One definition serves the FP32 teacher and the quantized student:
-`vaqkd.quant.quantize` swaps the convolutions and the classifier in place.
+`vaqkd.quant.quantize` swaps the convolutions and the classifier in place, and installs the quantized fast
+path of the residual stages (`vaqkd.quant.fusion`); this file knows nothing of quantization.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.downsample = stride != 1 or c_in != c_out
         self.pad = c_out - c_in
-        self.feeds = ()  # (next block's first conv,) when the model links blocks; a tuple, not a submodule
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if not self.downsample:
@@ -29,22 +29,9 @@ class BasicBlock(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn1(self.conv1(x))
-        # A quantized conv2 whose input quantizer clamps at zero computes exactly what it would after the
-        # ReLU (same values, same gradients), so the ReLU pass is skipped; the block output's ReLU stays,
-        # since the shortcut needs it.
-        if not getattr(self.conv2, "input_clamps_at_zero", False):
-            out = F.relu(out)
+        out = F.relu(self.bn1(self.conv1(x)))  # (B, C, H, W)
         out = self.bn2(self.conv2(out))
-        return _relu_into(out, self.shortcut(x), self.feeds)
-
-
-def _relu_into(a: torch.Tensor, b: torch.Tensor | None, feeds: tuple) -> torch.Tensor:
-    """relu(a + b), handed to the quantized conv it feeds (if any) so that the ReLU and the conv's input
-    quantizer run as one fused pass."""
-    if feeds and hasattr(feeds[0], "take_quantized_input"):
-        return feeds[0].take_quantized_input(a, b)
-    return F.relu(a if b is None else a + b)
+        return F.relu(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -80,10 +67,7 @@ class CifarResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named stages: stem (B,16,32,32), layer1 (B,16,32,32), layer2 (B,32,16,16), layer3 (B,64,8,8),
         embedding (B,64) and logits (B,K)."""
-        blocks = [*self.layer1, *self.layer2, *self.layer3]
-        for block, nxt in zip(blocks, blocks[1:] + [None]):
-            block.feeds = (nxt.conv1,) if nxt is not None else ()
-        stem = _relu_into(self.bn1(self.conv1(x)), None, (blocks[0].conv1,))
+        stem = F.relu(self.bn1(self.conv1(x)))
         l1 = self.layer1(stem)
         l2 = self.layer2(l1)
         l3 = self.layer3(l2)

@@ -59,6 +59,9 @@ def quantize(
         new = QConv2d(m, w_quant, a_quant) if isinstance(m, nn.Conv2d) else QLinear(m, w_quant, a_quant)
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], new)
+    from vaqkd.quant.fusion import install_fusions  # the quantized fast path of residual stages
+
+    install_fusions(model)
     return model
 
 

@@ -17,17 +17,6 @@ class QConv2d(nn.Conv2d):
         )  # fmt: skip
         self.load_state_dict(conv.state_dict())
         self.w_quant, self.a_quant = w_quant, a_quant
-        self._given = None  # (x, x_hat): an input quantized ahead of time by the layer that produced it
-
-    def take_quantized_input(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        """relu(a + b), the input this convolution will receive; where its quantizer fuses the ReLU with its own
-        pass, the quantized input is made in the same pass and kept for `forward` (used only if `forward` gets
-        exactly this tensor, so a hook that replaces it just costs the fusion)."""
-        fused = self.a_quant.relu_quant(a, b)
-        if fused is None:
-            return torch.relu(a if b is None else a + b)
-        self._given = fused
-        return fused[0]
 
     @property
     def input_clamps_at_zero(self) -> bool:
@@ -43,8 +32,10 @@ class QConv2d(nn.Conv2d):
         return getattr(self.a_quant, "bits", 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        given, self._given = self._given, None
-        x_hat = given[1] if given is not None and given[0] is x else self.a_quant(x)
+        return self.forward_quantized(self.a_quant(x))
+
+    def forward_quantized(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """The convolution of an input already quantized by this layer's `a_quant` (e.g. fused with a ReLU)."""
         return self._conv_forward(x_hat, self.w_quant(self.weight), self.bias)
 
 

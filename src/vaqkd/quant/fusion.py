@@ -1,0 +1,82 @@
+"""The quantized fast path of residual stages, installed by `quantize()` and removed by `remove_fusions()`.
+
+A plain `BasicBlock` computes relu(bn1(conv1(x))) -> conv2 -> relu(bn2(...) + shortcut(x)). Once its convs
+are quantized, two passes can go:
+  * the ReLU before conv2, where conv2's input quantizer clamps at zero (q(relu(x)) = q(x), gradients too);
+  * the block's closing ReLU and the next block's input quantizer, computed in one fused pass
+    (`Quantizer.relu_quant`: h = relu(a + shortcut) and q(h) together), the quantized tensor handed on
+    explicitly to the next block's conv1 (`QConv2d.forward_quantized`).
+`FusedStage` (an nn.Sequential of such blocks, same state-dict keys) runs its blocks that way, passing
+(h, q(h)) from block to block as values: no module state is written during forward. A stage whose blocks
+carry hooks (e.g. features taken by module path) runs them one by one through their ordinary `forward`,
+the plain path, so every hook sees the block's output. Outputs and gradients equal the plain blocks'.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaqkd.models.resnet_cifar import BasicBlock
+from vaqkd.quant.layers import QConv2d
+
+
+class QuantBasicBlock(BasicBlock):
+    """A BasicBlock with quantized convolutions: `forward` as the plain block (the ReLU before conv2 skipped
+    where conv2's quantizer absorbs it), `forward_fused` for `FusedStage`."""
+
+    def _body(self, x: torch.Tensor, x_hat: torch.Tensor | None) -> torch.Tensor:
+        out = self.bn1(self.conv1(x) if x_hat is None else self.conv1.forward_quantized(x_hat))
+        if not getattr(self.conv2.a_quant, "clamps_at_zero", False):
+            out = F.relu(out)
+        return self.bn2(self.conv2(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self._body(x, None) + self.shortcut(x))
+
+    def forward_fused(self, x: torch.Tensor, x_hat: torch.Tensor | None, next_quant: nn.Module | None):
+        """(h, q(h)): the block output and, where the next block's quantizer has a fused kernel, its quantized
+        input made in the same pass (else None). `x_hat`: this block's input already quantized, or None."""
+        out, sc = self._body(x, x_hat), self.shortcut(x)
+        fused = next_quant.relu_quant(out, sc) if next_quant is not None else None
+        return fused if fused is not None else (F.relu(out + sc), None)
+
+
+class FusedStage(nn.Sequential):
+    """Residual blocks run with the block-boundary fusion (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        if any(b._forward_hooks or b._forward_pre_hooks for b in blocks):
+            for b in blocks:  # hooks must see every block's output: the plain path
+                x = b(x)
+            return x
+        x_hat = None
+        for i, b in enumerate(blocks):
+            nxt = blocks[i + 1].conv1.a_quant if i + 1 < len(blocks) else None
+            x, x_hat = b.forward_fused(x, x_hat, nxt)
+        return x
+
+
+def install_fusions(model: nn.Module) -> int:
+    """Turn every nn.Sequential of quantized BasicBlocks into a FusedStage (in place; modules and state-dict keys
+    unchanged). Returns how many stages were fused."""
+    n = 0
+    for m in list(model.modules()):
+        if type(m) is nn.Sequential and len(m) and all(type(b) is BasicBlock for b in m):
+            if all(isinstance(b.conv1, QConv2d) and isinstance(b.conv2, QConv2d) for b in m):
+                for b in m:
+                    b.__class__ = QuantBasicBlock
+                m.__class__ = FusedStage
+                n += 1
+    return n
+
+
+def remove_fusions(model: nn.Module) -> None:
+    """Back to plain nn.Sequential stages of plain BasicBlocks (the same computation, without the fast path)."""
+    for m in model.modules():
+        if type(m) is FusedStage:
+            m.__class__ = nn.Sequential
+        elif type(m) is QuantBasicBlock:
+            m.__class__ = BasicBlock
