@@ -20,7 +20,7 @@ from torch import nn
 
 from vaqkd.config import TermConfig
 from vaqkd.data.loader import DeviceLoader
-from vaqkd.distill.objective import Objective, build_term
+from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.setup import bf16_supported, resolve_device
 from vaqkd.engine.train import evaluate, train_step
 from vaqkd.metrics.size import layer_table
@@ -84,6 +84,8 @@ def _student(w_bits: int | None, weight: str, act: str, x: torch.Tensor, device,
 
 def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_json: bool = False,
               out: str | None = None, precision: str = "auto", channels_last: bool = False) -> dict:  # fmt: skip
+    """Time every step case in interleaved rounds, the loader, an epoch against its steps and evaluation; the
+    ratios that matter and whether each target was met (see the module docstring)."""
     dev = resolve_device(device)
     if quick:
         batch, warmup, rounds, per_round, n_train = min(batch, 8), 1, 2, 1, 64
@@ -94,16 +96,44 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     images = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.arange(n_train) % 100
     loader = DeviceLoader(images, labels, batch, MEAN, STD, dev, train=True, channels_last=channels_last)
-    x, y, idx = next(iter(loader))
+    batch_data = next(iter(loader))
+
+    steps, base, teacher = _step_cases(batch_data, labels, dev, prec, channels_last)
     flops_per_img = 6 * sum(r["macs"] for r in layer_table(create_model("resnet32", 100)))  # fwd + bwd ~ 3x fwd
-    results: dict[str, dict] = {}
+    results = _time_steps(steps, batch, flops_per_img, warmup, rounds, per_round, dev)
+    results["loader"] = _loader_case(loader, batch, dev, quick)
+    results["epoch"] = _epoch_case(images, labels, batch_data, teacher, dev, prec, channels_last, quick)
+    results["eval_w2a2"] = _eval_case(images, labels, batch_data[0], dev, prec, channels_last, quick)
+    ratios, targets = _ratios(results, base)
+    report = {"device": str(dev), "precision": prec, "batch": batch, "quick": quick, "threads": torch.get_num_threads(),
+              "channels_last": channels_last, "cases": results, "ratios": ratios, "targets": targets}  # fmt: skip
+    from vaqkd.engine.setup import environment
+
+    report["env"] = environment(dev, 0, prec)
+    text = json.dumps(report, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text) if as_json else _print_report(report)
+    return report
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _step_cases(batch_data, labels, dev, prec: str, channels_last: bool):
+    """{name: one train step} for every case, the FP32 baseline's name, and the FP32 teacher."""
+    x, y, idx = batch_data
     steps: dict[str, Callable[[], object]] = {}
 
     def case(name: str, model: nn.Module, terms: list[TermConfig], teacher: nn.Module | None = None,
              prec_: str = prec) -> None:  # fmt: skip
-        ch = stage_channels(model)
-        obj = Objective(terms, [build_term(t, ch, stage_channels(teacher or model), labels, 0) for t in terms])
-        obj.to(dev)
+        stages = stages_of(terms)
+        s_ch, t_ch = stage_channels(model, stages), stage_channels(teacher or model, stages_of(terms, teacher=True))
+        obj = Objective(terms, [build_term(t, s_ch, t_ch, labels, 0) for t in terms]).to(dev)
         opt = torch.optim.SGD(list(model.parameters()) + list(obj.parameters()), lr=1e-3, momentum=0.9)
         count = [0]
 
@@ -121,23 +151,22 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     base = "fp32_step_bf16" if prec == "bf16" else "fp32_step_fp32"
     for wq, aq in (("lsq", "lsq"), ("ewgs", "ewgs"), ("dorefa", "pact")):
         case(f"w2a2_{wq}_{aq}", _student(2, wq, aq, x, dev, channels_last), ce)
-
-    teacher = _student(None, "lsq", "lsq", x, dev, channels_last).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = _frozen(_student(None, "lsq", "lsq", x, dev, channels_last))
     for setting in SETTINGS:
         for method in ("qkd", "vaqkd"):
             case(f"{method}_{setting}", _student(2, "lsq", "lsq", x, dev, channels_last), _terms(f"{method}_{setting}"),
                  teacher)  # fmt: skip
     # TAKD: its last stage learns from a W4A4 assistant (fake-quantized teacher forward), and the whole method
     # trains three students (W8A8, W4A4, W2A2) where VA-QKD trains one.
-    qteacher = _student(4, "lsq", "lsq", x, dev, channels_last).eval()
-    for p in qteacher.parameters():
-        p.requires_grad_(False)
+    qteacher = _frozen(_student(4, "lsq", "lsq", x, dev, channels_last))
     case("takd_w2a2_from_w4a4", _student(2, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), qteacher)
     case("takd_w4a4_from_w8a8", _student(4, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), qteacher)
     case("takd_w8a8_from_fp32", _student(8, "lsq", "lsq", x, dev, channels_last), _terms("qkd_logit"), teacher)
+    return steps, base, teacher
 
+
+def _time_steps(steps, batch: int, flops_per_img: float, warmup: int, rounds: int, per_round: int, dev) -> dict:
+    """Every case warmed up first, then timed in interleaved rounds: median and interquartile spread."""
     for fn in steps.values():  # warm-up (compilation, allocator) for every case before any timing
         for _ in range(warmup):
             fn()
@@ -146,18 +175,19 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         for name, fn in steps.items():
             for _ in range(per_round):
                 times[name].append(_time(fn, dev, 0, 1))
+    results = {}
     for name, ts in times.items():
         sec = statistics.median(ts)
         q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (sec, sec, sec)
-        results[name] = {
-            "ms_per_step": 1e3 * sec,
-            "img_per_s": batch / sec,
-            "gflops": flops_per_img * batch / sec / 1e9,
-            "iqr_pct": 100 * (q3 - q1) / sec,
-            "steps_timed": len(ts),
-        }
+        results[name] = {"ms_per_step": 1e3 * sec, "img_per_s": batch / sec,
+                         "gflops": flops_per_img * batch / sec / 1e9, "iqr_pct": 100 * (q3 - q1) / sec,
+                         "steps_timed": len(ts)}  # fmt: skip
+    return results
 
-    # the loader alone, over a whole epoch
+
+def _loader_case(loader, batch: int, dev, quick: bool) -> dict:
+    """The loader alone, over a whole epoch."""
+
     def load_epoch():
         n = 0
         for xb, _, _ in loader.batches(1):
@@ -165,9 +195,13 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         return n
 
     sec = _time(load_epoch, dev, 0 if not quick else 1, 1 if not quick else 2)
-    results["loader"] = {"img_per_s": len(loader) * batch / sec, "ms_per_batch": 1e3 * sec / len(loader)}
+    return {"img_per_s": len(loader) * batch / sec, "ms_per_batch": 1e3 * sec / len(loader)}
 
-    # a whole (short) epoch through the engine's loop vs the sum of its steps, W2A2 VA-QKD logit
+
+def _epoch_case(images, labels, batch_data, teacher, dev, prec: str, channels_last: bool, quick: bool) -> dict:
+    """A whole (short) epoch through the engine's loop vs the sum of its steps, W2A2 VA-QKD logit."""
+    x, y, idx = batch_data
+    batch = len(x)
     n_steps = 4 if quick else 30
     sub = DeviceLoader(images[: n_steps * batch], labels[: n_steps * batch], batch, MEAN, STD, dev, train=True,
                        channels_last=channels_last)  # fmt: skip
@@ -193,14 +227,18 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     for _ in range(1 if quick else 2):  # interleaved, as the step cases
         walls.append(_time(epoch, dev, 0, 1))
         sums.append(_time(fixed_steps, dev, 0, 1))
-    results["epoch"] = {"steps": n_steps, "wall_s": min(walls), "sum_of_steps_s": min(sums)}
+    return {"steps": n_steps, "wall_s": min(walls), "sum_of_steps_s": min(sums)}
 
-    eval_loader = DeviceLoader(images[: 20 * batch], labels[: 20 * batch], 500, MEAN, STD, dev, train=False)
+
+def _eval_case(images, labels, x, dev, prec: str, channels_last: bool, quick: bool) -> dict:
+    eval_loader = DeviceLoader(images[: 20 * len(x)], labels[: 20 * len(x)], 500, MEAN, STD, dev, train=False)
     eval_model = _student(2, "lsq", "lsq", x, dev, channels_last)
     sec = _time(lambda: evaluate(eval_model, eval_loader, prec), dev, 1, 1 if quick else 3)
-    results["eval_w2a2"] = {"img_per_s": len(eval_loader.labels) / sec}
+    return {"img_per_s": len(eval_loader.labels) / sec}
 
-    r = results
+
+def _ratios(r: dict, base: str) -> tuple[dict, dict]:
+    """The ratios that matter (each measured within this run) and whether each target was met."""
     ratios = {
         "w2a2_over_fp32": r["w2a2_lsq_lsq"]["img_per_s"] / r[base]["img_per_s"],
         "bf16_over_fp32": r.get("fp32_step_bf16", r["fp32_step_fp32"])["img_per_s"] / r["fp32_step_fp32"]["img_per_s"],
@@ -214,31 +252,19 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     for k, kind, b in TARGETS:
         met = ratios[k] >= b if kind == "min" else ratios[k] <= b
         targets[k] = {"bound": f"{'>=' if kind == 'min' else '<='} {b}", "met": bool(met)}
-    report = {"device": str(dev), "precision": prec, "batch": batch, "quick": quick, "threads": torch.get_num_threads(),
-              "channels_last": channels_last, "cases": results, "ratios": ratios, "targets": targets}  # fmt: skip
-    from vaqkd.engine.setup import environment
+    return ratios, targets
 
-    report["env"] = environment(dev, 0, prec)
-    text = json.dumps(report, indent=2)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-    if as_json:
-        print(text)
-    else:
-        print(
-            f"vaqkd bench: {report['env']['device_name']} ({dev}), {prec}, batch {batch}, "
-            f"{report['threads']} threads{' (QUICK: sizes too small to mean anything)' if quick else ''}"
-        )
-        print(f"{'case':<24}{'img/s':>10}{'ms/step':>10}{'IQR %':>8}{'GFLOP/s':>10}")
-        for k, v in results.items():
-            if "ms_per_step" in v:
-                print(
-                    f"{k:<24}{v['img_per_s']:>10.0f}{v['ms_per_step']:>10.1f}{v['iqr_pct']:>8.1f}{v['gflops']:>10.1f}"
-                )
-        print(f"{'loader':<24}{results['loader']['img_per_s']:>10.0f}")
-        print(f"{'eval_w2a2':<24}{results['eval_w2a2']['img_per_s']:>10.0f}")
-        print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
-        met = [f"{k} {t['bound']} {'met' if t['met'] else 'NOT met'}" for k, t in targets.items()]
-        print("targets: " + ", ".join(met))
-    return report
+
+def _print_report(report: dict) -> None:
+    results, ratios, targets = report["cases"], report["ratios"], report["targets"]
+    quick = " (QUICK: sizes too small to mean anything)" if report["quick"] else ""
+    print(f"vaqkd bench: {report['env']['device_name']} ({report['device']}), {report['precision']}, batch "
+          f"{report['batch']}, {report['threads']} threads{quick}")  # fmt: skip
+    print(f"{'case':<24}{'img/s':>10}{'ms/step':>10}{'IQR %':>8}{'GFLOP/s':>10}")
+    for k, v in results.items():
+        if "ms_per_step" in v:
+            print(f"{k:<24}{v['img_per_s']:>10.0f}{v['ms_per_step']:>10.1f}{v['iqr_pct']:>8.1f}{v['gflops']:>10.1f}")
+    print(f"{'loader':<24}{results['loader']['img_per_s']:>10.0f}")
+    print(f"{'eval_w2a2':<24}{results['eval_w2a2']['img_per_s']:>10.0f}")
+    print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    print("targets: " + ", ".join(f"{k} {t['bound']} {'met' if t['met'] else 'NOT met'}" for k, t in targets.items()))
