@@ -103,6 +103,9 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     again = run_table(**kw, seeds=2, log=logs.append)
     assert not any(line.startswith("train ") for line in logs)
     assert [f["top1_last"] for f in again["qkd_logit"]] == [f["top1_last"] for f in res["qkd_logit"]]
+    logs.clear()
+    only = run_table(**kw, seeds=5, log=logs.append, report_only=True)  # nothing for seeds 2-4: nothing trained
+    assert not any(line.startswith(("train ", "resume ")) for line in logs) and len(only["qkd_logit"]) == 2
 
 
 def test_pairs_from_different_machines_are_left_out():

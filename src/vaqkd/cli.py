@@ -145,6 +145,7 @@ def cmd_table(args) -> int:
         runs_dir=args.runs_dir,
         extra_sets=_overrides(args),
         teacher=args.teacher,
+        report_only=args.report_only,
     )
     return 0
 
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--runs-dir", help="where run directories go (default: runs/<preset>)")
     tb.add_argument("--teacher", default="pretrained", help="'pretrained', 'train', or a run dir / .safetensors")
     tb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
+    tb.add_argument("--report-only", action="store_true", help="train nothing: report the runs and records there are")
     _add_data_root(tb)
     tb.set_defaults(fn=cmd_table)
 

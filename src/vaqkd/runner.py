@@ -135,13 +135,13 @@ MAX_SEEDS = 100  # the report looks for finished runs of seeds 0..MAX_SEEDS-1
 RECORD_FILES = ("config.toml", "env.json", "metrics.jsonl", "final.json")
 
 
-def save_record(run_dir: Path, records: Path) -> Path:
+def save_record(run_dir: Path, records: Path, name: str | None = None) -> Path:
     """Copy a finished run's record (config, env, metrics, final; no weights) to records/<run name>, to be
     committed: a report reads every committed record, so runs of different sessions add up."""
-    dest = records / run_dir.name
+    dest = records / (name or run_dir.name)
     if (dest / "final.json").exists():
         return dest
-    tmp = records / f".{run_dir.name}.tmp"
+    tmp = records / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in RECORD_FILES:
@@ -204,9 +204,11 @@ def run_table(
     extra_sets: list[str] = (),
     teacher: str = "pretrained",
     log: Callable[[str], None] = print,
+    report_only: bool = False,
 ) -> dict:
     """Train (or reuse / resume) `rows` x `seeds`, then report every finished run of the preset's rows (with the
-    same teacher and overrides), so a later call with more seeds for some rows extends the same table."""
+    same teacher and overrides), so a later call with more seeds for some rows extends the same table.
+    `report_only`: train nothing, report what the run directories and committed records hold."""
     from vaqkd.analysis.report import write_report
 
     p = load_preset(preset)
@@ -234,7 +236,7 @@ def run_table(
         write_report(out_dir, results, info)
         return results
 
-    for seed in range(seeds):
+    for seed in range(0 if report_only else seeds):
         for row in rows:
             if row_result(row, seed, p, teacher_spec, sets, runs, log, records=records) is None:
                 failed.append(f"{row} seed {seed}")
