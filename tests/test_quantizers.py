@@ -374,6 +374,12 @@ def test_fused_model_keeps_no_state_between_forwards_and_hooks_see_every_block()
         y2 = m(x)
     assert torch.equal(y1, y2) and torch.equal(f["logits"], y1) and f["layer2.1"].shape == (2, 32, 16, 16)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    seen = []  # a hook on a conv inside a fused stage fires too (the size/BOPs dry run relies on it)
+    h = m.layer2[1].conv1.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        m(x)
+    h.remove()
+    assert seen == [1]
     assert {n: set(vars(mod)) for n, mod in m.named_modules()} == {n: set(a) for n, a in attrs.items()}
 
 

@@ -8,8 +8,9 @@ are quantized, two passes can go:
     explicitly to the next block's conv1 (`QConv2d.forward_quantized`).
 `FusedStage` (an nn.Sequential of such blocks, same state-dict keys) runs its blocks that way, passing
 (h, q(h)) from block to block as values: no module state is written during forward. A stage whose blocks
-carry hooks (e.g. features taken by module path) runs them one by one through their ordinary `forward`,
-the plain path, so every hook sees the block's output. Outputs and gradients equal the plain blocks'.
+carry hooks, or any module inside them (features taken by module path, the size/BOPs dry run), runs its
+blocks one by one through their ordinary `forward`, the plain path, so every hook fires. Outputs and
+gradients equal the plain blocks'.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class FusedStage(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = list(self)
-        if any(b._forward_hooks or b._forward_pre_hooks for b in blocks):
-            for b in blocks:  # hooks must see every block's output: the plain path
+        if _hooked(self):
+            for b in blocks:  # hooks must see every module's output: the plain path
                 x = b(x)
             return x
         x_hat = None
@@ -57,6 +58,15 @@ class FusedStage(nn.Sequential):
             nxt = blocks[i + 1].conv1.a_quant if i + 1 < len(blocks) else None
             x, x_hat = b.forward_fused(x, x_hat, nxt)
         return x
+
+
+def _hooked(stage: nn.Module) -> bool:
+    """Whether any module inside the stage (or every module, globally) has forward hooks."""
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in stage.modules() if mod is not stage)
 
 
 def install_fusions(model: nn.Module) -> int:
