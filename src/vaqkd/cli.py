@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_profile)
 
     tb = sub.add_parser("table", help="train (or reuse) every row of the paper's table; write results/<preset>/")
-    tb.add_argument("--preset", choices=["demo", "quick", "paper"], default="demo")
+    tb.add_argument("--preset", choices=["demo", "quick", "full", "paper"], default="demo")
     tb.add_argument("--seeds", type=int, default=1)
     tb.add_argument("--rows", nargs="*", help="subset of rows (default: all of the preset)")
     tb.add_argument("--out", help="results folder (default: results/<preset>)")
