@@ -54,6 +54,7 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
         out=str(tmp_path / "results"),
         extra_sets=sets,
         teacher=str(tiny_teacher),
+        records=True,
     )
     logs = []
     res = run_table(**kw, log=logs.append)

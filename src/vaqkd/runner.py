@@ -205,10 +205,12 @@ def run_table(
     teacher: str = "pretrained",
     log: Callable[[str], None] = print,
     report_only: bool = False,
+    records: bool | None = None,
 ) -> dict:
     """Train (or reuse / resume) `rows` x `seeds`, then report every finished run of the preset's rows (with the
     same teacher and overrides), so a later call with more seeds for some rows extends the same table.
-    `report_only`: train nothing, report what the run directories and committed records hold."""
+    `report_only`: train nothing, report what the run directories and committed records hold. `records`: keep
+    run records under <out>/runs (default: the preset's `records` setting)."""
     from vaqkd.analysis.report import write_report
 
     p = load_preset(preset)
@@ -218,7 +220,10 @@ def run_table(
         raise FileNotFoundError(f"unknown rows {unknown}: no such file in {configs_dir() / 'cifar100'}")
     runs = Path(runs_dir or Path("runs") / preset)
     out_dir = Path(out or Path("results") / preset)
-    records = out_dir / "runs"
+    # presets that accumulate evidence (quick, full) keep run records under results/<preset>/runs; the demo
+    # trains every time (it is the small real run a fresh checkout makes)
+    keep = p.get("records", False) if records is None else records
+    records_dir = out_dir / "runs" if keep else None
     sets = list(extra_sets)
     teacher_spec = resolve_teacher(teacher, p, runs, sets, log)
     teacher_row = teacher_entry(teacher_spec, p, runs, sets, log)
@@ -228,7 +233,7 @@ def run_table(
     def report() -> dict:
         results: dict[str, list[dict]] = {"teacher": [teacher_row]}
         for row in dict.fromkeys([*p["rows"], *rows]):
-            found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False, records=records)
+            found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False, records=records_dir)
                      for s in range(MAX_SEEDS)]  # fmt: skip
             if any(found):
                 results[row] = [f for f in found if f]
@@ -238,7 +243,7 @@ def run_table(
 
     for seed in range(0 if report_only else seeds):
         for row in rows:
-            if row_result(row, seed, p, teacher_spec, sets, runs, log, records=records) is None:
+            if row_result(row, seed, p, teacher_spec, sets, runs, log, records=records_dir) is None:
                 failed.append(f"{row} seed {seed}")
             report()  # keep the report current after every run
     results = report()
