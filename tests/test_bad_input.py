@@ -155,6 +155,6 @@ def test_fuzz_cifar_reader_gives_data_or_a_data_error(payload, tmp_path):
 
 
 def test_fuzz_case_counts_are_reported(capsys):
-    """Prints how many cases each fuzz test ran in this session (for the record)."""
+    """Prints how many cases each fuzz test ran in this test process (for the record)."""
     with capsys.disabled():
         print(f"\nfuzz cases: {FUZZ_CASES}")

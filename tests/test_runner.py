@@ -96,7 +96,7 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     assert sum(data["meta"]["runs_git_sha"].values()) == 6
     assert "Runs trained at git" in (tmp_path / "results" / "table.md").read_text()
 
-    # another session: no run directories, only the committed records; the report still has every run
+    # later, elsewhere: no run directories, only the committed records; the report still has every run
     import shutil
 
     shutil.rmtree(tmp_path / "runs")

@@ -137,7 +137,7 @@ RECORD_FILES = ("config.toml", "env.json", "metrics.jsonl", "final.json")
 
 def save_record(run_dir: Path, records: Path, name: str | None = None) -> Path:
     """Copy a finished run's record (config, env, metrics, final; no weights) to records/<run name>, to be
-    committed: a report reads every committed record, so runs of different sessions add up."""
+    committed: a report reads every committed record, so runs made at different times and places add up."""
     dest = records / (name or run_dir.name)
     if (dest / "final.json").exists():
         return dest
