@@ -51,16 +51,12 @@ def cmd_eval(args) -> int:
     if Path(args.run_dir).suffix == ".onnx":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
         return _eval_onnx(args)
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
-        from vaqkd.config import load_config
         from vaqkd.deploy import ExportError, load
-        from vaqkd.engine.setup import build_data
 
         if args.backend != "torch":
             raise ExportError(f"--backend {args.backend}: not available yet for packed artifacts (use torch)")
         model, header = load(args.run_dir, device)
-        sets = [f'data.dataset="{header["dataset"]}"', f"data.image_size={header['image_size']}", *_overrides(args)]
-        cfg = load_config(None, sets)
-        data = build_data(cfg, device)
+        cfg, data = _test_data(args, header["dataset"], header["image_size"], device)
         name = Path(args.run_dir).name
     else:
         cfg, model, data = load_run(args.run_dir, device, _overrides(args))
@@ -77,20 +73,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _test_data(args, dataset: str, image_size: int, device):
+    """The config and data an artifact (which carries no run directory) is evaluated on."""
+    from vaqkd.config import load_config
+    from vaqkd.engine.setup import build_data
+
+    cfg = load_config(None, [f'data.dataset="{dataset}"', f"data.image_size={image_size}", *_overrides(args)])
+    return cfg, build_data(cfg, device)
+
+
 def _eval_onnx(args) -> int:
     import torch
 
-    from vaqkd.config import load_config
     from vaqkd.deploy.onnx_export import ort_evaluate, session
-    from vaqkd.engine.setup import build_data
 
     if args.backend != "onnxruntime":
         from vaqkd.deploy import ExportError
 
         raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime")
     meta = session(args.run_dir).get_modelmeta().custom_metadata_map
-    cfg = load_config(None, [f'data.dataset="{meta.get("dataset", "cifar100")}"', *_overrides(args)])
-    data = build_data(cfg, torch.device("cpu"))
+    _, data = _test_data(args, meta.get("dataset", "cifar100"), 32, torch.device("cpu"))
     res = {"run": str(args.run_dir), "backend": "onnxruntime", **ort_evaluate(args.run_dir, data.test),
            "test_images": len(data.test.labels)}  # fmt: skip
     print(json.dumps(res) if args.json else f"{args.run_dir}: test top-1 {res['top1']:.2f}% (onnxruntime)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -95,19 +94,13 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_artifact(out: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
     """Write the file atomically (a temporary name, then a rename): an existing file is never half-replaced."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={"vaqkd": json.dumps(header)})
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    from vaqkd.engine.checkpoint import atomic_write
+
+    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"vaqkd": json.dumps(header)}))
 
 
-def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = None) -> dict:
-    """Write the packed artifact of a finished quantized run to `out` (atomically); returns its header."""
+def finished_run(run_dir: str | Path, data_root: str | None = None):
+    """(config, model on the CPU, data, final.json) of a finished run, for export."""
     from vaqkd.engine.checkpoint import read_json
     from vaqkd.engine.setup import load_run
 
@@ -116,13 +109,19 @@ def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = 
         raise ExportError(f"{run}: not a finished run (no final.json); finish it first (vaqkd train --resume)")
     sets = ["train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
     cfg, model, data = load_run(run, torch.device("cpu"), sets)
+    return cfg, model, data, read_json(run / "final.json")
+
+
+def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = None) -> dict:
+    """Write the packed artifact of a finished quantized run to `out` (atomically); returns its header."""
+    run = Path(run_dir)
+    cfg, model, data, final = finished_run(run, data_root)
     if not cfg.quant.enabled:
         raise ExportError(f"{run}: not a quantized run (quant.enabled = false): nothing to pack")
     try:
         tensors, summary = pack_model(model)
     except ExportError as e:
         raise ExportError(f"{run}: {e}") from None
-    final = read_json(run / "final.json")
     header = {
         "format": FORMAT, "version": VERSION, "arch": cfg.model.arch, "num_classes": data.num_classes,
         "dataset": cfg.data.dataset, "image_size": int(data.test.images.shape[-1]),

@@ -31,7 +31,6 @@ Supported: CIFAR ResNets (`models.resnet_cifar`) with LSQ or PACT activations an
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -213,17 +212,11 @@ def export_onnx(model: nn.Module, out: str | Path, metadata: dict[str, str] | No
     """Write `build_onnx(model)` to `out` atomically, with `metadata` as the model's metadata_props."""
     import onnx
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    from vaqkd.engine.checkpoint import atomic_write
+
     proto = build_onnx(model.eval())
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in (metadata or {}).items()})
-    try:
-        onnx.save(proto, str(tmp))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def session(path, threads: int = 0, optimize: bool = True):
@@ -242,15 +235,10 @@ def session(path, threads: int = 0, optimize: bool = True):
 
 def export_run_onnx(run_dir: str | Path, out: str | Path, data_root: str | None = None) -> Path:
     """The ONNX graph of a finished run (quantized or FP32), with its dataset and source in the metadata."""
-    from vaqkd.engine.checkpoint import read_json
-    from vaqkd.engine.setup import load_run
+    from vaqkd.deploy.artifact import finished_run
 
     run = Path(run_dir)
-    if not (run / "final.json").exists():
-        raise ExportError(f"{run}: not a finished run (no final.json); finish it first (vaqkd train --resume)")
-    sets = ["train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
-    cfg, model, _ = load_run(run, torch.device("cpu"), sets)
-    final = read_json(run / "final.json")
+    cfg, model, _, final = finished_run(run, data_root)
     meta = {"dataset": cfg.data.dataset, "source_run": str(run), "git_sha": final.get("git_sha", ""),
             "input": "normalised images (N, 3, H, W), float32"}  # fmt: skip
     return export_onnx(model, out, meta)

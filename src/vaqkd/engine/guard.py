@@ -17,25 +17,23 @@ NONFINITE_CHECK_EVERY = 25  # steps between host-side checks of the on-device no
 
 
 class Guard:
-    """Watches the loss and its parts for non-finite values on the device (no per-step host sync): remembers
-    the first bad step and which parts went bad; `check()` reads it back (one sync)."""
+    """The first step whose loss was non-finite, kept on the device (no per-step host sync). Which loss parts
+    went non-finite is read from the stretch's running sums of the parts, which keep a NaN or inf once one
+    enters: no per-part work per step."""
 
     def __init__(self, device: torch.device):
         self.first = torch.full((), -1, dtype=torch.long, device=device)
-        self.parts: dict[str, torch.Tensor] = {}
 
-    def update(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+    def update(self, step: int, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss)
         self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, step), self.first)
-        for k, v in parts.items():
-            b = ~torch.isfinite(v)
-            self.parts[k] = b if k not in self.parts else self.parts[k] | b
 
-    def check(self) -> tuple[int, list[str]] | None:
+    def check(self, part_sums: dict[str, torch.Tensor]) -> tuple[int, list[str]] | None:
+        """(first bad step, non-finite parts), or None; one host sync."""
         first = int(self.first)
         if first < 0:
             return None
-        return first, [k for k, b in self.parts.items() if bool(b)]
+        return first, [k for k, v in part_sums.items() if not bool(torch.isfinite(v))]
 
 
 def finite(*modules: nn.Module) -> bool:

@@ -21,7 +21,7 @@ import vaqkd
 from vaqkd.config import Config, ConfigError, DataConfig
 from vaqkd.data.cifar import SPECS, load_split
 from vaqkd.data.loader import DeviceLoader, subset_per_class
-from vaqkd.engine.checkpoint import read_safetensors, run_weights
+from vaqkd.engine.checkpoint import atomic_write, load_module, read_safetensors, run_weights
 from vaqkd.errors import RunFileError
 from vaqkd.models import create_model
 
@@ -145,18 +145,27 @@ def load_run(run_dir: str | Path, device: torch.device, sets: list[str] = ()) ->
 
     `sets` override the run's config (e.g. data.root); the model is built without `model.init` (the run's own
     weights replace it)."""
-    from vaqkd.config import load_config
-    from vaqkd.engine.checkpoint import load_module
-
     run = Path(run_dir)
+    cfg = run_config(run, sets)
+    run_weights(run)  # a run without weights fails here, before the data is loaded
+    data = build_data(cfg, device)
+    return cfg, run_model(run, cfg, data.num_classes, device), data
+
+
+def run_config(run: Path, sets: list[str] = ()) -> Config:
+    """A run directory's config (with `sets` applied), built without `model.init`: its own weights replace it."""
+    from vaqkd.config import load_config
+
     if not (run / "config.toml").exists():
         raise RunFileError(f"{run}: not a run directory (no config.toml)")
-    cfg = load_config(run / "config.toml", [*sets, 'model.init=""'])
-    weights = run_weights(run)
-    data = build_data(cfg, device)
-    model = build_student(cfg, data.num_classes, device)
-    load_module(model, weights, str(device))
-    return cfg, model, data
+    return load_config(run / "config.toml", [*sets, 'model.init=""'])
+
+
+def run_model(run: Path, cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The model of a run directory with its latest weights (quantized or not, as the run trained it)."""
+    model = build_student(cfg, num_classes, device)
+    load_module(model, run_weights(run), str(device))
+    return model
 
 
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Module | None:
@@ -164,11 +173,7 @@ def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
         return None
     run = Path(cfg.distill.teacher).expanduser()
     if (run / "config.toml").exists():  # a run directory: rebuild exactly that model, quantized or not
-        from vaqkd.config import load_config
-        from vaqkd.engine.checkpoint import load_module
-
-        teacher = build_student(load_config(run / "config.toml", ['model.init=""']), num_classes, device)
-        load_module(teacher, run_weights(run), str(device))
+        teacher = run_model(run, run_config(run), num_classes, device)
     else:
         teacher = create_model(cfg.distill.teacher_arch, num_classes)
         load_weights(teacher, cfg.distill.teacher, cfg.distill.teacher_arch)
@@ -258,6 +263,4 @@ def environment(device: torch.device, seed: int, precision: str) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))

@@ -192,12 +192,11 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
     return finish(run)
 
 
-def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None) -> tuple[dict, dict]:
+def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None, size: int) -> tuple[dict, dict]:
     """Channels of the stages the terms read, on student and teacher; a stage neither has is a ConfigError."""
     from vaqkd.config import ConfigError
     from vaqkd.distill.objective import stages_of
 
-    size = cfg.data.image_size if cfg.data.dataset == "folder" else 32
     try:
         s_ch = stage_channels(model, stages_of(cfg.distill.terms), size)
         t_ch = stage_channels(teacher or model, stages_of(cfg.distill.terms, teacher=True), size)
@@ -224,7 +223,8 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     data = build_data(cfg, device)
     model = build_student(cfg, data.num_classes, device)
     teacher = build_teacher(cfg, data.num_classes, device)
-    s_ch, t_ch = _stage_channels(cfg, model, teacher)
+    image_size = data.train.images.shape[-1]
+    s_ch, t_ch = _stage_channels(cfg, model, teacher, image_size)
     terms = [build_term(t, s_ch, t_ch, data.train_labels, cfg.train.seed) for t in cfg.distill.terms]
     objective = Objective(cfg.distill.terms, terms).to(device)
     if cfg.quant.enabled:
@@ -247,7 +247,6 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
 
     from vaqkd.metrics.size import model_profile  # local: profile imports the quant package
 
-    image_size = cfg.data.image_size if cfg.data.dataset == "folder" else 32
     profile = model_profile(model, data.num_classes, image_size) if cfg.quant.enabled else None
     model.train()
     objective.train()
@@ -271,7 +270,7 @@ def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dic
             g["lr"] = lr * g["lr_scale"]
         loss, parts, correct = train_step(run.model, run.teacher, run.objective, run.opt, x, y, idx, state["step"],
                                           run.precision)  # fmt: skip
-        guard.update(state["step"], loss, parts)
+        guard.update(state["step"], loss)
         sums["loss"] += loss * len(y)
         sums["correct"] += correct
         for k, v in parts.items():
@@ -282,7 +281,7 @@ def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dic
         done_epoch = state["step"] % run.steps_per_epoch == 0
         every = cfg.train.checkpoint_every_steps
         stop = stop_after_steps is not None and state["step"] >= stop_after_steps
-        if state["step"] % NONFINITE_CHECK_EVERY == 0 and guard.check():
+        if state["step"] % NONFINITE_CHECK_EVERY == 0 and guard.check(parts_sum):
             break
         if not done_epoch and ((every and state["step"] % every == 0) or stop):
             break
@@ -294,7 +293,7 @@ def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dic
 def fold_stretch(run: Run, stretch: dict) -> None:
     """Check the stretch for non-finite values (before anything of it is kept), then fold its sums into the
     epoch's accumulators (one host sync per stretch)."""
-    bad = stretch["guard"].check()
+    bad = stretch["guard"].check(stretch["parts"])
     if bad is None and not finite(run.model, run.objective):  # the last update overflowed: its loss is unseen yet
         bad = (run.state["step"] - 1, ["weights after the update"])
     if bad is not None:

@@ -57,12 +57,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = layers
         self.fc = nn.Linear(64, num_classes)
         self.embed_dim = 64
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named stages: stem (B,16,32,32), layer1 (B,16,32,32), layer2 (B,32,16,16), layer3 (B,64,8,8),
@@ -76,3 +71,13 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)["logits"]
+
+
+def init_weights(model: nn.Module) -> None:
+    """He-normal (fan-out) convolutions, BatchNorm at γ = 1, β = 0: the CIFAR ResNet/WRN initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaqkd.models.resnet_cifar import init_weights
+
 
 class WideBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
@@ -47,14 +49,8 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(widths[-1])
         self.fc = nn.Linear(widths[-1], num_classes)
         self.embed_dim = widths[-1]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
+        nn.init.zeros_(self.fc.bias)
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """stem (B,16,32,32), layer1 (B,16k,32,32), layer2 (B,32k,16,16), layer3 (B,64k,8,8) (pre-activation

@@ -29,7 +29,7 @@ class QuantBasicBlock(BasicBlock):
 
     def _body(self, x: torch.Tensor, x_hat: torch.Tensor | None) -> torch.Tensor:
         out = self.bn1(self.conv1(x) if x_hat is None else self.conv1.forward_quantized(x_hat))
-        if not getattr(self.conv2.a_quant, "clamps_at_zero", False):
+        if not self.conv2.input_clamps_at_zero:
             out = F.relu(out)
         return self.bn2(self.conv2(out))
 
