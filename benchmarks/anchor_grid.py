@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vaqkd.analysis.report import machine_kind
+from vaqkd.analysis.report import same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.engine.checkpoint import read_json
 from vaqkd.runner import MAX_SEEDS, config_hash, load_preset, meta, row_config, run_or_reuse, save_record
@@ -41,7 +41,7 @@ def cell_sets(bits: int, share: float) -> list[str]:
 def find(name: str, places: list[Path]) -> dict | None:
     for p in places:
         if (p / name / "final.json").exists():
-            return read_json(p / name / "final.json")
+            return {**read_json(p / name / "final.json"), "run_dir": str(p / name)}
     return None
 
 
@@ -104,7 +104,7 @@ def main() -> None:
         if cell == "qkd_logit":
             diff = ("—", "—", "reference")
         else:
-            seeds = [s for s in sorted(by_seed) if s in base and machine_kind(by_seed[s]) == machine_kind(base[s])]
+            seeds = [s for s in sorted(by_seed) if s in base and same_machine(by_seed[s], base[s])[0]]
             if len(seeds) >= 1:
                 stat = paired_interval([by_seed[s]["top1_last"] for s in seeds], [base[s]["top1_last"] for s in seeds])
                 entry["paired"] = {**stat, "seeds": seeds}

@@ -120,7 +120,22 @@ def test_pairs_from_different_machines_are_left_out():
            "vaqkd_logit": [run(0, 40.5), run(1, 41.7), run(2, 45.0, cap="AVX2")]}  # fmt: skip
     (p,) = paired_rows(res)
     assert p["n"] == 2 and p["seeds"] == [0, 1] and p["cross_machine_pairs_left_out"] == 1
-    assert p["mean"] == pytest.approx(0.6)
+    assert p["mean"] == pytest.approx(0.6) and p["pairs_with_unknown_machine_fields"] == 0
+
+
+def test_records_lacking_a_machine_field_pair_on_the_fields_both_know(tmp_path):
+    from vaqkd.analysis.report import paired_rows
+
+    old_dir = tmp_path / "old"  # a record from before cpu_capability / threads were in final.json
+    old_dir.mkdir()
+    (old_dir / "env.json").write_text('{"threads": 1}')
+    old = {"seed": 0, "top1_last": 40.0, "device": "cpu x", "precision": "bf16", "run_dir": str(old_dir)}
+    new = {"seed": 0, "top1_last": 41.0, "device": "cpu x", "cpu_capability": "AVX512", "precision": "bf16"}
+    (p,) = paired_rows({"qkd_logit": [old], "vaqkd_logit": [{**new, "threads": 1}]})
+    assert p["n"] == 1 and p["pairs_with_unknown_machine_fields"] == 1
+    # threads comes from the old run's env.json, and it differs: no pair
+    assert paired_rows({"qkd_logit": [old], "vaqkd_logit": [{**new, "threads": 2}]}) == []
+    assert paired_rows({"qkd_logit": [old], "vaqkd_logit": [{**new, "threads": 1, "precision": "fp32"}]}) == []
 
 
 def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):

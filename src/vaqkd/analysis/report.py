@@ -56,28 +56,48 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+MACHINE_FIELDS = ("device", "cpu_capability", "precision", "threads")
+
+
 def machine_kind(final: dict) -> tuple:
     """What must match for two runs to be bit-comparable: CPU/GPU name, its capability, precision, threads.
-    Records written before a field existed have None there."""
-    return (final.get("device"), final.get("cpu_capability"), final.get("precision"), final.get("threads"))
+    A record that lacks a field (written before the field existed) has None there; `threads` is then read from
+    the run's env.json when the record says where it lies."""
+    kind = dict.fromkeys(MACHINE_FIELDS)
+    kind.update({k: final.get(k) for k in MACHINE_FIELDS})
+    env = Path(final["run_dir"]) / "env.json" if final.get("run_dir") else None
+    if kind["threads"] is None and env is not None and env.exists():
+        kind["threads"] = json.loads(env.read_text()).get("threads")
+    return tuple(kind[k] for k in MACHINE_FIELDS)
+
+
+def same_machine(a: dict, b: dict) -> tuple[bool, bool]:
+    """(pairable, relied on an unknown field): two runs pair when every field both records know is equal; a
+    field one of them lacks is not held against the pair, but the pair is counted as resting on it."""
+    ka, kb = machine_kind(a), machine_kind(b)
+    known = [(x, y) for x, y in zip(ka, kb) if x is not None and y is not None]
+    return all(x == y for x, y in known), len(known) < len(MACHINE_FIELDS)
 
 
 def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
     """VA-QKD - QKD per setting over the seeds both rows have. A pair counts only if both runs come from the same
-    kind of machine (`machine_kind`): a difference between machines would mix the method's effect with the
-    machine's numerics, so such pairs are left out and counted in `cross_machine_pairs_left_out`."""
+    kind of machine (`same_machine`): a difference between machines would mix the method's effect with the
+    machine's numerics, so such pairs are left out and counted in `cross_machine_pairs_left_out`; pairs where
+    a record lacks a field are kept and counted in `pairs_with_unknown_machine_fields`."""
     out = []
     for setting in SETTINGS:
         va = {f["seed"]: f for f in results.get(f"vaqkd_{setting}", [])}
         for base in (f"qkd_{setting}", f"qkd_{setting}_wmatched"):
             ref = {f["seed"]: f for f in results.get(base, [])}
             both = sorted(set(va) & set(ref))
-            seeds = [s for s in both if machine_kind(va[s]) == machine_kind(ref[s])]
+            match = {s: same_machine(va[s], ref[s]) for s in both}
+            seeds = [s for s in both if match[s][0]]
             if not seeds:
                 continue
             stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
             out.append({"comparison": f"vaqkd_{setting} - {base}", **stat, "seeds": seeds,
-                        "cross_machine_pairs_left_out": len(both) - len(seeds)})  # fmt: skip
+                        "cross_machine_pairs_left_out": len(both) - len(seeds),
+                        "pairs_with_unknown_machine_fields": sum(match[s][1] for s in seeds)})  # fmt: skip
     return out
 
 
@@ -127,12 +147,15 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
     if pairs:
         lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", "",
                   "A pair counts only when both runs come from the same kind of machine (device, CPU capability, "
-                  "precision, threads); other pairs are left out and counted.", ""]  # fmt: skip
+                  "precision, threads); other pairs are left out and counted. A field that one record lacks "
+                  "(written before the field existed) is not held against a pair; such pairs are counted.", ""]  # fmt: skip
         lines += ["| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for p in pairs:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
             left = p.get("cross_machine_pairs_left_out", 0)
+            unknown = p.get("pairs_with_unknown_machine_fields", 0)
             note = f" ({left} cross-machine pair(s) left out)" if left else ""
+            note += f" ({unknown} pair(s) with a record lacking a machine field)" if unknown else ""
             lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']}{note} |")
     if meta.get("failed"):
         lines += ["", f"**Failed cells** (not in the table): {', '.join(meta['failed'])}."]
