@@ -148,7 +148,7 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", "",
                   "A pair counts only when both runs come from the same kind of machine (device, CPU capability, "
                   "precision, threads); other pairs are left out and counted. A field that one record lacks "
-                  "(written before the field existed) is not held against a pair; such pairs are counted.", ""]  # fmt: skip
+                  "(written before the field existed) does not break a pair; such pairs are counted.", ""]  # fmt: skip
         lines += ["| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for p in pairs:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
