@@ -4,7 +4,8 @@
 
 Agreement: the fake-quant PyTorch model (fp32) against its ONNX graph in ONNX Runtime with all graph
 optimizations (QDQ fused into QLinearConv: integer kernels), and the reference graph (float biases, no graph
-optimizations: float convolutions on the exact 2-bit codes; ORT's basic level already fuses QDQ). Speed
+optimizations: float convolutions on the exact 2-bit codes; ORT's basic level already fuses QDQ), each also
+against the same PyTorch model in float64 — the floor set by float32 rounding alone. Speed
 (img/s, peak RSS), each case in a fresh process, in one run: ORT integer graph, ORT FP32 graph of the
 shipped teacher (exported plainly by the same builder), PyTorch eval of the W2A2 model and of the teacher, at
 batch 1 and 256, 2 threads.
@@ -13,6 +14,7 @@ batch 1 and 256, 2 threads.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -59,10 +61,33 @@ def speed_case(case: str, onnx_dir: Path, run: str, data_root: str | None) -> di
         for _ in range(reps):
             fn(x)
         out[f"img_per_s_batch{batch}"] = batch * reps / (time.perf_counter() - t0)
+    if case.startswith("ort"):  # where the time goes, by operator (ORT's profiler, batch 256)
+        out["share_by_op_batch256"] = op_shares(onnx_dir / ("w2a2.onnx" if "w2a2" in case else "teacher.onnx"))
     # VmHWM: this process's peak resident set (ru_maxrss would include the parent's peak, kept across exec)
     hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
     out["peak_rss_mib"] = int(hwm.split()[1]) / 1024
     return out
+
+
+def op_shares(path: Path, reps: int = 4) -> dict[str, float]:
+    """Share of the graph's kernel time per operator type over `reps` runs at batch 256 (ORT profiling)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.intra_op_num_threads = 2
+    opts.profile_file_prefix = str(path.with_suffix(""))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = torch.randn(256, 3, 32, 32).numpy()
+    for _ in range(reps):
+        sess.run(None, {"input": x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    dur: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            dur[e["args"]["op_name"]] = dur.get(e["args"]["op_name"], 0) + e["dur"]
+    total = sum(dur.values())
+    return {k: round(v / total, 4) for k, v in sorted(dur.items(), key=lambda kv: -kv[1])}
 
 
 def main() -> None:
@@ -94,23 +119,29 @@ def main() -> None:
     fused = session(args.onnx_dir / "w2a2.onnx")
     # the reference graph: float biases, no graph optimizations (ORT's basic level already fuses QDQ)
     unfused = session(build_onnx(model, integer=False).SerializeToString(), optimize=False)
-    counts = {"torch": 0, "ort_int": 0, "ort_reference": 0, "agree_int": 0, "agree_reference": 0, "n": 0}
+    # the float floor: the same model in float64 (nearly exact arithmetic); fp32 PyTorch itself differs from it
+    model64 = copy.deepcopy(model).double()
+    names = ("torch", "ort_int", "ort_reference", "torch_fp64")
+    correct, agree, agree64, n = dict.fromkeys(names, 0), dict.fromkeys(names, 0), dict.fromkeys(names, 0), 0
     with torch.no_grad():
         for x, y, _ in data.test.batches(0):
-            pt, pi, pf = model(x).argmax(1), ort_logits(fused, x).argmax(1), ort_logits(unfused, x).argmax(1)
-            counts["torch"] += int((pt == y).sum())
-            counts["ort_int"] += int((pi == y).sum())
-            counts["ort_reference"] += int((pf == y).sum())
-            counts["agree_int"] += int((pi == pt).sum())
-            counts["agree_reference"] += int((pf == pt).sum())
-            counts["n"] += len(y)
-    n = counts["n"]
+            pred = {
+                "torch": model(x).argmax(1),
+                "ort_int": ort_logits(fused, x).argmax(1),
+                "ort_reference": ort_logits(unfused, x).argmax(1),
+                "torch_fp64": model64(x.double()).argmax(1),
+            }
+            for k, p in pred.items():
+                correct[k] += int((p == y).sum())
+                agree[k] += int((p == pred["torch"]).sum())
+                agree64[k] += int((p == pred["torch_fp64"]).sum())
+            n += len(y)
     agreement = {
         "test_images": n,
-        "top1": {k: 100 * counts[k] / n for k in ("torch", "ort_int", "ort_reference")},
-        "prediction_agreement_with_torch": {"ort_int": counts["agree_int"] / n,
-                                            "ort_reference": counts["agree_reference"] / n},
-    }  # fmt: skip
+        "top1": {k: 100 * correct[k] / n for k in names},
+        "prediction_agreement_with_torch": {k: agree[k] / n for k in names if k != "torch"},
+        "prediction_agreement_with_torch_fp64": {k: agree64[k] / n for k in names if k != "torch_fp64"},
+    }
     speed = {}
     for case in CASES:
         cmd = [sys.executable, __file__, args.run_dir, "--case", case, "--onnx-dir", str(args.onnx_dir)]

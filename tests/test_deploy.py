@@ -196,8 +196,10 @@ def test_w2a2_graph_runs_integer_kernels_and_agrees_with_torch(w2a2_run, shared_
             agree_int += int((ort_logits(fused, x).argmax(1) == p).sum())
             agree_ref += int((ort_logits(reference, x).argmax(1) == p).sum())
             n += len(x)
-    # stated tolerances (results/deploy/onnx.json on real data: 99.8 % reference, 81 % integer)
-    assert agree_ref / n >= 0.99 and agree_int / n >= 0.75, (agree_ref / n, agree_int / n)
+    # stated tolerance: the float floor (results/deploy/onnx.json on real data: 99.8 % for both graphs; with one
+    # int32-bias grid for every channel, as before the per-channel multipliers, the integer graph gave 81 %)
+    print(f"agreement: integer {agree_int / n:.4f}, reference {agree_ref / n:.4f}")
+    assert agree_ref / n >= 0.99 and agree_int / n >= 0.99, (agree_ref / n, agree_int / n)
     assert main(["eval", str(path), "--backend", "onnxruntime", "--data-root", str(shared_cifar_root)]) == 0
 
 
@@ -218,3 +220,45 @@ def test_w2a2_reference_graph_with_negative_gamma_channels():
     out = ort_logits(session(build_onnx(model, integer=False).SerializeToString(), optimize=False), x)
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
     assert (out - ref).abs().median() < 1e-3
+
+
+def test_bias_multipliers_put_the_batchnorm_shift_on_the_int32_grid_closely():
+    """QLinearConv adds the BN shift as an int32 at scale s_in·s_w/m: the chosen m per channel must hold it at
+    least as closely as the largest m, and far more closely on average (what moved 19 % of predictions)."""
+    import numpy as np
+
+    from vaqkd.deploy.onnx_export import _bias_multipliers
+
+    rng = np.random.default_rng(0)
+    shift, unit = rng.normal(0, 0.3, 512), rng.uniform(0.01, 0.1, 512)
+    m = _bias_multipliers(shift, unit, 63)
+    assert m.min() >= 1 and m.max() <= 63
+
+    def err(m):
+        grid = (unit / m).astype(np.float32).astype(np.float64)
+        return np.abs(shift - np.round(shift / grid) * grid) / unit  # in units of one code product
+
+    assert (err(m) <= err(np.full(512, 63)) + 1e-12).all()
+    assert err(m).mean() < err(np.full(512, 63)).mean() / 5  # measured: 9.8x smaller
+
+
+def test_integer_graph_keeps_every_code_through_all_blocks():
+    """The fused integer graph (int32 biases) against PyTorch after all 9 blocks of a W2A2 ResNet-20 with
+    non-trivial BatchNorm: no output may move by a code. With one bias grid for every channel (m = 63, the
+    code before the per-channel multipliers) 71 % of these outputs moved."""
+    from vaqkd.deploy.onnx_export import build_onnx, ort_logits, session
+    from vaqkd.models import create_model
+    from vaqkd.quant import calibrate, quantize
+
+    torch.manual_seed(0)
+    model = quantize(create_model("resnet20", 10), 2, 2)
+    x = torch.randn(64, 3, 32, 32)
+    calibrate(model, [x])
+    _odd_bn(model)
+    out = {}
+    model.layer3[2].register_forward_hook(lambda m, i, o: out.__setitem__("ref", o))
+    with torch.no_grad():
+        model(x)
+    got = ort_logits(session(build_onnx(model, stop_after_blocks=9).SerializeToString()), x)
+    moved = ((got - out["ref"]).abs() > 1e-4).float().mean().item()
+    assert moved < 1e-4, moved
