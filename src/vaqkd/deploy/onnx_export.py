@@ -24,7 +24,8 @@ PyTorch's predictions, as close as ORT's float graph (99.87 %) and as PyTorch fp
 (ORT does not fold DequantizeLinear, and behind it the float conv ran 2x slower than the teacher's).
 The grid is what limits other bit widths: at 4 bits it can be made only ~135x finer (k = 9, m <= 15), and a
 W4A4 ResNet-32 (the teacher's weights, calibrated, not trained) agrees on 95.5 % of 2,000 test images where
-the float reference graph agrees on 99.85 %: export W4A4 and wider with `integer=False` semantics in mind.
+the float reference graph agrees on 99.85 %. W2A2 is what this form is built for; wider students export,
+but measure their agreement (benchmarks/deploy_onnx.py) before relying on it.
 
 What does not run in integers, named: (1) the second conv of every block feeds the residual add, which the
 trained model computes in floating point (the shortcut carries the unquantized block output); quantizing that
