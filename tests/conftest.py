@@ -58,3 +58,24 @@ def real_cifar100():
     if not (REAL_CIFAR100 / "cifar-100-python" / "train").exists():
         pytest.skip("real CIFAR-100 not present beside the project")
     return REAL_CIFAR100
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(shared_cifar_root, tmp_path_factory):
+    """A resnet20 teacher trained for one epoch on the synthetic data (a run directory)."""
+    from vaqkd.config import load_config
+    from vaqkd.engine.train import fit
+
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    cfg = load_config(
+        None,
+        [
+            f'data.root="{shared_cifar_root}"',
+            "model.arch=resnet20",
+            "optim.epochs=1",
+            "data.batch_size=100",
+            "train.precision=fp32",
+        ],
+    )
+    fit(cfg, run, progress=False, log=lambda s: None)
+    return run

@@ -414,3 +414,26 @@ def test_fused_ewgs_equals_the_composite(compiled, signed, delta, monkeypatch):
     assert torch.allclose(gx1, gx2, atol=1e-6)
     assert torch.allclose(gl1, gl2, rtol=1e-4, atol=1e-3) and torch.allclose(gu1, gu2, rtol=1e-4, atol=1e-3)
     assert gl1.abs() > 0 and gu1.abs() > 0
+
+
+@pytest.mark.parametrize("fused_relu", [False, True])
+def test_grad_batch_gives_a_part_of_the_batch_the_whole_batch_step_gradient(fused_relu):
+    """A rank's shard (or a micro-batch) of 1/k of the batch with grad_batch = k: the step gradients of the k
+    parts add up to the whole batch's (LSQ's g = 1/sqrt(N·Qp) counts the whole batch); with grad_batch = 1
+    they come out sqrt(k) too large."""
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 8, 6, 6), torch.randn(64, 8, 6, 6)
+
+    def step_grad(k: int, grad_batch: int) -> torch.Tensor:
+        q = LSQQuantizer(2, signed=False)
+        q.step.data.fill_(0.4)
+        q.grad_batch = grad_batch
+        for xc, wc in zip(x.chunk(k), w.chunk(k)):
+            out = q.relu_quant(xc)[1] if fused_relu else q(xc.relu())
+            ((out * wc).sum() / len(x)).backward()
+        return q.step.grad.clone()
+
+    whole = step_grad(1, 1)
+    assert whole.abs() > 1e-3
+    assert torch.allclose(step_grad(2, 2), whole, rtol=1e-5)
+    assert torch.allclose(step_grad(2, 1), whole * math.sqrt(2), rtol=1e-5)

@@ -23,23 +23,6 @@ def test_paired_t_interval_on_hand_computed_numbers():
         paired_interval([1, 2], [1])
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(shared_cifar_root, tmp_path_factory):
-    run = tmp_path_factory.mktemp("teacher") / "run"
-    cfg = load_config(
-        None,
-        [
-            f'data.root="{shared_cifar_root}"',
-            "model.arch=resnet20",
-            "optim.epochs=1",
-            "data.batch_size=100",
-            "train.precision=fp32",
-        ],
-    )
-    fit(cfg, run, progress=False, log=lambda s: None)
-    return run
-
-
 def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_root, tiny_teacher, tmp_path):
     sets = [
         f'data.root="{shared_cifar_root}"',

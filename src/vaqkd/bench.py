@@ -22,7 +22,7 @@ from vaqkd.config import TermConfig
 from vaqkd.data.loader import DeviceLoader
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.setup import bf16_supported, resolve_device
-from vaqkd.engine.train import evaluate, train_step
+from vaqkd.engine.train import StudentLoss, evaluate, train_step
 from vaqkd.metrics.size import layer_table
 from vaqkd.models import create_model, stage_channels
 from vaqkd.quant import calibrate, quantize
@@ -135,11 +135,11 @@ def _step_cases(batch_data, labels, dev, prec: str, channels_last: bool):
         s_ch, t_ch = stage_channels(model, stages), stage_channels(teacher or model, stages_of(terms, teacher=True))
         obj = Objective(terms, [build_term(t, s_ch, t_ch, labels, 0) for t in terms]).to(dev)
         opt = torch.optim.SGD(list(model.parameters()) + list(obj.parameters()), lr=1e-3, momentum=0.9)
-        count = [0]
+        count, student = [0], StudentLoss(model, obj)
 
         def fn():
             count[0] += 1
-            train_step(model, teacher, obj, opt, x, y, idx.to(dev), count[0], prec_)
+            train_step(student, teacher, opt, x, y, idx.to(dev), count[0], prec_)
 
         steps[name] = fn
 
@@ -209,17 +209,18 @@ def _epoch_case(images, labels, batch_data, teacher, dev, prec: str, channels_la
     terms = _terms("vaqkd_logit")
     obj = Objective(terms, [build_term(t, stage_channels(model), stage_channels(teacher), labels, 0) for t in terms])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    student = StudentLoss(model, obj)
 
     def epoch():  # as the engine runs one: batches from the loader, no sync until the end
         loss_sum = torch.zeros((), device=dev)
         for k, (xb, yb, ib) in enumerate(sub.batches(0)):
-            loss_sum += train_step(model, teacher, obj, opt, xb, yb, ib, k, prec)[0]
+            loss_sum += train_step(student, teacher, opt, xb, yb, ib, k, prec)[0]
         return loss_sum.item()
 
     def fixed_steps():  # the same number of steps on one batch already on the device: no loader at all
         loss_sum = torch.zeros((), device=dev)
         for k in range(n_steps):
-            loss_sum += train_step(model, teacher, obj, opt, x, y, idx.to(dev), k, prec)[0]
+            loss_sum += train_step(student, teacher, opt, x, y, idx.to(dev), k, prec)[0]
         return loss_sum.item()
 
     epoch(), fixed_steps()  # warm-up

@@ -34,8 +34,10 @@ def cmd_train(args) -> int:
 
     cfg = preset_config(args.config, args.preset, _overrides(args))
     out = Path(args.out or Path("runs") / cfg.name)
-    final = fit(cfg, out, resume=args.resume, progress=not args.no_progress)
-    if final:
+    final = fit(cfg, out, resume=args.resume, progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
+    from vaqkd.engine import dist
+
+    if final and dist.is_main():
         print(
             f"{cfg.name}: test top-1 {final['top1_last']:.2f}% (best {final['top1_best']:.2f}% at epoch "
             f"{final['best_epoch']}), {final['train_seconds']:.0f}s training -> {out}"
@@ -148,6 +150,11 @@ def cmd_table(args) -> int:
         extra_sets=_overrides(args),
         teacher=args.teacher,
         report_only=args.report_only,
+        jobs=args.jobs,
+        launcher=args.launcher,
+        address=args.address,
+        cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run,
     )
     return 0
 
@@ -184,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--preset", help="apply a preset's student settings (configs/presets/NAME.toml), e.g. quick")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--stop-after-steps", type=int, metavar="N",
+                   help="stop (checkpointed) once N global steps are done; continue later with --resume")  # fmt: skip
     _add_data_root(t)
     t.set_defaults(fn=cmd_train)
 
@@ -222,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--teacher", default="pretrained", help="'pretrained', 'train', or a run dir / .safetensors")
     tb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
     tb.add_argument("--report-only", action="store_true", help="train nothing: report the runs and records there are")
+    tb.add_argument("--jobs", type=int, default=1, help="local launcher: cells trained at once, in worker processes")
+    tb.add_argument("--launcher", choices=["local", "ray"], default="local",
+                    help="ray: every (row, seed) cell as a Ray task (pip install 'vaqkd[cluster]')")  # fmt: skip
+    tb.add_argument("--address", help="Ray cluster address (default: start a local Ray for this call)")
+    tb.add_argument("--cpus-per-run", type=float, help="Ray: CPUs per cell (default 1)")
+    tb.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray: GPUs per cell (fractions pack runs)")
     _add_data_root(tb)
     tb.set_defaults(fn=cmd_table)
 
@@ -254,17 +269,26 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()  # fewer page faults per step on glibc; VAQKD_MALLOC_TUNE=0 turns it off
 
+    from vaqkd.engine import dist
+
     try:
         return args.fn(args)
     except (VaqkdError, FileNotFoundError, FileExistsError) as e:
         # errors the user can fix: one line naming the culprit; anything else is a bug and keeps its traceback
         if args.debug:
             raise
-        print(f"vaqkd {args.command}: error: {e}", file=sys.stderr)
+        where = f" (rank {dist.rank()} of {dist.world()})" if dist.active() else ""
+        print(f"vaqkd {args.command}{where}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
     except KeyboardInterrupt:
         print(f"vaqkd {args.command}: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
         return 130
+    except Exception:
+        if dist.active():  # torchrun's summary names the first rank that failed; this line says which one this is
+            print(f"vaqkd {args.command}: rank {dist.rank()} of {dist.world()} failed:", file=sys.stderr)
+        raise
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

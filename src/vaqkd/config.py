@@ -177,6 +177,8 @@ class TrainConfig:
     eval_every: int = 1
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
     threads: int = 0  # CPU threads (0: torch default)
+    micro_batches: int = 1  # gradient accumulation: each step's batch in this many parts (per process)
+    sync_bn: bool = False  # SyncBatchNorm across the processes of a torchrun job (GPUs only)
 
     def validate(self, p: str) -> None:
         _check(f"{p}.precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
@@ -188,6 +190,7 @@ class TrainConfig:
         _check(f"{p}.eval_every", self.eval_every >= 1, "must be >= 1")
         _check(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0")
         _check(f"{p}.threads", self.threads >= 0, "must be >= 0")
+        _check(f"{p}.micro_batches", self.micro_batches >= 1, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -334,7 +337,7 @@ def _toml_value(v: Any) -> str:
 
 # Fields added after runs were recorded: while at their default they are left out of a run's identity (its
 # config hash, the resume check), so records and run directories made before the field existed still match.
-LATER_DEFAULTS = ('teacher_stage = ""',)
+LATER_DEFAULTS = ('teacher_stage = ""', "micro_batches = 1", "sync_bn = false")
 
 
 def identity(toml_text: str) -> str:

@@ -206,11 +206,23 @@ def run_table(
     log: Callable[[str], None] = print,
     report_only: bool = False,
     records: bool | None = None,
+    jobs: int = 1,
+    launcher: str = "local",
+    address: str | None = None,
+    cpus_per_run: float | None = None,
+    gpus_per_run: float = 0.0,
 ) -> dict:
     """Train (or reuse / resume) `rows` x `seeds`, then report every finished run of the preset's rows (with the
     same teacher and overrides), so a later call with more seeds for some rows extends the same table.
     `report_only`: train nothing, report what the run directories and committed records hold. `records`: keep
-    run records under <out>/runs (default: the preset's `records` setting)."""
+    run records under <out>/runs (default: the preset's `records` setting).
+
+    Launchers (each (row, seed) cell is one task running the same `fit`; a TAKD cell runs its chain in order):
+    "local" with jobs = 1 trains the cells one after another in this process; "local" with jobs = N runs N
+    cells at a time in worker processes of this machine (each with cpu_count / N threads); "ray" submits every
+    cell as a Ray task to the cluster at `address` (default: a local Ray started for the call), with
+    `cpus_per_run` CPUs and `gpus_per_run` GPUs (fractions pack several small runs onto one GPU). Run
+    directories must lie on a filesystem every worker sees. A failed cell is reported; the others go on."""
     from vaqkd.analysis.report import write_report
 
     p = load_preset(preset)
@@ -241,11 +253,23 @@ def run_table(
         write_report(out_dir, results, info)
         return results
 
-    for seed in range(0 if report_only else seeds):
-        for row in rows:
+    cells = [] if report_only else [(row, seed) for seed in range(seeds) for row in rows]
+    if launcher == "local" and jobs <= 1:
+        for row, seed in cells:
             if row_result(row, seed, p, teacher_spec, sets, runs, log, records=records_dir) is None:
                 failed.append(f"{row} seed {seed}")
             report()  # keep the report current after every run
+    elif cells:
+        from vaqkd.launch import run_cells
+
+        task = (p, teacher_spec, sets, runs, records_dir)
+        for (row, seed), final, t in run_cells(cells, task, launcher, jobs, address, cpus_per_run, gpus_per_run, log):
+            if final is None:
+                failed.append(f"{row} seed {seed}")
+            if t:
+                took = f"{t['end'] - t['start']:.0f} s, pid {t['pid']}"
+                log(f"{'done  ' if final else 'failed'} {row} seed {seed} ({took})")
+            report()
     results = report()
     if failed:
         cells = ", ".join(failed)

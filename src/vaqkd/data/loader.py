@@ -40,6 +40,7 @@ class DeviceLoader:
         pad: int = 4,
         drop_last: bool | None = None,
         channels_last: bool = False,
+        shard: tuple[int, int] = (0, 1),  # (rank, world): this process's rows of every global batch
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -51,6 +52,9 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
         self.epoch = 0
+        self.rank, self.world = shard
+        if train and batch_size % self.world:
+            raise ValueError(f"data.batch_size: {batch_size} does not divide among {self.world} processes")
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -66,14 +70,16 @@ class DeviceLoader:
             return torch.arange(len(self.labels), device=self.device)
         return torch.randperm(len(self.labels), generator=self._generator(epoch), device=self.device)
 
-    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Random crop with zero padding + horizontal flip. x: uint8 (B, C, H, W)."""
+    def augment(self, x: torch.Tensor, g: torch.Generator, rows: slice = slice(None), n: int = 0) -> torch.Tensor:
+        """Random crop with zero padding + horizontal flip. x: uint8 (B, C, H, W): `rows` of a batch of `n`
+        (default: all of x), with the random draws made for the whole batch."""
         b, _, h, w = x.shape
+        n = n or b
         p = self.pad
         padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=g, device=x.device)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=g, device=x.device)
-        flip = torch.rand(b, generator=g, device=x.device) < 0.5
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=g, device=x.device)[rows]
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=g, device=x.device)[rows]
+        flip = (torch.rand(n, generator=g, device=x.device) < 0.5)[rows]
         cols = torch.arange(w, device=x.device)
         cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]  # (B, W)
         rows = torch.arange(h, device=x.device) + dy[:, None]  # (B, H)
@@ -81,14 +87,22 @@ class DeviceLoader:
         out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
         return out.permute(0, 3, 1, 2)
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Batches of `epoch`, beginning at batch `start` (for resuming mid-epoch)."""
+    def batches(
+        self, epoch: int, start: int = 0, shard: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches of `epoch`, beginning at batch `start` (for resuming mid-epoch): this process's shard of
+        each (training) batch, or with shard=False the whole batch."""
         order = self.order(epoch)
         for k in range(start, len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
+            rows, n = slice(None), len(idx)
+            if shard and self.train and self.world > 1:
+                per = n // self.world
+                rows = slice(self.rank * per, (self.rank + 1) * per)
+                idx = idx[rows]
             x = self.images[idx]
             if self.train:
-                x = self.augment(x, self._generator(epoch, k))
+                x = self.augment(x, self._generator(epoch, k), rows, n)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx], idx
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaqkd.engine import dist
+
 
 class CRDLoss(nn.Module):
     uses_teacher = True
@@ -69,12 +71,16 @@ class CRDLoss(nn.Module):
     def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t["embedding"]
 
-    def sample_negatives(self, index: torch.Tensor, step: int) -> torch.Tensor:
-        """(B, K) dataset indices, each from a class other than that of `index`'s sample."""
+    def sample_negatives(self, index: torch.Tensor, step: int, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """(B, K) dataset indices, each from a class other than that of `index`'s sample. `part` = (p, P): the
+        samples are part p of a batch of P·B; the draws are made for the whole batch and part p's rows kept,
+        so ranks and micro-batches get the negatives one process would."""
         g = torch.Generator(device=index.device).manual_seed(hash((self.seed, step)) & 0x7FFF_FFFF_FFFF_FFFF)
         y = self.labels[index]
         size, start = (self.n - self.count[y]).unsqueeze(1), self.start[y].unsqueeze(1)
-        u = (torch.rand(len(index), self.k, generator=g, device=index.device) * size).long()
+        p, parts, b = *part, len(index)
+        u = torch.rand(b * parts, self.k, generator=g, device=index.device)[p * b : (p + 1) * b]
+        u = (u * size).long()
         u = torch.where(u >= start, u + self.count[y].unsqueeze(1), u)
         return self.order[u]
 
@@ -101,7 +107,7 @@ class CRDLoss(nn.Module):
 
     def forward(
         self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
-        step: int = 0, anchor: bool = False, cache: dict | None = None, **_,
+        step: int = 0, anchor: bool = False, cache: dict | None = None, part: tuple[int, int] = (0, 1), **_,
     ) -> torch.Tensor:  # fmt: skip
         cache = {} if cache is None else cache  # this term's per-step state, shared with its anchors
         with torch.autocast(r.device.type, enabled=False):  # fp32 scores: see the module docstring
@@ -110,25 +116,30 @@ class CRDLoss(nn.Module):
                     v_a = F.normalize(self.embed_t(r.float()), dim=1)
                 v_s, neg_term, teacher_side = cache["v_s"], cache["neg_term"], cache["teacher_side"]
                 return -(self._nce_pos(self._pos(v_s, v_a), 0) + neg_term) / len(v_s) + teacher_side
-            return self._fp32_term(s, r, index, step, cache)
+            return self._fp32_term(s, r, index, step, cache, part)
 
-    def _fp32_term(self, s, r, index, step, cache) -> torch.Tensor:
+    def _fp32_term(self, s, r, index, step, cache, part=(0, 1)) -> torch.Tensor:
         v_t = F.normalize(self.embed_t(r.float()), dim=1)
         v_s = F.normalize(self.embed_s(s["embedding"].float()), dim=1)
         b = len(v_s)
-        neg = self.sample_negatives(index, step)
+        neg = self.sample_negatives(index, step, part)
         s_pos, s_neg = self._pos(v_s, self.memory_t[index]), self._neg(v_s, self.memory_t, neg)
         s_pos_t, s_neg_t = self._pos(v_t, self.memory_s[index]), self._neg(v_t, self.memory_s, neg)
         # Z from the first batch, positives and negatives together (reference behaviour); set on the device
         # without a host sync (a `if z < 0` would wait for the GPU every step)
         count = b * (s_neg.shape[1] + 1)
-        z_new = torch.stack([s_pos.sum() + s_neg.sum(), s_pos_t.sum() + s_neg_t.sum()]) / count
+        z_new = torch.stack([s_pos.sum() + s_neg.sum(), s_pos_t.sum() + s_neg_t.sum()]).detach() / count
+        if dist.active():  # every rank the same Z: the mean of the ranks' estimates
+            z_new = dist.all_sum(z_new) / dist.world()
         self.z.copy_(torch.where(self.z < 0, z_new.detach() * self.n, self.z))
         neg_term = self._nce_neg(s_neg, 0)
         teacher_side = -(self._nce_pos(s_pos_t, 1) + self._nce_neg(s_neg_t, 1)) / b
         cache.update(v_s=v_s, neg_term=neg_term, teacher_side=teacher_side)
         loss = -(self._nce_pos(s_pos, 0) + neg_term) / b + teacher_side
         with torch.no_grad():  # out of place: this step's graph (and its anchor terms) still read the old bank
+            if dist.active():  # every rank applies every rank's update: the banks stay identical
+                index = dist.all_gather_cat(index)
+                v_s, v_t = dist.all_gather_cat(v_s.detach()), dist.all_gather_cat(v_t.detach())
             m = self.momentum
             new_s = F.normalize(self.memory_s[index] * m + v_s.detach() * (1 - m), dim=1)
             new_t = F.normalize(self.memory_t[index] * m + v_t.detach() * (1 - m), dim=1)

@@ -81,20 +81,22 @@ class Objective(nn.Module):
 
     def forward(
         self, s: dict[str, torch.Tensor], t: dict[str, torch.Tensor] | None, labels: torch.Tensor,
-        index: torch.Tensor | None = None, step: int = 0,
+        index: torch.Tensor | None = None, step: int = 0, part: tuple[int, int] = (0, 1),
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """`part` = (p, P): these samples are part p of P equal parts of the step's batch (ranks x micro-batches);
+        terms with per-batch random draws (CRD's negatives) draw for the whole batch and take part p."""
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=labels.device)
         names = iter(self.names)
         for cfg, term in zip(self.cfgs, self.terms):
             r = term.target(t)
             cache: dict = {}  # this term's per-step state (projections, negatives), shared with its anchors only
-            loss = term(s, r, labels, index=index, step=step, cache=cache)
+            loss = term(s, r, labels, index=index, step=step, cache=cache, part=part)
             parts[next(names)] = loss.detach()
             total = total + cfg.weight * loss
             for bits, w in zip(cfg.anchor_bits, cfg.anchor_weights):
                 anchor = virtual_anchor(r, bits, cfg.anchor_mode)
-                loss_va = term(s, anchor, labels, index=index, step=step, anchor=True, cache=cache)
+                loss_va = term(s, anchor, labels, index=index, step=step, anchor=True, cache=cache, part=part)
                 parts[next(names)] = loss_va.detach()
                 total = total + w * loss_va
         return total, parts

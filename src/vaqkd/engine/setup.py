@@ -68,7 +68,9 @@ class Data:
     train_labels: torch.Tensor  # labels of the (subset) training set, in loader index order
 
 
-def build_data(cfg: Config, device: torch.device) -> Data:
+def build_data(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)) -> Data:
+    """The run's splits on the device; `shard` = (rank, world): the training loader yields this process's rows
+    of every global batch (`data.batch_size`)."""
     d = cfg.data
     root = data_root(d)
     if d.dataset == "folder":
@@ -91,7 +93,8 @@ def build_data(cfg: Config, device: torch.device) -> Data:
     if d.batch_size > len(ytr):
         raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the {len(ytr)} training images")
     cl = cfg.train.channels_last
-    train = DeviceLoader(xtr, ytr, d.batch_size, mean, std, device, train=True, seed=cfg.train.seed, channels_last=cl)
+    train = DeviceLoader(xtr, ytr, d.batch_size, mean, std, device, train=True, seed=cfg.train.seed, channels_last=cl,
+                         shard=shard)  # fmt: skip
     test = DeviceLoader(xte, yte, d.eval_batch_size, mean, std, device, train=False, channels_last=cl)
     return Data(train, test, num_classes, ytr)
 

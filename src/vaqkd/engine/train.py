@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vaqkd.config import Config, OptimConfig, identity, to_toml
+from vaqkd.config import Config, ConfigError, OptimConfig, identity, to_toml
 from vaqkd.distill.objective import Objective, build_term
+from vaqkd.engine import dist
 from vaqkd.engine.checkpoint import RunLock, has_checkpoint, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import (
@@ -36,7 +38,7 @@ from vaqkd.engine.setup import (
     resolve_precision,
     write_json,
 )  # fmt: skip
-from vaqkd.errors import RunFileError
+from vaqkd.errors import RunFileError, TrainingDiverged
 from vaqkd.models import features, stage_channels
 from vaqkd.quant import calibrate, quantizers
 
@@ -82,20 +84,46 @@ def evaluate(model: nn.Module, loader, precision: str = "fp32") -> dict[str, flo
     return {"top1": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
 
 
-def train_step(model, teacher, objective, opt, x, y, idx, step: int, precision: str):
-    """One optimisation step. Returns (loss, parts, correct) as tensors (no host sync)."""
-    with autocast(x.device, precision):
-        if teacher is not None and objective.uses_teacher:
-            with torch.no_grad():
-                t = features(teacher, x, objective.teacher_stages)
-        else:
-            t = None
-        s = features(model, x, objective.stages)
-        loss, parts = objective(s, t, y, index=idx, step=step)
+class StudentLoss(nn.Module):
+    """The student and the objective (with its trainable heads) as one module: the loss of a batch. This is
+    what DistributedDataParallel wraps, so the gradients of both are synchronised."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x, t, y, idx, step: int, part: tuple[int, int]):
+        s = features(self.model, x, self.objective.stages)
+        loss, parts = self.objective(s, t, y, index=idx, step=step, part=part)
+        return loss, parts, (s["logits"].detach().argmax(1) == y).sum()
+
+
+def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision: str, micro: int = 1):
+    """One optimisation step over this process's shard of the batch, in `micro` micro-batches whose gradients
+    add up (under DDP, synchronised after the last). Returns (loss, parts, correct) as tensors (no host sync).
+    `student`: a `StudentLoss`, or a DDP wrapper of one."""
+    objective = getattr(student, "module", student).objective
+    rank, world = dist.rank(), dist.world()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total, parts_sum, correct_sum = 0.0, {}, 0
+    for i, (xc, yc, ic) in enumerate(zip(x.chunk(micro), y.chunk(micro), idx.chunk(micro))):
+        last = i == micro - 1
+        sync = student.no_sync() if (not last and hasattr(student, "no_sync")) else nullcontext()
+        with sync:
+            with autocast(x.device, precision):
+                if teacher is not None and objective.uses_teacher:
+                    with torch.no_grad():
+                        t = features(teacher, xc, objective.teacher_stages)
+                else:
+                    t = None
+                loss, parts, correct = student(xc, t, yc, ic, step, (rank * micro + i, world * micro))
+            (loss / micro if micro > 1 else loss).backward()
+        total = total + loss.detach() / micro
+        correct_sum = correct_sum + correct
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v / micro
     opt.step()
-    return loss.detach(), parts, (s["logits"].detach().argmax(1) == y).sum()
+    return total if micro > 1 else loss.detach(), parts_sum if micro > 1 else parts, correct_sum
 
 
 def _start_run(cfg: Config, run_dir: Path, resume: bool) -> None:
@@ -143,8 +171,12 @@ def fit(
     splitting a run into pieces. Holds the run directory's lock for the whole run.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
+    dist.init(resolve_device(cfg.train.device))  # under torchrun: join the job (a no-op otherwise)
+    if not dist.is_main():  # rank 0 alone writes the run directory, logs and draws the progress bar
+        log, progress = (lambda _: None), False
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir) if dist.is_main() else nullcontext():
         return _fit(cfg, run_dir, resume, log, progress, stop_after_steps)
 
 
@@ -160,6 +192,7 @@ class Run:
     model: nn.Module
     teacher: nn.Module | None
     objective: Objective
+    student: nn.Module  # StudentLoss(model, objective), under DDP when distributed
     opt: torch.optim.Optimizer
     state: dict  # step, best top-1 and epoch, train seconds, the epoch's accumulators ("acc")
     env: dict
@@ -174,7 +207,10 @@ class Run:
         return self.cfg.optim.epochs * self.steps_per_epoch
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.run_dir, self.model, self.objective, {**self.state, "optimizer": self.opt.state_dict()})
+        dist.average_bn_stats(self.model)
+        if dist.is_main():
+            state = {**self.state, "optimizer": self.opt.state_dict()}
+            save_checkpoint(self.run_dir, self.model, self.objective, state)
 
 
 def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_after_steps: int | None) -> dict:
@@ -213,14 +249,21 @@ def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None, si
 
 def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     """Data, student, teacher, objective, calibration, optimizer; the checkpoint's state when resuming."""
-    _start_run(cfg, run_dir, resume)
+    if dist.is_main():
+        _start_run(cfg, run_dir, resume)
+    dist.barrier()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = dist.local_device(resolve_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise ConfigError("train.sync_bn: SyncBatchNorm needs GPUs; on CPUs the running statistics are averaged")
 
-    data = build_data(cfg, device)
+    data = build_data(cfg, device, shard=(dist.rank(), dist.world()))
+    if len(data.train.labels) and cfg.data.batch_size % (dist.world() * cfg.train.micro_batches):
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} does not divide into {dist.world()} processes x "
+                          f"{cfg.train.micro_batches} micro-batches")  # fmt: skip
     model = build_student(cfg, data.num_classes, device)
     teacher = build_teacher(cfg, data.num_classes, device)
     image_size = data.train.images.shape[-1]
@@ -228,8 +271,10 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     terms = [build_term(t, s_ch, t_ch, data.train_labels, cfg.train.seed) for t in cfg.distill.terms]
     objective = Objective(cfg.distill.terms, terms).to(device)
     if cfg.quant.enabled:
-        calib = (x for (x, _, _), _ in zip(data.train.batches(0), range(cfg.quant.calib_batches)))
+        # whole batches on every rank: the same calibration as one process
+        calib = (x for (x, _, _), _ in zip(data.train.batches(0, shard=False), range(cfg.quant.calib_batches)))
         calibrate(model, calib)
+        set_grad_batch(model, dist.world() * cfg.train.micro_batches)
     opt = make_optimizer(cfg.optim, model, objective)
 
     state = {"step": 0, "best_top1": -1.0, "best_epoch": -1, "train_seconds": 0.0, "acc": {}}
@@ -238,19 +283,35 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         opt.load_state_dict(state.pop("optimizer"))
         # drop metric lines written after the checkpoint (a kill between the two writes)
         metrics = run_dir / "metrics.jsonl"
-        if metrics.exists():
+        if metrics.exists() and dist.is_main():
             done = state["step"] // len(data.train)
             lines = [json.dumps(r) for r in read_jsonl(metrics) if r["epoch"] <= done]
             metrics.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed {run_dir} at step {state['step']}/{cfg.optim.epochs * len(data.train)}")
-    env = _record_env(run_dir, environment(device, cfg.train.seed, precision), resume, state["step"])
+    here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world()}
+    env = dist.broadcast_object(_record_env(run_dir, here, resume, state["step"]) if dist.is_main() else None)
 
     from vaqkd.metrics.size import model_profile  # local: profile imports the quant package
 
     profile = model_profile(model, data.num_classes, image_size) if cfg.quant.enabled else None
     model.train()
     objective.train()
-    return Run(cfg, run_dir, device, precision, data, model, teacher, objective, opt, state, env, profile)
+    student = StudentLoss(model, objective)
+    if dist.active():
+        if cfg.train.sync_bn:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        ids = [device.index] if device.type == "cuda" else None
+        student = nn.parallel.DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False)
+    return Run(cfg, run_dir, device, precision, data, model, teacher, objective, student, opt, state, env, profile)
+
+
+def set_grad_batch(model: nn.Module, factor: int) -> None:
+    """The activation quantizers' gradient scale counts `factor` times the batch they see: a rank's shard of
+    a global batch, or a micro-batch, gets the step gradient of the whole batch (LSQ: g = 1/sqrt(N·Qp))."""
+    for m in model.modules():
+        q = getattr(m, "a_quant", None)
+        if q is not None:
+            q.grad_batch = factor
 
 
 def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dict:
@@ -268,8 +329,8 @@ def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dic
         lr = lr_at(cfg.optim, state["step"], run.steps_per_epoch)
         for g in run.opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        loss, parts, correct = train_step(run.model, run.teacher, run.objective, run.opt, x, y, idx, state["step"],
-                                          run.precision)  # fmt: skip
+        loss, parts, correct = train_step(run.student, run.teacher, run.opt, x, y, idx, state["step"], run.precision,
+                                          cfg.train.micro_batches)  # fmt: skip
         guard.update(state["step"], loss)
         sums["loss"] += loss * len(y)
         sums["correct"] += correct
@@ -281,7 +342,7 @@ def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dic
         done_epoch = state["step"] % run.steps_per_epoch == 0
         every = cfg.train.checkpoint_every_steps
         stop = stop_after_steps is not None and state["step"] >= stop_after_steps
-        if state["step"] % NONFINITE_CHECK_EVERY == 0 and guard.check(parts_sum):
+        if state["step"] % NONFINITE_CHECK_EVERY == 0 and _any_rank(guard.check(parts_sum) is not None):
             break
         if not done_epoch and ((every and state["step"] % every == 0) or stop):
             break
@@ -296,15 +357,25 @@ def fold_stretch(run: Run, stretch: dict) -> None:
     bad = stretch["guard"].check(stretch["parts"])
     if bad is None and not finite(run.model, run.objective):  # the last update overflowed: its loss is unseen yet
         bad = (run.state["step"] - 1, ["weights after the update"])
-    if bad is not None:
-        diverged(run.run_dir, run.cfg, bad, run.steps_per_epoch)
+    if _any_rank(bad is not None):
+        bad = bad or (run.state["step"] - 1, ["on another rank"])
+        if dist.is_main():
+            diverged(run.run_dir, run.cfg, bad, run.steps_per_epoch)
+        raise TrainingDiverged(f"rank {dist.rank()}: training became non-finite at step {bad[0]}")
+    sums, parts = stretch["sums"], dict(sorted(stretch["parts"].items()))
+    if dist.active():  # the epoch's figures over every rank's shard
+        names = list(parts)
+        values = [sums["loss"].float(), sums["correct"].float(), *(torch.as_tensor(v).float() for v in parts.values())]
+        flat = dist.all_sum(torch.stack(values))
+        sums = {"loss": flat[0], "correct": flat[1]}
+        parts = dict(zip(names, flat[2:]))
     acc = run.state["acc"] or {"loss": 0.0, "correct": 0, "seen": 0, "parts": {}, "seconds": 0.0}
-    acc["loss"] += stretch["sums"]["loss"].item()
-    acc["correct"] += int(stretch["sums"]["correct"].item())
-    acc["seen"] += stretch["seen"]
+    acc["loss"] += sums["loss"].item()
+    acc["correct"] += int(sums["correct"].item())
+    acc["seen"] += stretch["seen"] * dist.world()
     acc["seconds"] += stretch["seconds"]
     acc["lr"] = stretch["lr"]
-    for k, v in stretch["parts"].items():
+    for k, v in parts.items():
         acc["parts"][k] = acc["parts"].get(k, 0.0) + float(v)
     run.state["acc"] = acc
     run.state["train_seconds"] += stretch["seconds"]
@@ -326,12 +397,14 @@ def end_epoch(run: Run, log) -> None:
         "img_per_s": acc["seen"] / acc["seconds"],
     }
     if epoch % cfg.train.eval_every == 0 or epoch == cfg.optim.epochs:
+        dist.average_bn_stats(run.model)
         ev = evaluate(run.model, run.data.test, run.precision)
         row.update(test_top1=ev["top1"], test_loss=ev["loss"])
         if ev["top1"] > state["best_top1"]:
             state["best_top1"], state["best_epoch"] = ev["top1"], epoch
-    with open(run.run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if dist.is_main():
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
     test_txt = f" test top-1 {row['test_top1']:.2f}%" if "test_top1" in row else ""
     log(
         f"epoch {epoch}/{cfg.optim.epochs} loss {row['train_loss']:.4f} train top-1 "
@@ -341,7 +414,9 @@ def end_epoch(run: Run, log) -> None:
 
 
 def finish(run: Run) -> dict:
-    """final.json from the metrics of every epoch and the run's state."""
+    """final.json from the metrics of every epoch and the run's state (rank 0 writes it; every rank returns it)."""
+    if not dist.is_main():
+        return dist.broadcast_object(None)
     rows = read_jsonl(run.run_dir / "metrics.jsonl")
     env = run.env
     final = {
@@ -357,10 +432,18 @@ def finish(run: Run) -> dict:
         "device": env["device_name"],
         "cpu_capability": env.get("cpu_capability", "unknown"),
         "threads": env["threads"],
+        "world_size": env.get("world_size", 1),
         "seed": run.cfg.train.seed,
         "git_sha": env["git_sha"],
     }
     if run.profile is not None:
         final["profile"] = run.profile
     write_json(run.run_dir / "final.json", final)
-    return final
+    return dist.broadcast_object(final)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any (so all ranks take the same branch)."""
+    if not dist.active():
+        return flag
+    return bool(dist.all_sum(torch.tensor(float(flag))).item())

@@ -30,6 +30,9 @@ class Quantizer(nn.Module):
         self.bits, self.signed = bits, signed
         self.calibrating = False
         self._obs_sum, self._obs_n = 0.0, 0
+        # an activation quantizer that sees 1/k of the batch (a rank's shard, a micro-batch) counts k times its
+        # input in LSQ's gradient scale, so the step gradient is the whole batch's (set by the engine)
+        self.grad_batch = 1
 
     @property
     def qn(self) -> int:
@@ -96,13 +99,13 @@ class LSQQuantizer(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             return self.calibration_pass(x)
-        n = x.numel() // self.step.numel()
+        n = x.numel() // self.step.numel() * self.grad_batch
         return LSQQuant.apply(x, self.step, self.qn, self.qp, 1.0 / math.sqrt(n * self.qp))
 
     def relu_quant(self, a: torch.Tensor, b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.calibrating or self.signed or self.per_channel:
             return None
-        return ReluLSQQuant.apply(a, b, self.step, self.qp, 1.0 / math.sqrt(a.numel() * self.qp))
+        return ReluLSQQuant.apply(a, b, self.step, self.qp, 1.0 / math.sqrt(a.numel() * self.grad_batch * self.qp))
 
 
 class EWGSQuantizer(Quantizer):

@@ -1,0 +1,91 @@
+"""Many runs at once: the cells of `vaqkd table` on worker processes of this machine (`--jobs N`) or as tasks
+on a Ray cluster (`--launcher ray`). A cell is one (row, seed): `runner.row_result`, i.e. the same `fit` that
+a single `vaqkd train` runs, in its own process, so a finished cell is reused and an interrupted one resumed
+exactly as in the one-process table.
+
+Ray is an optional extra (`pip install vaqkd[cluster]`), imported only by the Ray launcher.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+Cell = tuple[str, int]
+
+
+def run_cell(row: str, seed: int, task: tuple, threads: int | None = None) -> tuple[dict | None, dict]:
+    """Train (or reuse) one cell in this process. Returns (final.json or None if it failed, timing): the
+    start and end time and the process id, so a caller can see which cells ran side by side."""
+    import torch
+
+    from vaqkd.runner import row_result
+
+    if threads:
+        torch.set_num_threads(threads)
+    preset, teacher, sets, runs, records = task
+    t0 = time.time()
+    tag = f"[{row} s{seed}] "
+    try:
+        final = row_result(row, seed, preset, teacher, sets, Path(runs), lambda s: print(tag + s, flush=True),
+                           records=Path(records) if records else None)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 -- one failed cell must not end the others; it is reported
+        print(f"{tag}FAILED {type(e).__name__}: {e}\n{traceback.format_exc()}", flush=True)
+        final = None
+    return final, {"start": t0, "end": time.time(), "pid": os.getpid()}
+
+
+def run_cells(cells: list[Cell], task: tuple, launcher: str, jobs: int, address: str | None,
+              cpus_per_run: float | None, gpus_per_run: float, log: Callable[[str], None],
+              ) -> Iterator[tuple[Cell, dict | None, dict]]:  # fmt: skip
+    """Yield ((row, seed), final or None, timing) as cells finish."""
+    if launcher == "local":
+        yield from _local(cells, task, jobs, log)
+    elif launcher == "ray":
+        yield from _ray(cells, task, address, cpus_per_run, gpus_per_run, log)
+    else:
+        raise ValueError(f"launcher {launcher!r}: local or ray")
+
+
+def _local(cells, task, jobs, log):
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"{len(cells)} cell(s) on {jobs} worker processes of this machine, {threads} thread(s) each")
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or thread state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(run_cell, row, seed, task, threads): (row, seed) for row, seed in cells}
+        for fut in as_completed(futures):
+            final, t = fut.result()
+            yield futures[fut], final, t
+
+
+def _ray(cells, task, address, cpus_per_run, gpus_per_run, log):
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the Ray launcher needs ray: pip install 'vaqkd[cluster]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    cpus = cpus_per_run or 1
+    threads = max(1, int(cpus))
+    log(f"{len(cells)} cell(s) as Ray tasks ({cpus} CPU, {gpus_per_run} GPU each) on {ray.cluster_resources()}")
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus_per_run, max_retries=0)(run_cell)
+    pending = {remote.remote(row, seed, task, threads): (row, seed) for row, seed in cells}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(done[0])
+            try:
+                final, t = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 -- a worker that died: the cell failed, the others go on
+                log(f"[{cell[0]} s{cell[1]}] FAILED {type(e).__name__}: {str(e).splitlines()[0]}")
+                final, t = None, {}
+            yield cell, final, t
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,58 @@
+"""Many cells at once: the table's local process pool (--jobs) and the Ray launcher."""
+
+import json
+
+import pytest
+
+from vaqkd.launch import run_cells
+from vaqkd.runner import TableIncomplete, config_hash, load_preset, row_config, run_table
+
+
+def _sets(root):
+    tiny = ["optim.epochs=1", "data.subset_per_class=2", "data.batch_size=50", "data.test_subset_per_class=1"]
+    arch = ["model.arch=resnet20", "distill.teacher_arch=resnet20", "train.precision=fp32"]
+    return [f'data.root="{root}"', *arch, *tiny]
+
+
+def _overlap(timings) -> bool:
+    a, b = timings
+    return a["pid"] != b["pid"] and a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def _fail(tmp_path, teacher, sets, row, seed):
+    """Mark a cell failed, as a diverged run leaves it (failed.json): the table reports it and goes on."""
+    cfg = row_config(row, load_preset("demo"), seed, teacher, sets)
+    d = tmp_path / "runs" / f"{row}-s{seed}-{config_hash(cfg)}"
+    d.mkdir(parents=True)
+    (d / "failed.json").write_text(json.dumps({"reason": "marked by the test"}))
+    return d
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_cells_run_side_by_side_are_reused_and_one_failed_cell_does_not_stop_the_others(
+    launcher, shared_cifar_root, tiny_teacher, tmp_path, request
+):
+    if launcher == "ray":
+        ray = pytest.importorskip("ray")
+        ray.init(num_cpus=2, include_dashboard=False)  # one local Ray for the whole test (the launcher reuses it)
+        request.addfinalizer(ray.shutdown)
+    sets, teacher = _sets(shared_cifar_root), str(tiny_teacher)
+    task = (load_preset("demo"), teacher, sets, tmp_path / "runs", None)
+    cells = [("w2a2_qat", 0), ("qkd_logit", 0)]
+    done = list(run_cells(cells, task, launcher, 2, None, 1, 0.0, print))
+    assert sorted(c for c, _, _ in done) == sorted(cells) and all(f is not None for _, f, _ in done)
+    assert _overlap([t for _, _, t in done]), [t for _, _, t in done]  # two processes, at the same time
+
+    failed = _fail(tmp_path, teacher, sets, "qkd_logit", 1)
+    logs = []
+    kw = dict(preset="demo", rows=["w2a2_qat", "qkd_logit"], runs_dir=str(tmp_path / "runs"),
+              out=str(tmp_path / "results"), extra_sets=sets, teacher=teacher, records=False, jobs=2,
+              launcher=launcher, cpus_per_run=1)  # fmt: skip
+    with pytest.raises(TableIncomplete, match="qkd_logit seed 1"):
+        run_table(**kw, seeds=2, log=logs.append)
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "| w2a2_qat | W2A2 | 2 |" in table and "| qkd_logit | W2A2 | 1 |" in table and "qkd_logit seed 1" in table
+    (failed / "failed.json").unlink()  # fixed: the next call trains that cell only
+    logs.clear()
+    run_table(**kw, seeds=2, log=logs.append)
+    assert "| qkd_logit | W2A2 | 2 |" in (tmp_path / "results" / "table.md").read_text()
