@@ -11,13 +11,14 @@ import torch
 
 from vaqkd.config import load_config
 from vaqkd.engine import dist
+from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.train import end_epoch, fold_stretch, prepare, train_stretch
 
 
 def main() -> None:
     config, run_dir, out, steps, *sets = sys.argv[1:]
     cfg = load_config(config, sets)
-    dist.init(torch.device("cpu"))
+    dist.init(resolve_device(cfg.train.device))
     run = prepare(cfg, Path(run_dir), False, print if dist.is_main() else (lambda _: None))
     kill_rank, kill_at = int(os.environ.get("KILL_RANK", "-1")), int(os.environ.get("KILL_AT_STEP", "-1"))
     while run.state["step"] < int(steps):

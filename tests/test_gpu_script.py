@@ -25,3 +25,7 @@ def test_gpu_script_cpu_path(shared_cifar_root, tmp_path):
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
     assert set(summary) >= {"teacher", "qkd_logit", "vaqkd_logit", "bench_ratios"}
     assert summary["vaqkd_logit"]["epochs"] == 1 and summary["teacher"]["median_epoch_s"] > 0
+    assert summary["table_4_cells_seconds"]["packed"] > 0  # the packed (Ray) table and the one-at-a-time table
+    for how in ("packed", "one_at_a_time"):
+        table = (tmp_path / "gpu" / f"table_{how}" / "table.md").read_text()
+        assert "| qkd_logit | W2A2 | 2 |" in table and "| vaqkd_logit | W2A2 | 2 |" in table

@@ -97,7 +97,7 @@ def test_pairs_from_different_machines_are_left_out():
 
     def run(seed, acc, cap="AVX512"):
         return {"seed": seed, "top1_last": acc, "device": "cpu x", "cpu_capability": cap, "precision": "bf16",
-                "threads": 2}  # fmt: skip
+                "threads": 2, "world_size": 1}  # fmt: skip
 
     res = {"qkd_logit": [run(0, 40.0), run(1, 41.0), run(2, 42.0)],
            "vaqkd_logit": [run(0, 40.5), run(1, 41.7), run(2, 45.0, cap="AVX2")]}  # fmt: skip

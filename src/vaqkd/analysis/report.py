@@ -56,11 +56,12 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-MACHINE_FIELDS = ("device", "cpu_capability", "precision", "threads")
+MACHINE_FIELDS = ("device", "cpu_capability", "precision", "threads", "world_size")
 
 
 def machine_kind(final: dict) -> tuple:
-    """What must match for two runs to be bit-comparable: CPU/GPU name, its capability, precision, threads.
+    """What must match for two runs to be bit-comparable: CPU/GPU name, its capability, precision, threads and
+    the number of processes (torchrun world size).
     A record that lacks a field (written before the field existed) has None there; `threads` is then read from
     the run's env.json when the record says where it lies."""
     kind = dict.fromkeys(MACHINE_FIELDS)
@@ -147,7 +148,7 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
     if pairs:
         lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", "",
                   "A pair counts only when both runs come from the same kind of machine (device, CPU capability, "
-                  "precision, threads); other pairs are left out and counted. A field that one record lacks "
+                  "precision, threads, processes); other pairs are left out and counted. A field that one record lacks "
                   "(written before the field existed) does not break a pair; such pairs are counted.", ""]  # fmt: skip
         lines += ["| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for p in pairs:

@@ -51,8 +51,8 @@ def init(device: torch.device | None = None) -> bool:
     """Join torchrun's process group (once); returns whether the run is distributed."""
     if active():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and os.environ.get("VAQKD_DIST") != "1":
+        return False  # not under torchrun (VAQKD_DIST=1: a group of one, e.g. to test DDP on one GPU)
     cuda = device is not None and device.type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
