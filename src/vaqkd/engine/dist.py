@@ -15,6 +15,7 @@ work, so that the job computes what one process with the same global batch would
   statistics are averaged over ranks before every evaluation and checkpoint (as timm's `distribute_bn`);
 - CRD: negatives are drawn for the global batch and each rank takes its rows; the memory banks are updated
   from the indices and embeddings gathered from every rank, so they stay identical; Z is averaged;
+- evaluation: each rank evaluates every world-th test batch and the sums are combined;
 - files: rank 0 alone writes the run directory, logs and draws the progress bar; every rank reads a checkpoint
   to resume, at any world size (the step counter and the data order are global).
 

@@ -71,17 +71,19 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module) -> 
 def evaluate(model: nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
     was = model.training
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=loader.device)
-    loss_sum = torch.zeros((), device=loader.device)
-    n = 0
-    for x, y, _ in loader.batches(0):
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # correct, loss, n
+    rank, world = dist.rank(), dist.world()
+    for k, (x, y, _) in enumerate(loader.batches(0)):
+        if k % world != rank:  # under torchrun each rank evaluates every world-th batch; the sums are combined
+            continue
         with autocast(loader.device, precision):
             logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        n += len(y)
+        loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        sums += torch.stack([(logits.argmax(1) == y).sum().double(), loss.double(), torch.tensor(len(y)).to(sums)])
+    dist.all_sum(sums)
     model.train(was)
-    return {"top1": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+    correct, loss_sum, n = sums.tolist()
+    return {"top1": 100.0 * correct / n, "loss": loss_sum / n}
 
 
 class StudentLoss(nn.Module):
