@@ -344,7 +344,7 @@ def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dic
         done_epoch = state["step"] % run.steps_per_epoch == 0
         every = cfg.train.checkpoint_every_steps
         stop = stop_after_steps is not None and state["step"] >= stop_after_steps
-        if state["step"] % NONFINITE_CHECK_EVERY == 0 and _any_rank(guard.check(parts_sum) is not None):
+        if state["step"] % NONFINITE_CHECK_EVERY == 0 and _any_rank(guard.check(parts_sum) is not None, run.device):
             break
         if not done_epoch and ((every and state["step"] % every == 0) or stop):
             break
@@ -359,7 +359,7 @@ def fold_stretch(run: Run, stretch: dict) -> None:
     bad = stretch["guard"].check(stretch["parts"])
     if bad is None and not finite(run.model, run.objective):  # the last update overflowed: its loss is unseen yet
         bad = (run.state["step"] - 1, ["weights after the update"])
-    if _any_rank(bad is not None):
+    if _any_rank(bad is not None, run.device):
         bad = bad or (run.state["step"] - 1, ["on another rank"])
         if dist.is_main():
             diverged(run.run_dir, run.cfg, bad, run.steps_per_epoch)
@@ -444,8 +444,9 @@ def finish(run: Run) -> dict:
     return dist.broadcast_object(final)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any (so all ranks take the same branch)."""
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (so all ranks take the same branch). The flag travels on the
+    run's device (NCCL reduces CUDA tensors only)."""
     if not dist.active():
         return flag
-    return bool(dist.all_sum(torch.tensor(float(flag))).item())
+    return bool(dist.all_sum(torch.tensor(float(flag), device=device)).item())
