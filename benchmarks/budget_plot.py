@@ -1,0 +1,101 @@
+"""Accuracy against training budget: QKD and VA-QKD (logit) at the quick and the full-data presets.
+
+Reads the committed run records of each preset (results/<preset>/runs; the same lookup as `vaqkd table
+--report-only`), and plots top-1 (last epoch) against the images a student saw (epochs x training images), mean
+with its 95 % t-interval over seeds, n beside each point; the paired VA-QKD - QKD difference per budget goes
+in the table. Writes results/budget/{budget.png, budget.md, budget.json}. A preset without records is left
+out and said so.
+
+    python benchmarks/budget_plot.py --data-root ../shared/data/cifar100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from vaqkd.analysis.report import same_machine
+from vaqkd.analysis.stats import mean_std, paired_interval, t975
+from vaqkd.runner import MAX_SEEDS, load_preset, meta, row_result
+
+ROWS = ("qkd_logit", "vaqkd_logit")
+PRESETS = ("quick", "full")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--out", default="results/budget")
+    args = ap.parse_args()
+    sets = [f'data.root="{args.data_root}"']
+    points, lines = [], ["| preset | images seen | row | n | top-1 (95 % CI) |", "|---|---|---|---|---|"]
+    pairs, missing = [], []
+    for preset in PRESETS:
+        p, records = load_preset(preset), Path("results") / preset / "runs"
+        found = {}
+        for row in ROWS:
+            found[row] = {s: f for s in range(MAX_SEEDS)
+                          if (f := row_result(row, s, p, "pretrained", sets, Path("runs") / preset, print,
+                                              train=False, records=records))}  # fmt: skip
+        if not any(found.values()):
+            missing.append(preset)
+            continue
+        for row, by_seed in found.items():
+            if not by_seed:
+                continue
+            acc = [f["top1_last"] for f in by_seed.values()]
+            m, sd = mean_std(acc)
+            half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+            f0 = next(iter(by_seed.values()))
+            budget = f0["epochs"] * f0["train_images"]
+            points.append({"preset": preset, "row": row, "images_seen": budget, "n": len(acc), "mean": m,
+                           "half_ci": half, "seeds": sorted(by_seed)})  # fmt: skip
+            ci = f"± {half:.2f}" if half == half else "(one seed)"
+            lines.append(f"| {preset} | {budget:,} | {row} | {len(acc)} | {m:.2f} {ci} |")
+        q, v = found["qkd_logit"], found["vaqkd_logit"]
+        seeds = [s for s in sorted(set(q) & set(v)) if same_machine(q[s], v[s])[0]]
+        if seeds:
+            stat = paired_interval([v[s]["top1_last"] for s in seeds], [q[s]["top1_last"] for s in seeds])
+            pairs.append({"preset": preset, **stat, "seeds": seeds})
+    doc = ["# Accuracy against training budget — QKD vs VA-QKD, logit setting (reduced scale, CPU)", "", *lines, ""]
+    doc += ["| preset | VA-QKD − QKD (pts) | n | 95 % interval |", "|---|---|---|---|"]
+    for pr in pairs:
+        ci = f"[{pr['lo']:+.2f}, {pr['hi']:+.2f}]" if pr["lo"] is not None else "—"
+        doc.append(f"| {pr['preset']} | {pr['mean']:+.2f} | {pr['n']} | {ci} |")
+    if missing:
+        doc += ["", f"No records yet for: {', '.join(missing)}."]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budget.md").write_text("\n".join(doc) + "\n")
+    info = meta("budget", 0, list(ROWS), "pretrained")
+    (out / "budget.json").write_text(json.dumps({"points": points, "paired": pairs, "missing": missing,
+                                                 "meta": info}, indent=2) + "\n")  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for row, colour in zip(ROWS, ("tab:blue", "tab:orange")):
+        pts = sorted((p for p in points if p["row"] == row), key=lambda p: p["images_seen"])
+        if not pts:
+            continue
+        xs = [p["images_seen"] * (1.03 if row == "vaqkd_logit" else 1) for p in pts]  # side by side
+        ax.errorbar(xs, [p["mean"] for p in pts], yerr=[0 if p["half_ci"] != p["half_ci"] else p["half_ci"]
+                    for p in pts], fmt="o-", color=colour, capsize=3, label=row)  # fmt: skip
+        for x, p in zip(xs, pts):
+            ax.annotate(f"n={p['n']}", (x, p["mean"]), textcoords="offset points", xytext=(6, -10), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images seen (epochs × images)")
+    ax.set_ylabel("top-1 on the 10,000 test images (%)")
+    ax.set_title("W2A2 ResNet-32, CIFAR-100 (reduced scale, CPU)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "budget.png", dpi=120)
+    print("\n".join(doc))
+
+
+if __name__ == "__main__":
+    main()
