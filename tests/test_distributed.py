@@ -93,7 +93,10 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_at_world_size_1_and_2(se
     assert res.returncode != 0
     root = res.stderr.split("Root Cause")[-1]  # torchrun names the rank that failed first
     assert re.search(r"rank\s*:\s*1 ", root) and "SIGKILL" in root, res.stderr[-2000:]
-    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000000002"]
+    # the step-2 checkpoint, or step 1 where torchrun's SIGTERM reached rank 0 while it was saving step 2
+    (ckpt,) = [p.name for p in run.glob("ckpt-*")]
+    at = int(ckpt.split("-")[1])
+    assert at in (1, 2), ckpt
     cfg = str(ROOT / "configs" / "cifar100" / "qkd_logit.toml")
     flags = [a for s in sets for a in ("--set", s)]
     for world in (1, 2):
@@ -106,5 +109,5 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_at_world_size_1_and_2(se
         else:
             res = torchrun(2, args)
         assert res.returncode == 0, res.stderr[-3000:]
-        assert "resumed" in res.stdout + res.stderr and "at step 2" in res.stdout + res.stderr
+        assert "resumed" in res.stdout + res.stderr and f"at step {at}/" in res.stdout + res.stderr
         assert sorted(p.name for p in copy.glob("ckpt-*")) == ["ckpt-000000004"]
