@@ -59,6 +59,12 @@ def test_batch_larger_than_the_data(capsys, cifar_root, tmp_path):
     assert not list((tmp_path / "r").glob("ckpt-*"))
 
 
+def test_batch_that_does_not_split_into_micro_batches(capsys, cifar_root, tmp_path):
+    args = ["train", "configs/cifar100/w2a2_qat.toml", "--out", str(tmp_path / "r"), "--data-root", str(cifar_root),
+            "--set", "data.batch_size=64", "--set", "train.micro_batches=3", "--set", 'model.init=""']  # fmt: skip
+    one_line_error(capsys, args, "data.batch_size: 64 does not divide into 1 processes x 3 micro-batches")
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "wrong_shape"])
 def test_damaged_dataset_files(damage, capsys, cifar_root, tmp_path):
     path = cifar_root / "cifar-100-python" / "train"

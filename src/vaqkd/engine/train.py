@@ -262,10 +262,10 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     if cfg.train.sync_bn and device.type != "cuda":
         raise ConfigError("train.sync_bn: SyncBatchNorm needs GPUs; on CPUs the running statistics are averaged")
 
-    data = build_data(cfg, device, shard=(dist.rank(), dist.world()))
-    if len(data.train.labels) and cfg.data.batch_size % (dist.world() * cfg.train.micro_batches):
+    if cfg.data.batch_size % (dist.world() * cfg.train.micro_batches):
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} does not divide into {dist.world()} processes x "
                           f"{cfg.train.micro_batches} micro-batches")  # fmt: skip
+    data = build_data(cfg, device, shard=(dist.rank(), dist.world()))
     model = build_student(cfg, data.num_classes, device)
     teacher = build_teacher(cfg, data.num_classes, device)
     image_size = data.train.images.shape[-1]
