@@ -172,12 +172,15 @@ def test_fp32_graph_equals_torch_bn_folding_and_shortcuts():
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4) and torch.equal(out.argmax(1), ref.argmax(1))
 
 
-def test_w2a2_graph_runs_integer_kernels_and_agrees_with_torch(w2a2_run, shared_cifar_root, tmp_path):
+def test_w2a2_graph_runs_integer_kernels_and_the_cli_evaluates_it(w2a2_run, shared_cifar_root, tmp_path):
+    """The exported graph of a run is fused by ORT into QLinearConv (integer kernels) and `vaqkd eval` runs it.
+    Agreement is tested where it can fail: every code through all blocks (below) and a trained model on real
+    images (`test_committed_w2a2_artifact_...`); this run's model predicts one class, so its agreement says
+    nothing."""
     import onnx
     import onnxruntime as ort
 
-    from vaqkd.deploy.onnx_export import build_onnx, export_run_onnx, ort_logits, session
-    from vaqkd.engine.setup import load_run
+    from vaqkd.deploy.onnx_export import export_run_onnx
 
     path = export_run_onnx(w2a2_run, tmp_path / "m.onnx", data_root=str(shared_cifar_root))
     opts = ort.SessionOptions()
@@ -186,20 +189,6 @@ def test_w2a2_graph_runs_integer_kernels_and_agrees_with_torch(w2a2_run, shared_
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 9  # the first conv of every block: integer kernels
-    _, model, data = load_run(w2a2_run, torch.device("cpu"), [f'data.root="{shared_cifar_root}"'])
-    model.eval()
-    fused, reference = session(path), session(build_onnx(model, integer=False).SerializeToString(), optimize=False)
-    agree_int = agree_ref = n = 0
-    with torch.no_grad():
-        for x, _, _ in data.test.batches(0):
-            p = model(x).argmax(1)
-            agree_int += int((ort_logits(fused, x).argmax(1) == p).sum())
-            agree_ref += int((ort_logits(reference, x).argmax(1) == p).sum())
-            n += len(x)
-    # stated tolerance: the float floor (results/deploy/onnx.json on real data: 99.8 % for both graphs; with one
-    # int32-bias grid for every channel, as before the per-channel multipliers, the integer graph gave 81 %)
-    print(f"agreement: integer {agree_int / n:.4f}, reference {agree_ref / n:.4f}")
-    assert agree_ref / n >= 0.99 and agree_int / n >= 0.99, (agree_ref / n, agree_int / n)
     assert main(["eval", str(path), "--backend", "onnxruntime", "--data-root", str(shared_cifar_root)]) == 0
 
 

@@ -70,16 +70,16 @@ class DeviceLoader:
             return torch.arange(len(self.labels), device=self.device)
         return torch.randperm(len(self.labels), generator=self._generator(epoch), device=self.device)
 
-    def augment(self, x: torch.Tensor, g: torch.Generator, rows: slice = slice(None), n: int = 0) -> torch.Tensor:
-        """Random crop with zero padding + horizontal flip. x: uint8 (B, C, H, W): `rows` of a batch of `n`
-        (default: all of x), with the random draws made for the whole batch."""
+    def augment(self, x: torch.Tensor, g: torch.Generator, part: slice = slice(None), n: int = 0) -> torch.Tensor:
+        """Random crop with zero padding + horizontal flip. x: uint8 (B, C, H, W): the rows `part` of a batch of
+        `n` (default: all of x), with the random draws made for the whole batch."""
         b, _, h, w = x.shape
         n = n or b
         p = self.pad
         padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=g, device=x.device)[rows]
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=g, device=x.device)[rows]
-        flip = (torch.rand(n, generator=g, device=x.device) < 0.5)[rows]
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=g, device=x.device)[part]
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=g, device=x.device)[part]
+        flip = (torch.rand(n, generator=g, device=x.device) < 0.5)[part]
         cols = torch.arange(w, device=x.device)
         cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]  # (B, W)
         rows = torch.arange(h, device=x.device) + dy[:, None]  # (B, H)
@@ -95,14 +95,14 @@ class DeviceLoader:
         order = self.order(epoch)
         for k in range(start, len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
-            rows, n = slice(None), len(idx)
+            part, n = slice(None), len(idx)
             if shard and self.train and self.world > 1:
                 per = n // self.world
-                rows = slice(self.rank * per, (self.rank + 1) * per)
-                idx = idx[rows]
+                part = slice(self.rank * per, (self.rank + 1) * per)
+                idx = idx[part]
             x = self.images[idx]
             if self.train:
-                x = self.augment(x, self._generator(epoch, k), rows, n)
+                x = self.augment(x, self._generator(epoch, k), part, n)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx], idx
 

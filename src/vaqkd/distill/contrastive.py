@@ -58,6 +58,7 @@ class CRDLoss(nn.Module):
         self.register_buffer("memory_s", F.normalize(torch.rand(n, feat_dim, generator=g) * 2 * stdv - stdv, dim=1))
         self.register_buffer("memory_t", F.normalize(torch.rand(n, feat_dim, generator=g) * 2 * stdv - stdv, dim=1))
         self.register_buffer("z", torch.tensor([-1.0, -1.0]))  # NCE normalisers (student side, teacher side)
+        self._z_pending = True  # until the first batch of this process has set (or, resumed, kept) z
         # Sampling negatives from other classes: sort indices by class; a class c occupies
         # order[start[c]:start[c]+count[c]]; draw u in [0, N - count[c]) and skip over the block.
         labels = labels.long()
@@ -125,13 +126,14 @@ class CRDLoss(nn.Module):
         neg = self.sample_negatives(index, step, part)
         s_pos, s_neg = self._pos(v_s, self.memory_t[index]), self._neg(v_s, self.memory_t, neg)
         s_pos_t, s_neg_t = self._pos(v_t, self.memory_s[index]), self._neg(v_t, self.memory_s, neg)
-        # Z from the first batch, positives and negatives together (reference behaviour); set on the device
-        # without a host sync (a `if z < 0` would wait for the GPU every step)
-        count = b * (s_neg.shape[1] + 1)
-        z_new = torch.stack([s_pos.sum() + s_neg.sum(), s_pos_t.sum() + s_neg_t.sum()]).detach() / count
-        if dist.active():  # every rank the same Z: the mean of the ranks' estimates
-            z_new = dist.all_sum(z_new) / dist.world()
-        self.z.copy_(torch.where(self.z < 0, z_new.detach() * self.n, self.z))
+        if self._z_pending:  # Z from the first batch, positives and negatives together (reference behaviour)
+            count = b * (s_neg.shape[1] + 1)
+            z_new = torch.stack([s_pos.sum() + s_neg.sum(), s_pos_t.sum() + s_neg_t.sum()]).detach() / count
+            if dist.active():  # every rank the same Z: the mean of the ranks' estimates
+                z_new = dist.all_sum(z_new) / dist.world()
+            # on the device, no host sync; a z loaded from a checkpoint (resume) is kept
+            self.z.copy_(torch.where(self.z < 0, z_new * self.n, self.z))
+            self._z_pending = False
         neg_term = self._nce_neg(s_neg, 0)
         teacher_side = -(self._nce_pos(s_pos_t, 1) + self._nce_neg(s_neg_t, 1)) / b
         cache.update(v_s=v_s, neg_term=neg_term, teacher_side=teacher_side)

@@ -40,7 +40,7 @@ from vaqkd.engine.setup import (
 )  # fmt: skip
 from vaqkd.errors import RunFileError, TrainingDiverged
 from vaqkd.models import features, stage_channels
-from vaqkd.quant import calibrate, quantizers
+from vaqkd.quant import calibrate, quantizers, set_grad_batch
 
 
 def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
@@ -71,18 +71,20 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module) -> 
 def evaluate(model: nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
     was = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # correct, loss, n
+    correct = torch.zeros((), dtype=torch.float64, device=loader.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
+    n = 0
     rank, world = dist.rank(), dist.world()
     for k, (x, y, _) in enumerate(loader.batches(0)):
         if k % world != rank:  # under torchrun each rank evaluates every world-th batch; the sums are combined
             continue
         with autocast(loader.device, precision):
             logits = model(x)
-        loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        sums += torch.stack([(logits.argmax(1) == y).sum().double(), loss.double(), torch.tensor(len(y)).to(sums)])
-    dist.all_sum(sums)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
     model.train(was)
-    correct, loss_sum, n = sums.tolist()
+    correct, loss_sum, n = dist.all_sum(torch.stack([correct, loss_sum, correct.new_tensor(n)])).tolist()
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n}
 
 
@@ -107,10 +109,10 @@ def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision
     objective = getattr(student, "module", student).objective
     rank, world = dist.rank(), dist.world()
     opt.zero_grad(set_to_none=True)
-    total, parts_sum, correct_sum = 0.0, {}, 0
+    total, parts_sum, correct_sum = 0, {}, 0
     for i, (xc, yc, ic) in enumerate(zip(x.chunk(micro), y.chunk(micro), idx.chunk(micro))):
-        last = i == micro - 1
-        sync = student.no_sync() if (not last and hasattr(student, "no_sync")) else nullcontext()
+        # under DDP the gradients are synchronised once, after the last micro-batch
+        sync = student.no_sync() if (i < micro - 1 and hasattr(student, "no_sync")) else nullcontext()
         with sync:
             with autocast(x.device, precision):
                 if teacher is not None and objective.uses_teacher:
@@ -119,13 +121,13 @@ def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision
                 else:
                     t = None
                 loss, parts, correct = student(xc, t, yc, ic, step, (rank * micro + i, world * micro))
-            (loss / micro if micro > 1 else loss).backward()
+            (loss / micro).backward()  # division by 1 is exact: one micro-batch is the plain step, bit for bit
         total = total + loss.detach() / micro
         correct_sum = correct_sum + correct
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0) + v / micro
     opt.step()
-    return total if micro > 1 else loss.detach(), parts_sum if micro > 1 else parts, correct_sum
+    return total, parts_sum, correct_sum
 
 
 def _start_run(cfg: Config, run_dir: Path, resume: bool) -> None:
@@ -232,7 +234,6 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
 
 def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None, size: int) -> tuple[dict, dict]:
     """Channels of the stages the terms read, on student and teacher; a stage neither has is a ConfigError."""
-    from vaqkd.config import ConfigError
     from vaqkd.distill.objective import stages_of
 
     try:
@@ -276,7 +277,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         # whole batches on every rank: the same calibration as one process
         calib = (x for (x, _, _), _ in zip(data.train.batches(0, shard=False), range(cfg.quant.calib_batches)))
         calibrate(model, calib)
-        set_grad_batch(model, dist.world() * cfg.train.micro_batches)
+        set_grad_batch(model, dist.world() * cfg.train.micro_batches)  # shards and micro-batches: whole-batch LSQ
     opt = make_optimizer(cfg.optim, model, objective)
 
     state = {"step": 0, "best_top1": -1.0, "best_epoch": -1, "train_seconds": 0.0, "acc": {}}
@@ -305,15 +306,6 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         ids = [device.index] if device.type == "cuda" else None
         student = nn.parallel.DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False)
     return Run(cfg, run_dir, device, precision, data, model, teacher, objective, student, opt, state, env, profile)
-
-
-def set_grad_batch(model: nn.Module, factor: int) -> None:
-    """The activation quantizers' gradient scale counts `factor` times the batch they see: a rank's shard of
-    a global batch, or a micro-batch, gets the step gradient of the whole batch (LSQ: g = 1/sqrt(N·Qp))."""
-    for m in model.modules():
-        q = getattr(m, "a_quant", None)
-        if q is not None:
-            q.grad_batch = factor
 
 
 def train_stretch(run: Run, progress: bool, stop_after_steps: int | None) -> dict:

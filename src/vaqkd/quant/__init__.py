@@ -1,4 +1,4 @@
-from vaqkd.quant.convert import calibrate, quantize, quantizers
+from vaqkd.quant.convert import calibrate, quantize, quantizers, set_grad_batch
 from vaqkd.quant.layers import QConv2d, QLinear
 from vaqkd.quant.quantizers import (
     ACT_QUANTIZERS,
@@ -11,6 +11,6 @@ from vaqkd.quant.quantizers import (
 )
 
 __all__ = [
-    "quantize", "calibrate", "quantizers", "QConv2d", "QLinear", "Quantizer", "LSQQuantizer",
+    "quantize", "calibrate", "quantizers", "set_grad_batch", "QConv2d", "QLinear", "Quantizer", "LSQQuantizer",
     "EWGSQuantizer", "PACTQuantizer", "DoReFaQuantizer", "WEIGHT_QUANTIZERS", "ACT_QUANTIZERS",
 ]  # fmt: skip

@@ -98,3 +98,11 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
                 getattr(m, k).copy_(v)
         model.train(was)
     return n
+
+
+def set_grad_batch(model: nn.Module, factor: int) -> None:
+    """The activation quantizers' gradient scale counts `factor` times the batch they see: a rank's shard of
+    a global batch, or a micro-batch, gets the step gradient of the whole batch (LSQ: g = 1/sqrt(N·Qp))."""
+    for m in model.modules():
+        if isinstance(m, (QConv2d, QLinear)):
+            m.a_quant.grad_batch = factor
