@@ -121,6 +121,36 @@ def test_records_lacking_a_machine_field_pair_on_the_fields_both_know(tmp_path):
     assert paired_rows({"qkd_logit": [old], "vaqkd_logit": [{**new, "threads": 1, "precision": "fp32"}]}) == []
 
 
+def test_a_run_resumed_on_another_machine_pairs_with_neither(shared_cifar_root, tiny_teacher, tmp_path, monkeypatch):
+    """A run started on one machine and resumed on another is of neither kind: final.json names both, and the
+    report reads env.json too, so even a record whose final.json names only the first machine does not pair."""
+    import vaqkd.engine.train as train
+    from vaqkd.analysis.report import paired_rows
+
+    tiny = ["optim.epochs=1", "data.subset_per_class=2", "data.batch_size=50", "data.test_subset_per_class=1"]
+    sets = [f'data.root="{shared_cifar_root}"', "model.arch=resnet20", "distill.teacher_arch=resnet20",
+            "train.precision=fp32", *tiny]  # fmt: skip
+    cfg = row_config("qkd_logit", load_preset("demo"), 0, str(tiny_teacher), sets)
+    run_dir = tmp_path / "run"
+    fit(cfg, run_dir, progress=False, log=lambda s: None, stop_after_steps=2)
+    started = json.loads((run_dir / "env.json").read_text())
+    here = started["device_name"]
+    real = train.environment
+    monkeypatch.setattr(train, "environment", lambda *a, **k: {**real(*a, **k), "device_name": "another cpu"})
+    final = fit(cfg, run_dir, resume=True, progress=False, log=lambda s: None)
+    assert final["device"] == f"{here} + another cpu"  # what did not change stays one value
+    assert (final["cpu_capability"], final["threads"]) == (started["cpu_capability"], started["threads"])
+
+    mixed = {**final, "run_dir": str(run_dir)}
+    pure = {k: v for k, v in final.items() if k != "run_dir"} | {"device": here, "top1_last": 1.0}
+    assert paired_rows({"qkd_logit": [mixed], "vaqkd_logit": [pure]}) == []
+    # a record from before final.json named every machine: env.json's resumes still tell
+    assert paired_rows({"qkd_logit": [{**mixed, "device": here}], "vaqkd_logit": [pure]}) == []
+    # the same mix on both sides pairs, as two runs of one machine do
+    (p,) = paired_rows({"qkd_logit": [mixed], "vaqkd_logit": [{**final, "top1_last": 1.0}]})
+    assert p["n"] == 1 and p["cross_machine_pairs_left_out"] == 0
+
+
 def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):
     sets = [
         f'data.root="{shared_cifar_root}"',

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
+from vaqkd.engine.setup import run_machine
 
 SETTINGS = ("logit", "feature", "contrastive", "feature_wrn")
 
@@ -61,14 +62,13 @@ MACHINE_FIELDS = ("device", "cpu_capability", "precision", "threads", "world_siz
 
 def machine_kind(final: dict) -> tuple:
     """What must match for two runs to be bit-comparable: CPU/GPU name, its capability, precision, threads and
-    the number of processes (torchrun world size).
-    A record that lacks a field (written before the field existed) has None there; `threads` is then read from
-    the run's env.json when the record says where it lies."""
-    kind = dict.fromkeys(MACHINE_FIELDS)
-    kind.update({k: final.get(k) for k in MACHINE_FIELDS})
+    the number of processes (torchrun world size). Read from the run's env.json where the record says where it
+    lies (the start and every resume: a run resumed on another machine is of a mixed kind, `run_machine`), else
+    from final.json; a field neither records (written before the field existed) is None."""
+    kind = {k: final.get(k) for k in MACHINE_FIELDS}
     env = Path(final["run_dir"]) / "env.json" if final.get("run_dir") else None
-    if kind["threads"] is None and env is not None and env.exists():
-        kind["threads"] = json.loads(env.read_text()).get("threads")
+    if env is not None and env.exists():
+        kind.update({k: v for k, v in run_machine(json.loads(env.read_text())).items() if v is not None})
     return tuple(kind[k] for k in MACHINE_FIELDS)
 
 

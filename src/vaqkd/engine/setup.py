@@ -235,6 +235,26 @@ def cpu_capability() -> str:
         return "unknown"
 
 
+# final.json's machine fields and where env.json holds them
+MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
+                    "threads": "threads", "world_size": "world_size"}  # fmt: skip
+
+
+def run_machine(env: dict) -> dict:
+    """The machine a run trained on, from its env.json: the start and every resume. A field that changed on a
+    resume (a run resumed on another kind of machine) holds each value in order of first use joined by " + "
+    (e.g. "Intel(R) Xeon(R) Processor + AMD EPYC"), so the run is of neither kind and pairs only with a run of
+    the same sequence. A field env.json lacks (older records) is None."""
+    out = {}
+    for field, key in MACHINE_ENV_KEYS.items():
+        seen = []
+        for part in (env, *env.get("resumes", [])):
+            if part.get(key) is not None and part[key] not in seen:
+                seen.append(part[key])
+        out[field] = None if not seen else seen[0] if len(seen) == 1 else " + ".join(map(str, seen))
+    return out
+
+
 def environment(device: torch.device, seed: int, precision: str) -> dict:
     if device.type == "cuda":
         dev_name = torch.cuda.get_device_name(device)

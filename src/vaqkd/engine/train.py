@@ -36,6 +36,7 @@ from vaqkd.engine.setup import (
     environment,
     resolve_device,
     resolve_precision,
+    run_machine,
     write_json,
 )  # fmt: skip
 from vaqkd.errors import RunFileError, TrainingDiverged
@@ -423,10 +424,7 @@ def finish(run: Run) -> dict:
         "train_images": len(run.data.train_labels),
         "img_per_s": sum(r["img_per_s"] for r in rows) / len(rows),
         "precision": run.precision,
-        "device": env["device_name"],
-        "cpu_capability": env.get("cpu_capability", "unknown"),
-        "threads": env["threads"],
-        "world_size": env.get("world_size", 1),
+        **{k: v for k, v in run_machine(env).items() if v is not None},  # device, capability, ..., every resume's
         "seed": run.cfg.train.seed,
         "git_sha": env["git_sha"],
     }
