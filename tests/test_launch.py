@@ -1,6 +1,12 @@
 """Many cells at once: the table's local process pool (--jobs) and the Ray launcher."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +62,44 @@ def test_cells_run_side_by_side_are_reused_and_one_failed_cell_does_not_stop_the
     logs.clear()
     run_table(**kw, seeds=2, log=logs.append)
     assert "| qkd_logit | W2A2 | 2 |" in (tmp_path / "results" / "table.md").read_text()
+
+
+POOL_SCRIPT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from vaqkd.launch import worker_pool
+spawn = multiprocessing.get_context("spawn")
+pool = worker_pool(1) if sys.argv[1] == "vaqkd" else ProcessPoolExecutor(1, mp_context=spawn)
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 60)  # the worker is busy, as with a training cell
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("pool", ["vaqkd", "plain"])
+def test_workers_stop_when_the_table_process_is_killed(pool):
+    """SIGKILL the process that owns the pool: vaqkd's workers stop within seconds; a plain pool's worker (the
+    contrast, and what `vaqkd table --jobs` had) trains on as an orphan."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", POOL_SCRIPT, pool], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    worker = int(proc.stdout.readline())
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    try:
+        end = time.time() + (10 if pool == "vaqkd" else 3)
+        while _alive(worker) and time.time() < end:
+            time.sleep(0.1)
+        assert _alive(worker) == (pool == "plain")
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -52,11 +54,31 @@ def run_cells(cells: list[Cell], task: tuple, launcher: str, jobs: int, address:
         raise ValueError(f"launcher {launcher!r}: local or ray")
 
 
+def _stop_with(parent: int, every: float = 1.0) -> None:
+    """Pool initializer: a daemon thread that ends this worker (SIGTERM: its last checkpoint is kept) once the
+    process that started it is gone. Without it a killed `vaqkd table` leaves its workers training on as
+    orphans, holding their run locks, so a rerun reports those cells as in use."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        print(f"vaqkd worker {os.getpid()}: the table process {parent} is gone; stopping", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="vaqkd-parent-watch").start()
+
+
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """`jobs` spawned worker processes (fresh interpreters: no forked torch or thread state) that stop when
+    this process ends, however it ends."""
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_stop_with, initargs=(os.getpid(),))
+
+
 def _local(cells, task, jobs, log):
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log(f"{len(cells)} cell(s) on {jobs} worker processes of this machine, {threads} thread(s) each")
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or thread state
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with worker_pool(jobs) as pool:
         futures = {pool.submit(run_cell, row, seed, task, threads): (row, seed) for row, seed in cells}
         for fut in as_completed(futures):
             final, t = fut.result()
