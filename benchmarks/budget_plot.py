@@ -88,7 +88,8 @@ def main() -> None:
         ax.errorbar(xs, [p["mean"] for p in pts], yerr=[0 if p["half_ci"] != p["half_ci"] else p["half_ci"]
                     for p in pts], fmt="o-", color=colour, capsize=3, label=row)  # fmt: skip
         for x, p in zip(xs, pts):
-            ax.annotate(f"n={p['n']}", (x, p["mean"]), textcoords="offset points", xytext=(6, -10), fontsize=7)
+            dy = 6 if row == "vaqkd_logit" else -10  # labels of the two rows apart
+            ax.annotate(f"n={p['n']}", (x, p["mean"]), textcoords="offset points", xytext=(6, dy), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("training images seen (epochs × images)")
     ax.set_ylabel("top-1 on the 10,000 test images (%)")
