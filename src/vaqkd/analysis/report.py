@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.engine.setup import run_machine
+from vaqkd.engine.setup import MACHINE_ENV_KEYS, run_machine
 
 SETTINGS = ("logit", "feature", "contrastive", "feature_wrn")
 
@@ -57,7 +57,7 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-MACHINE_FIELDS = ("device", "cpu_capability", "precision", "threads", "world_size")
+MACHINE_FIELDS = tuple(MACHINE_ENV_KEYS)  # device, cpu_capability, precision, threads, world_size
 
 
 def machine_kind(final: dict) -> tuple:
