@@ -33,6 +33,12 @@ def test_profile_reproduces_the_papers_columns(capsys):
     assert {"bops_fp32", "bops"} <= set(p)
 
 
+def test_profile_unknown_model_is_one_line_naming_it(capsys):
+    assert main(["profile", "--model", "resnet99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vaqkd profile: error: unknown model 'resnet99'; registered: [") and "\n" not in err
+
+
 def test_profile_policies_give_smaller_true_reductions():
     same = profile("resnet32", 100, 2, 2, "same")
     eight = profile("resnet32", 100, 2, 2, "8")

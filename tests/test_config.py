@@ -29,6 +29,9 @@ def test_wrong_type_and_range_are_errors():
         load_config(None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"optim\.lr: must be > 0"):
         load_config(None, ["optim.lr=-1"])
+    for key in ("model.arch", "distill.teacher_arch"):
+        with pytest.raises(ConfigError, match=rf"^{key}: unknown model 'resnet99'; registered: \["):
+            load_config(None, [f"{key}=resnet99"])
     with pytest.raises(ConfigError, match=r"quant\.w_bits: must be in \[1, 8\]"):
         load_config(None, ["quant.w_bits=9"])
     with pytest.raises(ConfigError, match=r"distill\.terms\.1\.anchor_weights: needs one weight"):

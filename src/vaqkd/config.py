@@ -161,6 +161,10 @@ class DistillConfig:
     terms: tuple[TermConfig, ...] = (TermConfig(),)
 
     def validate(self, p: str) -> None:
+        from vaqkd.models import MODELS
+
+        arch = self.teacher_arch
+        _check(f"{p}.teacher_arch", arch in MODELS, f"unknown model {arch!r}; registered: {sorted(MODELS)}")
         _check(f"{p}.terms", len(self.terms) >= 1, "needs at least one term")
         needs_teacher = any(t.kind != "ce" for t in self.terms)
         _check(f"{p}.teacher", bool(self.teacher) or not needs_teacher, "distillation terms need a teacher")

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from vaqkd.errors import VaqkdError
 from vaqkd.models.features import classifier_path, features, stage_channels
 from vaqkd.models.resnet_cifar import CifarResNet
 from vaqkd.models.wrn_cifar import WideResNet
@@ -19,9 +20,16 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+class UnknownModel(VaqkdError, KeyError):
+    """A model name that is not in the registry (a KeyError, printed as its message, not its repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def create_model(name: str, num_classes: int = 100) -> nn.Module:
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+        raise UnknownModel(f"unknown model {name!r}; registered: {sorted(MODELS)}")
     return MODELS[name](num_classes)
 
 
