@@ -116,3 +116,18 @@ def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
     assert cfg.optim.epochs == 2 and cfg.data.subset_per_class == 50 and cfg.quant.enabled  # demo's student section
     final = json.loads((out / "final.json").read_text())
     assert final["profile"]["w_bits"] == 2 and final["profile"]["bops_reduction"] > 1
+
+
+@pytest.mark.parametrize(
+    "argv,culprit",
+    [
+        (["profile", "--w-bits", "1"], "argument --w-bits: must be in [2, 16] or 32, got 1"),
+        (["profile", "--a-bits", "17"], "argument --a-bits: must be in [2, 16], got 17"),
+        (["table", "--seeds", "0"], "argument --seeds: must be in [1, 100], got 0"),
+        (["table", "--jobs", "0"], "argument --jobs: must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_arguments_are_one_line_errors_before_any_work(argv, culprit, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(culprit)

@@ -17,6 +17,20 @@ EPILOG = """examples:
 """
 
 
+def _int_in(lo: int, hi: int | None = None, also: tuple[int, ...] = ()):
+    """argparse type: an int in [lo, hi] (or one of `also`); anything else is argparse's one-line error."""
+
+    def parse(text: str) -> int:
+        v = int(text)  # not an int: argparse says "invalid int value"
+        if not ((lo <= v and (hi is None or v <= hi)) or v in also):
+            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {span}" + "".join(f" or {a}" for a in also) + f", got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
 def _add_data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the datasets (default: $VAQKD_DATA, else ./data)")
 
@@ -175,6 +189,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vaqkd.runner import MAX_SEEDS
+
     p = argparse.ArgumentParser(
         prog="vaqkd",
         description="Train 2-bit (W2A2) image classifiers by knowledge distillation with virtual anchors (VA-QKD).",
@@ -215,23 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="per-layer bits, params, MACs; model size and BOPs")
     pr.add_argument("--model", default="resnet32")
-    pr.add_argument("--num-classes", type=int, default=100)
-    pr.add_argument("--w-bits", type=int, default=2)
-    pr.add_argument("--a-bits", type=int, default=2)
+    pr.add_argument("--num-classes", type=_int_in(1), default=100)
+    pr.add_argument("--w-bits", type=_int_in(2, 16, also=(32,)), default=2, help="32: FP32")
+    pr.add_argument("--a-bits", type=_int_in(2, 16), default=2)
     pr.add_argument("--first-last", choices=["fp32", "8", "same"], default="same")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(fn=cmd_profile)
 
     tb = sub.add_parser("table", help="train (or reuse) every row of the paper's table; write results/<preset>/")
     tb.add_argument("--preset", choices=["demo", "quick", "full", "paper"], default="demo")
-    tb.add_argument("--seeds", type=int, default=1)
+    tb.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=1, help="seeds 0..N-1")
     tb.add_argument("--rows", nargs="*", help="subset of rows (default: all of the preset)")
     tb.add_argument("--out", help="results folder (default: results/<preset>)")
     tb.add_argument("--runs-dir", help="where run directories go (default: runs/<preset>)")
     tb.add_argument("--teacher", default="pretrained", help="'pretrained', 'train', or a run dir / .safetensors")
     tb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
     tb.add_argument("--report-only", action="store_true", help="train nothing: report the runs and records there are")
-    tb.add_argument("--jobs", type=int, default=1, help="local launcher: cells trained at once, in worker processes")
+    tb.add_argument("--jobs", type=_int_in(1), default=1, help="local launcher: cells run at once (processes)")
     tb.add_argument("--launcher", choices=["local", "ray"], default="local",
                     help="ray: every (row, seed) cell as a Ray task (pip install 'vaqkd[cluster]')")  # fmt: skip
     tb.add_argument("--address", help="Ray cluster address (default: start a local Ray for this call)")
