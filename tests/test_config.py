@@ -29,6 +29,9 @@ def test_wrong_type_and_range_are_errors():
         load_config(None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"optim\.lr: must be > 0"):
         load_config(None, ["optim.lr=-1"])
+    for bad in ("optim.lr", "=3", "optim..lr=1", "optim.=1"):
+        with pytest.raises(ConfigError, match=r"an override must look like section\.key=value"):
+            load_config(None, [bad])
     for key in ("model.arch", "distill.teacher_arch"):
         with pytest.raises(ConfigError, match=rf"^{key}: unknown model 'resnet99'; registered: \["):
             load_config(None, [f"{key}=resnet99"])

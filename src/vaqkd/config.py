@@ -276,10 +276,10 @@ def _parse_value(text: str) -> Any:
 
 def apply_override(d: dict, assignment: str) -> None:
     """Apply `a.b.c=value` (value in TOML syntax; bare words are strings; list items addressed by index)."""
-    if "=" not in assignment:
-        raise ConfigError(f"{assignment}: an override must look like section.key=value")
-    path, text = assignment.split("=", 1)
+    path, eq, text = assignment.partition("=")
     keys = path.strip().split(".")
+    if not eq or not all(k.strip() for k in keys):
+        raise ConfigError(f"{assignment!r}: an override must look like section.key=value")
     node: Any = d
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
