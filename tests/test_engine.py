@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vaqkd.config import OptimConfig, load_config
+from vaqkd.config import ConfigError, OptimConfig, load_config
 from vaqkd.engine.checkpoint import checkpoints, run_weights
+from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.train import fit, lr_at
 from vaqkd.errors import RunFileError
 
@@ -109,3 +110,15 @@ def test_tuned_allocator_reuses_freed_buffers_instead_of_faulting_them_in_again(
         del x
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 5 * 2048 // 4, faults  # untuned: ~2048 faults (8 MiB / 4 KiB) per round
+
+
+def test_unusable_devices_are_config_errors_naming_their_key():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^--device=tpu: must be auto, cpu, cuda or cuda:N$"):
+        resolve_device("tpu", "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^train\.device=cuda: CUDA is not available on this machine$"):
+            resolve_device("cuda")
+    else:
+        with pytest.raises(ConfigError, match=r"^train\.device=cuda:99: this machine has \d+ CUDA device"):
+            resolve_device("cuda:99")

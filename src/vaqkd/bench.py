@@ -86,7 +86,7 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
               out: str | None = None, precision: str = "auto", channels_last: bool = False) -> dict:  # fmt: skip
     """Time every step case in interleaved rounds, the loader, an epoch against its steps and evaluation; the
     ratios that matter and whether each target was met (see the module docstring)."""
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     if quick:
         batch, warmup, rounds, per_round, n_train = min(batch, 8), 1, 2, 1, 64
     else:

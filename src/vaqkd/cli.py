@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
     from vaqkd.engine.train import evaluate
 
-    device = resolve_device(args.device or "auto")
+    device = resolve_device(args.device or "auto", "--device")
     if Path(args.run_dir).suffix == ".onnx":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
         return _eval_onnx(args)
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcam", help="Grad-CAM grid comparing two runs (captum LayerGradCam on layer3)")
     g.add_argument("run_a")
     g.add_argument("run_b")
-    g.add_argument("--images", type=int, default=8)
+    g.add_argument("--images", type=_int_in(1), default=8)
     g.add_argument("--out", default="gradcam.png")
     g.add_argument("--seed", type=int, default=0)
     _add_data_root(g)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="throughput of train steps, loader, epoch and eval; ratios in one process")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--batch", type=int, default=128)
+    b.add_argument("--batch", type=_int_in(1), default=128)
     b.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs, not speed")
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", help="also write the JSON here")

@@ -26,12 +26,18 @@ from vaqkd.errors import RunFileError
 from vaqkd.models import create_model
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """ "auto" (CUDA when there is one), "cpu", "cuda" or "cuda:N"; anything else, or CUDA on a machine without
+    it, is a ConfigError naming `key` (the config key or command-line flag the name came from)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"{key}={name}: must be auto, cpu, cuda or cuda:N")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name}: CUDA is not available on this machine")
+        raise ConfigError(f"{key}={name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
