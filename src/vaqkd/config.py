@@ -33,6 +33,12 @@ def _check(key: str, ok: bool, what: str) -> None:
         raise ConfigError(f"{key}: {what}")
 
 
+def _check_arch(key: str, arch: str) -> None:
+    from vaqkd.models import MODELS
+
+    _check(key, arch in MODELS, f"unknown model {arch!r}; registered: {sorted(MODELS)}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "cifar100"  # cifar100 | cifar10 | folder
@@ -57,9 +63,7 @@ class ModelConfig:
     init: str = ""  # weights to start from: a run dir, a .safetensors file, or "pretrained"
 
     def validate(self, p: str) -> None:
-        from vaqkd.models import MODELS
-
-        _check(f"{p}.arch", self.arch in MODELS, f"unknown model {self.arch!r}; registered: {sorted(MODELS)}")
+        _check_arch(f"{p}.arch", self.arch)
 
 
 @dataclass(frozen=True)
@@ -161,10 +165,7 @@ class DistillConfig:
     terms: tuple[TermConfig, ...] = (TermConfig(),)
 
     def validate(self, p: str) -> None:
-        from vaqkd.models import MODELS
-
-        arch = self.teacher_arch
-        _check(f"{p}.teacher_arch", arch in MODELS, f"unknown model {arch!r}; registered: {sorted(MODELS)}")
+        _check_arch(f"{p}.teacher_arch", self.teacher_arch)
         _check(f"{p}.terms", len(self.terms) >= 1, "needs at least one term")
         needs_teacher = any(t.kind != "ce" for t in self.terms)
         _check(f"{p}.teacher", bool(self.teacher) or not needs_teacher, "distillation terms need a teacher")
