@@ -1,40 +1,51 @@
 """Copy a finished FP32 teacher run into the package as the shipped pretrained teacher.
 
-    python scripts/ship_teacher.py runs/teacher_cpu --command "vaqkd train CONFIG ..."
+    python scripts/ship_teacher.py runs/teacher_cpu --name NAME --command "vaqkd train CONFIG ..."
 
-Writes src/vaqkd/pretrained/resnet32_cifar100.safetensors (FP32 weights, BatchNorm statistics included) and a
-.json beside it with the recipe (resolved config), final.json, env.json and the command, so `--teacher
-pretrained` and `model.init = "pretrained"` start from it.
+Writes src/vaqkd/pretrained/NAME.safetensors (FP32 weights, BatchNorm statistics included), a .json beside it
+with the recipe (resolved config), final.json, env.json and the command, and the run's metrics.jsonl, so
+`--teacher pretrained:NAME` and `model.init = "pretrained:NAME"` start from it. NAME resnet32_cifar100 is what
+plain "pretrained" means; shipped weights are never replaced (--force to do it anyway): committed run records
+name their teacher by that spec, and new weights under an old name would pair them with a teacher they never saw.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from vaqkd.engine.checkpoint import run_weights
 
-DEST = Path(__file__).resolve().parents[1] / "src" / "vaqkd" / "pretrained" / "resnet32_cifar100.safetensors"
+FOLDER = Path(__file__).resolve().parents[1] / "src" / "vaqkd" / "pretrained"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--command", required=True, help="the command that trained the run")
+    ap.add_argument("--name", required=True, help="file name in src/vaqkd/pretrained, e.g. resnet32_cifar100_e64")
+    ap.add_argument("--force", action="store_true", help="replace weights already shipped under NAME")
     args = ap.parse_args()
     run = Path(args.run_dir)
+    dest = FOLDER / f"{args.name}.safetensors"
+    if dest.exists() and not args.force:
+        raise SystemExit(f"{dest}: already shipped (records name their teacher by it); choose another --name")
+    if not (run / "final.json").exists():
+        raise SystemExit(f"{run}: not a finished run (no final.json)")
     final = json.loads((run / "final.json").read_text())
     state = load_file(str(run_weights(run)))
     if any("_quant." in k for k in state):
         raise SystemExit(f"{run}: a quantized run cannot be the FP32 teacher")
-    save_file(state, str(DEST), metadata={"top1": f"{final['top1_last']:.2f}", "git_sha": final["git_sha"]})
+    save_file(state, str(dest), metadata={"top1": f"{final['top1_last']:.2f}", "git_sha": final["git_sha"]})
     info = {**final, "command": args.command, "config_toml": (run / "config.toml").read_text(),
-            "env": json.loads((run / "env.json").read_text()), "bytes": DEST.stat().st_size}  # fmt: skip
-    DEST.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"shipped {DEST} ({DEST.stat().st_size / 1e6:.2f} MB), top-1 {final['top1_last']:.2f}%")
+            "env": json.loads((run / "env.json").read_text()), "bytes": dest.stat().st_size}  # fmt: skip
+    dest.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.copyfile(run / "metrics.jsonl", dest.with_suffix(".metrics.jsonl"))
+    print(f"shipped {dest} ({dest.stat().st_size / 1e6:.2f} MB), top-1 {final['top1_last']:.2f}%")
 
 
 if __name__ == "__main__":

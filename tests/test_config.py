@@ -59,13 +59,27 @@ def test_base_file_is_refined(tmp_path):
     assert (cfg.name, cfg.optim.lr, cfg.optim.epochs) == ("b", 0.2, 3)
 
 
-def test_every_preset_row_resolves_to_a_valid_config():
-    from vaqkd.runner import load_preset, row_config
+def test_every_preset_row_resolves_to_a_valid_config_and_its_teacher_ships():
+    from vaqkd.engine.setup import resolve_weights
+    from vaqkd.runner import load_preset, preset_names, preset_teacher, row_config
 
-    for preset in ("demo", "quick", "paper"):
+    assert {"demo", "quick", "full", "paper"} <= set(preset_names())
+    for preset in preset_names():
         p = load_preset(preset)
+        assert resolve_weights(preset_teacher(p), "resnet32").exists()
         for row in p["rows"]:
             chain = ("takd_w8a8", "takd_w4a4", "takd") if row == "takd" else (row,)
             for stage in chain:
                 cfg = row_config(stage, p, seed=2, teacher="pretrained", sets=[])
                 assert cfg.train.seed == 2 and cfg.quant.enabled
+
+
+def test_named_pretrained_weights_and_unknown_names():
+    from vaqkd.engine.setup import pretrained_names, resolve_weights
+
+    assert "resnet32_cifar100" in pretrained_names()
+    assert resolve_weights("pretrained:resnet32_cifar100", "resnet32") == resolve_weights("pretrained", "resnet32")
+    with pytest.raises(
+        FileNotFoundError, match=r"'pretrained:nope': no such shipped weights \(available: \[.*'resnet32_cifar100'"
+    ):
+        resolve_weights("pretrained:nope", "resnet32")

@@ -189,7 +189,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vaqkd.runner import MAX_SEEDS
+    from vaqkd.runner import MAX_SEEDS, preset_names
 
     p = argparse.ArgumentParser(
         prog="vaqkd",
@@ -239,12 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_profile)
 
     tb = sub.add_parser("table", help="train (or reuse) every row of the paper's table; write results/<preset>/")
-    tb.add_argument("--preset", choices=["demo", "quick", "full", "paper"], default="demo")
+    tb.add_argument("--preset", choices=preset_names(), default="demo")
     tb.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=1, help="seeds 0..N-1")
     tb.add_argument("--rows", nargs="*", help="subset of rows (default: all of the preset)")
     tb.add_argument("--out", help="results folder (default: results/<preset>)")
     tb.add_argument("--runs-dir", help="where run directories go (default: runs/<preset>)")
-    tb.add_argument("--teacher", default="pretrained", help="'pretrained', 'train', or a run dir / .safetensors")
+    tb.add_argument("--teacher", help="'pretrained', 'pretrained:NAME', 'train', or a run dir / .safetensors "
+                    "(default: the preset's teacher.weights, else 'pretrained')")  # fmt: skip
     tb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
     tb.add_argument("--report-only", action="store_true", help="train nothing: report the runs and records there are")
     tb.add_argument("--jobs", type=_int_in(1), default=1, help="local launcher: cells run at once (processes)")

@@ -60,7 +60,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet32"
-    init: str = ""  # weights to start from: a run dir, a .safetensors file, or "pretrained"
+    init: str = ""  # weights to start from: a run dir, a .safetensors file, "pretrained" or "pretrained:NAME"
 
     def validate(self, p: str) -> None:
         _check_arch(f"{p}.arch", self.arch)
@@ -160,7 +160,7 @@ class TermConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    teacher: str = ""  # "" (no distillation), a run dir, a .safetensors file, or "pretrained"
+    teacher: str = ""  # "" (no distillation), a run dir, a .safetensors file, "pretrained" or "pretrained:NAME"
     teacher_arch: str = "resnet32"
     terms: tuple[TermConfig, ...] = (TermConfig(),)
 

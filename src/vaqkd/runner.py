@@ -26,11 +26,20 @@ def configs_dir() -> Path:
     return here if here.is_dir() else Path("configs")
 
 
+def preset_names() -> list[str]:
+    return sorted(f.stem for f in (configs_dir() / "presets").glob("*.toml"))
+
+
 def load_preset(name: str) -> dict:
     path = configs_dir() / "presets" / f"{name}.toml"
     if not path.exists():
         raise FileNotFoundError(f"preset {name!r} not found at {path}")
     return load_dict(path)
+
+
+def preset_teacher(preset: dict) -> str:
+    """The teacher a preset's students learn from and start at: its `teacher.weights`, else "pretrained"."""
+    return preset.get("teacher", {}).get("weights", "pretrained")
 
 
 def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str]) -> Config:
@@ -118,7 +127,8 @@ def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict
 
 
 def resolve_teacher(teacher: str, preset: dict, runs: Path, sets: list[str], log) -> str:
-    """'pretrained' or a path are used as they are; 'train' trains the preset's teacher config first."""
+    """'pretrained', 'pretrained:NAME' or a path are used as they are; 'train' trains the preset's teacher config
+    first."""
     if teacher != "train":
         return teacher
     from vaqkd.config import load_config
@@ -202,7 +212,7 @@ def run_table(
     rows: list[str] | None = None,
     runs_dir: str | None = None,
     extra_sets: list[str] = (),
-    teacher: str = "pretrained",
+    teacher: str | None = None,
     log: Callable[[str], None] = print,
     report_only: bool = False,
     records: bool | None = None,
@@ -215,7 +225,8 @@ def run_table(
     """Train (or reuse / resume) `rows` x `seeds`, then report every finished run of the preset's rows (with the
     same teacher and overrides), so a later call with more seeds for some rows extends the same table.
     `report_only`: train nothing, report what the run directories and committed records hold. `records`: keep
-    run records under <out>/runs (default: the preset's `records` setting).
+    run records under <out>/runs (default: the preset's `records` setting). `teacher`: see `resolve_teacher`
+    (default: the preset's `teacher.weights`, else "pretrained").
 
     Launchers (each (row, seed) cell is one task running the same `fit`; a TAKD cell runs its chain in order):
     "local" with jobs = 1 trains the cells one after another in this process; "local" with jobs = N runs N
@@ -226,6 +237,7 @@ def run_table(
     from vaqkd.analysis.report import write_report
 
     p = load_preset(preset)
+    teacher = teacher or preset_teacher(p)
     rows = list(rows or p["rows"])
     unknown = [r for r in rows if not (configs_dir() / "cifar100" / f"{r}.toml").exists()]
     if unknown:

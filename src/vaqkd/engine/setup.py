@@ -105,15 +105,27 @@ def build_data(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1
     return Data(train, test, num_classes, ytr)
 
 
-PRETRAINED = {"resnet32": "resnet32_cifar100.safetensors"}
+PRETRAINED = {"resnet32": "resnet32_cifar100.safetensors"}  # what plain "pretrained" means, per architecture
+
+
+def pretrained_names() -> list[str]:
+    """The weights shipped in the package, by the name "pretrained:NAME" selects them with."""
+    folder = resources.files("vaqkd") / "pretrained"
+    return sorted(f.name.removesuffix(".safetensors") for f in folder.iterdir() if f.name.endswith(".safetensors"))
 
 
 def resolve_weights(spec: str, arch: str) -> Path:
-    """A weights spec -> a .safetensors path: 'pretrained', a run directory, or a file."""
+    """A weights spec -> a .safetensors path: 'pretrained' (the default shipped weights of `arch`),
+    'pretrained:NAME' (src/vaqkd/pretrained/NAME.safetensors), a run directory, or a file."""
     if spec == "pretrained":
         if arch not in PRETRAINED:
             raise FileNotFoundError(f"no pretrained weights ship for {arch!r} (available: {sorted(PRETRAINED)})")
         path = Path(str(resources.files("vaqkd") / "pretrained" / PRETRAINED[arch]))
+    elif spec.startswith("pretrained:"):
+        name = spec.removeprefix("pretrained:")
+        if name not in pretrained_names():
+            raise FileNotFoundError(f"{spec!r}: no such shipped weights (available: {pretrained_names()})")
+        path = Path(str(resources.files("vaqkd") / "pretrained" / f"{name}.safetensors"))
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
