@@ -35,6 +35,10 @@ def test_wrong_type_and_range_are_errors():
     for key in ("model.arch", "distill.teacher_arch"):
         with pytest.raises(ConfigError, match=rf"^{key}: unknown model 'resnet99'; registered: \["):
             load_config(None, [f"{key}=resnet99"])
+    for bad in ("cudax", "cuda:", "cuda:one", "gpu"):  # the shape is checked when the config is read
+        with pytest.raises(ConfigError, match=r"^train\.device: must be auto, cpu, cuda or cuda:N"):
+            load_config(None, [f"train.device={bad}"])
+    assert load_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"  # whether it exists: at run time
     with pytest.raises(ConfigError, match=r"quant\.w_bits: must be in \[1, 8\]"):
         load_config(None, ["quant.w_bits=9"])
     with pytest.raises(ConfigError, match=r"distill\.terms\.1\.anchor_weights: needs one weight"):

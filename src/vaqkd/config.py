@@ -173,6 +173,12 @@ class DistillConfig:
             t.validate(f"{p}.terms.{i}")
 
 
+def device_name_ok(name: str) -> bool:
+    """The device names a config or flag may give: auto, cpu, cuda or cuda:N (whether the machine has it is
+    checked when the device is resolved)."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -189,8 +195,8 @@ class TrainConfig:
         _check(f"{p}.precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
         _check(
             f"{p}.device",
-            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-            "must be auto, cpu or cuda[:N]",
+            device_name_ok(self.device),
+            "must be auto, cpu, cuda or cuda:N",
         )
         _check(f"{p}.eval_every", self.eval_every >= 1, "must be >= 1")
         _check(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import vaqkd
-from vaqkd.config import Config, ConfigError, DataConfig
+from vaqkd.config import Config, ConfigError, DataConfig, device_name_ok
 from vaqkd.data.cifar import SPECS, load_split
 from vaqkd.data.loader import DeviceLoader, subset_per_class
 from vaqkd.engine.checkpoint import atomic_write, load_module, read_safetensors, run_weights
@@ -31,7 +31,7 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     it, is a ConfigError naming `key` (the config key or command-line flag the name came from)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+    if not device_name_ok(name):
         raise ConfigError(f"{key}={name}: must be auto, cpu, cuda or cuda:N")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
