@@ -87,3 +87,15 @@ def test_named_pretrained_weights_and_unknown_names():
         FileNotFoundError, match=r"'pretrained:nope': no such shipped weights \(available: \[.*'resnet32_cifar100'"
     ):
         resolve_weights("pretrained:nope", "resnet32")
+
+
+def test_a_preset_may_start_its_students_from_other_weights_than_its_teacher():
+    from vaqkd.runner import load_preset, row_config
+
+    p = load_preset("quick_t64")
+    cfg = row_config("qkd_logit", p, 0, "pretrained:resnet32_cifar100_e64", [])
+    assert cfg.model.init == cfg.distill.teacher == "pretrained:resnet32_cifar100_e64"
+    p["teacher"]["init"] = "pretrained"
+    cfg = row_config("qkd_logit", p, 0, "pretrained:resnet32_cifar100_e64", [])
+    assert (cfg.model.init, cfg.distill.teacher) == ("pretrained", "pretrained:resnet32_cifar100_e64")
+    assert row_config("w2a2_qat", p, 0, "pretrained:resnet32_cifar100_e64", []).model.init == "pretrained"

@@ -49,8 +49,8 @@ def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str])
         apply_override(d, s)
     if d.get("distill", {}).get("teacher"):
         d["distill"]["teacher"] = teacher
-    if d.get("model", {}).get("init"):
-        d["model"]["init"] = teacher
+    if d.get("model", {}).get("init"):  # students start from the teacher's weights unless the preset names others
+        d["model"]["init"] = preset.get("teacher", {}).get("init", teacher)
     return from_dict(Config, d).validate()
 
 
