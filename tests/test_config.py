@@ -65,16 +65,18 @@ def test_base_file_is_refined(tmp_path):
 
 def test_every_preset_row_resolves_to_a_valid_config_and_its_teacher_ships():
     from vaqkd.engine.setup import resolve_weights
-    from vaqkd.runner import load_preset, preset_names, preset_teacher, row_config
+    from vaqkd.runner import load_preset, preset_init, preset_names, preset_teacher, row_config
 
-    assert {"demo", "quick", "full", "paper"} <= set(preset_names())
+    assert {"demo", "quick", "full", "paper", "quick_t64", "full_t64"} <= set(preset_names())
     for preset in preset_names():
         p = load_preset(preset)
-        assert resolve_weights(preset_teacher(p), "resnet32").exists()
+        teacher = preset_teacher(p)
+        for spec in (teacher, preset_init(p, teacher)):
+            assert resolve_weights(spec, "resnet32").exists()
         for row in p["rows"]:
             chain = ("takd_w8a8", "takd_w4a4", "takd") if row == "takd" else (row,)
             for stage in chain:
-                cfg = row_config(stage, p, seed=2, teacher="pretrained", sets=[])
+                cfg = row_config(stage, p, seed=2, teacher=teacher, sets=[])
                 assert cfg.train.seed == 2 and cfg.quant.enabled
 
 

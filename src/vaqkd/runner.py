@@ -38,8 +38,13 @@ def load_preset(name: str) -> dict:
 
 
 def preset_teacher(preset: dict) -> str:
-    """The teacher a preset's students learn from and start at: its `teacher.weights`, else "pretrained"."""
+    """The teacher a preset's students learn from: its `teacher.weights`, else "pretrained"."""
     return preset.get("teacher", {}).get("weights", "pretrained")
+
+
+def preset_init(preset: dict, teacher: str) -> str:
+    """The weights a preset's students start from: its `teacher.init`, else their teacher's."""
+    return preset.get("teacher", {}).get("init", teacher)
 
 
 def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str]) -> Config:
@@ -49,8 +54,8 @@ def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str])
         apply_override(d, s)
     if d.get("distill", {}).get("teacher"):
         d["distill"]["teacher"] = teacher
-    if d.get("model", {}).get("init"):  # students start from the teacher's weights unless the preset names others
-        d["model"]["init"] = preset.get("teacher", {}).get("init", teacher)
+    if d.get("model", {}).get("init"):
+        d["model"]["init"] = preset_init(preset, teacher)
     return from_dict(Config, d).validate()
 
 

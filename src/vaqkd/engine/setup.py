@@ -105,7 +105,7 @@ def build_data(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1
     return Data(train, test, num_classes, ytr)
 
 
-PRETRAINED = {"resnet32": "resnet32_cifar100.safetensors"}  # what plain "pretrained" means, per architecture
+PRETRAINED = {"resnet32": "resnet32_cifar100"}  # what plain "pretrained" means, per architecture
 
 
 def pretrained_names() -> list[str]:
@@ -120,8 +120,8 @@ def resolve_weights(spec: str, arch: str) -> Path:
     if spec == "pretrained":
         if arch not in PRETRAINED:
             raise FileNotFoundError(f"no pretrained weights ship for {arch!r} (available: {sorted(PRETRAINED)})")
-        path = Path(str(resources.files("vaqkd") / "pretrained" / PRETRAINED[arch]))
-    elif spec.startswith("pretrained:"):
+        spec = f"pretrained:{PRETRAINED[arch]}"
+    if spec.startswith("pretrained:"):
         name = spec.removeprefix("pretrained:")
         if name not in pretrained_names():
             raise FileNotFoundError(f"{spec!r}: no such shipped weights (available: {pretrained_names()})")
