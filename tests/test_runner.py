@@ -97,7 +97,7 @@ def test_pairs_from_different_machines_are_left_out():
 
     def run(seed, acc, cap="AVX512"):
         return {"seed": seed, "top1_last": acc, "device": "cpu x", "cpu_capability": cap, "precision": "bf16",
-                "threads": 2, "world_size": 1}  # fmt: skip
+                "threads": 2, "world_size": 1, "arithmetic": "a1"}  # fmt: skip
 
     res = {"qkd_logit": [run(0, 40.0), run(1, 41.0), run(2, 42.0)],
            "vaqkd_logit": [run(0, 40.5), run(1, 41.7), run(2, 45.0, cap="AVX2")]}  # fmt: skip
@@ -112,8 +112,10 @@ def test_records_lacking_a_machine_field_pair_on_the_fields_both_know(tmp_path):
     old_dir = tmp_path / "old"  # a record from before cpu_capability / threads were in final.json
     old_dir.mkdir()
     (old_dir / "env.json").write_text('{"threads": 1}')
-    old = {"seed": 0, "top1_last": 40.0, "device": "cpu x", "precision": "bf16", "run_dir": str(old_dir)}
-    new = {"seed": 0, "top1_last": 41.0, "device": "cpu x", "cpu_capability": "AVX512", "precision": "bf16"}
+    old = {"seed": 0, "top1_last": 40.0, "device": "cpu x", "precision": "bf16", "run_dir": str(old_dir),
+           "arithmetic": "a1"}  # fmt: skip
+    new = {"seed": 0, "top1_last": 41.0, "device": "cpu x", "cpu_capability": "AVX512", "precision": "bf16",
+           "arithmetic": "a1"}  # fmt: skip
     (p,) = paired_rows({"qkd_logit": [old], "vaqkd_logit": [{**new, "threads": 1}]})
     assert p["n"] == 1 and p["pairs_with_unknown_machine_fields"] == 1
     # threads comes from the old run's env.json, and it differs: no pair

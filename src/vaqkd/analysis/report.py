@@ -35,26 +35,36 @@ def _config_text(final: dict) -> str | None:
 
 
 def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
+    """One line per row and kind of run (`run_groups`): a row whose records come from two machines or two
+    arithmetics is two lines, never one average; each line says what it left to the others."""
     rows = []
-    for row, finals in results.items():
-        last, best = [f["top1_last"] for f in finals], [f["top1_best"] for f in finals]
-        prof = finals[0].get("profile") or {}
-        ml, sl = mean_std(last)
-        mb, sb = mean_std(best)
-        rows.append({
-            "row": row,
-            "bits": f"W{prof.get('w_bits', 2)}A{prof.get('a_bits', 2)}" if prof else "FP32",
-            "seeds": len(finals),
-            "top1_last_mean": ml, "top1_last_std": sl, "top1_best_mean": mb, "top1_best_std": sb,
-            "size_mib_paper": prof.get("paper_quant_mib"), "size_mib_run": prof.get("quant_mib"),
-            "bops_reduction_paper": prof.get("paper_bops_reduction"), "bops_reduction_run": prof.get("bops_reduction"),
-            "train_seconds_mean": sum(f["train_seconds"] for f in finals) / len(finals),
-            "epochs": finals[0]["epochs"], "train_images": finals[0]["train_images"],
-            "top1_last": last, "seeds_list": [f["seed"] for f in finals],
-            "config": _config_text(finals[0]),
-            "fp32_mib": finals[0].get("fp32_mib") or (prof.get("fp32_mib") if prof else None),
-        })  # fmt: skip
+    for row, all_finals in results.items():
+        groups = run_groups(all_finals) if row != "teacher" else [all_finals]
+        for finals in groups:
+            rows.append(_summary(row if len(groups) == 1 else f"{row} [{group_label(finals[0])}]", finals,
+                                 len(all_finals) - len(finals)))  # fmt: skip
     return rows
+
+
+def _summary(row: str, finals: list[dict], left_out: int) -> dict:
+    last, best = [f["top1_last"] for f in finals], [f["top1_best"] for f in finals]
+    prof = finals[0].get("profile") or {}
+    ml, sl = mean_std(last)
+    mb, sb = mean_std(best)
+    return {
+        "row": row,
+        "bits": f"W{prof.get('w_bits', 2)}A{prof.get('a_bits', 2)}" if prof else "FP32",
+        "seeds": len(finals),
+        "top1_last_mean": ml, "top1_last_std": sl, "top1_best_mean": mb, "top1_best_std": sb,
+        "size_mib_paper": prof.get("paper_quant_mib"), "size_mib_run": prof.get("quant_mib"),
+        "bops_reduction_paper": prof.get("paper_bops_reduction"), "bops_reduction_run": prof.get("bops_reduction"),
+        "train_seconds_mean": sum(f["train_seconds"] for f in finals) / len(finals),
+        "epochs": finals[0]["epochs"], "train_images": finals[0]["train_images"],
+        "top1_last": last, "seeds_list": [f["seed"] for f in finals],
+        "config": _config_text(finals[0]),
+        "fp32_mib": finals[0].get("fp32_mib") or (prof.get("fp32_mib") if prof else None),
+        "arithmetic": arithmetic_of(finals[0]), "records_of_other_kinds": left_out,
+    }  # fmt: skip
 
 
 MACHINE_FIELDS = tuple(MACHINE_ENV_KEYS)  # device, cpu_capability, precision, threads, world_size
@@ -72,19 +82,50 @@ def machine_kind(final: dict) -> tuple:
     return tuple(kind[k] for k in MACHINE_FIELDS)
 
 
+def arithmetic_of(final: dict) -> str:
+    """The run's training-arithmetic fingerprint (env.json's `arithmetic`, `engine.arithmetic`; a " + "-joined
+    sequence for a run resumed on other arithmetic), "unknown" when its record has none."""
+    return machine_kind(final)[MACHINE_FIELDS.index("arithmetic")] or "unknown"
+
+
 def same_machine(a: dict, b: dict) -> tuple[bool, bool]:
-    """(pairable, relied on an unknown field): two runs pair when every field both records know is equal; a
-    field one of them lacks is not held against the pair, but the pair is counted as resting on it."""
+    """(pairable, relied on an unknown field): two runs pair when they share one known arithmetic and every
+    machine field both records know is equal; a machine field one of them lacks (records older than the field)
+    is not held against the pair, but the pair is counted as resting on it. An unknown arithmetic pairs with
+    nothing."""
     ka, kb = machine_kind(a), machine_kind(b)
+    if arithmetic_of(a) == "unknown" or arithmetic_of(a) != arithmetic_of(b):
+        return False, False
     known = [(x, y) for x, y in zip(ka, kb) if x is not None and y is not None]
     return all(x == y for x, y in known), len(known) < len(MACHINE_FIELDS)
 
 
+def run_groups(finals: list[dict]) -> list[list[dict]]:
+    """A row's records in groups that may be averaged: each run joins the first group whose first run it pairs
+    with (`same_machine`); largest group first. Runs of unknown arithmetic form one group of their own."""
+    groups: list[list[dict]] = []
+    for f in finals:
+        home = next((g for g in groups if same_machine(g[0], f)[0] or {arithmetic_of(g[0]), arithmetic_of(f)} ==
+                     {"unknown"}), None)  # fmt: skip
+        if home is None:
+            groups.append([f])
+        else:
+            home.append(f)
+    return sorted(groups, key=len, reverse=True)
+
+
+def group_label(final: dict) -> str:
+    """A short name for a group of runs: its arithmetic and machine (device name, precision, threads)."""
+    kind = dict(zip(MACHINE_FIELDS, machine_kind(final)))
+    return ", ".join(str(kind[k]) for k in ("arithmetic", "device", "precision", "threads") if kind[k] is not None)
+
+
 def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
-    """VA-QKD - QKD per setting over the seeds both rows have. A pair counts only if both runs come from the same
-    kind of machine (`same_machine`): a difference between machines would mix the method's effect with the
-    machine's numerics, so such pairs are left out and counted in `cross_machine_pairs_left_out`; pairs where
-    a record lacks a field are kept and counted in `pairs_with_unknown_machine_fields`."""
+    """VA-QKD - QKD per setting over the seeds both rows have. A pair counts only if both runs share one
+    arithmetic and one kind of machine (`same_machine`): a difference across either would mix the method's
+    effect with the numerics, so such pairs are left out and counted (`cross_arithmetic_pairs_left_out`,
+    `cross_machine_pairs_left_out`); pairs where a record lacks a machine field are kept and counted in
+    `pairs_with_unknown_machine_fields`."""
     out = []
     for setting in SETTINGS:
         va = {f["seed"]: f for f in results.get(f"vaqkd_{setting}", [])}
@@ -92,13 +133,20 @@ def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
             ref = {f["seed"]: f for f in results.get(base, [])}
             both = sorted(set(va) & set(ref))
             match = {s: same_machine(va[s], ref[s]) for s in both}
-            seeds = [s for s in both if match[s][0]]
-            if not seeds:
-                continue
-            stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
-            out.append({"comparison": f"vaqkd_{setting} - {base}", **stat, "seeds": seeds,
-                        "cross_machine_pairs_left_out": len(both) - len(seeds),
-                        "pairs_with_unknown_machine_fields": sum(match[s][1] for s in seeds)})  # fmt: skip
+            pairable = [s for s in both if match[s][0]]
+            cross_arith = sum(arithmetic_of(va[s]) != arithmetic_of(ref[s]) or arithmetic_of(va[s]) == "unknown"
+                              for s in both)  # fmt: skip
+            groups = run_groups([va[s] for s in pairable])  # pairs of one kind only: never two in one interval
+            for g in groups:
+                seeds = sorted(f["seed"] for f in g)
+                stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
+                label = f" [{group_label(g[0])}]" if len(groups) > 1 else ""
+                out.append({"comparison": f"vaqkd_{setting} - {base}{label}", **stat, "seeds": seeds,
+                            "arithmetic": arithmetic_of(g[0]),
+                            "cross_arithmetic_pairs_left_out": cross_arith,
+                            "cross_machine_pairs_left_out": len(both) - len(pairable) - cross_arith,
+                            "pairs_of_other_kinds": len(pairable) - len(seeds),
+                            "pairs_with_unknown_machine_fields": sum(match[s][1] for s in seeds)})  # fmt: skip
     return out
 
 
@@ -130,7 +178,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         "(first conv and last FC as configured). TAKD's time includes its W8A8 and W4A4 assistants. "
         "The default VA-QKD rows share their QKD row's distillation weight (FP32 term + anchor = QKD's weight), "
         "so VA-QKD − QKD is the weight-matched comparison; `qkd_*_wmatched` rows are the control for anchors "
-        "added on top of the FP32 term.",
+        "added on top of the FP32 term. A row whose records come from two training arithmetics or machines is "
+        "one line per kind, `row [arithmetic, machine]`: runs average only within one.",
         "",
         "| row | bits | seeds | top-1 last | top-1 best | size MiB (paper / run) | BOPs ↓ (paper / run) | "
         "train s / seed | epochs × images |",
@@ -147,15 +196,19 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         )
     if pairs:
         lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", "",
-                  "A pair counts only when both runs come from the same kind of machine (device, CPU capability, "
-                  "precision, threads, processes); other pairs are left out and counted. A field that one record lacks "
-                  "(written before the field existed) does not break a pair; such pairs are counted.", ""]  # fmt: skip
+                  "A pair counts only when both runs share one training arithmetic (`arithmetic` in env.json; records "
+                  "older than it carry the era of their git SHA, `legacy:*`) and one kind of machine (device, CPU "
+                  "capability, precision, threads, processes); other pairs are left out and counted, and pairs of "
+                  "two kinds are two lines, never one interval. A machine field that one record lacks (written "
+                  "before the field existed) does not break a pair; such pairs are counted.", ""]  # fmt: skip
         lines += ["| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for p in pairs:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
             left = p.get("cross_machine_pairs_left_out", 0)
             unknown = p.get("pairs_with_unknown_machine_fields", 0)
+            arith = p.get("cross_arithmetic_pairs_left_out", 0)
             note = f" ({left} cross-machine pair(s) left out)" if left else ""
+            note += f" ({arith} cross-arithmetic pair(s) left out)" if arith else ""
             note += f" ({unknown} pair(s) with a record lacking a machine field)" if unknown else ""
             lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']}{note} |")
     if meta.get("failed"):

@@ -255,7 +255,7 @@ def cpu_capability() -> str:
 
 # final.json's machine fields and where env.json holds them
 MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
-                    "threads": "threads", "world_size": "world_size"}  # fmt: skip
+                    "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic"}  # fmt: skip
 
 
 def run_machine(env: dict) -> dict:

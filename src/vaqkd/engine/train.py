@@ -1,4 +1,4 @@
-"""The training engine: `fit` (a whole run in a run directory), `train_one_epoch`, `evaluate`, `lr_at`.
+"""The training engine: `fit`, a whole run in a run directory (the step itself and evaluation: engine.step).
 
 Run directory: config.toml (resolved), env.json (git SHA, versions, device, CPU capability, seed, threads; the
 environment that started the run, with each resume appended), metrics.jsonl (one line per epoch), final.json,
@@ -11,7 +11,6 @@ stops (TrainingDiverged) with its last good checkpoint and a `failed.json` sayin
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,14 +21,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vaqkd.config import Config, ConfigError, OptimConfig, identity, to_toml
+from vaqkd.config import Config, ConfigError, identity, to_toml
 from vaqkd.distill.objective import Objective, build_term
 from vaqkd.engine import dist
+from vaqkd.engine.arithmetic import fingerprint
 from vaqkd.engine.checkpoint import RunLock, has_checkpoint, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import (
     Data,
-    autocast,
     build_data,
     build_student,
     build_teacher,
@@ -39,100 +38,15 @@ from vaqkd.engine.setup import (
     run_machine,
     write_json,
 )  # fmt: skip
+from vaqkd.engine.step import StudentLoss, evaluate, lr_at, make_optimizer, train_step
 from vaqkd.errors import RunFileError, TrainingDiverged
-from vaqkd.models import features, stage_channels
-from vaqkd.quant import calibrate, quantizers, set_grad_batch
+from vaqkd.models import stage_channels
+from vaqkd.quant import calibrate, set_grad_batch
 
 
-def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at global step `step` (linear warm-up, then the schedule, evaluated per step)."""
-    epoch = step / steps_per_epoch
-    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
-        return cfg.lr * (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "multistep":
-        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * max(1.0 - progress, 0.0)  # onecycle: warm-up, then linear decay to zero
-
-
-def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module) -> torch.optim.SGD:
-    qparams = {id(p) for q in quantizers(model) for p in q.parameters()}
-    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if id(p) not in qparams], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-        {"params": [p for p in params if id(p) in qparams], "weight_decay": 0.0, "lr_scale": cfg.quant_lr_scale},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
-    was = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.float64, device=loader.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
-    n = 0
-    rank, world = dist.rank(), dist.world()
-    for k, (x, y, _) in enumerate(loader.batches(0)):
-        if k % world != rank:  # under torchrun each rank evaluates every world-th batch; the sums are combined
-            continue
-        with autocast(loader.device, precision):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        n += len(y)
-    model.train(was)
-    correct, loss_sum, n = dist.all_sum(torch.stack([correct, loss_sum, correct.new_tensor(n)])).tolist()
-    return {"top1": 100.0 * correct / n, "loss": loss_sum / n}
-
-
-class StudentLoss(nn.Module):
-    """The student and the objective (with its trainable heads) as one module: the loss of a batch. This is
-    what DistributedDataParallel wraps, so the gradients of both are synchronised."""
-
-    def __init__(self, model: nn.Module, objective: Objective):
-        super().__init__()
-        self.model, self.objective = model, objective
-
-    def forward(self, x, t, y, idx, step: int, part: tuple[int, int]):
-        s = features(self.model, x, self.objective.stages)
-        loss, parts = self.objective(s, t, y, index=idx, step=step, part=part)
-        return loss, parts, (s["logits"].detach().argmax(1) == y).sum()
-
-
-def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision: str, micro: int = 1):
-    """One optimisation step over this process's shard of the batch, in `micro` micro-batches whose gradients
-    add up (under DDP, synchronised after the last). Returns (loss, parts, correct) as tensors (no host sync).
-    `student`: a `StudentLoss`, or a DDP wrapper of one."""
-    objective = getattr(student, "module", student).objective
-    rank, world = dist.rank(), dist.world()
-    opt.zero_grad(set_to_none=True)
-    total, parts_sum, correct_sum = 0, {}, 0
-    for i, (xc, yc, ic) in enumerate(zip(x.chunk(micro), y.chunk(micro), idx.chunk(micro))):
-        # under DDP the gradients are synchronised once, after the last micro-batch
-        sync = student.no_sync() if (i < micro - 1 and hasattr(student, "no_sync")) else nullcontext()
-        with sync:
-            with autocast(x.device, precision):
-                if teacher is not None and objective.uses_teacher:
-                    with torch.no_grad():
-                        t = features(teacher, xc, objective.teacher_stages)
-                else:
-                    t = None
-                loss, parts, correct = student(xc, t, yc, ic, step, (rank * micro + i, world * micro))
-            (loss / micro).backward()  # division by 1 is exact: one micro-batch is the plain step, bit for bit
-        total = total + loss.detach() / micro
-        correct_sum = correct_sum + correct
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0) + v / micro
-    opt.step()
-    return total, parts_sum, correct_sum
-
-
-def _start_run(cfg: Config, run_dir: Path, resume: bool) -> None:
-    """Check that run_dir can take this run (fresh, or resumable with the same config); write config.toml."""
+def _start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str) -> None:
+    """Check that run_dir can take this run (fresh, or resumable with the same config on the same arithmetic);
+    write config.toml."""
     config_text = to_toml(cfg)
     if resume:
         if not has_checkpoint(run_dir):
@@ -140,6 +54,11 @@ def _start_run(cfg: Config, run_dir: Path, resume: bool) -> None:
         old = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else None
         if old is None or identity(old) != identity(config_text):
             raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
+        env = read_json(run_dir / "env.json") if (run_dir / "env.json").exists() else {}
+        before = [part.get("arithmetic", "unknown") for part in (env, *env.get("resumes", []))][-1]
+        if before != arithmetic:
+            msg = f"trained with arithmetic {before}, this code and machine compute {arithmetic} (engine.arithmetic)"
+            raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
     elif has_checkpoint(run_dir) or (run_dir / "final.json").exists():
         raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,13 +172,14 @@ def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None, si
 
 def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     """Data, student, teacher, objective, calibration, optimizer; the checkpoint's state when resuming."""
-    if dist.is_main():
-        _start_run(cfg, run_dir, resume)
-    dist.barrier()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = dist.local_device(resolve_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
+    arithmetic = fingerprint(device, precision)  # the same step on a tiny model: what the numbers depend on
+    if dist.is_main():
+        _start_run(cfg, run_dir, resume, arithmetic)
+    dist.barrier()
     torch.manual_seed(cfg.train.seed)
     if cfg.train.sync_bn and device.type != "cuda":
         raise ConfigError("train.sync_bn: SyncBatchNorm needs GPUs; on CPUs the running statistics are averaged")
@@ -292,7 +212,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
             lines = [json.dumps(r) for r in read_jsonl(metrics) if r["epoch"] <= done]
             metrics.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed {run_dir} at step {state['step']}/{cfg.optim.epochs * len(data.train)}")
-    here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world()}
+    here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world(), "arithmetic": arithmetic}
     env = dist.broadcast_object(_record_env(run_dir, here, resume, state["step"]) if dist.is_main() else None)
 
     from vaqkd.metrics.size import model_profile  # local: profile imports the quant package

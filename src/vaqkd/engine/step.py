@@ -1,0 +1,105 @@
+"""One optimisation step and what it is made of: the learning-rate schedule, the optimizer's parameter groups,
+the student-with-objective module DDP wraps, the step itself and evaluation. `fit` (engine.train) drives these;
+the arithmetic fingerprint (engine.arithmetic) runs the same step on a tiny model."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from vaqkd.config import OptimConfig
+from vaqkd.distill.objective import Objective
+from vaqkd.engine import dist
+from vaqkd.engine.setup import autocast
+from vaqkd.models import features
+from vaqkd.quant import quantizers
+
+
+def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at global step `step` (linear warm-up, then the schedule, evaluated per step)."""
+    epoch = step / steps_per_epoch
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+        return cfg.lr * (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "multistep":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * max(1.0 - progress, 0.0)  # onecycle: warm-up, then linear decay to zero
+
+
+def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module) -> torch.optim.SGD:
+    qparams = {id(p) for q in quantizers(model) for p in q.parameters()}
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) not in qparams], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) in qparams], "weight_decay": 0.0, "lr_scale": cfg.quant_lr_scale},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
+    was = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.float64, device=loader.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
+    n = 0
+    rank, world = dist.rank(), dist.world()
+    for k, (x, y, _) in enumerate(loader.batches(0)):
+        if k % world != rank:  # under torchrun each rank evaluates every world-th batch; the sums are combined
+            continue
+        with autocast(loader.device, precision):
+            logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was)
+    correct, loss_sum, n = dist.all_sum(torch.stack([correct, loss_sum, correct.new_tensor(n)])).tolist()
+    return {"top1": 100.0 * correct / n, "loss": loss_sum / n}
+
+
+class StudentLoss(nn.Module):
+    """The student and the objective (with its trainable heads) as one module: the loss of a batch. This is
+    what DistributedDataParallel wraps, so the gradients of both are synchronised."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x, t, y, idx, step: int, part: tuple[int, int]):
+        s = features(self.model, x, self.objective.stages)
+        loss, parts = self.objective(s, t, y, index=idx, step=step, part=part)
+        return loss, parts, (s["logits"].detach().argmax(1) == y).sum()
+
+
+def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision: str, micro: int = 1):
+    """One optimisation step over this process's shard of the batch, in `micro` micro-batches whose gradients
+    add up (under DDP, synchronised after the last). Returns (loss, parts, correct) as tensors (no host sync).
+    `student`: a `StudentLoss`, or a DDP wrapper of one."""
+    objective = getattr(student, "module", student).objective
+    rank, world = dist.rank(), dist.world()
+    opt.zero_grad(set_to_none=True)
+    total, parts_sum, correct_sum = 0, {}, 0
+    for i, (xc, yc, ic) in enumerate(zip(x.chunk(micro), y.chunk(micro), idx.chunk(micro))):
+        # under DDP the gradients are synchronised once, after the last micro-batch
+        sync = student.no_sync() if (i < micro - 1 and hasattr(student, "no_sync")) else nullcontext()
+        with sync:
+            with autocast(x.device, precision):
+                if teacher is not None and objective.uses_teacher:
+                    with torch.no_grad():
+                        t = features(teacher, xc, objective.teacher_stages)
+                else:
+                    t = None
+                loss, parts, correct = student(xc, t, yc, ic, step, (rank * micro + i, world * micro))
+            (loss / micro).backward()  # division by 1 is exact: one micro-batch is the plain step, bit for bit
+        total = total + loss.detach() / micro
+        correct_sum = correct_sum + correct
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v / micro
+    opt.step()
+    return total, parts_sum, correct_sum

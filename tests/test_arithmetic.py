@@ -1,0 +1,126 @@
+"""The training-arithmetic fingerprint: it changes exactly when the numbers do, runs record it, a resume on
+other arithmetic is refused, and reports never pair or average across two."""
+
+import json
+
+import pytest
+import torch
+
+import vaqkd.distill.objective as objective_mod
+import vaqkd.engine.arithmetic as arithmetic
+from vaqkd.analysis.report import paired_rows, run_groups, summary_rows
+from vaqkd.config import load_config
+from vaqkd.distill.kd import LogitKD
+from vaqkd.engine.train import fit
+from vaqkd.errors import RunFileError
+
+CPU = torch.device("cpu")
+
+
+def test_fingerprint_is_repeatable_and_leaves_the_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    a = arithmetic.fingerprint(CPU, "fp32")
+    assert torch.equal(torch.rand(3), expected)  # the run's own random draws are not moved by it
+    assert arithmetic.fingerprint(CPU, "fp32") == a and len(a) == 16
+    assert arithmetic.fingerprint(CPU, "bf16") != a
+
+
+def _anchor_off_by_one_ulp(virtual_anchor):
+    def patched(r, bits, mode):
+        out = virtual_anchor(r, bits, mode)
+        return torch.nextafter(out, out + 1)
+
+    return patched
+
+
+def _kd_times(f):
+    def patched(self, *a, **k):
+        return f(self, *a, **k) * (1 + 2**-20)
+
+    return patched
+
+
+@pytest.mark.parametrize("change", ["anchor rounding", "kd loss scale", "momentum"])
+def test_a_change_of_the_training_arithmetic_changes_the_fingerprint(change, monkeypatch):
+    before = arithmetic.fingerprint(CPU, "fp32")
+    if change == "anchor rounding":
+        monkeypatch.setattr(objective_mod, "virtual_anchor", _anchor_off_by_one_ulp(objective_mod.virtual_anchor))
+    elif change == "kd loss scale":
+        monkeypatch.setattr(LogitKD, "forward", _kd_times(LogitKD.forward))
+    else:
+        real = arithmetic.make_optimizer
+
+        def other_momentum(cfg, model, objective):
+            opt = real(cfg, model, objective)
+            for g in opt.param_groups:
+                g["momentum"] = 0.85
+            return opt
+
+        monkeypatch.setattr(arithmetic, "make_optimizer", other_momentum)
+    assert arithmetic.fingerprint(CPU, "fp32") != before
+
+
+def test_a_change_that_touches_no_arithmetic_keeps_the_fingerprint(monkeypatch):
+    before = arithmetic.fingerprint(CPU, "fp32")
+    calls = []
+    real = LogitKD.forward
+
+    def logged(self, *a, **k):  # a hook that records, as logging or a progress bar would
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LogitKD, "forward", logged)
+    torch.manual_seed(99)  # another global RNG state before the fingerprint
+    assert arithmetic.fingerprint(CPU, "fp32") == before and calls
+
+
+def test_legacy_era_from_the_git_sha():
+    def ancestry(a, b):
+        return {"old": False, "new": True}.get(b)
+
+    assert arithmetic.legacy_era("old", ancestry) == "legacy:before-a20de37"
+    assert arithmetic.legacy_era("new-dirty", ancestry) == "legacy:a20de37-7894ee1"
+    assert arithmetic.legacy_era("gone", ancestry) == "unknown"
+
+
+def _tiny(root):
+    sets = [f'data.root="{root}"', "model.arch=resnet20", "quant.enabled=true", "optim.epochs=1",
+            "data.subset_per_class=2", "data.batch_size=50", "data.test_subset_per_class=1",
+            "train.precision=fp32"]  # fmt: skip
+    return load_config(None, sets)
+
+
+def test_runs_record_their_arithmetic_and_refuse_to_resume_on_another(shared_cifar_root, tmp_path):
+    cfg = _tiny(shared_cifar_root)
+    run = tmp_path / "run"
+    fit(cfg, run, progress=False, log=lambda s: None, stop_after_steps=2)
+    env = json.loads((run / "env.json").read_text())
+    assert env["arithmetic"] == arithmetic.fingerprint(CPU, "fp32")
+    env["arithmetic"] = "0123456789abcdef"  # as if trained by other code or on another machine
+    (run / "env.json").write_text(json.dumps(env))
+    with pytest.raises(RunFileError, match="trained with arithmetic 0123456789abcdef"):
+        fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    env["arithmetic"] = arithmetic.fingerprint(CPU, "fp32")
+    (run / "env.json").write_text(json.dumps(env))
+    final = fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    assert final["arithmetic"] == env["arithmetic"]
+
+
+def _rec(seed, acc, arith):
+    return {"seed": seed, "top1_last": acc, "top1_best": acc, "device": "cpu x", "cpu_capability": "AVX2",
+            "precision": "fp32", "threads": 1, "world_size": 1, "arithmetic": arith, "train_seconds": 1.0,
+            "epochs": 3, "train_images": 10}  # fmt: skip
+
+
+def test_reports_never_pair_or_average_two_arithmetics():
+    qkd = [_rec(0, 40.0, "a"), _rec(1, 41.0, "a"), _rec(2, 50.0, "b"), _rec(3, 51.0, "b"), _rec(4, 45, "unknown")]
+    va = [_rec(0, 40.5, "a"), _rec(1, 41.5, "a"), _rec(2, 52.0, "b"), _rec(3, 53.0, "b"), _rec(4, 46, "b")]
+    pairs = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va})
+    assert sorted((p["arithmetic"], p["n"], p["mean"]) for p in pairs) == [("a", 2, 0.5), ("b", 2, 2.0)]
+    assert all(p["cross_arithmetic_pairs_left_out"] == 1 for p in pairs)  # seed 4: unknown against b
+    rows = summary_rows({"qkd_logit": qkd})
+    assert sorted((r["seeds"], r["top1_last_mean"]) for r in rows) == [(1, 45.0), (2, 40.5), (2, 50.5)]
+    assert all("[" in r["row"] and r["records_of_other_kinds"] == 5 - r["seeds"] for r in rows)
+    assert [len(g) for g in run_groups(va)] == [3, 2]
