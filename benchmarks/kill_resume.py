@@ -1,15 +1,20 @@
 """Crash consistency: SIGKILL a training run at random moments (inside checkpoint saves too), resume it each
 time, and compare the end result with an uninterrupted run of the same config on this machine.
 
-    python benchmarks/kill_resume.py --kills 40 --out results/reliability/kill_resume.json
+    python benchmarks/kill_resume.py --kills 12 --out results/reliability/kill_resume_default.json
+    python benchmarks/kill_resume.py --kills 40 --mode strict --out results/reliability/kill_resume.json
 
 Each trial starts `vaqkd train` (resuming when a checkpoint exists) in a child process that checkpoints every
 step, with every save slowed down a little; the child prints a marker before and after each save. The trial
 waits for a random number (1-3) of saves to begin, then kills the child after a random 0-100 ms: inside that
 save, or in the steps after it. A run that reaches its end is compared with the uninterrupted run and a new
-killed run starts, until the number of kills is reached; the last one is resumed to its end. Passes when, for
-every run, final.json's metrics, every metrics.jsonl line and every weight equal the uninterrupted run's
-exactly (fp32, one thread: deterministic on one machine).
+killed run starts, until the number of kills is reached; the last one is resumed to its end. Each kill is a
+SIGKILL or a SIGTERM, drawn at random. Passes when, for every run, final.json's metrics, every metrics.jsonl line
+and every weight equal the uninterrupted run's exactly.
+
+`--mode default` (the default) trains as a user's `vaqkd train` does: `train.precision = "auto"`, every core's
+threads, the compiled quantizer kernels (unless VAQKD_COMPILE=0 is set, as the test suite does). `--mode strict` is
+fp32 on one thread with the eager kernels.
 """
 
 from __future__ import annotations
@@ -47,9 +52,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+MODE = {"strict": ["train.precision=fp32", "train.threads=1"], "default": []}
+MODE_ENV = {"strict": {"VAQKD_COMPILE": "0", "OMP_NUM_THREADS": "1"}, "default": {}}
+mode = "default"
+
+
 def tiny_args(data_root: Path, out: Path) -> list[str]:
     sets = ["data.batch_size=20", "data.eval_batch_size=200", "model.arch=resnet20", "optim.epochs=3",
-            "optim.lr=0.05", "optim.schedule=cosine", "train.precision=fp32", "train.device=cpu", "train.threads=1",
+            "optim.lr=0.05", "optim.schedule=cosine", "train.device=cpu", *MODE[mode],
             "train.checkpoint_every_steps=1", "data.subset_per_class=2", 'model.init=""']  # fmt: skip
     args = ["train", str(ROOT / "configs/cifar100/w2a2_qat.toml"), "--out", str(out), "--no-progress",
             "--data-root", str(data_root)]  # fmt: skip
@@ -57,7 +67,8 @@ def tiny_args(data_root: Path, out: Path) -> list[str]:
 
 
 def child(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "VAQKD_COMPILE": "0", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # default: every core, as a user runs
+    env.update(MODE_ENV[mode])
     return subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)  # fmt: skip
 
@@ -100,6 +111,7 @@ def run(kills: int, data_root: Path | None, seed: int, work: Path) -> dict:
     duration = time.perf_counter() - t0
     rng = random.Random(seed)
     where = {"inside a save": 0, "between saves": 0}
+    signals = {"SIGKILL": 0, "SIGTERM": 0}
     runs, identical, done = 0, 0, 0
     reference = finished(ref)
 
@@ -127,17 +139,20 @@ def run(kills: int, data_root: Path | None, seed: int, work: Path) -> dict:
                 if seen == wait_for:
                     break
         time.sleep(rng.uniform(0, 0.1))
-        p.send_signal(signal.SIGKILL)
+        sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+        p.send_signal(sig)
         rest, err = p.communicate()
         marks = [last, *[ln for ln in rest.splitlines() if ln.startswith("SAVE-")]]
-        if p.returncode != -signal.SIGKILL:  # it reached its end before the kill
+        if p.returncode != -sig:  # it reached its end before the kill
             if p.returncode:
                 raise SystemExit(f"a trial failed before its kill: {err.strip().splitlines()[-1]}")
             continue
         where["inside a save" if marks[-1] == "SAVE-BEGIN" else "between saves"] += 1
+        signals[sig.name] += 1
         done += 1
     complete(out)
-    return {"kills": done, "where": where, "runs": runs, "runs_identical": identical, "identical": identical == runs,
+    return {"mode": mode, "settings": MODE[mode], "kills": done, "where": where, "signals": signals, "runs": runs,
+            "runs_identical": identical, "identical": identical == runs,
             "reference_seconds": round(duration, 1)}  # fmt: skip
 
 
@@ -147,7 +162,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", type=Path, help="real CIFAR-100 (default: synthetic data in a temp folder)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    ap.add_argument("--mode", choices=sorted(MODE), default="default", help="default: as `vaqkd train` trains")
     args = ap.parse_args()
+    global mode
+    mode = args.mode
     with tempfile.TemporaryDirectory() as tmp:
         res = run(args.kills, args.data_root, args.seed, Path(tmp))
     from vaqkd.runner import command_line, meta

@@ -56,13 +56,44 @@ def test_cli_exit_code_for_divergence_and_the_runner_marks_the_cell_failed(share
 
 
 def test_kill_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
-    """SIGKILL inside and between checkpoint saves (benchmarks/kill_resume.py, a few kills here; the closing
-    note reports a longer series), each followed by --resume: identical final metrics and weights."""
+    """SIGKILL/SIGTERM inside and between checkpoint saves (benchmarks/kill_resume.py in the default mode: auto
+    precision, every thread; a few kills here, results/reliability a longer series), each followed by --resume:
+    identical final metrics and weights."""
     out = tmp_path / "res.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks/kill_resume.py"), "--kills", "4", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
     res = json.loads(out.read_text())
     assert p.returncode == 0 and res["identical"] and res["kills"] == 4, (p.stdout, p.stderr[-2000:])
+    assert res["mode"] == "default" and res["settings"] == []
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(run_weights(run))
+
+
+@pytest.mark.parametrize("sets", [[], ["train.precision=bf16", "train.threads=1"]], ids=["default", "bf16-1-thread"])
+def test_the_same_run_twice_gives_the_same_weights(sets, shared_cifar_root, tmp_path):
+    """The default mode (auto precision: fp32 on CPUs; every thread) and bf16 on one thread repeat themselves bit
+    for bit: two uninterrupted runs of one config end with equal weights and metrics."""
+    cfg = load_config(None, [f'data.root="{shared_cifar_root}"', "model.arch=resnet20", "quant.enabled=true",
+                             "optim.epochs=1", "data.batch_size=50", *sets])  # fmt: skip
+    finals = []
+    for name in ("a", "b"):
+        fit(cfg, tmp_path / name, progress=False, log=quiet)
+        finals.append(json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1]))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: v for k, v in finals[0].items() if "seconds" not in k and "per_s" not in k} == {
+        k: v for k, v in finals[1].items() if "seconds" not in k and "per_s" not in k}
+
+
+def test_auto_precision_is_fp32_on_cpus():
+    from vaqkd.engine.setup import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_comparison_in_the_kill_benchmark_sees_a_difference():

@@ -21,7 +21,7 @@ from torch import nn
 from vaqkd.config import TermConfig
 from vaqkd.data.loader import DeviceLoader
 from vaqkd.distill.objective import Objective, build_term, stages_of
-from vaqkd.engine.setup import bf16_supported, resolve_device
+from vaqkd.engine.setup import resolve_device, resolve_precision
 from vaqkd.engine.train import StudentLoss, evaluate, train_step
 from vaqkd.metrics.size import layer_table
 from vaqkd.models import create_model, stage_channels
@@ -91,7 +91,7 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         batch, warmup, rounds, per_round, n_train = min(batch, 8), 1, 2, 1, 64
     else:
         warmup, rounds, per_round, n_train = 3, 8, 2, 50_000
-    prec = ("bf16" if bf16_supported(dev) else "fp32") if precision == "auto" else precision
+    prec = resolve_precision(precision, dev)  # what a run in this precision trains in
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.arange(n_train) % 100

@@ -183,7 +183,7 @@ def device_name_ok(name: str) -> bool:
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, fp32 on CPUs) | fp32 | bf16
     channels_last: bool = False
     eval_every: int = 1
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
