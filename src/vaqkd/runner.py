@@ -107,7 +107,15 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, sets: list[str], log) 
 
 
 def config_hash(cfg: Config) -> str:
-    return hashlib.sha1(identity(to_toml(cfg)).encode()).hexdigest()[:8]
+    """A run's identity as 8 hex digits: its resolved config (`config.identity`) and, for a class-folder
+    dataset, the folder's content (`data.identity.folder_digest`), so cells on two folders never share a run."""
+    text = identity(to_toml(cfg))
+    if cfg.data.dataset == "folder":
+        from vaqkd.data.identity import folder_digest
+        from vaqkd.engine.setup import data_root
+
+        text += f"# data {folder_digest(data_root(cfg.data))}\n"
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict | None:

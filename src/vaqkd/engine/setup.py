@@ -20,6 +20,7 @@ from torch import nn
 import vaqkd
 from vaqkd.config import Config, ConfigError, DataConfig, device_name_ok
 from vaqkd.data.cifar import SPECS, load_split
+from vaqkd.data.identity import tensor_digest
 from vaqkd.data.loader import DeviceLoader, subset_per_class
 from vaqkd.engine.checkpoint import atomic_write, load_module, read_safetensors, run_weights
 from vaqkd.errors import RunFileError
@@ -76,6 +77,7 @@ class Data:
     test: DeviceLoader
     num_classes: int
     train_labels: torch.Tensor  # labels of the (subset) training set, in loader index order
+    digest: str = ""  # the content of both splits as loaded (`data.identity.tensor_digest`)
 
 
 def build_data(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)) -> Data:
@@ -106,7 +108,7 @@ def build_data(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1
     train = DeviceLoader(xtr, ytr, d.batch_size, mean, std, device, train=True, seed=cfg.train.seed, channels_last=cl,
                          shard=shard)  # fmt: skip
     test = DeviceLoader(xte, yte, d.eval_batch_size, mean, std, device, train=False, channels_last=cl)
-    return Data(train, test, num_classes, ytr)
+    return Data(train, test, num_classes, ytr, tensor_digest(xtr, ytr, xte, yte))
 
 
 PRETRAINED = {"resnet32": "resnet32_cifar100"}  # what plain "pretrained" means, per architecture

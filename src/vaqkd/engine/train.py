@@ -32,6 +32,7 @@ from vaqkd.engine.setup import (
     build_data,
     build_student,
     build_teacher,
+    data_root,
     environment,
     resolve_device,
     resolve_precision,
@@ -212,7 +213,13 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
             lines = [json.dumps(r) for r in read_jsonl(metrics) if r["epoch"] <= done]
             metrics.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed {run_dir} at step {state['step']}/{cfg.optim.epochs * len(data.train)}")
-    here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world(), "arithmetic": arithmetic}
+    if resume and dist.is_main():
+        started = read_json(run_dir / "env.json").get("dataset_digest") if (run_dir / "env.json").exists() else None
+        if started is not None and started != data.digest:
+            raise RunFileError(f"{run_dir}: the data under {data_root(cfg.data)} is not the data the run started with "
+                               f"(content {data.digest}, started on {started}); refusing to resume")  # fmt: skip
+    here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world(), "arithmetic": arithmetic,
+            "dataset_digest": data.digest}  # fmt: skip
     env = dist.broadcast_object(_record_env(run_dir, here, resume, state["step"]) if dist.is_main() else None)
 
     from vaqkd.metrics.size import model_profile  # local: profile imports the quant package
