@@ -289,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     from vaqkd.engine import dist
 
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        dist.barrier()  # under torchrun: every rank reaches the end before any tears the process group down
+        return code
     except (VaqkdError, FileNotFoundError, FileExistsError) as e:
         # errors the user can fix: one line naming the culprit; anything else is a bug and keeps its traceback
         if args.debug:
@@ -298,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaqkd {args.command}{where}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
     except KeyboardInterrupt:
-        print(f"vaqkd {args.command}: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
+        from vaqkd.runner import command_line
+
+        again = "rerun with --resume" if args.command == "train" else f"rerun `{command_line()}`"
+        print(f"vaqkd {args.command}: interrupted (the last checkpoint is kept; {again})", file=sys.stderr)
         return 130
     except Exception:
         if dist.active():  # torchrun's summary names the first rank that failed; this line says which one this is

@@ -78,11 +78,30 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
 def _local(cells, task, jobs, log):
     threads = max(1, (os.cpu_count() or 1) // jobs)
     log(f"{len(cells)} cell(s) on {jobs} worker processes of this machine, {threads} thread(s) each")
-    with worker_pool(jobs) as pool:
+    pool = worker_pool(jobs)
+    try:
         futures = {pool.submit(run_cell, row, seed, task, threads): (row, seed) for row, seed in cells}
         for fut in as_completed(futures):
             final, t = fut.result()
             yield futures[fut], final, t
+    except BaseException:  # Ctrl-C / SIGINT to this process, or the caller stopped: stop now, not after the queue
+        stop_pool(pool)
+        raise
+    pool.shutdown()
+
+
+def stop_pool(pool: ProcessPoolExecutor, grace: float = 30.0) -> None:
+    """Cancel the queued cells and end the running ones with SIGTERM (each keeps its last checkpoint, so the
+    same table command resumes it), waiting up to `grace` seconds before SIGKILL."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in workers:
+        p.terminate()
+    end = time.time() + grace
+    for p in workers:
+        p.join(max(0.0, end - time.time()))
+        if p.is_alive():
+            p.kill()
 
 
 def _ray(cells, task, address, cpus_per_run, gpus_per_run, log):
