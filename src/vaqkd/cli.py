@@ -101,7 +101,9 @@ def _test_data(args, dataset: str, image_size: int, device):
     from vaqkd.config import load_config
     from vaqkd.engine.setup import build_data
 
-    cfg = load_config(None, [f'data.dataset="{dataset}"', f"data.image_size={image_size}", *_overrides(args)])
+    # data.batch_size=1: the training split is read (for class names and folder labels), never batched here
+    sets = [f'data.dataset="{dataset}"', f"data.image_size={image_size}", "data.batch_size=1", *_overrides(args)]
+    cfg = load_config(None, sets)
     return cfg, build_data(cfg, device)
 
 

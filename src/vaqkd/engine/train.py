@@ -138,6 +138,11 @@ class Run:
 
 
 def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_after_steps: int | None) -> dict:
+    if resume and (run_dir / "final.json").exists():  # nothing to continue: its result, unchanged
+        if dist.is_main():
+            _start_run(cfg, run_dir, resume)  # the same config checks as any resume
+        log(f"{run_dir}: already finished (final.json); nothing to resume")
+        return read_json(run_dir / "final.json")
     run = prepare(cfg, run_dir, resume, log)
     while run.state["step"] < run.total_steps:
         stretch = train_stretch(run, progress, stop_after_steps)
@@ -209,7 +214,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and dist.is_main():
             done = state["step"] // len(data.train)
-            lines = [json.dumps(r) for r in read_jsonl(metrics) if r["epoch"] <= done]
+            lines = [json.dumps(r) for r in read_jsonl(metrics, torn_tail_ok=True) if r["epoch"] <= done]
             metrics.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed {run_dir} at step {state['step']}/{cfg.optim.epochs * len(data.train)}")
     here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world(), "arithmetic": arithmetic}
