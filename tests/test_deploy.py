@@ -284,3 +284,14 @@ def test_committed_w2a2_artifact_agrees_with_onnx_runtime_on_real_images(real_ci
     agree = (got == ref).float().mean().item()
     print(f"agreement {agree:.4f}, top-1 {(ref == y[:2000]).float().mean().item():.4f}")
     assert agree >= 0.995 and (ref == y[:2000]).float().mean() > 0.45  # a trained model, not a collapsed one
+
+
+def test_export_over_a_directory_is_one_line_and_writes_nothing(w2a2_run, shared_cifar_root, tmp_path, capsys):
+    for fmt in ("packed", "onnx"):
+        if fmt == "onnx":
+            pytest.importorskip("onnx")
+        args = ["export", str(w2a2_run), "--format", fmt, "--out", str(tmp_path), "--data-root", str(shared_cifar_root)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{tmp_path}: is a directory; give a file name" in err, err
+        assert list(tmp_path.iterdir()) == []
