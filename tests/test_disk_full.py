@@ -138,7 +138,12 @@ def test_save_artifact_to_a_directory_or_a_read_only_folder_is_one_line(monkeypa
     def ro_save(tensors, path, metadata=None):  # what safetensors raises on a read-only file system
         raise Exception(f'Error while serializing: I/O error: Read-only file system (os error 30) at path "{path}"')
 
+    def ro_unlink(self, missing_ok=False):  # a read-only file system refuses even unlinking a missing file
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
     monkeypatch.setattr(artifact, "save_file", ro_save)
-    with pytest.raises(RunFileError, match=rf"{tmp_path}: not writable \(Error while serializing: I/O error: Read-"):
+    monkeypatch.setattr(Path, "unlink", ro_unlink)
+    with pytest.raises(RunFileError, match=rf"{tmp_path}: not writable \(Read-only file system\)$"):
         save_artifact(tmp_path / "m.vaqkd.safetensors", tensors, {})
+    monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []

@@ -52,7 +52,8 @@ def write_failure(where: Path, e: BaseException, need_bytes: int = 0) -> Excepti
         need = f" (needs ~{max(1, math.ceil(need_bytes / 2**20))} MB)" if need_bytes else ""
         return DiskFullError(f"disk full in {where}{need}; free some space and retry (--resume continues a run)")
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or any(m in text for m in _READ_ONLY):
-        return RunFileError(f"{where}: not writable ({getattr(e, 'strerror', None) or text.splitlines()[0][:120]})")
+        said = next((m for m in _READ_ONLY if m in text), text.splitlines()[0][:120] if text else type(e).__name__)
+        return RunFileError(f"{where}: not writable ({getattr(e, 'strerror', None) or said})")
     if isinstance(e, OSError):
         return RunFileError(f"{where}: cannot write ({e.strerror or e})")
     return None
@@ -83,7 +84,10 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
             raise
         raise err from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder refuses even the unlink of a file that is not there
+            pass
     return path
 
 
