@@ -132,3 +132,20 @@ def test_checkpoint_state_with_a_payload_is_refused_and_nothing_runs(payload, tm
     with pytest.raises(RunFileError, match="state.pt: damaged or not a checkpoint state"):
         load_checkpoint(tmp_path / "run", model, objective, torch.device("cpu"))
     assert not marker.exists()
+
+
+def test_gradcam_does_not_paper_over_a_poisoned_meta_file(cifar_root, tmp_path, monkeypatch):
+    """gradcam falls back to class indices when names are missing; a meta file that would run code is an error."""
+    import vaqkd.analysis.gradcam as gradcam
+    from vaqkd.config import load_config
+    from vaqkd.engine.setup import build_data
+    from vaqkd.models import create_model
+
+    marker = tmp_path / "owned"
+    _poison_cifar(cifar_root / "cifar-100-python" / "meta", MakeDir, marker)
+    cfg = load_config(None, [f'data.root="{cifar_root}"', "data.batch_size=100"])
+    run = (create_model("resnet20", 100).eval(), build_data(cfg, torch.device("cpu")), cfg)
+    monkeypatch.setattr(gradcam, "load_run_model", lambda *a, **k: run)
+    with pytest.raises(UnsafePickleError, match="meta: refused"):
+        gradcam.gradcam_figure("a", "b", images=2, out=str(tmp_path / "g.png"))
+    assert not marker.exists() and not (tmp_path / "g.png").exists()

@@ -44,7 +44,7 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vaqkd.data.cifar import class_names
+    from vaqkd.data.cifar import UnsafePickleError, class_names
     from vaqkd.engine.setup import data_root as root_of
 
     out_path = Path(out)
@@ -66,6 +66,8 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
     x = (x_u8.float() - data.test.mean) / data.test.std
     try:
         names = class_names(cfg.data.dataset, root_of(cfg.data))
+    except UnsafePickleError:  # a meta file that would run code is said, not papered over
+        raise
     except Exception:  # folder datasets and missing meta files: fall back to indices
         names = [str(i) for i in range(int(data.num_classes))]
     rows = []
