@@ -17,6 +17,7 @@ import torch
 from vaqkd.data.cifar import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DECODE = 2  # in the cache key: caches decoded before 16-bit images were scaled (1) are not reused
 
 
 def _visible(p: Path) -> bool:
@@ -87,7 +88,7 @@ def load_folder_split(
         items = [(f, index[own[label]]) for f, label in items]
     else:
         classes = own
-    key = hashlib.sha1(str(size).encode())
+    key = hashlib.sha1(f"{size}|{DECODE}".encode())
     for f, label in items:
         st = f.stat()
         key.update(f"{f.relative_to(split_dir)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())

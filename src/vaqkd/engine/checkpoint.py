@@ -41,17 +41,20 @@ _READ_ONLY = ("Read-only file system", "ReadOnlyFilesystem", "Permission denied"
 
 def write_failure(where: Path, e: BaseException, need_bytes: int = 0) -> Exception | None:
     """The one-line error for a failed write into `where` (None: not a failure the user can fix; re-raise it).
-    safetensors and torch.save report a full disk as their own exception types, hence the messages and the
-    free-space test beside the errno."""
+    safetensors and torch.save report a full disk or a read-only folder as their own exception types: their
+    messages, and the free space (torch.save says only 'unexpected pos'), tell what happened."""
     text, code = str(e), getattr(e, "errno", None)
-    try:
-        short = shutil.disk_usage(where if Path(where).exists() else Path(where).parent).free < need_bytes
-    except OSError:
-        short = False
-    if code in (errno.ENOSPC, errno.EDQUOT) or any(m in text for m in _FULL) or short:
+    read_only = code in (errno.EROFS, errno.EACCES, errno.EPERM) or any(m in text for m in _READ_ONLY)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or any(m in text for m in _FULL)
+    if not (full or read_only or code):
+        try:
+            full = shutil.disk_usage(where if Path(where).exists() else Path(where).parent).free < need_bytes
+        except OSError:
+            pass
+    if full:
         need = f" (needs ~{max(1, math.ceil(need_bytes / 2**20))} MB)" if need_bytes else ""
         return DiskFullError(f"disk full in {where}{need}; free some space and retry (--resume continues a run)")
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or any(m in text for m in _READ_ONLY):
+    if read_only:
         said = next((m for m in _READ_ONLY if m in text), text.splitlines()[0][:120] if text else type(e).__name__)
         return RunFileError(f"{where}: not writable ({getattr(e, 'strerror', None) or said})")
     if isinstance(e, OSError):
