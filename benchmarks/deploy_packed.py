@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for policy in ("same", "8", "fp32"):
             tensors, summary = pack_model(quantize(create_model("resnet32", 100), 2, 2, first_last=policy))
-            f = save_artifact(Path(tmp) / f"{policy}.safetensors", tensors, {"format": "vaqkd-packed", "version": 1,
+            f = save_artifact(Path(tmp) / f"{policy}.safetensors", tensors, {"format": "vaqkd-packed", "version": 2,
                                                                                **summary})  # fmt: skip
             sizes[policy] = {
                 "file_bytes": f.stat().st_size,

@@ -128,3 +128,37 @@ def test_real_cifar100_structure(real_cifar100):
     assert x.shape == (10000, 3, 32, 32)
     assert torch.bincount(y).tolist() == [100] * 100
     assert y[:10].tolist() == [49, 33, 72, 51, 71, 92, 15, 14, 23, 0]
+
+
+def test_float_labels_are_refused_not_truncated(cifar_root):
+    path = cifar_root / "cifar-100-python" / "test"
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    d["fine_labels"] = [label + 0.7 for label in d["fine_labels"]]  # int() would make these the right labels
+    path.write_bytes(pickle.dumps(d, protocol=2))
+    with pytest.raises(DataError, match=r"test: 'fine_labels' holds float64 values, expected integer labels"):
+        load_split("cifar100", cifar_root, train=False, download_missing=False)
+
+
+def test_empty_split_says_so(cifar_root):
+    path = cifar_root / "cifar-100-python" / "test"
+    path.write_bytes(pickle.dumps({"data": np.zeros((0, 3072), np.uint8), "fine_labels": []}, protocol=2))
+    with pytest.raises(DataError, match=r"test: holds no images \(the official split has 100 classes\)$"):
+        load_split("cifar100", cifar_root, train=False, download_missing=False)
+
+
+def test_download_has_a_timeout(monkeypatch, tmp_path):
+    import urllib.request
+
+    from vaqkd.data import cifar
+
+    seen = {}
+
+    def stalled(url, timeout=None):
+        seen["timeout"] = timeout
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(urllib.request, "urlopen", stalled)
+    with pytest.raises(DataError, match="the download failed"):
+        cifar.download("cifar100", tmp_path)
+    assert seen["timeout"] == cifar.DOWNLOAD_TIMEOUT_S and not list(tmp_path.iterdir())

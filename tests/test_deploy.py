@@ -68,15 +68,15 @@ def test_packed_model_gives_the_fake_quant_logits_bit_for_bit(w2a2_run, shared_c
 
 def test_a_changed_code_changes_the_model(w2a2_run, shared_cifar_root, tmp_path):
     """The bit-exact test above would catch a lost code: flipping one code changes the logits."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out = tmp_path / "m.vaqkd.safetensors"
     export_packed(w2a2_run, out, data_root=str(shared_cifar_root))
     a, _ = load(out)
     tensors = load_file(out)
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["vaqkd"])
-    tensors["codes"][1000] ^= 0b11  # one 2-bit code of some layer
-    save_file(tensors, str(out), metadata={"vaqkd": json.dumps(meta)})
+    tensors["codes"][1000] ^= 0b11  # one 2-bit code of some layer, sealed again (new hashes): a valid file
+    save_artifact(out, tensors, {k: v for k, v in meta.items() if k != "sha256"})
     b, _ = load(out)
     diff = [n for (n, p), q in zip(a.named_parameters(), b.parameters()) if not torch.equal(p, q)]
     assert len(diff) == 1 and diff[0].endswith(".weight")
@@ -89,7 +89,7 @@ def test_file_size_is_codes_plus_parameters(policy, tmp_path):
 
     model = quantize(create_model("resnet32", 100), 2, 2, first_last=policy)
     tensors, summary = pack_model(model)
-    out = save_artifact(tmp_path / "m.safetensors", tensors, {"format": "vaqkd-packed", "version": 1, **summary})
+    out = save_artifact(tmp_path / "m.safetensors", tensors, {"format": "vaqkd-packed", "version": 2, **summary})
     payload = tensors["codes"].numel() + 4 * tensors["params"].numel()
     assert 0 < out.stat().st_size - payload < 1024  # the safetensors and JSON headers only
     if policy == "same":  # every conv/linear weight at 2 bits: the paper's 0.1115 MiB of weights
@@ -99,6 +99,8 @@ def test_file_size_is_codes_plus_parameters(policy, tmp_path):
 def test_bad_exports_and_tampered_files(w2a2_run, shared_cifar_root, tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
+    from vaqkd.deploy.integrity import seal
 
     out = tmp_path / "m.vaqkd.safetensors"
     # an FP32 run, an unfinished run, EWGS weights: one line each, nothing written
@@ -126,15 +128,15 @@ def test_bad_exports_and_tampered_files(w2a2_run, shared_cifar_root, tmp_path, c
     tensors = load_file(out)
     for change, needle in [
         (lambda h, t: h.update(arch="resnet32"), "layout does not match resnet32"),
-        (lambda h, t: t.update(codes=t["codes"][:-1]), "codes missing or of the wrong length"),
-        (lambda h, t: t.update(params=t["params"][1:]), "params missing or of the wrong length"),
+        (lambda h, t: t.update(codes=t["codes"][:-1]), "tensor sizes differ from the header's"),
+        (lambda h, t: t.update(params=t["params"][1:]), "tensor sizes differ from the header's"),
         (lambda h, t: h.update(version=99), "format version 99 is not supported"),
         (lambda h, t: h.update(format="other"), "format 'other'"),
-    ]:
+    ]:  # each sealed again (hashes that match): the checks behind the hashes catch them
         h, t = json.loads(json.dumps(header)), dict(tensors)
         change(h, t)
         bad = tmp_path / "bad.safetensors"
-        save_file(t, str(bad), metadata={"vaqkd": json.dumps(h)})
+        save_file(t, str(bad), metadata=seal(t, {k: v for k, v in h.items() if k != "sha256"}))
         with pytest.raises(RunFileError, match=needle):
             load(bad)
 
@@ -282,3 +284,14 @@ def test_committed_w2a2_artifact_agrees_with_onnx_runtime_on_real_images(real_ci
     agree = (got == ref).float().mean().item()
     print(f"agreement {agree:.4f}, top-1 {(ref == y[:2000]).float().mean().item():.4f}")
     assert agree >= 0.995 and (ref == y[:2000]).float().mean() > 0.45  # a trained model, not a collapsed one
+
+
+def test_export_over_a_directory_is_one_line_and_writes_nothing(w2a2_run, shared_cifar_root, tmp_path, capsys):
+    for fmt in ("packed", "onnx"):
+        if fmt == "onnx":
+            pytest.importorskip("onnx")
+        args = ["export", str(w2a2_run), "--format", fmt, "--out", str(tmp_path), "--data-root", str(shared_cifar_root)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{tmp_path}: is a directory; give a file name" in err, err
+        assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -60,6 +61,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
     from vaqkd.engine.train import evaluate
 
@@ -72,12 +75,16 @@ def cmd_eval(args) -> int:
         if args.backend != "torch":
             raise ExportError(f"--backend {args.backend}: not available yet for packed artifacts (use torch)")
         model, header = load(args.run_dir, device)
-        cfg, data = _test_data(args, header["dataset"], header["image_size"], device)
-        name = Path(args.run_dir).name
+        _, data = _test_data(args, header["dataset"], header["image_size"], device)
+        # the run's logits, bit for bit: its own normalisation (folder data would recompute it from whatever
+        # training images sit at --data-root) and fp32 unless --precision says otherwise
+        data.test.mean, data.test.std = (torch.tensor(header[k], device=device).view(1, -1, 1, 1) * 255
+                                         for k in ("mean", "std"))  # fmt: skip
+        name, default_precision = Path(args.run_dir).name, "fp32"
     else:
         cfg, model, data = load_run(args.run_dir, device, _overrides(args))
-        name = cfg.name
-    precision = resolve_precision(args.precision or cfg.train.precision, device)
+        name, default_precision = cfg.name, cfg.train.precision
+    precision = resolve_precision(args.precision or default_precision, device)
     res = {
         "run": str(args.run_dir),
         "name": name,
@@ -94,7 +101,9 @@ def _test_data(args, dataset: str, image_size: int, device):
     from vaqkd.config import load_config
     from vaqkd.engine.setup import build_data
 
-    cfg = load_config(None, [f'data.dataset="{dataset}"', f"data.image_size={image_size}", *_overrides(args)])
+    # data.batch_size=1: the training split is read (for class names and folder labels), never batched here
+    sets = [f'data.dataset="{dataset}"', f"data.image_size={image_size}", "data.batch_size=1", *_overrides(args)]
+    cfg = load_config(None, sets)
     return cfg, build_data(cfg, device)
 
 
@@ -277,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EXIT_USER, EXIT_DIVERGED = 2, 3
+USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR,
+                  errno.ENAMETOOLONG}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {dist.rank()} of {dist.world()})" if dist.active() else ""
         print(f"vaqkd {args.command}{where}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
+    except OSError as e:
+        # the file system refuses (read-only, no permission, full, a directory where a file goes): one line
+        if args.debug or e.errno not in USER_OS_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"vaqkd {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USER
     except KeyboardInterrupt:
         from vaqkd.runner import command_line
 

@@ -215,6 +215,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
+        # the run directory is runs/<name>: a name that is empty, a path or '..' would put it elsewhere
+        plain = self.name.strip() and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0")
+        _check("name", bool(plain), f"must be a plain folder name (no '/', '\\' or '..'), got {self.name!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):

@@ -11,6 +11,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vaqkd.errors import VaqkdError
+
+
+class GradcamError(VaqkdError):
+    """The two runs, the image count or the output path do not make a figure."""
+
 
 def load_run_model(run_dir: str | Path, device: torch.device, data_root: str | None = None):
     from vaqkd.engine.setup import load_run
@@ -38,18 +44,30 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vaqkd.data.cifar import class_names
+    from vaqkd.data.cifar import UnsafePickleError, class_names
     from vaqkd.engine.setup import data_root as root_of
 
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise GradcamError(f"--out {out}: is a directory; give a file name (e.g. {out_path / 'gradcam.png'})")
+    if not out_path.suffix:  # matplotlib would add .png itself: name the file it writes
+        out_path = out_path.with_name(out_path.name + ".png")
     device = torch.device("cpu")
     model_a, data, cfg = load_run_model(run_a, device, data_root)
-    model_b, _, _ = load_run_model(run_b, device, data_root)
+    model_b, data_b, cfg_b = load_run_model(run_b, device, data_root)
+    if (cfg.data.dataset, data.num_classes) != (cfg_b.data.dataset, data_b.num_classes):
+        a, b = f"{cfg.data.dataset} with {data.num_classes}", f"{cfg_b.data.dataset} with {data_b.num_classes}"
+        raise GradcamError(f"{run_a} is a model of {a} classes, {run_b} of {b}: compare two models of the same classes")
+    if images > len(data.test.labels):
+        raise GradcamError(f"--images {images}: the test split of {run_a} has only {len(data.test.labels)} images")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.test.labels), generator=g)[:images]
     x_u8, y = data.test.images[idx], data.test.labels[idx]
     x = (x_u8.float() - data.test.mean) / data.test.std
     try:
         names = class_names(cfg.data.dataset, root_of(cfg.data))
+    except UnsafePickleError:  # a meta file that would run code is said, not papered over
+        raise
     except Exception:  # folder datasets and missing meta files: fall back to indices
         names = [str(i) for i in range(int(data.num_classes))]
     rows = []
@@ -71,7 +89,6 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
-    out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

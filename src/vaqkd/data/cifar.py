@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from vaqkd.errors import VaqkdError
+
+DOWNLOAD_TIMEOUT_S = 60  # seconds without a byte from the server before the download counts as failed
 
 
 class DataError(VaqkdError, RuntimeError):
@@ -94,8 +97,10 @@ def download(name: str, root: Path) -> None:
     if not archive.exists():
         tmp = archive.with_suffix(".part")
         try:
-            urllib.request.urlretrieve(spec.url, tmp)  # noqa: S310 (fixed https URL)
-        except (urllib.error.URLError, OSError) as e:
+            # a timeout on every read: a stalled server is an error, not a hang
+            with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:  # noqa: S310
+                shutil.copyfileobj(r, f, 1 << 20)
+        except (urllib.error.URLError, OSError) as e:  # socket timeouts are OSErrors
             tmp.unlink(missing_ok=True)
             raise DataError(
                 f"{name} not found under {root / spec.folder} and the download failed ({e}); "
@@ -109,14 +114,107 @@ def download(name: str, root: Path) -> None:
         tar.extractall(root, filter="data")
 
 
+class UnsafePickleError(DataError):
+    """A dataset pickle that names a callable the official files do not hold: refused before anything runs."""
+
+
+def _plain_dtype(spec, align=False, copy=False):
+    """numpy.dtype as the official files pickle it (`dtype('u1', False, True)`), for plain numeric kinds only."""
+    dt = np.dtype(spec) if isinstance(spec, str) else None
+    if dt is None or dt.kind not in "biuf" or isinstance(align, str) or isinstance(copy, str):
+        raise pickle.UnpicklingError(f"dtype {spec!r} is not a plain numeric dtype")
+    return np.dtype(spec, bool(align), bool(copy))
+
+
+_RECONSTRUCT = np.ndarray(0).__reduce__()[0]  # numpy's _reconstruct, wherever this numpy keeps it
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"array subtype {subtype!r} is not numpy.ndarray")
+    return _RECONSTRUCT(subtype, shape, dtype)
+
+
+def _latin1(text, encoding="latin1"):
+    """_codecs.encode as Python 3 pickles bytes at protocol 2 (latin-1 text -> bytes), nothing else."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not how bytes are pickled")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    """bytes() as Python 3 pickles b"" at protocol 2 (the raw data of an empty array), nothing else."""
+    if args:
+        raise pickle.UnpicklingError("bytes(...) with arguments is not how bytes are pickled")
+    return b""
+
+
+# Everything the official files (and numpy's own re-pickling of them, protocols 2-4) name: numpy arrays of
+# plain dtypes. dicts, lists, str, bytes and ints need no global at all.
+_ALLOWED = {
+    **{(m, "_reconstruct"): _reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1,
+    **{(m, "bytes"): _empty_bytes for m in ("__builtin__", "builtins")},
+}
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """numpy's protocol-5 array constructor, for plain dtypes (a re-pickled copy of the official files)."""
+    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.kind not in "biuf":
+        raise pickle.UnpicklingError("array from a buffer of a non-plain dtype")
+    return np.frombuffer(buf, dtype).reshape(shape, order="F" if order == "F" else "C").copy()
+
+
+_ALLOWED.update({(m, "_frombuffer"): _frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")})
+
+
+class _DataUnpickler(pickle._Unpickler):
+    """An unpickler that builds data only: any global outside `_ALLOWED` (os.system, eval, a class) is refused
+    before it is called, and BUILD (setting an object's state) is admitted only for a plain dtype's byte order
+    and a plain array's (shape, dtype, raw bytes), so a hostile file can neither run code nor hand numpy a
+    forged object array. (The pure-Python unpickler, since the C one does not expose BUILD.)"""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED:
+            raise UnsafePickleError(f"refers to {module}.{name}")
+        return _ALLOWED[(module, name)]
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError("holds a persistent reference")
+
+    def load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            ok = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+                  and state[2:] == (None, None, None, -1, -1, 0))  # fmt: skip
+        else:
+            ok = (type(inst) is np.ndarray and isinstance(state, tuple) and len(state) == 5
+                  and isinstance(state[2], np.dtype) and state[2].kind in "biuf" and state[2].names is None
+                  and isinstance(state[4], (bytes, str)))  # fmt: skip
+        if not ok:
+            raise UnsafePickleError(f"sets the state of a {type(inst).__name__} in a way numpy's plain arrays do not")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
 def _load_pickle(path: Path) -> dict:
+    """A CIFAR pickle, loaded as data: only dicts, lists, str/bytes, numbers and plain numpy arrays come out."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _DataUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise DataError(f"{path}: file missing") from None
+    except UnsafePickleError as e:
+        raise UnsafePickleError(
+            f"{path}: refused, not a plain data pickle ({e}); datasets are data, never code"
+        ) from None
     except Exception as e:  # unpickling errors come in many types
-        raise DataError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +229,12 @@ def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.n
         dtype = getattr(data, "dtype", type(data).__name__)
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {dtype} {shape}")
     try:
-        labels = np.asarray(d[spec.label_key], dtype=np.int64)
+        raw = np.asarray(d[spec.label_key])
+        labels = raw.astype(np.int64)
     except (TypeError, ValueError, OverflowError):
         raise DataError(f"{path}: {spec.label_key!r} is not a list of integer labels") from None
+    if raw.size and raw.dtype.kind not in "iu":  # floats (3.7) would be truncated, bools read as 0/1
+        raise DataError(f"{path}: {spec.label_key!r} holds {raw.dtype} values, expected integer labels")
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
     if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
@@ -163,7 +264,9 @@ def load_split(
     # Per-class counts: the official splits are balanced (500/100 per class for CIFAR-100); a folder that is
     # not balanced is a truncated or mixed-up copy.
     counts = np.bincount(labels, minlength=spec.num_classes)
-    if data.shape[0] == 0 or not (counts == counts[0]).all():
+    if data.shape[0] == 0:
+        raise DataError(f"{folder / files[0]}: holds no images (the official split has {spec.num_classes} classes)")
+    if not (counts == counts[0]).all():
         bad = int(np.argmax(counts != counts[0]))
         raise DataError(
             f"{folder / files[0]}: unbalanced classes (class 0 has {counts[0]} images, class {bad} has "

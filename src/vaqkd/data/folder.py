@@ -17,23 +17,55 @@ import torch
 from vaqkd.data.cifar import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DECODE = 2  # in the cache key: caches decoded before 16-bit images were scaled (1) are not reused
+
+
+def _visible(p: Path) -> bool:
+    """Not hidden: `.DS_Store`, macOS `._x.png` resource forks, `.ipynb_checkpoints` are never data."""
+    return not p.name.startswith(".")
 
 
 def _list_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, (image, label) pairs) of one split. Refused, naming the culprit: an empty class folder, a
+    folder inside a class folder (images are read from the class folder itself, not below it: a folder there is
+    most often a dataset pointed at one level too high), and two class folders that are one folder (a link)."""
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: folder missing (expected ROOT/train/<class>/*.png and ROOT/test/<class>/*)")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    if not classes:
+    class_dirs = sorted((p for p in split_dir.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+    if not class_dirs:
         raise DataError(f"{split_dir}: no class folders")
-    items = [
-        (f, label)
-        for label, c in enumerate(classes)
-        for f in sorted((split_dir / c).iterdir())
-        if f.suffix.lower() in EXTENSIONS
-    ]
-    if not items:
-        raise DataError(f"{split_dir}: no images with extensions {EXTENSIONS}")
-    return classes, items
+    seen: dict[Path, str] = {}
+    for d in class_dirs:
+        real = d.resolve()
+        if real in seen:
+            raise DataError(f"{d}: the same folder as class {seen[real]!r} (a link?); one folder per class")
+        seen[real] = d.name
+    items = []
+    for label, d in enumerate(class_dirs):
+        entries = sorted(p for p in d.iterdir() if _visible(p))
+        nested = [p for p in entries if p.is_dir()]
+        if nested:
+            raise DataError(f"{nested[0]}: a folder inside class folder {d.name!r}; put its images in {d} itself "
+                            "(images below a class folder are not read)")  # fmt: skip
+        images = [(f, label) for f in entries if f.suffix.lower() in EXTENSIONS]
+        if not images:
+            raise DataError(f"{d}: class folder without images (extensions {EXTENSIONS}); remove it or add images")
+        items += images
+    return [d.name for d in class_dirs], items
+
+
+def _rgb(im):
+    """An 8-bit RGB image; 16-bit greyscale (mode I;16, or I as some Pillow versions read 16-bit PNGs) is scaled
+    to 0-255, where Pillow's convert("RGB") would clip everything above 255 to white. (16-bit colour PNGs are
+    read by Pillow as 8-bit RGB already.)"""
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" or a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], expected 16-bit [0, 65535]")
+        im = Image.fromarray(np.round(a * (255 / 65535)).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def load_folder_split(
@@ -56,7 +88,7 @@ def load_folder_split(
         items = [(f, index[own[label]]) for f, label in items]
     else:
         classes = own
-    key = hashlib.sha1(str(size).encode())
+    key = hashlib.sha1(f"{size}|{DECODE}".encode())
     for f, label in items:
         st = f.stat()
         key.update(f"{f.relative_to(split_dir)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -74,7 +106,7 @@ def load_folder_split(
     for i, (f, _) in enumerate(items):
         try:
             with Image.open(f) as im:
-                images[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+                images[i] = np.asarray(_rgb(im).resize((size, size), Image.BILINEAR))
         except Exception as e:
             raise DataError(f"{f}: cannot decode image ({e})") from None
     out = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -83,6 +115,6 @@ def load_folder_split(
     try:  # written whole, then renamed: a kill mid-save leaves no truncated cache behind
         torch.save({"images": out, "labels": labels}, tmp)
         tmp.replace(cache)
-    except OSError:
+    except (OSError, RuntimeError):  # torch.save reports a read-only or full folder as a RuntimeError
         tmp.unlink(missing_ok=True)  # read-only data folder: still usable, just decoded again next time
     return out, labels, classes

@@ -7,9 +7,10 @@ densely by `pack_codes` (four 2-bit codes per byte), layer after layer, each lay
 `params` (fp32): everything else the model needs as trained (weight steps, activation quantizers' steps or
 clipping levels, BatchNorm, the FP32 or 8-bit edge layers), flattened in the model's state order. The header
 (metadata "vaqkd") holds the format version, architecture, classes, normalisation, bit policy, source run, its
-git SHA and top-1, and a hash of the layout (names, shapes, bits) that the loader checks against the model it
-rebuilds. Two tensors instead of ~200 keep the file within ~2 KiB of codes + parameters (a per-tensor
-safetensors index alone would be ~18 KiB, 15 % of a W2A2 ResNet-32).
+git SHA and top-1, a hash of the layout (names, shapes, bits) that the loader checks against the model it
+rebuilds, and the sha256 of both tensors; the metadata also holds the header's own sha256 (`integrity.py`:
+every hash and every header field is checked on load). Two tensors instead of ~200 keep the file within ~2 KiB
+of codes + parameters (a per-tensor safetensors index alone would be ~18 KiB, 15 % of a W2A2 ResNet-32).
 
 `load(path)` rebuilds the quantized model with weights ŵ = (code + Qn)·s, which are exactly the fake-quantized
 weights of the run (the same fp32 product), so its eval-mode logits equal the fake-quant model's bit for bit.
@@ -28,10 +29,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from vaqkd.deploy.integrity import FORMAT, VERSION, seal, verify
 from vaqkd.deploy.pack import pack_codes, packed_size, unpack_codes
 from vaqkd.errors import RunFileError, VaqkdError
-
-FORMAT, VERSION = "vaqkd-packed", 1
 
 
 class ExportError(VaqkdError):
@@ -93,10 +93,11 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_artifact(out: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
-    """Write the file atomically (a temporary name, then a rename): an existing file is never half-replaced."""
+    """Write the file atomically (a temporary name, then a rename): an existing file is never half-replaced.
+    The header gets the sha256 of every tensor, and the metadata the sha256 of the header (`integrity.seal`)."""
     from vaqkd.engine.checkpoint import atomic_write
 
-    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"vaqkd": json.dumps(header)}))
+    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=seal(tensors, header)))
 
 
 def finished_run(run_dir: str | Path, data_root: str | None = None):
@@ -135,21 +136,12 @@ def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = 
 
 
 def read_header(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(header, tensors) of a packed artifact; damaged, foreign or unknown-version files are RunFileErrors."""
+    """(header, tensors) of a packed artifact after its integrity checks (`integrity.verify`): a damaged, tampered,
+    foreign or unknown-version file is a RunFileError naming the file and what is damaged."""
     from vaqkd.engine.checkpoint import read_safetensors
 
     tensors, meta = read_safetensors(Path(path))
-    try:
-        header = json.loads(meta["vaqkd"])
-    except (KeyError, json.JSONDecodeError):
-        raise RunFileError(f"{path}: not a vaqkd packed artifact (no vaqkd header)") from None
-    if header.get("format") != FORMAT:
-        raise RunFileError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("version") != VERSION:
-        raise RunFileError(
-            f"{path}: format version {header.get('version')!r} is not supported (this vaqkd reads {VERSION})"
-        )
-    return header, tensors
+    return verify(path, tensors, meta), tensors
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

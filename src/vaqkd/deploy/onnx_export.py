@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from vaqkd.deploy.artifact import ExportError, weight_codes
+from vaqkd.errors import RunFileError
 
 OPSET = 21
 
@@ -280,8 +281,15 @@ def session(path, threads: int = 0, optimize: bool = True):
     opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    src = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    if isinstance(path, bytes):
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    if not Path(path).is_file():
+        raise RunFileError(f"{path}: file missing")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # InvalidProtobuf, Fail, InvalidGraph...: a file from outside, damaged or foreign
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RunFileError(f"{path}: damaged or not an ONNX model ({type(e).__name__}: {reason[:160]})") from None
 
 
 def export_run_onnx(run_dir: str | Path, out: str | Path, data_root: str | None = None) -> Path:

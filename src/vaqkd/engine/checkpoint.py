@@ -9,8 +9,10 @@ complete checkpoint, and a kill (even inside the save) never pairs weights of on
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -29,6 +31,37 @@ FORMAT = "vaqkd-checkpoint-1"
 PREFIX = "ckpt-"
 
 
+class DiskFullError(RunFileError):
+    """A write failed for lack of space (or quota); what was there before it is kept."""
+
+
+_FULL = ("No space left on device", "StorageFull", "Disk quota exceeded", "QuotaExceeded")
+_READ_ONLY = ("Read-only file system", "ReadOnlyFilesystem", "Permission denied", "PermissionDenied")
+
+
+def write_failure(where: Path, e: BaseException, need_bytes: int = 0) -> Exception | None:
+    """The one-line error for a failed write into `where` (None: not a failure the user can fix; re-raise it).
+    safetensors and torch.save report a full disk or a read-only folder as their own exception types: their
+    messages, and the free space (torch.save says only 'unexpected pos'), tell what happened."""
+    text, code = str(e), getattr(e, "errno", None)
+    read_only = code in (errno.EROFS, errno.EACCES, errno.EPERM) or any(m in text for m in _READ_ONLY)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or any(m in text for m in _FULL)
+    if not (full or read_only or code):
+        try:
+            full = shutil.disk_usage(where if Path(where).exists() else Path(where).parent).free < need_bytes
+        except OSError:
+            pass
+    if full:
+        need = f" (needs ~{max(1, math.ceil(need_bytes / 2**20))} MB)" if need_bytes else ""
+        return DiskFullError(f"disk full in {where}{need}; free some space and retry (--resume continues a run)")
+    if read_only:
+        said = next((m for m in _READ_ONLY if m in text), text.splitlines()[0][:120] if text else type(e).__name__)
+        return RunFileError(f"{where}: not writable ({getattr(e, 'strerror', None) or said})")
+    if isinstance(e, OSError):
+        return RunFileError(f"{where}: cannot write ({e.strerror or e})")
+    return None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -41,13 +74,23 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a reader (or a kill) never sees
     a half-written file, and an existing file is replaced whole or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise RunFileError(f"{path}: is a directory; give a file name (e.g. {path / 'model.vaqkd.safetensors'})")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         tmp.replace(path)
+    except Exception as e:
+        err = write_failure(path.parent, e)
+        if err is None:
+            raise
+        raise err from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder refuses even the unlink of a file that is not there
+            pass
     return path
 
 
@@ -82,19 +125,38 @@ def _save_module(module: nn.Module, path: Path, step: int) -> None:
     save_file(state, str(path), metadata={"format": FORMAT, "step": str(step)})
 
 
+def _checkpoint_bytes(run_dir: Path, model: nn.Module, objective: nn.Module) -> int:
+    """About what a checkpoint takes: the previous one's size, else the weights twice (optimizer momenta)."""
+    prev = latest_checkpoint(run_dir)
+    if prev is not None:
+        return sum(f.stat().st_size for f in prev.iterdir())
+    return 2 * sum(t.numel() * t.element_size() for m in (model, objective) for t in m.state_dict().values())
+
+
 def save_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, state: dict) -> Path:
     run_dir = Path(run_dir)
     step = int(state["step"])
     final = run_dir / f"{PREFIX}{step:09d}"
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_module(model, tmp / "model.safetensors", step)
-    _save_module(objective, tmp / "objective.safetensors", step)
-    torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+    try:
+        tmp.mkdir()
+        _save_module(model, tmp / "model.safetensors", step)
+        _save_module(objective, tmp / "objective.safetensors", step)
+        torch.save(state, tmp / "state.pt")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    except BaseException as e:  # a full disk, a kill (Ctrl-C): the temporary goes, the previous checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = (
+            write_failure(run_dir, e, _checkpoint_bytes(run_dir, model, objective))
+            if isinstance(e, Exception)
+            else None
+        )
+        if err is None:
+            raise
+        raise err from None
     if final.exists():  # the same step saved again: move the old copy aside first (rename, not delete)
         old = run_dir / f".{final.name}.old-{os.getpid()}"
         final.rename(old)
@@ -166,12 +228,17 @@ def read_json(path: Path) -> dict:
         raise RunFileError(f"{path}: damaged (not JSON: {e})") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
+    """The rows of a JSON-lines file; a damaged line is a RunFileError, except (with `torn_tail_ok`) a last line
+    that a kill or a full disk cut short, which is dropped."""
+    lines = Path(path).read_text().splitlines()
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for i, line in enumerate(lines, start=1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if torn_tail_ok and i == len(lines):
+                break
             raise RunFileError(f"{path}:{i}: damaged line (not JSON)") from None
     return rows
 
@@ -195,14 +262,23 @@ class RunLock:
             msg = f"{self.path.parent}: in use by {holder}; wait for it or choose another --out"
             raise RunLockedError(msg) from None
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, only the holder's name is not recorded
+            pass
         self.fd = fd
+        # the one writer now: temporaries of saves that a kill or a full disk interrupted only take space
+        for p in self.path.parent.glob(f".{PREFIX}*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -45,6 +45,13 @@ from vaqkd.models import stage_channels
 from vaqkd.quant import calibrate, set_grad_batch
 
 
+def _check_same_config(config_text: str, run_dir: Path) -> None:
+    """A resume continues the run it names: the config must be the one the run started with."""
+    old = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else None
+    if old is None or identity(old) != identity(config_text):
+        raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
+
+
 def _start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str) -> None:
     """Check that run_dir can take this run (fresh, or resumable with the same config on the same arithmetic);
     write config.toml."""
@@ -52,9 +59,7 @@ def _start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str) -> Non
     if resume:
         if not has_checkpoint(run_dir):
             raise RunFileError(f"{run_dir}: no checkpoint to resume from")
-        old = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else None
-        if old is None or identity(old) != identity(config_text):
-            raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
+        _check_same_config(config_text, run_dir)
         env = read_json(run_dir / "env.json") if (run_dir / "env.json").exists() else {}
         before = [part.get("arithmetic", "unknown") for part in (env, *env.get("resumes", []))][-1]
         if before != arithmetic:
@@ -139,6 +144,10 @@ class Run:
 
 
 def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_after_steps: int | None) -> dict:
+    if resume and (run_dir / "final.json").exists():  # nothing to continue: its result, unchanged
+        _check_same_config(to_toml(cfg), run_dir)
+        log(f"{run_dir}: already finished (final.json); nothing to resume")
+        return read_json(run_dir / "final.json")
     run = prepare(cfg, run_dir, resume, log)
     while run.state["step"] < run.total_steps:
         stretch = train_stretch(run, progress, stop_after_steps)
@@ -210,7 +219,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and dist.is_main():
             done = state["step"] // len(data.train)
-            lines = [json.dumps(r) for r in read_jsonl(metrics) if r["epoch"] <= done]
+            lines = [json.dumps(r) for r in read_jsonl(metrics, torn_tail_ok=True) if r["epoch"] <= done]
             metrics.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed {run_dir} at step {state['step']}/{cfg.optim.epochs * len(data.train)}")
     if resume and dist.is_main():

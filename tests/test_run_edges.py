@@ -1,0 +1,120 @@
+"""Edges of runs and their readers: a torn last metrics line, --resume on a finished run, run names that are
+paths, `vaqkd gradcam` given impossible requests, and `vaqkd eval ARTIFACT` in fp32 with the header's
+normalisation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vaqkd.cli import main
+from vaqkd.config import load_config
+from vaqkd.engine.checkpoint import read_jsonl
+from vaqkd.engine.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line(capsys, args, *needles):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def _folder(root: Path, classes: int, per_class: int = 2) -> Path:
+    for split in ("train", "test"):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (40 * c + 10 * i, 20 * i + c, 200 - 30 * i - c)).save(
+                    root / split / f"c{c}" / f"{i}.png"
+                )
+    return root
+
+
+def _folder_run(tmp_path, name, classes):
+    data = _folder(tmp_path / f"data{classes}", classes)
+    sets = ["data.dataset=folder", f'data.root="{data}"', "data.image_size=8", f"data.batch_size={classes}",
+            "model.arch=resnet20", "optim.epochs=1", "train.precision=fp32"]  # fmt: skip
+    fit(load_config(None, sets), tmp_path / name, progress=False, log=lambda s: None)
+    return tmp_path / name, data
+
+
+@pytest.mark.parametrize("name", ['""', '"../../x"', '"a/b"', '".."', '"a\\\\b"'])
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", str(ROOT / "configs/cifar100/w2a2_qat.toml"), "--set", f"name={name}"]
+    one_line(capsys, args, "name: must be a plain folder name")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torn_metrics_line_does_not_block_resume_and_a_finished_run_is_not_redone(shared_cifar_root, tmp_path,
+                                                                                      capsys):  # fmt: skip
+    sets = [f'data.root="{shared_cifar_root}"', "data.subset_per_class=2", "data.batch_size=100", "optim.epochs=2",
+            "model.arch=resnet20", "train.precision=fp32"]  # fmt: skip
+    cfg, run = load_config(None, sets), tmp_path / "r"
+    fit(cfg, run, progress=False, log=lambda s: None, stop_after_steps=2)  # epoch 1 of 2 done
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "loss": 4.6')  # a kill or a full disk mid-write
+    final = fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2] and final["top1_last"] >= 0
+    before, mtime = (run / "final.json").read_bytes(), (run / "final.json").stat().st_mtime_ns
+    lines = []
+    again = fit(cfg, run, resume=True, progress=False, log=lines.append)
+    assert again == final and any("already finished" in s for s in lines)
+    assert (run / "final.json").read_bytes() == before and (run / "final.json").stat().st_mtime_ns == mtime
+    # through the CLI: exit 0 and the run's result
+    args = ["train", str(run / "config.toml"), "--out", str(run), "--resume", "--no-progress"]
+    assert main(args) == 0
+    assert "already finished" in capsys.readouterr().out and (run / "final.json").read_bytes() == before
+
+
+def test_gradcam_impossible_requests_are_one_line(tmp_path, capsys):
+    a, data2 = _folder_run(tmp_path, "a", 2)
+    b, _ = _folder_run(tmp_path, "b", 3)
+    base = ["gradcam", str(a), str(a), "--data-root", str(data2)]
+    one_line(capsys, [*base, "--images", "5"], "--images 5: the test split of", "has only 4 images")
+    one_line(capsys, ["gradcam", str(a), str(b)], "of folder with 2 classes", "of folder with 3")
+    (tmp_path / "figs").mkdir()
+    one_line(capsys, [*base, "--out", str(tmp_path / "figs")], "figs: is a directory; give a file name")
+    assert main([*base, "--images", "2", "--out", str(tmp_path / "figs" / "g")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'figs' / 'g.png'}"  # the file it wrote
+    assert (tmp_path / "figs" / "g.png").exists() and not (tmp_path / "figs" / "g").exists()
+
+
+def test_eval_of_an_artifact_is_fp32_with_the_headers_normalisation(tmp_path, monkeypatch, capsys):
+    import vaqkd.engine.setup as setup
+    import vaqkd.engine.train as train
+    from vaqkd.deploy import pack_model, save_artifact
+    from vaqkd.models import create_model
+    from vaqkd.quant import calibrate, quantize
+
+    data = _folder(tmp_path / "data", 2)
+    model = quantize(create_model("resnet20", 2), 2, 2)
+    calibrate(model, [torch.randn(4, 3, 8, 8)])
+    tensors, summary = pack_model(model.eval())
+    mean, std = [0.1, 0.2, 0.3], [0.3, 0.2, 0.1]  # not what the images at --data-root give
+    header = {"format": "vaqkd-packed", "version": 2, "arch": "resnet20", "num_classes": 2, "dataset": "folder",
+              "image_size": 8, "mean": mean, "std": std, "quant": {"w_bits": 2, "a_bits": 2, "weight": "lsq",
+              "act": "lsq", "per_channel": False, "first_last": "fp32"}, **summary, "source_run": "r",
+              "git_sha": None, "top1_last": None}  # fmt: skip
+    art = save_artifact(tmp_path / "m.vaqkd.safetensors", tensors, header)
+    asked, seen = [], {}
+    real_resolve = setup.resolve_precision
+
+    def resolve(p, device):
+        asked.append(p)
+        return real_resolve(p, device)
+
+    def evaluate(model, loader, precision="fp32"):
+        seen.update(mean=loader.mean.flatten() / 255, std=loader.std.flatten() / 255, precision=precision)
+        return {"top1": 0.0}
+
+    monkeypatch.setattr(setup, "resolve_precision", resolve)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    assert main(["eval", str(art), "--data-root", str(data)]) == 0
+    assert asked == ["fp32"] and seen["precision"] == "fp32"
+    assert torch.allclose(seen["mean"], torch.tensor(mean)) and torch.allclose(seen["std"], torch.tensor(std))
