@@ -4,7 +4,8 @@ Two runs of one config and seed give the same numbers only when the code compute
 same kind of machine, precision and thread count. The fingerprint measures that directly: a few deterministic
 training steps of a tiny fixed W2A2 ResNet (the project's own loader, quantizers, fused fast path, loss terms
 with virtual anchors, CRD, optimizer and step) on the run's device, precision and threads, hashed together with
-the evaluation logits and every parameter afterwards. Any change of the code or the machine that moves a bit of
+the evaluation and every parameter afterwards, computed as this one process's arithmetic whatever the torchrun
+world size (which the records hold apart, `world_size`). Any change of the code or the machine that moves a bit of
 those numbers changes it; a change that touches no arithmetic (a message, a refactor) keeps it. Recorded in
 env.json under `arithmetic` (and in final.json); a resume on other arithmetic is refused, and reports pair or
 average runs only within one fingerprint.
@@ -64,10 +65,10 @@ def fingerprint(device: torch.device, precision: str) -> str:
         opt = make_optimizer(replace(OptimConfig(), lr=0.05), student, objective)
         digest = hashlib.sha256(f"{device.type}|{precision}".encode())
         for step, (x, y, idx) in zip(range(STEPS), train.batches(0)):
-            loss, parts, correct = train_step(module, teacher, opt, x, y, idx, step, precision)
+            loss, parts, correct = train_step(module, teacher, opt, x, y, idx, step, precision, shard=(0, 1))
             values = torch.stack([loss.float(), *(v.float() for v in parts.values()), correct.float()])
             digest.update(values.detach().cpu().double().numpy().tobytes())
-        digest.update(repr(evaluate(student, test, precision)).encode())
+        digest.update(repr(evaluate(student, test, precision, combine=False)).encode())
         for name, t in sorted({**student.state_dict(), **objective.state_dict()}.items()):
             digest.update(name.encode())
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())

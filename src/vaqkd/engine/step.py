@@ -43,13 +43,15 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, precision: str = "fp32") -> dict[str, float]:
+def evaluate(model: nn.Module, loader, precision: str = "fp32", combine: bool = True) -> dict[str, float]:
+    """Top-1 and mean loss over `loader`. Under torchrun each rank evaluates every world-th batch and the sums are
+    combined (`combine=False`: this process evaluates every batch alone)."""
     was = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=loader.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
     n = 0
-    rank, world = dist.rank(), dist.world()
+    rank, world = (dist.rank(), dist.world()) if combine else (0, 1)
     for k, (x, y, _) in enumerate(loader.batches(0)):
         if k % world != rank:  # under torchrun each rank evaluates every world-th batch; the sums are combined
             continue
@@ -59,7 +61,8 @@ def evaluate(model: nn.Module, loader, precision: str = "fp32") -> dict[str, flo
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
     model.train(was)
-    correct, loss_sum, n = dist.all_sum(torch.stack([correct, loss_sum, correct.new_tensor(n)])).tolist()
+    sums = torch.stack([correct, loss_sum, correct.new_tensor(n)])
+    correct, loss_sum, n = (dist.all_sum(sums) if combine else sums).tolist()
     return {"top1": 100.0 * correct / n, "loss": loss_sum / n}
 
 
@@ -77,12 +80,14 @@ class StudentLoss(nn.Module):
         return loss, parts, (s["logits"].detach().argmax(1) == y).sum()
 
 
-def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision: str, micro: int = 1):
+def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision: str, micro: int = 1,
+               shard: tuple[int, int] | None = None):  # fmt: skip
     """One optimisation step over this process's shard of the batch, in `micro` micro-batches whose gradients
     add up (under DDP, synchronised after the last). Returns (loss, parts, correct) as tensors (no host sync).
-    `student`: a `StudentLoss`, or a DDP wrapper of one."""
+    `student`: a `StudentLoss`, or a DDP wrapper of one. `shard`: (rank, world) of this process (default: the
+    process group's; (0, 1) for a step that is this process's alone)."""
     objective = getattr(student, "module", student).objective
-    rank, world = dist.rank(), dist.world()
+    rank, world = shard or (dist.rank(), dist.world())
     opt.zero_grad(set_to_none=True)
     total, parts_sum, correct_sum = 0, {}, 0
     for i, (xc, yc, ic) in enumerate(zip(x.chunk(micro), y.chunk(micro), idx.chunk(micro))):
