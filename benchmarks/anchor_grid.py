@@ -59,7 +59,7 @@ def main() -> None:
     out = Path(args.out)
     records = out / "runs"
     places = [runs, records, Path("results") / args.preset / "runs"]
-    sets0 = [f'data.root="{args.data_root}"']
+    sets0 = [("data.root", args.data_root)]
 
     cells = {"qkd_logit": ("qkd_logit", [])}
     for bits in BITS:

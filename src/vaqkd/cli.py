@@ -35,11 +35,12 @@ def _add_data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the datasets (default: $VAQKD_DATA, else ./data)")
 
 
-def _overrides(args) -> list[str]:
-    sets = list(args.set or [])
+def _overrides(args) -> list:
+    """The command's `--set` overrides (TOML text) and `--data-root` (a path, passed as it is)."""
+    overrides: list = list(args.set or [])
     if getattr(args, "data_root", None):
-        sets.append(f'data.root="{args.data_root}"')
-    return sets
+        overrides.append(("data.root", args.data_root))
+    return overrides
 
 
 def cmd_train(args) -> int:
@@ -48,8 +49,9 @@ def cmd_train(args) -> int:
 
     cfg = preset_config(args.config, args.preset, _overrides(args))
     out = Path(args.out or Path("runs") / cfg.name)
-    final = fit(cfg, out, resume=args.resume, progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
-    from vaqkd.engine import dist
+    final = fit(cfg, out, resume=args.resume, progress=not args.no_progress, stop_after_steps=args.stop_after_steps,
+                tensorboard=args.tensorboard)  # fmt: skip
+    from vaqkd import dist
 
     if final and dist.is_main():
         print(
@@ -69,7 +71,7 @@ def cmd_eval(args) -> int:
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
         from vaqkd.deploy import ExportError, load
 
-        if args.backend != "torch":
+        if args.backend not in (None, "torch"):
             raise ExportError(f"--backend {args.backend}: not available yet for packed artifacts (use torch)")
         model, header = load(args.run_dir, device)
         cfg, data = _test_data(args, header["dataset"], header["image_size"], device)
@@ -94,7 +96,7 @@ def _test_data(args, dataset: str, image_size: int, device):
     from vaqkd.config import load_config
     from vaqkd.engine.setup import build_data
 
-    cfg = load_config(None, [f'data.dataset="{dataset}"', f"data.image_size={image_size}", *_overrides(args)])
+    cfg = load_config(None, [("data.dataset", dataset), ("data.image_size", image_size), *_overrides(args)])
     return cfg, build_data(cfg, device)
 
 
@@ -103,7 +105,7 @@ def _eval_onnx(args) -> int:
 
     from vaqkd.deploy.onnx_export import ort_evaluate, session
 
-    if args.backend != "onnxruntime":
+    if args.backend not in (None, "onnxruntime"):
         from vaqkd.deploy import ExportError
 
         raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime")
@@ -161,7 +163,7 @@ def cmd_table(args) -> int:
         out=args.out,
         rows=args.rows,
         runs_dir=args.runs_dir,
-        extra_sets=_overrides(args),
+        overrides=_overrides(args),
         teacher=args.teacher,
         report_only=args.report_only,
         jobs=args.jobs,
@@ -170,7 +172,18 @@ def cmd_table(args) -> int:
         cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run,
     )
+    table = Path(args.out or Path("results") / args.preset) / "table.md"
+    if table.exists():
+        print(table_summary(table))
     return 0
+
+
+def table_summary(table: Path) -> str:
+    """The rows of a report (its first table), then where the whole report lies."""
+    lines = table.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join([*lines[start:end], f"report: {table} (+ table.csv, table.json and figures in {table.parent})"])
 
 
 def cmd_gradcam(args) -> int:
@@ -209,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--stop-after-steps", type=int, metavar="N",
                    help="stop (checkpointed) once N global steps are done; continue later with --resume")  # fmt: skip
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write each epoch's curves to OUT/tensorboard/ (pip install 'vaqkd[tensorboard]')")
     _add_data_root(t)
     t.set_defaults(fn=cmd_train)
 
@@ -218,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--precision", choices=["fp32", "bf16"])
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
-    e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="for packed artifacts")
+    e.add_argument("--backend", choices=["torch", "onnxruntime"],
+                   help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact)")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -286,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()  # fewer page faults per step on glibc; VAQKD_MALLOC_TUNE=0 turns it off
 
-    from vaqkd.engine import dist
+    from vaqkd import dist
 
     try:
         return args.fn(args)

@@ -30,11 +30,11 @@ def run_cell(row: str, seed: int, task: tuple, threads: int | None = None) -> tu
 
     if threads:
         torch.set_num_threads(threads)
-    preset, teacher, sets, runs, records = task
+    preset, teacher, overrides, runs, records = task
     t0 = time.time()
     tag = f"[{row} s{seed}] "
     try:
-        final = row_result(row, seed, preset, teacher, sets, Path(runs), lambda s: print(tag + s, flush=True),
+        final = row_result(row, seed, preset, teacher, overrides, Path(runs), lambda s: print(tag + s, flush=True),
                            records=Path(records) if records else None)  # fmt: skip
     except Exception as e:  # noqa: BLE001 -- one failed cell must not end the others; it is reported
         print(f"{tag}FAILED {type(e).__name__}: {e}\n{traceback.format_exc()}", flush=True)

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 def load_run_model(run_dir: str | Path, device: torch.device, data_root: str | None = None):
     from vaqkd.engine.setup import load_run
 
-    sets = ["train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
-    cfg, model, data = load_run(run_dir, device, sets)
+    cfg, model, data = load_run(run_dir, device, ["train.device=cpu"], data_root=data_root)
     return model.eval(), data, cfg
 
 

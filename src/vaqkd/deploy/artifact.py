@@ -107,8 +107,7 @@ def finished_run(run_dir: str | Path, data_root: str | None = None):
     run = Path(run_dir)
     if not (run / "final.json").exists():
         raise ExportError(f"{run}: not a finished run (no final.json); finish it first (vaqkd train --resume)")
-    sets = ["train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
-    cfg, model, data = load_run(run, torch.device("cpu"), sets)
+    cfg, model, data = load_run(run, torch.device("cpu"), ["train.device=cpu"], data_root=data_root)
     return cfg, model, data, read_json(run / "final.json")
 
 

@@ -36,9 +36,9 @@ LEGACY = {"before": "legacy:before-a20de37", "after": "legacy:a20de37-7894ee1", 
 _TERMS = (
     TermConfig(kind="ce", weight=0.1),
     TermConfig(kind="kd", weight=0.45, anchor_bits=(2,), anchor_weights=(0.45,)),
-    TermConfig(kind="hint", weight=1.0, stage="layer2", anchor_bits=(4,), anchor_weights=(0.5,)),
-    TermConfig(kind="at", weight=10.0, stage="layer3"),
-    TermConfig(kind="crd", weight=0.8, feat_dim=8, nce_k=16, anchor_bits=(2,), anchor_weights=(0.2,)),
+    TermConfig(kind="hint", weight=1.0, params={"stage": "layer2"}, anchor_bits=(4,), anchor_weights=(0.5,)),
+    TermConfig(kind="at", weight=10.0, params={"stage": "layer3"}),
+    TermConfig(kind="crd", weight=0.8, params={"feat_dim": 8, "nce_k": 16}, anchor_bits=(2,), anchor_weights=(0.2,)),
 )
 
 

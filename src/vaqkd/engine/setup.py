@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 import vaqkd
-from vaqkd.config import Config, ConfigError, DataConfig, device_name_ok
+from vaqkd.config import Config, ConfigError, DataConfig, Override, device_name_ok, load_config
 from vaqkd.data.cifar import SPECS, load_split
 from vaqkd.data.loader import DeviceLoader, subset_per_class
 from vaqkd.engine.checkpoint import atomic_write, load_module, read_safetensors, run_weights
@@ -165,25 +166,25 @@ def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
     return model
 
 
-def load_run(run_dir: str | Path, device: torch.device, sets: list[str] = ()) -> tuple[Config, nn.Module, Data]:
+def load_run(run_dir: str | Path, device: torch.device, overrides: Sequence[Override] = (),
+             data_root: str | Path | None = None) -> tuple[Config, nn.Module, Data]:  # fmt: skip
     """Rebuild a run's model from its directory: (config, model with the latest weights, data).
 
-    `sets` override the run's config (e.g. data.root); the model is built without `model.init` (the run's own
-    weights replace it)."""
+    `overrides` change the run's config, `data_root` where its dataset is read from; the model is built without
+    `model.init` (the run's own weights replace it)."""
     run = Path(run_dir)
-    cfg = run_config(run, sets)
+    cfg = run_config(run, [*overrides, *([("data.root", str(data_root))] if data_root else [])])
     run_weights(run)  # a run without weights fails here, before the data is loaded
     data = build_data(cfg, device)
     return cfg, run_model(run, cfg, data.num_classes, device), data
 
 
-def run_config(run: Path, sets: list[str] = ()) -> Config:
-    """A run directory's config (with `sets` applied), built without `model.init`: its own weights replace it."""
-    from vaqkd.config import load_config
-
+def run_config(run: Path, overrides: Sequence[Override] = ()) -> Config:
+    """A run directory's config (with `overrides` applied), built without `model.init`: its own weights replace
+    it."""
     if not (run / "config.toml").exists():
         raise RunFileError(f"{run}: not a run directory (no config.toml)")
-    return load_config(run / "config.toml", [*sets, 'model.init=""'])
+    return load_config(run / "config.toml", [*overrides, ("model.init", "")])
 
 
 def run_model(run: Path, cfg: Config, num_classes: int, device: torch.device) -> nn.Module:

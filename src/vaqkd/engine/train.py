@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vaqkd import dist
 from vaqkd.config import Config, ConfigError, identity, to_toml
-from vaqkd.distill.objective import Objective, build_term
-from vaqkd.engine import dist
+from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.arithmetic import fingerprint
 from vaqkd.engine.checkpoint import RunLock, has_checkpoint, load_checkpoint, read_json, read_jsonl, save_checkpoint
+from vaqkd.engine.curves import Curves
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import (
     Data,
@@ -87,12 +88,14 @@ def fit(
     log: Callable[[str], None] = print,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    tensorboard: bool = False,
 ) -> dict:
     """Train according to `cfg` in `run_dir`; returns final.json's content.
 
     `resume`: continue from the checkpoint in run_dir (an error if there is none, or if its config differs).
     `stop_after_steps`: stop (after checkpointing) once this many global steps are done; for tests and for
-    splitting a run into pieces. Holds the run directory's lock for the whole run.
+    splitting a run into pieces. `tensorboard`: also write each epoch's line as TensorBoard curves (rank 0,
+    `engine.curves`). Holds the run directory's lock for the whole run.
     """
     run_dir = Path(run_dir)
     dist.init(resolve_device(cfg.train.device))  # under torchrun: join the job (a no-op otherwise)
@@ -101,7 +104,7 @@ def fit(
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if dist.is_main() else nullcontext():
-        return _fit(cfg, run_dir, resume, log, progress, stop_after_steps)
+        return _fit(cfg, run_dir, resume, log, progress, stop_after_steps, tensorboard)
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Run:
     state: dict  # step, best top-1 and epoch, train seconds, the epoch's accumulators ("acc")
     env: dict
     profile: dict | None
+    curves: Curves | None = None  # TensorBoard (rank 0, when asked)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -137,8 +141,18 @@ class Run:
             save_checkpoint(self.run_dir, self.model, self.objective, state)
 
 
-def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_after_steps: int | None) -> dict:
+def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_after_steps: int | None,
+         tensorboard: bool = False) -> dict:  # fmt: skip
     run = prepare(cfg, run_dir, resume, log)
+    run.curves = Curves(run_dir) if tensorboard and dist.is_main() else None
+    try:
+        return _loop(run, log, progress, stop_after_steps)
+    finally:
+        if run.curves is not None:
+            run.curves.close()
+
+
+def _loop(run: Run, log, progress: bool, stop_after_steps: int | None) -> dict:
     while run.state["step"] < run.total_steps:
         stretch = train_stretch(run, progress, stop_after_steps)
         fold_stretch(run, stretch)  # stops here (TrainingDiverged) if the stretch went non-finite
@@ -154,8 +168,6 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
 
 def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None, size: int) -> tuple[dict, dict]:
     """Channels of the stages the terms read, on student and teacher; a stage neither has is a ConfigError."""
-    from vaqkd.distill.objective import stages_of
-
     try:
         s_ch = stage_channels(model, stages_of(cfg.distill.terms), size)
         t_ch = stage_channels(teacher or model, stages_of(cfg.distill.terms, teacher=True), size)
@@ -163,9 +175,8 @@ def _stage_channels(cfg: Config, model: nn.Module, teacher: nn.Module | None, si
     except KeyError as e:
         msg = str(e.args[0])
         for i, t in enumerate(cfg.distill.terms):
-            for key in ("stage", "teacher_stage"):
-                name = getattr(t, key)
-                if t.kind in ("hint", "at") and name and msg.startswith(repr(name)):
+            for key, name in t.params.items():  # the parameter that names the missing stage
+                if isinstance(name, str) and name and msg.startswith(repr(name)):
                     raise ConfigError(f"distill.terms.{i}.{key}: {msg}") from None
         raise ConfigError(f"distill.terms: {msg}") from None
 
@@ -320,6 +331,8 @@ def end_epoch(run: Run, log) -> None:
     if dist.is_main():
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if run.curves is not None:
+            run.curves.add(row)
     test_txt = f" test top-1 {row['test_top1']:.2f}%" if "test_top1" in row else ""
     log(
         f"epoch {epoch}/{cfg.optim.epochs} loss {row['train_loss']:.4f} train top-1 "
