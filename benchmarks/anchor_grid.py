@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vaqkd.analysis.report import same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.engine.checkpoint import read_json
+from vaqkd.rundir import read_json
 from vaqkd.runner import MAX_SEEDS, config_hash, load_preset, meta, row_config, run_or_reuse, save_record
 
 BITS = (2, 4, 8)

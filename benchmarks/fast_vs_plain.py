@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.engine.checkpoint import has_checkpoint
+from vaqkd.rundir import has_checkpoint
 from vaqkd.runner import command_line, config_hash, meta, preset_config, run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from vaqkd.config import ConfigError, OptimConfig, load_config
-from vaqkd.engine.checkpoint import checkpoints, run_weights
 from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.train import fit, lr_at
 from vaqkd.errors import RunFileError
+from vaqkd.rundir import checkpoints, run_weights
 
 TINY = [
     "data.batch_size=100",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vaqkd.launch import run_cells
-from vaqkd.runner import TableIncomplete, config_hash, load_preset, row_config, run_table
+from vaqkd.runner import TableIncomplete, config_hash, load_preset, row_config, row_result, run_table
 
 
 def _sets(root):
@@ -43,7 +43,7 @@ def test_cells_run_side_by_side_are_reused_and_one_failed_cell_does_not_stop_the
         ray.init(num_cpus=2, include_dashboard=False)  # one local Ray for the whole test (the launcher reuses it)
         request.addfinalizer(ray.shutdown)
     sets, teacher = _sets(shared_cifar_root), str(tiny_teacher)
-    task = (load_preset("demo"), teacher, sets, tmp_path / "runs", None)
+    task = (row_result, load_preset("demo"), teacher, sets, tmp_path / "runs", None)
     cells = [("w2a2_qat", 0), ("qkd_logit", 0)]
     done = list(run_cells(cells, task, launcher, 2, None, 1, 0.0, print))
     assert sorted(c for c, _, _ in done) == sorted(cells) and all(f is not None for _, f, _ in done)

@@ -10,9 +10,9 @@ import torch
 
 from vaqkd.cli import main
 from vaqkd.config import load_config
-from vaqkd.engine.checkpoint import RunLock, checkpoints, load_checkpoint, run_weights
 from vaqkd.engine.train import fit
 from vaqkd.errors import RunFileError, RunLockedError, TrainingDiverged
+from vaqkd.rundir import RunLock, checkpoints, load_checkpoint, run_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.batch_size=100", "data.eval_batch_size=200", "model.arch=resnet20", "optim.epochs=1",

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vaqkd.config import Config, Override, apply_override, from_dict, identity, load_dict, merge, override_key, to_toml
-from vaqkd.engine.checkpoint import has_checkpoint, read_json
 from vaqkd.errors import RunLockedError, TrainingDiverged, VaqkdError
+from vaqkd.rundir import has_checkpoint, read_json
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
 
@@ -75,8 +75,10 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
     trained (final.json of its run, or the recipe shipped beside the pretrained weights)."""
     import torch
 
-    from vaqkd.engine.setup import build_data, build_teacher, resolve_device, resolve_precision, resolve_weights
+    from vaqkd.data.build import build_data
+    from vaqkd.engine.setup import build_teacher, resolve_device, resolve_precision
     from vaqkd.engine.train import evaluate
+    from vaqkd.rundir import resolve_weights
 
     cfg = row_config("qkd_logit", preset, 0, teacher, overrides)
     cache = runs / f"teacher_eval-{config_hash(cfg)}.json"
@@ -279,7 +281,7 @@ def run_table(
     elif cells:
         from vaqkd.launch import run_cells
 
-        task = (p, teacher_spec, overrides, runs, records_dir)
+        task = (row_result, p, teacher_spec, overrides, runs, records_dir)
         for (row, seed), final, t in run_cells(cells, task, launcher, jobs, address, cpus_per_run, gpus_per_run, log):
             if final is None:
                 failed.append(f"{row} seed {seed}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 def load_run_model(run_dir: str | Path, device: torch.device, data_root: str | None = None):
-    from vaqkd.engine.setup import load_run
+    from vaqkd.rundir import load_run
 
     cfg, model, data = load_run(run_dir, device, ["train.device=cpu"], data_root=data_root)
     return model.eval(), data, cfg
@@ -37,8 +37,8 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vaqkd.data.build import data_root as root_of
     from vaqkd.data.cifar import class_names
-    from vaqkd.engine.setup import data_root as root_of
 
     device = torch.device("cpu")
     model_a, data, cfg = load_run_model(run_a, device, data_root)

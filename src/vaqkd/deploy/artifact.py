@@ -94,15 +94,14 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_artifact(out: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
     """Write the file atomically (a temporary name, then a rename): an existing file is never half-replaced."""
-    from vaqkd.engine.checkpoint import atomic_write
+    from vaqkd.rundir import atomic_write
 
     return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"vaqkd": json.dumps(header)}))
 
 
 def finished_run(run_dir: str | Path, data_root: str | None = None):
     """(config, model on the CPU, data, final.json) of a finished run, for export."""
-    from vaqkd.engine.checkpoint import read_json
-    from vaqkd.engine.setup import load_run
+    from vaqkd.rundir import load_run, read_json
 
     run = Path(run_dir)
     if not (run / "final.json").exists():
@@ -135,7 +134,7 @@ def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = 
 
 def read_header(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(header, tensors) of a packed artifact; damaged, foreign or unknown-version files are RunFileErrors."""
-    from vaqkd.engine.checkpoint import read_safetensors
+    from vaqkd.rundir import read_safetensors
 
     tensors, meta = read_safetensors(Path(path))
     try:

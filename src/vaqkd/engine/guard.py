@@ -10,9 +10,8 @@ from torch import nn
 
 from vaqkd.config import Config
 from vaqkd.distill.objective import part_sources
-from vaqkd.engine.checkpoint import latest_checkpoint
-from vaqkd.engine.setup import write_json
 from vaqkd.errors import TrainingDiverged
+from vaqkd.rundir import latest_checkpoint, write_json
 
 NONFINITE_CHECK_EVERY = 25  # steps between host-side checks of the on-device non-finite flag
 

@@ -2,7 +2,7 @@
 
 Run directory: config.toml (resolved), env.json (git SHA, versions, device, CPU capability, seed, threads; the
 environment that started the run, with each resume appended), metrics.jsonl (one line per epoch), final.json,
-and the latest checkpoint `ckpt-<step>/` (see `engine.checkpoint`). All training state is explicit: the data
+and the latest checkpoint `ckpt-<step>/` (see `vaqkd.rundir`). All training state is explicit: the data
 order and augmentation of step k of epoch e depend only on (seed, e, k), the learning rate is a pure function
 of the step, so a run resumed from any checkpoint continues the same run. A run whose loss becomes non-finite
 stops (TrainingDiverged) with its last good checkpoint and a `failed.json` saying where.
@@ -23,26 +23,27 @@ from tqdm import tqdm
 
 from vaqkd import dist
 from vaqkd.config import Config, ConfigError, identity, to_toml
+from vaqkd.data.build import Data, build_data
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.arithmetic import fingerprint
-from vaqkd.engine.checkpoint import RunLock, has_checkpoint, load_checkpoint, read_json, read_jsonl, save_checkpoint
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
-from vaqkd.engine.setup import (
-    Data,
-    build_data,
-    build_student,
-    build_teacher,
-    environment,
-    resolve_device,
-    resolve_precision,
-    run_machine,
-    write_json,
-)  # fmt: skip
+from vaqkd.engine.setup import build_teacher, environment, resolve_device, resolve_precision
 from vaqkd.engine.step import StudentLoss, evaluate, lr_at, make_optimizer, train_step
 from vaqkd.errors import RunFileError, TrainingDiverged
 from vaqkd.models import stage_channels
 from vaqkd.quant import calibrate, set_grad_batch
+from vaqkd.rundir import (
+    RunLock,
+    build_student,
+    has_checkpoint,
+    load_checkpoint,
+    read_json,
+    read_jsonl,
+    run_machine,
+    save_checkpoint,  # fmt: skip
+    write_json,
+)
 
 
 def _start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str) -> None:
