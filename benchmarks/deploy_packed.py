@@ -21,7 +21,7 @@ import torch
 def main() -> None:
     from vaqkd.deploy import export_packed, load, pack_model, save_artifact
     from vaqkd.engine.setup import load_run
-    from vaqkd.engine.train import evaluate
+    from vaqkd.engine.step import evaluate
     from vaqkd.models import create_model
     from vaqkd.quant import quantize
     from vaqkd.runner import command_line, meta

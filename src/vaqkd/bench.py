@@ -22,7 +22,7 @@ from vaqkd.config import TermConfig
 from vaqkd.data.loader import DeviceLoader
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.setup import resolve_device, resolve_precision
-from vaqkd.engine.train import StudentLoss, evaluate, train_step
+from vaqkd.engine.step import StudentLoss, evaluate, train_step
 from vaqkd.metrics.size import layer_table
 from vaqkd.models import create_model, stage_channels
 from vaqkd.quant import calibrate, quantize

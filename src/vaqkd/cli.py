@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
-    from vaqkd.engine.train import evaluate
+    from vaqkd.engine.step import evaluate
 
     device = resolve_device(args.device or "auto", "--device")
     if Path(args.run_dir).suffix == ".onnx":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime

@@ -77,7 +77,7 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
 
     from vaqkd.data.build import build_data
     from vaqkd.engine.setup import build_teacher, resolve_device, resolve_precision
-    from vaqkd.engine.train import evaluate
+    from vaqkd.engine.step import evaluate
     from vaqkd.rundir import resolve_weights
 
     cfg = row_config("qkd_logit", preset, 0, teacher, overrides)
