@@ -31,7 +31,7 @@ from vaqkd.config import Config, Override, load_config
 from vaqkd.data.build import Data, build_data
 from vaqkd.errors import RunFileError, RunLockedError
 from vaqkd.models import create_model
-from vaqkd.quant import quantize
+from vaqkd.quant import install_fusions, quantize
 
 FORMAT = "vaqkd-checkpoint-1"
 PREFIX = "ckpt-"
@@ -288,6 +288,7 @@ def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
     if cfg.quant.enabled:
         q = cfg.quant
         quantize(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last)
+        install_fusions(model)  # the fast path of residual stages (the same numbers, fewer passes)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

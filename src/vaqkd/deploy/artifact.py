@@ -153,12 +153,13 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the quantized model of a packed artifact (eval mode) and return (model, header)."""
     from vaqkd.models import create_model
-    from vaqkd.quant import quantize
+    from vaqkd.quant import install_fusions, quantize
 
     header, tensors = read_header(path)
     q = header["quant"]
     model = quantize(create_model(header["arch"], header["num_classes"]), q["w_bits"], q["a_bits"], q["weight"],
                      q["act"], q["per_channel"], q["first_last"])  # fmt: skip
+    install_fusions(model)  # as the run's student was built
     layout = _layout(model)
     if header.get("layout_sha1") != _layout_hash(layout):
         raise RunFileError(f"{path}: its layout does not match {header['arch']} as this vaqkd builds it (tampered?)")

@@ -27,7 +27,7 @@ from vaqkd.distill.objective import Objective, build_term
 from vaqkd.engine.step import StudentLoss, evaluate, make_optimizer, train_step
 from vaqkd.models import stage_channels
 from vaqkd.models.resnet_cifar import CifarResNet
-from vaqkd.quant import calibrate, quantize
+from vaqkd.quant import calibrate, install_fusions, quantize
 
 STEPS = 3  # optimisation steps of the tiny run
 BOUNDARY = "a20de37"  # the first commit whose training numbers differ from the records before it
@@ -57,6 +57,7 @@ def fingerprint(device: torch.device, precision: str) -> str:
         test = DeviceLoader(images, labels, 16, mean, std, device, train=False)
         teacher = CifarResNet(14, classes).to(device).eval()
         student = quantize(CifarResNet(14, classes), 2, 2).to(device)
+        install_fusions(student)  # as a run's student is built
         calibrate(student, (x for (x, _, _), _ in zip(train.batches(0), range(1))))
         s_ch, t_ch = (stage_channels(m, ["layer2", "layer3", "embedding"], size) for m in (student, teacher))
         objective = Objective(_TERMS, [build_term(t, s_ch, t_ch, labels, 0) for t in _TERMS]).to(device)
