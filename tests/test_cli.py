@@ -155,3 +155,13 @@ def test_table_ends_by_printing_its_rows_and_where_the_report_is():
     lines = table_summary(table).splitlines()
     assert lines[0].startswith("| row |") and any(ln.startswith("| vaqkd_logit |") for ln in lines)
     assert lines[-1].startswith(f"report: {table}") and not any("Paired" in ln for ln in lines)
+
+
+def test_eval_backends_and_export_formats_come_from_deploy():
+    from vaqkd.cli import build_parser
+    from vaqkd.deploy import EVAL_BACKENDS, EXPORT_FORMATS, backend_for
+
+    sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict) and "eval" in a.choices)
+    choices = {a.dest: a.choices for a in sub.choices["eval"]._actions + sub.choices["export"]._actions if a.choices}
+    assert list(choices["backend"]) == list(EVAL_BACKENDS) and list(choices["format"]) == list(EXPORT_FORMATS)
+    assert backend_for("m.onnx") == "onnxruntime" and backend_for("va1.vaqkd.safetensors") == "torch"

@@ -66,7 +66,9 @@ def cmd_eval(args) -> int:
     from vaqkd.engine.step import evaluate
 
     device = resolve_device(args.device or "auto", "--device")
-    if Path(args.run_dir).suffix == ".onnx":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
+    from vaqkd.deploy import backend_for
+
+    if backend_for(args.run_dir) == "onnxruntime":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
         return _eval_onnx(args)
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
         from vaqkd.deploy import ExportError, load
@@ -202,6 +204,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vaqkd.deploy import EVAL_BACKENDS, EXPORT_FORMATS
     from vaqkd.runner import MAX_SEEDS, preset_names
 
     p = argparse.ArgumentParser(
@@ -233,14 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--precision", choices=["fp32", "bf16"])
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
-    e.add_argument("--backend", choices=["torch", "onnxruntime"],
+    e.add_argument("--backend", choices=list(EVAL_BACKENDS),
                    help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact)")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a finished quantized run as a deployable artifact")
     x.add_argument("run_dir")
-    x.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    x.add_argument("--format", choices=list(EXPORT_FORMATS), default="packed")
     x.add_argument("--out", required=True, help="e.g. model.vaqkd.safetensors")
     _add_data_root(x)
     x.set_defaults(fn=cmd_export)
