@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/cifar100
+# the demo's table goes under runs/ (ignored by git); `make demo OUT=results/demo` refreshes the committed one
+OUT ?= runs/demo/table
 # torch is pinned first: an unpinned requirement would pull a multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
@@ -24,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 demo: install
-	$(VENV)/bin/vaqkd table --preset demo --data-root $(DATA)
+	$(VENV)/bin/vaqkd table --preset demo --data-root $(DATA) --out $(OUT)
 
 quick: install
 	$(VENV)/bin/vaqkd table --preset quick --seeds 1 --data-root $(DATA)

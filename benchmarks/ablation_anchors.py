@@ -73,7 +73,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for name in args.variants:
             row, sets = VARIANTS[name]
-            cfg = row_config(row, preset, seed, args.teacher, [f'data.root="{args.data_root}"', *sets])
+            cfg = row_config(row, preset, seed, args.teacher, [("data.root", args.data_root), *sets])
             final = run_or_reuse(cfg, runs / f"{row}-s{seed}-{config_hash(cfg)}", print)
             res.setdefault(name, []).append(
                 {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vaqkd.analysis.report import same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.engine.checkpoint import read_json
+from vaqkd.rundir import read_json
 from vaqkd.runner import MAX_SEEDS, config_hash, load_preset, meta, row_config, run_or_reuse, save_record
 
 BITS = (2, 4, 8)
@@ -59,7 +59,7 @@ def main() -> None:
     out = Path(args.out)
     records = out / "runs"
     places = [runs, records, Path("results") / args.preset / "runs"]
-    sets0 = [f'data.root="{args.data_root}"']
+    sets0 = [("data.root", args.data_root)]
 
     cells = {"qkd_logit": ("qkd_logit", [])}
     for bits in BITS:

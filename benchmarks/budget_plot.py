@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--out", default="results/budget")
     args = ap.parse_args()
-    sets = [f'data.root="{args.data_root}"']
+    sets = [("data.root", args.data_root)]
     points, lines = [], ["| preset | images seen | row | n | top-1 (95 % CI) |", "|---|---|---|---|---|"]
     pairs, missing = [], []
     for preset in PRESETS:

@@ -40,9 +40,8 @@ def speed_case(case: str, onnx_dir: Path, run: str, data_root: str | None) -> di
         from vaqkd.models import create_model
 
         if "w2a2" in case:
-            sets = ["train.device=cpu", "data.test_subset_per_class=1"] + (
-                [f'data.root="{data_root}"'] if data_root else [])  # fmt: skip
-            model = load_run(run, torch.device("cpu"), sets)[1].eval()
+            sets = ["train.device=cpu", "data.test_subset_per_class=1"]
+            model = load_run(run, torch.device("cpu"), sets, data_root=data_root)[1].eval()
         else:
             model = create_model("resnet32", 100)
             load_weights(model, "pretrained", "resnet32")
@@ -113,8 +112,7 @@ def main() -> None:
     teacher = create_model("resnet32", 100)
     load_weights(teacher, "pretrained", "resnet32")
     export_onnx(teacher, args.onnx_dir / "teacher.onnx")
-    sets = ["train.device=cpu"] + ([f'data.root="{args.data_root}"'] if args.data_root else [])
-    _, model, data = load_run(args.run_dir, torch.device("cpu"), sets)
+    _, model, data = load_run(args.run_dir, torch.device("cpu"), ["train.device=cpu"], data_root=args.data_root)
     model.eval()
     fused = session(args.onnx_dir / "w2a2.onnx")
     # the reference graph: float biases, no graph optimizations (ORT's basic level already fuses QDQ)

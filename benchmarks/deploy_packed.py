@@ -21,7 +21,7 @@ import torch
 def main() -> None:
     from vaqkd.deploy import export_packed, load, pack_model, save_artifact
     from vaqkd.engine.setup import load_run
-    from vaqkd.engine.train import evaluate
+    from vaqkd.engine.step import evaluate
     from vaqkd.models import create_model
     from vaqkd.quant import quantize
     from vaqkd.runner import command_line, meta
@@ -34,8 +34,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     artifact = args.out / f"{args.run_dir.name}.vaqkd.safetensors"
     header = export_packed(args.run_dir, artifact, data_root=args.data_root)
-    sets = ["train.device=cpu"] + ([f'data.root="{args.data_root}"'] if args.data_root else [])
-    cfg, fake, data = load_run(args.run_dir, torch.device("cpu"), sets)
+    cfg, fake, data = load_run(args.run_dir, torch.device("cpu"), ["train.device=cpu"], data_root=args.data_root)
     packed, _ = load(artifact)
     fake.eval()
     same, n = 0, 0

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.engine.checkpoint import has_checkpoint
+from vaqkd.rundir import has_checkpoint
 from vaqkd.runner import command_line, config_hash, meta, preset_config, run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +40,14 @@ def _summary(run_dir: Path) -> dict:
             "git_sha": json.loads((run_dir / "env.json").read_text()).get("git_sha", "unknown")}  # fmt: skip
 
 
-def _train_cli(config: str, out: Path, sets: list[str], env: dict) -> None:
+def _train_cli(config: str, out: Path, data_root: str, sets: list[str], env: dict) -> None:
     """`vaqkd train` in a child process (so each path gets its own VAQKD_COMPILE), skipped if finished."""
     if (out / "final.json").exists():
         print(f"reuse  {out}")
         return
     resume = ["--resume"] if has_checkpoint(out) else []
     cmd = [sys.executable, "-m", "vaqkd.cli", "train", config, "--preset", "quick", "--out", str(out), "--no-progress",
-           *resume, *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+           "--data-root", data_root, *resume, *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
 
 
@@ -60,7 +60,8 @@ def main() -> None:
     runs = ROOT / "runs/fast_vs_plain"
     out = ROOT / "results/fast_vs_plain"
     out.mkdir(parents=True, exist_ok=True)
-    root = [f'data.root="{Path(args.data_root).resolve()}"']
+    data_root = str(Path(args.data_root).resolve())
+    root = [("data.root", data_root)]
     report: dict = {}
     for seed in range(args.seeds):
         for prec in ("bf16", "fp32"):
@@ -69,12 +70,13 @@ def main() -> None:
             run = runs / f"teacher_short_{prec}-s{seed}-{config_hash(cfg)}"
             run_or_reuse(cfg, run, print)
             report[f"teacher_short_{prec}-s{seed}"] = {**_summary(run), "kernels": "—", "seed": seed}
-        sets = root + [f'model.init="{args.teacher}"', f"train.seed={seed}"]
+        sets = [f"model.init={json.dumps(args.teacher)}", f"train.seed={seed}"]  # a JSON string is a TOML string
         for name, prec, compile_ in (("w2a2_fast", "bf16", "1"), ("w2a2_plain", "fp32", "0")):
             run = runs / f"{name}-s{seed}"
             _train_cli(
                 "configs/cifar100/w2a2_qat.toml",
                 run,
+                data_root,
                 sets + [f"train.precision={prec}"],
                 dict(os.environ, VAQKD_COMPILE=compile_),
             )

@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import sys, time
-import vaqkd.engine.checkpoint as ck
-import vaqkd.engine.train as tr
+import vaqkd.rundir as ck
+import vaqkd.engine.build as tr  # where a run's checkpoint is saved
 orig_save, orig_file = ck.save_checkpoint, ck.save_file
 def save_file(*a, **k):
     out = orig_file(*a, **k)
@@ -80,7 +80,7 @@ def has_ckpt(out: Path) -> bool:
 def finished(out: Path) -> dict:
     from safetensors.torch import load_file
 
-    from vaqkd.engine.checkpoint import run_weights
+    from vaqkd.rundir import run_weights
 
     return {"final": {k: v for k, v in json.loads((out / "final.json").read_text()).items()
                       if k not in ("train_seconds", "img_per_s", "git_sha")},

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from vaqkd.engine.checkpoint import run_weights
+from vaqkd.rundir import run_weights
 
 FOLDER = Path(__file__).resolve().parents[1] / "src" / "vaqkd" / "pretrained"
 

@@ -70,7 +70,7 @@ def tiny_teacher(shared_cifar_root, tmp_path_factory):
     cfg = load_config(
         None,
         [
-            f'data.root="{shared_cifar_root}"',
+            ("data.root", str(shared_cifar_root)),
             "model.arch=resnet20",
             "optim.epochs=1",
             "data.batch_size=100",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from vaqkd import dist
 from vaqkd.config import load_config
-from vaqkd.engine import dist
 from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.train import end_epoch, fold_stretch, prepare, train_stretch
 

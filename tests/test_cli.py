@@ -131,3 +131,37 @@ def test_out_of_range_arguments_are_one_line_errors_before_any_work(argv, culpri
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(culprit)
+
+
+def test_a_data_path_with_a_quote_a_backslash_t_and_a_space_is_read_as_it_is(tiny_teacher, tmp_path, capsys):
+    """`--data-root` and the library's `data_root=` pass the path itself, never pasted into TOML text (where
+    `\\t` became a TAB and a quote ended the string)."""
+    from conftest import write_cifar100
+    from vaqkd.engine.setup import data_root, run_config
+
+    root = write_cifar100(tmp_path / 'my "data\\tset" dir', per_class_train=1, per_class_test=1)
+    assert main(["eval", str(tiny_teacher), "--data-root", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_images"] == 100  # one test image per class, read from root
+    assert data_root(run_config(tiny_teacher, [("data.root", str(root))]).data) == root
+    assert [p.name for p in tmp_path.iterdir()] == ['my "data\\tset" dir']  # and no stray folder beside it
+
+
+def test_table_ends_by_printing_its_rows_and_where_the_report_is():
+    from pathlib import Path
+
+    from vaqkd.cli import table_summary
+
+    table = Path(__file__).resolve().parents[1] / "results/demo/table.md"
+    lines = table_summary(table).splitlines()
+    assert lines[0].startswith("| row |") and any(ln.startswith("| vaqkd_logit |") for ln in lines)
+    assert lines[-1].startswith(f"report: {table}") and not any("Paired" in ln for ln in lines)
+
+
+def test_eval_backends_and_export_formats_come_from_deploy():
+    from vaqkd.cli import build_parser
+    from vaqkd.deploy import EVAL_BACKENDS, EXPORT_FORMATS, backend_for
+
+    sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict) and "eval" in a.choices)
+    choices = {a.dest: a.choices for a in sub.choices["eval"]._actions + sub.choices["export"]._actions if a.choices}
+    assert list(choices["backend"]) == list(EVAL_BACKENDS) and list(choices["format"]) == list(EXPORT_FORMATS)
+    assert backend_for("m.onnx") == "onnxruntime" and backend_for("va1.vaqkd.safetensors") == "torch"

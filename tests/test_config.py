@@ -76,7 +76,7 @@ def test_every_preset_row_resolves_to_a_valid_config_and_its_teacher_ships():
         for row in p["rows"]:
             chain = ("takd_w8a8", "takd_w4a4", "takd") if row == "takd" else (row,)
             for stage in chain:
-                cfg = row_config(stage, p, seed=2, teacher=teacher, sets=[])
+                cfg = row_config(stage, p, seed=2, teacher=teacher, overrides=[])
                 assert cfg.train.seed == 2 and cfg.quant.enabled
 
 
@@ -101,3 +101,22 @@ def test_a_preset_may_start_its_students_from_other_weights_than_its_teacher():
     cfg = row_config("qkd_logit", p, 0, "pretrained:resnet32_cifar100_e64", [])
     assert (cfg.model.init, cfg.distill.teacher) == ("pretrained", "pretrained:resnet32_cifar100_e64")
     assert row_config("w2a2_qat", p, 0, "pretrained:resnet32_cifar100_e64", []).model.init == "pretrained"
+
+
+@pytest.mark.parametrize(
+    "base, message",
+    [
+        ('"a.toml"', r"base files form a loop \(.*a\.toml -> .*b\.toml -> .*a\.toml\)"),
+        ('"sub"', r"sub: is a directory, not a config file"),
+        ("3", r"base: must name a file, got 3"),
+        ('"latin1.toml"', r"latin1\.toml: not UTF-8 text"),
+    ],
+)
+def test_a_bad_base_is_one_config_error(tmp_path, base, message):
+    (tmp_path / "a.toml").write_text('base = "b.toml"\nname = "a"\n')
+    (tmp_path / "b.toml").write_text(f"base = {base}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "latin1.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(tmp_path / "a.toml")
+    assert "\n" not in str(e.value)

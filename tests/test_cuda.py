@@ -97,7 +97,7 @@ def test_crd_negatives_on_a_cuda_generator():
     assert (labels.to(DEV)[neg] != labels.to(DEV)[idx][:, None]).all()  # always another class
     assert torch.equal(neg, crd.sample_negatives(idx, step=5))
     whole = crd.sample_negatives(idx[:142], step=9)  # two parts of a batch draw the whole batch's rows
-    parts = [crd.sample_negatives(idx[p * 71 : (p + 1) * 71], step=9, part=(p, 2)) for p in (0, 1)]
+    parts = [crd.sample_negatives(idx[p * 71 : (p + 1) * 71], step=9, shard=(p, 2)) for p in (0, 1)]
     assert torch.equal(torch.cat(parts), whole)
 
 

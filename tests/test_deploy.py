@@ -44,7 +44,7 @@ TINY = ["data.batch_size=100", "data.eval_batch_size=200", "model.arch=resnet20"
 @pytest.fixture(scope="module")
 def w2a2_run(shared_cifar_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("deploy") / "w2a2"
-    cfg = load_config(ROOT / "configs/cifar100/w2a2_qat.toml", TINY + [f'data.root="{shared_cifar_root}"'])
+    cfg = load_config(ROOT / "configs/cifar100/w2a2_qat.toml", TINY + [("data.root", str(shared_cifar_root))])
     fit(cfg, run, progress=False, log=lambda s: None)
     return run
 
@@ -56,7 +56,7 @@ def test_packed_model_gives_the_fake_quant_logits_bit_for_bit(w2a2_run, shared_c
     header = export_packed(w2a2_run, out, data_root=str(shared_cifar_root))
     assert header["packed_layers"] == 18 and header["codes_bytes"] == 267_264 // 4  # 18 body convs, 4 codes a byte
     assert header["quant"]["first_last"] == "fp32" and header["git_sha"]
-    _, fake, data = load_run(w2a2_run, torch.device("cpu"), [f'data.root="{shared_cifar_root}"'])
+    _, fake, data = load_run(w2a2_run, torch.device("cpu"), data_root=shared_cifar_root)
     packed, _ = load(out)
     fake.eval()
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_bad_exports_and_tampered_files(w2a2_run, shared_cifar_root, tmp_path, c
     out = tmp_path / "m.vaqkd.safetensors"
     # an FP32 run, an unfinished run, EWGS weights: one line each, nothing written
     fp = tmp_path / "fp"
-    fit(load_config(None, TINY + [f'data.root="{shared_cifar_root}"']), fp, progress=False, log=lambda s: None)
+    fit(load_config(None, TINY + [("data.root", str(shared_cifar_root))]), fp, progress=False, log=lambda s: None)
     with pytest.raises(ExportError, match="not a quantized run"):
         export_packed(fp, out, data_root=str(shared_cifar_root))
     (fp / "final.json").unlink()
@@ -113,7 +113,7 @@ def test_bad_exports_and_tampered_files(w2a2_run, shared_cifar_root, tmp_path, c
     assert "not a finished run" in capsys.readouterr().err and not out.exists()
     ewgs = tmp_path / "ewgs"
     cfg = load_config(ROOT / "configs/cifar100/w2a2_qat.toml",
-                      TINY + [f'data.root="{shared_cifar_root}"', "quant.weight=ewgs"])  # fmt: skip
+                      TINY + [("data.root", str(shared_cifar_root)), "quant.weight=ewgs"])  # fmt: skip
     fit(cfg, ewgs, progress=False, log=lambda s: None)
     with pytest.raises(ExportError, match=r"layer layer1\.0\.conv1: EWGSQuantizer weights cannot be packed"):
         export_packed(ewgs, out, data_root=str(shared_cifar_root))
@@ -192,6 +192,8 @@ def test_w2a2_graph_runs_integer_kernels_and_the_cli_evaluates_it(w2a2_run, shar
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 9  # the first conv of every block: integer kernels
     assert main(["eval", str(path), "--backend", "onnxruntime", "--data-root", str(shared_cifar_root)]) == 0
+    assert main(["eval", str(path), "--data-root", str(shared_cifar_root)]) == 0  # .onnx: the backend is inferred
+    assert main(["eval", str(path), "--backend", "torch", "--data-root", str(shared_cifar_root)]) == 2
 
 
 def test_w2a2_reference_graph_with_negative_gamma_channels():

@@ -47,13 +47,17 @@ def test_no_gradient_reaches_the_teacher():
     assert student.fc.weight.grad is not None and set(parts) == {"kd", "kd@va2"}
 
 
+def _own(kind: str, **params) -> dict:
+    """The given parameters that the term `kind` declares (the others are not its own)."""
+    return {k: v for k, v in params.items() if k in TERMS[kind].params}
+
+
 def _setup(kind):
     torch.manual_seed(0)
     student, teacher = create_model("resnet20", 10), create_model("resnet20", 10).eval()
     labels = torch.arange(40) % 10
-    cfg = TermConfig(
-        kind=kind, nce_k=16, anchor_bits=(4,) if kind != "ce" else (), anchor_weights=(0.5,) if kind != "ce" else ()
-    )
+    cfg = TermConfig(kind=kind, params=_own(kind, nce_k=16), anchor_bits=(4,) if kind != "ce" else (),
+                     anchor_weights=(0.5,) if kind != "ce" else ())  # fmt: skip
     term = build_term(cfg, stage_channels(student), stage_channels(teacher), labels)
     return student, teacher, labels, cfg, term
 
@@ -78,7 +82,7 @@ def test_objective_parts_add_up_to_the_total():
     cfgs = [
         TermConfig(kind="ce", weight=0.7),
         TermConfig(kind="kd", weight=0.3, anchor_bits=(4, 2), anchor_weights=(0.2, 0.1)),
-        TermConfig(kind="kd", weight=0.5, temperature=2.0),
+        TermConfig(kind="kd", weight=0.5, params={"temperature": 2.0}),
     ]
     obj = Objective(cfgs, [build_term(c, {}, {}, labels) for c in cfgs])
     assert obj.names == ["ce", "kd", "kd@va4", "kd@va2", "kd2"]
@@ -118,7 +122,7 @@ def test_two_terms_of_one_kind_keep_their_own_state(kind):
     """Two terms of the same kind (same stage) each use their own regressor / head / negatives: every
     trainable head gets a gradient, and each term's loss is what it would be alone."""
     student, teacher, labels, _, _ = _setup("ce")
-    cfgs = [TermConfig(kind=kind, nce_k=16, temperature=4.0), TermConfig(kind=kind, nce_k=16, temperature=2.0)]
+    cfgs = [TermConfig(kind=kind, params=_own(kind, nce_k=16, temperature=t)) for t in (4.0, 2.0)]
     s_ch, t_ch = stage_channels(student), stage_channels(teacher)
     torch.manual_seed(1)
     terms = [build_term(c, s_ch, t_ch, labels, seed=i) for i, c in enumerate(cfgs)]
@@ -176,8 +180,9 @@ def test_contrastive_anchor_split_matches_qkd_exactly_on_the_teacher_side():
 
     crd, labels, idx, emb_s, emb_t = _crd_pair(k=512)
     va_term, qkd_term = crd, copy.deepcopy(crd)
-    va = Objective([TermConfig(kind="crd", weight=0.4, nce_k=512, anchor_bits=(2,), anchor_weights=(0.4,))], [va_term])
-    qkd = Objective([TermConfig(kind="crd", weight=0.8, nce_k=512)], [qkd_term])
+    va_cfg = TermConfig(kind="crd", weight=0.4, params={"nce_k": 512}, anchor_bits=(2,), anchor_weights=(0.4,))
+    va = Objective([va_cfg], [va_term])
+    qkd = Objective([TermConfig(kind="crd", weight=0.8, params={"nce_k": 512})], [qkd_term])
     for obj in (va, qkd):
         for step in range(2):
             total, parts = obj({"embedding": emb_s}, {"embedding": emb_t}, labels[idx], index=idx, step=step)

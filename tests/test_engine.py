@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from vaqkd.config import ConfigError, OptimConfig, load_config
-from vaqkd.engine.checkpoint import checkpoints, run_weights
 from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.train import fit, lr_at
 from vaqkd.errors import RunFileError
+from vaqkd.rundir import checkpoints, run_weights
 
 TINY = [
     "data.batch_size=100",
@@ -23,7 +23,7 @@ TINY = [
 
 
 def tiny_cfg(root, *extra):
-    return load_config(None, TINY + [f'data.root="{root}"', *extra])
+    return load_config(None, TINY + [("data.root", str(root)), *extra])
 
 
 def test_short_fit_learns_and_writes_the_run_directory(shared_cifar_root, tmp_path):
@@ -122,3 +122,20 @@ def test_unusable_devices_are_config_errors_naming_their_key():
     else:
         with pytest.raises(ConfigError, match=r"^train\.device=cuda:99: this machine has \d+ CUDA device"):
             resolve_device("cuda:99")
+
+
+def test_tensorboard_curves_of_a_tiny_run(shared_cifar_root, tmp_path):
+    """`fit(tensorboard=True)` writes event files beside metrics.jsonl holding each epoch's loss parts, top-1, lr
+    and throughput; the metrics themselves are the same as without it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(shared_cifar_root, "optim.epochs=1")
+    fit(cfg, tmp_path / "run", progress=False, log=lambda s: None, tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/train", "top1/train", "top1/test", "lr", "throughput/img_per_s", "parts/ce"} <= tags
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert events.Scalars("top1/test")[0].value == pytest.approx(row["test_top1"])
+    assert events.Scalars("top1/test")[0].step == 1

@@ -19,7 +19,7 @@ def test_gradcam_maps_through_quantized_layers():
 
 def test_gradcam_figure_from_two_runs(shared_cifar_root, tmp_path):
     base = [
-        f'data.root="{shared_cifar_root}"',
+        ("data.root", str(shared_cifar_root)),
         "model.arch=resnet20",
         "optim.epochs=1",
         "data.batch_size=100",

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from vaqkd.launch import run_cells
-from vaqkd.runner import TableIncomplete, config_hash, load_preset, row_config, run_table
+from vaqkd.runner import TableIncomplete, config_hash, load_preset, row_config, row_result, run_table
 
 
 def _sets(root):
     tiny = ["optim.epochs=1", "data.subset_per_class=2", "data.batch_size=50", "data.test_subset_per_class=1"]
     arch = ["model.arch=resnet20", "distill.teacher_arch=resnet20", "train.precision=fp32"]
-    return [f'data.root="{root}"', *arch, *tiny]
+    return [("data.root", str(root)), *arch, *tiny]
 
 
 def _overlap(timings) -> bool:
@@ -43,7 +43,7 @@ def test_cells_run_side_by_side_are_reused_and_one_failed_cell_does_not_stop_the
         ray.init(num_cpus=2, include_dashboard=False)  # one local Ray for the whole test (the launcher reuses it)
         request.addfinalizer(ray.shutdown)
     sets, teacher = _sets(shared_cifar_root), str(tiny_teacher)
-    task = (load_preset("demo"), teacher, sets, tmp_path / "runs", None)
+    task = (row_result, load_preset("demo"), teacher, sets, tmp_path / "runs", None)
     cells = [("w2a2_qat", 0), ("qkd_logit", 0)]
     done = list(run_cells(cells, task, launcher, 2, None, 1, 0.0, print))
     assert sorted(c for c, _, _ in done) == sorted(cells) and all(f is not None for _, f, _ in done)
@@ -52,7 +52,7 @@ def test_cells_run_side_by_side_are_reused_and_one_failed_cell_does_not_stop_the
     failed = _fail(tmp_path, teacher, sets, "qkd_logit", 1)
     logs = []
     kw = dict(preset="demo", rows=["w2a2_qat", "qkd_logit"], runs_dir=str(tmp_path / "runs"),
-              out=str(tmp_path / "results"), extra_sets=sets, teacher=teacher, records=False, jobs=2,
+              out=str(tmp_path / "results"), overrides=sets, teacher=teacher, records=False, jobs=2,
               launcher=launcher, cpus_per_run=1)  # fmt: skip
     with pytest.raises(TableIncomplete, match="qkd_logit seed 1"):
         run_table(**kw, seeds=2, log=logs.append)

@@ -49,8 +49,8 @@ def test_heterogeneous_pair_hint_and_crd_on_quantized_wrn_student():
     calibrate(student, [x])
     s_ch, t_ch = stage_channels(student), stage_channels(teacher)
     assert (s_ch["layer2"], t_ch["layer2"]) == (64, 32)
-    cfgs = [TermConfig(kind="hint", stage="layer2", anchor_bits=(2,), anchor_weights=(1.0,)),
-            TermConfig(kind="crd", nce_k=16, anchor_bits=(2,), anchor_weights=(1.0,))]  # fmt: skip
+    cfgs = [TermConfig(kind="hint", params={"stage": "layer2"}, anchor_bits=(2,), anchor_weights=(1.0,)),
+            TermConfig(kind="crd", params={"nce_k": 16}, anchor_bits=(2,), anchor_weights=(1.0,))]  # fmt: skip
     obj = Objective(cfgs, [build_term(c, s_ch, t_ch, labels) for c in cfgs])
     idx = torch.arange(8)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_a_wrong_stage_name_is_a_config_error(shared_cifar_root, tmp_path):
     from vaqkd.engine.train import fit
 
     sets = ["model.arch=resnet20", 'model.init=""', "distill.teacher_arch=resnet20", "train.device=cpu",
-            "train.precision=fp32", "optim.epochs=1", f'data.root="{shared_cifar_root}"', "data.batch_size=100",
+            "train.precision=fp32", "optim.epochs=1", ("data.root", str(shared_cifar_root)), "data.batch_size=100",
             'distill.terms=[{kind="ce"}, {kind="hint", stage="layer9"}]']  # fmt: skip
     teacher = tmp_path / "t"
     fit(load_config(None, sets[:-1] + ['distill.terms=[{kind="ce"}]']), teacher, progress=False, log=lambda s: 0)

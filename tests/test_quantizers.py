@@ -5,7 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaqkd.quant import DoReFaQuantizer, EWGSQuantizer, LSQQuantizer, PACTQuantizer, calibrate, quantize
+from vaqkd.quant import (
+    ACT_QUANTIZERS,
+    WEIGHT_QUANTIZERS,
+    DoReFaQuantizer,
+    LSQQuantizer,
+    PACTQuantizer,
+    calibrate,  # fmt: skip
+    quantize,
+)
 from vaqkd.quant.ste import LSQQuant
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -17,9 +25,11 @@ def _x(seed, n=257, scale=2.0):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+QUANTIZERS = {**WEIGHT_QUANTIZERS, **ACT_QUANTIZERS}  # every registered quantizer by name
+
+
 def _make(kind, bits, signed):
-    q = {"lsq": LSQQuantizer, "ewgs": EWGSQuantizer, "pact": PACTQuantizer, "dorefa": DoReFaQuantizer}[kind]
-    return q(bits, signed) if kind != "pact" else q(bits)
+    return QUANTIZERS[kind](bits, signed)
 
 
 def _calibrated(kind, bits, signed, x):
@@ -31,7 +41,14 @@ def _calibrated(kind, bits, signed, x):
     return q
 
 
-CASES = [("lsq", True), ("lsq", False), ("ewgs", True), ("ewgs", False), ("pact", False), ("dorefa", True)]
+# every registered quantizer: weights signed; activations signed and unsigned where they take signed inputs
+CASES = list(dict.fromkeys([(name, True) for name in WEIGHT_QUANTIZERS] + [
+    (name, signed) for name, cls in ACT_QUANTIZERS.items() for signed in ((True, False)[not cls.takes_signed :])
+]))  # fmt: skip
+
+
+def test_the_cases_cover_every_registered_quantizer():
+    assert {k for k, _ in CASES} == set(QUANTIZERS) and ("pact", True) not in CASES and len(CASES) == 6
 
 
 @pytest.mark.parametrize("kind,signed", CASES)
@@ -318,20 +335,20 @@ def test_compiled_anchor_matches_eager(monkeypatch):
 @pytest.mark.parametrize("act", ["lsq", "pact"])
 @pytest.mark.parametrize("compiled", ["0", "1"])
 def test_fused_block_output_relu_and_next_quantizer_equal_the_separate_ops(compiled, act, monkeypatch):
-    """quantize() installs the fused residual stages (a block's closing ReLU and the next conv's input quantizer
+    """install_fusions() installs the fused residual stages (a block's closing ReLU and the next conv's input quantizer
     in one pass, ReluLSQQuant); removing them gives the plain blocks. Outputs and every gradient are equal
     (bit for bit in eager fp32), and a training step gives the same weights."""
     import copy
 
     from vaqkd.models import create_model
     from vaqkd.quant import ste
-    from vaqkd.quant.fusion import FusedStage, remove_fusions
+    from vaqkd.quant.fusion import FusedStage, install_fusions, remove_fusions
 
     monkeypatch.setenv("VAQKD_COMPILE", compiled)
     for f in (ste.relu_lsq_forward, ste.relu_lsq_backward, ste.lsq_forward, ste.lsq_backward):
         monkeypatch.setattr(f, "fn", None)
     torch.manual_seed(0)
-    fused = quantize(create_model("resnet20", 10), 2, 2, act=act)
+    fused = install_fusions(quantize(create_model("resnet20", 10), 2, 2, act=act))
     assert all(type(s) is FusedStage for s in (fused.layer1, fused.layer2, fused.layer3))
     x = torch.randn(4, 3, 32, 32)
     calibrate(fused, [x])

@@ -10,9 +10,9 @@ import torch
 
 from vaqkd.cli import main
 from vaqkd.config import load_config
-from vaqkd.engine.checkpoint import RunLock, checkpoints, load_checkpoint, run_weights
 from vaqkd.engine.train import fit
 from vaqkd.errors import RunFileError, RunLockedError, TrainingDiverged
+from vaqkd.rundir import RunLock, checkpoints, load_checkpoint, run_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.batch_size=100", "data.eval_batch_size=200", "model.arch=resnet20", "optim.epochs=1",
@@ -20,7 +20,8 @@ TINY = ["data.batch_size=100", "data.eval_batch_size=200", "model.arch=resnet20"
 
 
 def cfg_for(root, *extra):
-    return load_config(ROOT / "configs/cifar100/w2a2_qat.toml", TINY + [f'data.root="{root}"', 'model.init=""', *extra])
+    overrides = TINY + [("data.root", str(root)), 'model.init=""', *extra]
+    return load_config(ROOT / "configs/cifar100/w2a2_qat.toml", overrides)
 
 
 def quiet(_):
@@ -148,7 +149,7 @@ def _model_and_objective(run):
 
 def test_foreign_and_mismatched_checkpoints_are_refused(finished_run, shared_cifar_root, tmp_path, capsys):
     other = tmp_path / "other"
-    fit(load_config(None, TINY + [f'data.root="{shared_cifar_root}"', "model.arch=resnet32"]), other, progress=False,
+    fit(load_config(None, TINY + [("data.root", str(shared_cifar_root)), "model.arch=resnet32"]), other, progress=False,
         log=quiet)  # fmt: skip
     run_weights(finished_run).write_bytes(run_weights(other).read_bytes())  # a resnet32's weights in a resnet20 run
     assert main(["eval", str(finished_run), "--data-root", str(shared_cifar_root)]) == 2

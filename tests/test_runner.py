@@ -18,14 +18,14 @@ def test_paired_t_interval_on_hand_computed_numbers():
     assert r["lo"] < 0 < r["hi"] and r["verdict"] == "not distinguishable from zero at n = 3"
     assert paired_interval([1.0], [0.5])["lo"] is None
     assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(1.41421356))
-    assert t975(1) == 12.706 and t975(1000) == 1.96
+    assert t975(1) == 12.706 and t975(1000) == 1.98  # beyond the table: its last value, never too narrow
     with pytest.raises(ValueError):
         paired_interval([1, 2], [1])
 
 
 def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_root, tiny_teacher, tmp_path):
     sets = [
-        f'data.root="{shared_cifar_root}"',
+        ("data.root", str(shared_cifar_root)),
         "model.arch=resnet20",
         "distill.teacher_arch=resnet20",
         "train.precision=fp32",
@@ -35,7 +35,7 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
         rows=["w2a2_qat", "qkd_logit", "vaqkd_logit"],
         runs_dir=str(tmp_path / "runs"),
         out=str(tmp_path / "results"),
-        extra_sets=sets,
+        overrides=sets,
         teacher=str(tiny_teacher),
         records=True,
     )
@@ -126,11 +126,11 @@ def test_records_lacking_a_machine_field_pair_on_the_fields_both_know(tmp_path):
 def test_a_run_resumed_on_another_machine_pairs_with_neither(shared_cifar_root, tiny_teacher, tmp_path, monkeypatch):
     """A run started on one machine and resumed on another is of neither kind: final.json names both, and the
     report reads env.json too, so even a record whose final.json names only the first machine does not pair."""
-    import vaqkd.engine.train as train
+    import vaqkd.engine.build as train  # where a run's environment is recorded
     from vaqkd.analysis.report import paired_rows
 
     tiny = ["optim.epochs=1", "data.subset_per_class=2", "data.batch_size=50", "data.test_subset_per_class=1"]
-    sets = [f'data.root="{shared_cifar_root}"', "model.arch=resnet20", "distill.teacher_arch=resnet20",
+    sets = [("data.root", str(shared_cifar_root)), "model.arch=resnet20", "distill.teacher_arch=resnet20",
             "train.precision=fp32", *tiny]  # fmt: skip
     cfg = row_config("qkd_logit", load_preset("demo"), 0, str(tiny_teacher), sets)
     run_dir = tmp_path / "run"
@@ -155,7 +155,7 @@ def test_a_run_resumed_on_another_machine_pairs_with_neither(shared_cifar_root, 
 
 def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):
     sets = [
-        f'data.root="{shared_cifar_root}"',
+        ("data.root", str(shared_cifar_root)),
         "model.arch=resnet20",
         "distill.teacher_arch=resnet20",
         "train.precision=fp32",
@@ -165,7 +165,7 @@ def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):
         rows=["takd"],
         runs_dir=str(tmp_path / "runs"),
         out=str(tmp_path / "res"),
-        extra_sets=sets,
+        overrides=sets,
         teacher=str(tiny_teacher),
         log=lambda s: None,
     )

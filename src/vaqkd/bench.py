@@ -22,10 +22,10 @@ from vaqkd.config import TermConfig
 from vaqkd.data.loader import DeviceLoader
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.setup import resolve_device, resolve_precision
-from vaqkd.engine.train import StudentLoss, evaluate, train_step
+from vaqkd.engine.step import StudentLoss, evaluate, train_step
 from vaqkd.metrics.size import layer_table
 from vaqkd.models import create_model, stage_channels
-from vaqkd.quant import calibrate, quantize
+from vaqkd.quant import calibrate, install_fusions, quantize
 
 TAKD_STAGES = ("takd_w8a8_from_fp32", "takd_w4a4_from_w8a8", "takd_w2a2_from_w4a4")
 # the project's speed targets, as (ratio, "min" or "max", bound); checked in the report, never in a test
@@ -73,7 +73,7 @@ def _student(w_bits: int | None, weight: str, act: str, x: torch.Tensor, device,
     torch.manual_seed(0)
     m = create_model("resnet32", 100)
     if w_bits is not None:
-        quantize(m, w_bits, w_bits, weight, act)
+        install_fusions(quantize(m, w_bits, w_bits, weight, act))
     m.to(device)
     if channels_last:
         m.to(memory_format=torch.channels_last)

@@ -36,11 +36,12 @@ def _add_data_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the datasets (default: $VAQKD_DATA, else ./data)")
 
 
-def _overrides(args) -> list[str]:
-    sets = list(args.set or [])
+def _overrides(args) -> list:
+    """The command's `--set` overrides (TOML text) and `--data-root` (a path, passed as it is)."""
+    overrides: list = list(args.set or [])
     if getattr(args, "data_root", None):
-        sets.append(f'data.root="{args.data_root}"')
-    return sets
+        overrides.append(("data.root", args.data_root))
+    return overrides
 
 
 def cmd_train(args) -> int:
@@ -49,8 +50,9 @@ def cmd_train(args) -> int:
 
     cfg = preset_config(args.config, args.preset, _overrides(args))
     out = Path(args.out or Path("runs") / cfg.name)
-    final = fit(cfg, out, resume=args.resume, progress=not args.no_progress, stop_after_steps=args.stop_after_steps)
-    from vaqkd.engine import dist
+    final = fit(cfg, out, resume=args.resume, progress=not args.no_progress, stop_after_steps=args.stop_after_steps,
+                tensorboard=args.tensorboard)  # fmt: skip
+    from vaqkd import dist
 
     if final and dist.is_main():
         print(
@@ -64,15 +66,17 @@ def cmd_eval(args) -> int:
     import torch
 
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
-    from vaqkd.engine.train import evaluate
+    from vaqkd.engine.step import evaluate
 
     device = resolve_device(args.device or "auto", "--device")
-    if Path(args.run_dir).suffix == ".onnx":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
+    from vaqkd.deploy import backend_for
+
+    if backend_for(args.run_dir) == "onnxruntime":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
         return _eval_onnx(args)
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
         from vaqkd.deploy import ExportError, load
 
-        if args.backend != "torch":
+        if args.backend not in (None, "torch"):
             raise ExportError(f"--backend {args.backend}: not available yet for packed artifacts (use torch)")
         model, header = load(args.run_dir, device)
         _, data = _test_data(args, header["dataset"], header["image_size"], device)
@@ -102,8 +106,8 @@ def _test_data(args, dataset: str, image_size: int, device):
     from vaqkd.engine.setup import build_data
 
     # data.batch_size=1: the training split is read (for class names and folder labels), never batched here
-    sets = [f'data.dataset="{dataset}"', f"data.image_size={image_size}", "data.batch_size=1", *_overrides(args)]
-    cfg = load_config(None, sets)
+    cfg = load_config(None, [("data.dataset", dataset), ("data.image_size", image_size), ("data.batch_size", 1),
+                             *_overrides(args)])  # fmt: skip
     return cfg, build_data(cfg, device)
 
 
@@ -112,7 +116,7 @@ def _eval_onnx(args) -> int:
 
     from vaqkd.deploy.onnx_export import ort_evaluate, session
 
-    if args.backend != "onnxruntime":
+    if args.backend not in (None, "onnxruntime"):
         from vaqkd.deploy import ExportError
 
         raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime")
@@ -170,7 +174,7 @@ def cmd_table(args) -> int:
         out=args.out,
         rows=args.rows,
         runs_dir=args.runs_dir,
-        extra_sets=_overrides(args),
+        overrides=_overrides(args),
         teacher=args.teacher,
         report_only=args.report_only,
         jobs=args.jobs,
@@ -179,7 +183,18 @@ def cmd_table(args) -> int:
         cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run,
     )
+    table = Path(args.out or Path("results") / args.preset) / "table.md"
+    if table.exists():
+        print(table_summary(table))
     return 0
+
+
+def table_summary(table: Path) -> str:
+    """The rows of a report (its first table), then where the whole report lies."""
+    lines = table.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join([*lines[start:end], f"report: {table} (+ table.csv, table.json and figures in {table.parent})"])
 
 
 def cmd_gradcam(args) -> int:
@@ -198,6 +213,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vaqkd.deploy import EVAL_BACKENDS, EXPORT_FORMATS
     from vaqkd.runner import MAX_SEEDS, preset_names
 
     p = argparse.ArgumentParser(
@@ -218,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--stop-after-steps", type=int, metavar="N",
                    help="stop (checkpointed) once N global steps are done; continue later with --resume")  # fmt: skip
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write each epoch's curves to OUT/tensorboard/ (pip install 'vaqkd[tensorboard]')")
     _add_data_root(t)
     t.set_defaults(fn=cmd_train)
 
@@ -227,13 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device")
     e.add_argument("--precision", choices=["fp32", "bf16"])
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
-    e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="for packed artifacts")
+    e.add_argument("--backend", choices=list(EVAL_BACKENDS),
+                   help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact)")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a finished quantized run as a deployable artifact")
     x.add_argument("run_dir")
-    x.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    x.add_argument("--format", choices=list(EXPORT_FORMATS), default="packed")
     x.add_argument("--out", required=True, help="e.g. model.vaqkd.safetensors")
     _add_data_root(x)
     x.set_defaults(fn=cmd_export)
@@ -297,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()  # fewer page faults per step on glibc; VAQKD_MALLOC_TUNE=0 turns it off
 
-    from vaqkd.engine import dist
+    from vaqkd import dist
 
     try:
         code = args.fn(args)

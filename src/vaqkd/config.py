@@ -8,9 +8,11 @@ directory (`to_toml`), and that file loads back to the same config.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-from vaqkd.errors import VaqkdError
+import tomli_w
 
-
-class ConfigError(VaqkdError, ValueError):
-    """A config key is unknown, of the wrong type, or out of range."""
+from vaqkd.errors import ConfigError
 
 
 def _check(key: str, ok: bool, what: str) -> None:
@@ -55,6 +55,7 @@ class DataConfig:
         _check(f"{p}.test_subset_per_class", self.test_subset_per_class >= 0, "must be >= 0")
         _check(f"{p}.batch_size", self.batch_size >= 1, "must be >= 1")
         _check(f"{p}.eval_batch_size", self.eval_batch_size >= 1, "must be >= 1")
+        _check(f"{p}.image_size", 8 <= self.image_size <= 1024, "must be in [8, 1024]")
 
 
 @dataclass(frozen=True)
@@ -121,41 +122,58 @@ class OptimConfig:
         _check(f"{p}.quant_lr_scale", self.quant_lr_scale > 0, "must be > 0")
 
 
+# The keys a resolved term table held before each term declared its own parameters, in their order and with their
+# defaults. The run identity renders every term with all of them (and a term's own further parameters after), so
+# records made then keep their hashes; loading such a record drops those that are not the term's own and sit at
+# their defaults (a non-default value there was never read, and is refused as not a parameter of that term).
+LEGACY_TERM_KEYS: dict[str, Any] = {
+    "kind": "ce", "weight": 1.0, "temperature": 4.0, "stage": "layer2", "teacher_stage": "", "feat_dim": 128,
+    "nce_k": 16384, "nce_t": 0.07, "nce_momentum": 0.5, "anchor_bits": [], "anchor_weights": [],
+    "anchor_mode": "minmax",
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TermConfig:
-    """One weighted loss term; `anchor_bits`/`anchor_weights` add virtual-anchor copies of it."""
+    """One weighted loss term: its kind, weight and virtual anchors (`anchor_bits`/`anchor_weights` add anchor
+    copies of it), and the term's own parameters (`params`), which its class in `vaqkd.distill` declares with
+    types, ranges and defaults. In TOML a term is one table: `{kind = "kd", weight = 0.9, temperature = 4.0}`."""
 
-    kind: str = "ce"  # ce | kd | hint | at | crd
+    kind: str = "ce"  # a registered loss term (vaqkd.distill.TERMS)
     weight: float = 1.0
-    temperature: float = 4.0  # kd
-    stage: str = "layer2"  # hint / at: a named stage (stem, layer1..3) or a module path ("features.4")
-    teacher_stage: str = ""  # the teacher's stage when its name differs ("" = stage)
-    feat_dim: int = 128  # crd embedding size
-    nce_k: int = 16384  # crd negatives
-    nce_t: float = 0.07
-    nce_momentum: float = 0.5
+    params: dict[str, Any] = field(default_factory=dict)  # the term's own, e.g. {"temperature": 4.0}
     anchor_bits: tuple[int, ...] = ()
     anchor_weights: tuple[float, ...] = ()
     anchor_mode: str = "minmax"  # minmax (per sample, asymmetric) | absmax (per sample, symmetric) | tensor
 
     def validate(self, p: str) -> None:
-        from vaqkd.distill.objective import TERMS
+        from vaqkd.distill.objective import term_class, term_params  # the registry lives with the terms
 
-        _check(f"{p}.kind", self.kind in TERMS, f"unknown loss term {self.kind!r}; registered: {sorted(TERMS)}")
+        cls = term_class(self.kind, f"{p}.kind")
+        term_params(self.kind, self.params, p)
         _check(f"{p}.weight", self.weight >= 0, "must be >= 0")
-        _check(f"{p}.temperature", self.temperature > 0, "must be > 0")
-        _check(f"{p}.stage", bool(self.stage), "must name a stage (layer2, ...) or a module path")
-        _check(f"{p}.nce_k", self.nce_k >= 1, "must be >= 1")
         _check(
             f"{p}.anchor_weights",
             len(self.anchor_weights) == len(self.anchor_bits),
             "needs one weight per anchor bit width",
         )
+        _check(f"{p}.anchor_weights", all(w >= 0 for w in self.anchor_weights), "must be >= 0")
         _check(f"{p}.anchor_bits", all(1 <= b <= 16 for b in self.anchor_bits), "bit widths must be in [1, 16]")
         _check(
             f"{p}.anchor_mode", self.anchor_mode in ("minmax", "absmax", "tensor"), "must be minmax, absmax or tensor"
         )
-        _check(f"{p}.anchor_bits", not self.anchor_bits or self.kind != "ce", "hard-label CE has no teacher to anchor")
+        _check(f"{p}.anchor_bits", not self.anchor_bits or cls.uses_teacher, f"{self.kind} has no teacher to anchor")
+
+
+def _term_from_table(d: dict, prefix: str) -> TermConfig:
+    """A term table: the keys of TermConfig, the rest the term's own parameters (checked against its class)."""
+    from vaqkd.distill.objective import term_class, term_params
+
+    common = {f.name for f in dataclasses.fields(TermConfig)} - {"params"}
+    t = from_dict(TermConfig, {k: v for k, v in d.items() if k in common}, prefix, plain=True)
+    own = term_class(t.kind, f"{prefix}.kind").params
+    given = {k: v for k, v in d.items() if k not in common and (k in own or LEGACY_TERM_KEYS.get(k, ...) != v)}
+    return dataclasses.replace(t, params=term_params(t.kind, given, prefix))
 
 
 @dataclass(frozen=True)
@@ -167,10 +185,12 @@ class DistillConfig:
     def validate(self, p: str) -> None:
         _check_arch(f"{p}.teacher_arch", self.teacher_arch)
         _check(f"{p}.terms", len(self.terms) >= 1, "needs at least one term")
-        needs_teacher = any(t.kind != "ce" for t in self.terms)
-        _check(f"{p}.teacher", bool(self.teacher) or not needs_teacher, "distillation terms need a teacher")
         for i, t in enumerate(self.terms):
             t.validate(f"{p}.terms.{i}")
+        from vaqkd.distill.registry import TERMS
+
+        needs_teacher = any(TERMS[t.kind].uses_teacher for t in self.terms)
+        _check(f"{p}.teacher", bool(self.teacher) or not needs_teacher, "distillation terms need a teacher")
 
 
 def device_name_ok(name: str) -> bool:
@@ -192,6 +212,7 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across the processes of a torchrun job (GPUs only)
 
     def validate(self, p: str) -> None:
+        _check(f"{p}.seed", 0 <= self.seed < 2**32, "must be in [0, 2^32)")
         _check(f"{p}.precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
         _check(
             f"{p}.device",
@@ -240,10 +261,10 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
         return tuple(_convert(f"{key}.{i}", inner, v) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported type {tp}")
-    if tp is float:
-        _check(
-            key, isinstance(value, (int, float)) and not isinstance(value, bool), f"expected a number, got {value!r}"
-        )
+    if tp is float:  # inf and nan are refused everywhere: no setting means anything at either
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(key, number, f"expected a number, got {value!r}")
+        _check(key, math.isfinite(value), f"expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         _check(key, isinstance(value, int) and not isinstance(value, bool), f"expected an integer, got {value!r}")
@@ -259,7 +280,10 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
     raise TypeError(f"unsupported type {tp}")
 
 
-def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+def from_dict(cls: type, d: dict, prefix: str = "", plain: bool = False) -> Any:
+    """A dataclass from a table, every key checked (`plain`: a TermConfig's own keys only, not its params)."""
+    if cls is TermConfig and not plain:
+        return _term_from_table(d, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in d:
@@ -270,6 +294,10 @@ def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
+    """A config as plain tables; a term's own parameters sit in its table beside kind and weight."""
+    if isinstance(obj, TermConfig):
+        d = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"kind": d.pop("kind"), "weight": d.pop("weight"), **d.pop("params"), **d}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
@@ -284,12 +312,27 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: a string
 
 
-def apply_override(d: dict, assignment: str) -> None:
-    """Apply `a.b.c=value` (value in TOML syntax; bare words are strings; list items addressed by index)."""
-    path, eq, text = assignment.partition("=")
+# An override is `"section.key=value"` as `--set` gives it (the value in TOML syntax; a bare word is a string) or a
+# `(key, value)` pair holding the Python value itself — what the library passes (a path is never pasted into TOML).
+Override = str | tuple[str, Any]
+
+
+def override_key(override: Override) -> str:
+    return override[0] if isinstance(override, tuple) else override.partition("=")[0].strip()
+
+
+def apply_override(d: dict, override: Override) -> None:
+    """Apply one override to a config table (list items addressed by index: `distill.terms.1.weight=0.9`)."""
+    if isinstance(override, tuple):
+        path, value = override
+    else:
+        path, eq, text = override.partition("=")
+        if not eq:
+            raise ConfigError(f"{override!r}: an override must look like section.key=value")
+        value = _parse_value(text.strip())
     keys = path.strip().split(".")
-    if not eq or not all(k.strip() for k in keys):
-        raise ConfigError(f"{assignment!r}: an override must look like section.key=value")
+    if not all(k.strip() for k in keys):
+        raise ConfigError(f"{override!r}: an override must look like section.key=value")
     node: Any = d
     for i, k in enumerate(keys[:-1]):
         if isinstance(node, list):
@@ -301,23 +344,34 @@ def apply_override(d: dict, assignment: str) -> None:
     last = keys[-1]
     if isinstance(node, list):
         _check(path, last.isdigit() and int(last) < len(node), f"no list item {last!r}")
-        node[int(last)] = _parse_value(text.strip())
+        node[int(last)] = value
     else:
-        node[last] = _parse_value(text.strip())
+        node[last] = value
 
 
-def load_dict(path: str | Path) -> dict:
+def load_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a table; `base = "other.toml"` (relative to the file) names a file whose keys it refines."""
     path = Path(path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"{path}: base files form a loop ({chain})")
     try:
         with open(path, "rb") as f:
-            d = tomllib.load(f)
+            d = tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
     base = d.pop("base", None)
     if base is not None:  # a preset names the file it refines: its keys override the base's
-        parent = load_dict(path.parent / base)
+        _check(f"{path}: base", isinstance(base, str) and bool(base), f"must name a file, got {base!r}")
+        parent = load_dict(path.parent / base, (*_seen, path.resolve()))
         merge(parent, d)
         d = parent
     return d
@@ -332,21 +386,39 @@ def merge(into: dict, new: dict) -> None:
             into[k] = v
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> Config:
+    """A config file (or the defaults) with the overrides applied, checked."""
     d = load_dict(path) if path else {}
     for o in overrides:
         apply_override(d, o)
     return from_dict(Config, d).validate()
 
 
-def _toml_value(v: Any) -> str:
+def _canonical_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(_canonical_value(x) for x in v) + "]"
     return repr(v)
+
+
+def canonical_text(d: dict) -> str:
+    """A resolved config's table as the text its identity is hashed from: one `key = value` line per key, lists on
+    one line, every term with every legacy key (LEGACY_TERM_KEYS) — byte for byte the text runs were written as
+    (and hashed from) before config files were written with tomli-w, whose arrays span several lines."""
+    d = dict(d)
+    lines = [f"name = {_canonical_value(d.pop('name'))}"]
+    for section, body in d.items():
+        body = dict(body)
+        terms = body.pop("terms", None)
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_canonical_value(v)}" for k, v in body.items()]
+        for t in terms or []:
+            lines.append(f"\n[[{section}.terms]]")
+            lines += [f"{k} = {_canonical_value(v)}" for k, v in {**LEGACY_TERM_KEYS, **t}.items()]
+    return "\n".join(lines) + "\n"
 
 
 # Fields added after runs were recorded: while at their default they are left out of a run's identity (its
@@ -355,11 +427,12 @@ LATER_DEFAULTS = ('teacher_stage = ""', "micro_batches = 1", "sync_bn = false")
 
 
 def identity(toml_text: str) -> str:
-    """A resolved config's text as a run's identity: what decides its result, not where files lie. Left out:
-    `data.root` (where the dataset lives) and later fields at their defaults (LATER_DEFAULTS); a teacher or
-    init that is a run directory counts by its name (which holds its own config hash), not its location."""
+    """A resolved config's text as a run's identity: what decides its result, not where files lie or how the
+    file is laid out (`canonical_text`). Left out: `data.root` (where the dataset lives) and later fields at their
+    defaults (LATER_DEFAULTS); a teacher or init that is a run directory counts by its name (which holds its own
+    config hash), not its location."""
     out = []
-    for ln in toml_text.splitlines(keepends=True):
+    for ln in canonical_text(tomllib.loads(toml_text)).splitlines(keepends=True):
         key, _, value = ln.strip().partition(" = ")
         if ln.strip() in LATER_DEFAULTS or key == "root":
             continue
@@ -371,13 +444,4 @@ def identity(toml_text: str) -> str:
 
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML (loads back with `load_config` to an equal Config)."""
-    d = to_dict(cfg)
-    lines = [f"name = {_toml_value(d.pop('name'))}"]
-    for section, body in d.items():
-        terms = body.pop("terms", None) if isinstance(body, dict) else None
-        lines.append(f"\n[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
-        for t in terms or []:
-            lines.append(f"\n[[{section}.terms]]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in t.items()]
-    return "\n".join(lines) + "\n"
+    return tomli_w.dumps(to_dict(cfg))

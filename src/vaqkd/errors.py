@@ -18,3 +18,7 @@ class RunLockedError(VaqkdError):
 
 class TrainingDiverged(VaqkdError):
     """The loss became non-finite; the last good checkpoint is kept."""
+
+
+class ConfigError(VaqkdError, ValueError):
+    """A config key is unknown, of the wrong type, or out of range."""

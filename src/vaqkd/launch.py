@@ -22,19 +22,19 @@ Cell = tuple[str, int]
 
 
 def run_cell(row: str, seed: int, task: tuple, threads: int | None = None) -> tuple[dict | None, dict]:
-    """Train (or reuse) one cell in this process. Returns (final.json or None if it failed, timing): the
-    start and end time and the process id, so a caller can see which cells ran side by side."""
+    """Train (or reuse) one cell in this process. `task` = (work, preset, teacher, overrides, runs, records):
+    `work` is the runner's `row_result` (passed in, so the launcher does not import the runner that calls it).
+    Returns (final.json or None if it failed, timing): the start and end time and the process id, so a caller
+    can see which cells ran side by side."""
     import torch
-
-    from vaqkd.runner import row_result
 
     if threads:
         torch.set_num_threads(threads)
-    preset, teacher, sets, runs, records = task
+    row_result, preset, teacher, overrides, runs, records = task
     t0 = time.time()
     tag = f"[{row} s{seed}] "
     try:
-        final = row_result(row, seed, preset, teacher, sets, Path(runs), lambda s: print(tag + s, flush=True),
+        final = row_result(row, seed, preset, teacher, overrides, Path(runs), lambda s: print(tag + s, flush=True),
                            records=Path(records) if records else None)  # fmt: skip
     except Exception as e:  # noqa: BLE001 -- one failed cell must not end the others; it is reported
         print(f"{tag}FAILED {type(e).__name__}: {e}\n{traceback.format_exc()}", flush=True)

@@ -5,17 +5,18 @@ run with the same config is reused, an interrupted one is resumed, and a changed
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vaqkd.config import Config, apply_override, from_dict, identity, load_dict, merge, to_toml
-from vaqkd.engine.checkpoint import has_checkpoint, read_json
+from vaqkd.config import Config, Override, apply_override, from_dict, identity, load_dict, merge, override_key, to_toml
 from vaqkd.errors import RunLockedError, TrainingDiverged, VaqkdError
+from vaqkd.rundir import has_checkpoint, read_json
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
 
@@ -47,10 +48,10 @@ def preset_init(preset: dict, teacher: str) -> str:
     return preset.get("teacher", {}).get("init", teacher)
 
 
-def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str]) -> Config:
+def row_config(row: str, preset: dict, seed: int, teacher: str, overrides: Sequence[Override]) -> Config:
     d = load_dict(configs_dir() / "cifar100" / f"{row}.toml")
-    merge(d, json.loads(json.dumps(preset.get("student", {}))))
-    for s in [*sets, f"train.seed={seed}"]:
+    merge(d, copy.deepcopy(preset.get("student", {})))
+    for s in [*overrides, f"train.seed={seed}"]:
         apply_override(d, s)
     if d.get("distill", {}).get("teacher"):
         d["distill"]["teacher"] = teacher
@@ -59,25 +60,27 @@ def row_config(row: str, preset: dict, seed: int, teacher: str, sets: list[str])
     return from_dict(Config, d).validate()
 
 
-def preset_config(path: str | Path, preset: str | None, sets: list[str]) -> Config:
+def preset_config(path: str | Path, preset: str | None, overrides: Sequence[Override]) -> Config:
     """A config file with a preset's [student] section merged in, then the overrides."""
     d = load_dict(path)
     if preset:
-        merge(d, json.loads(json.dumps(load_preset(preset).get("student", {}))))
-    for s in sets:
+        merge(d, copy.deepcopy(load_preset(preset).get("student", {})))
+    for s in overrides:
         apply_override(d, s)
     return from_dict(Config, d).validate()
 
 
-def teacher_entry(teacher: str, preset: dict, runs: Path, sets: list[str], log) -> dict:
+def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log) -> dict:
     """The teacher's row: its top-1 on this preset's test split (evaluated once, cached), and how it was
     trained (final.json of its run, or the recipe shipped beside the pretrained weights)."""
     import torch
 
-    from vaqkd.engine.setup import build_data, build_teacher, resolve_device, resolve_precision, resolve_weights
-    from vaqkd.engine.train import evaluate
+    from vaqkd.data.build import build_data
+    from vaqkd.engine.setup import build_teacher, resolve_device, resolve_precision
+    from vaqkd.engine.step import evaluate
+    from vaqkd.rundir import resolve_weights
 
-    cfg = row_config("qkd_logit", preset, 0, teacher, sets)
+    cfg = row_config("qkd_logit", preset, 0, teacher, overrides)
     cache = runs / f"teacher_eval-{config_hash(cfg)}.json"
     if cache.exists():
         cached = read_json(cache)
@@ -139,7 +142,7 @@ def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict
         return None
 
 
-def resolve_teacher(teacher: str, preset: dict, runs: Path, sets: list[str], log) -> str:
+def resolve_teacher(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log) -> str:
     """'pretrained', 'pretrained:NAME' or a path are used as they are; 'train' trains the preset's teacher config
     first."""
     if teacher != "train":
@@ -147,8 +150,8 @@ def resolve_teacher(teacher: str, preset: dict, runs: Path, sets: list[str], log
     from vaqkd.config import load_config
 
     t = preset.get("teacher", {})
-    data_sets = [s for s in sets if s.startswith("data.root")]
-    cfg = load_config(configs_dir() / t["config"], list(t.get("set", [])) + data_sets)
+    data_overrides = [o for o in overrides if override_key(o) == "data.root"]
+    cfg = load_config(configs_dir() / t["config"], list(t.get("set", [])) + data_overrides)
     run_dir = runs / f"teacher-{config_hash(cfg)}"
     run_or_reuse(cfg, run_dir, log)
     return str(run_dir)
@@ -182,7 +185,7 @@ def _finished(name: str, runs: Path, records: Path | None) -> Path | None:
     return None
 
 
-def row_result(row: str, seed: int, p: dict, teacher: str, sets: list[str], runs: Path, log,
+def row_result(row: str, seed: int, p: dict, teacher: str, overrides: Sequence[Override], runs: Path, log,
                train: bool = True, records: Path | None = None) -> dict | None:  # fmt: skip
     """final.json of one row and seed (TAKD: its whole chain, times summed), read from run directories or
     committed records; with train=True, whatever is missing is trained (a chain from the first missing run
@@ -190,7 +193,7 @@ def row_result(row: str, seed: int, p: dict, teacher: str, sets: list[str], runs
     chain = TAKD_CHAIN if row == "takd" else (row,)
     names, t_spec = [], teacher
     for stage in chain:
-        cfg = row_config(stage, p, seed, t_spec, sets)
+        cfg = row_config(stage, p, seed, t_spec, overrides)
         names.append((stage, cfg, f"{stage}-s{seed}-{config_hash(cfg)}"))
         t_spec = str(runs / names[-1][2])  # TAKD: the next stage learns from, and starts from, this one
     found = [_finished(name, runs, records) for _, _, name in names]
@@ -224,7 +227,7 @@ def run_table(
     out: str | None = None,
     rows: list[str] | None = None,
     runs_dir: str | None = None,
-    extra_sets: list[str] = (),
+    overrides: Sequence[Override] = (),  # --set text or (key, value) pairs
     teacher: str | None = None,
     log: Callable[[str], None] = print,
     report_only: bool = False,
@@ -261,16 +264,15 @@ def run_table(
     # trains every time (it is the small real run a fresh checkout makes)
     keep = p.get("records", False) if records is None else records
     records_dir = out_dir / "runs" if keep else None
-    sets = list(extra_sets)
-    teacher_spec = resolve_teacher(teacher, p, runs, sets, log)
-    teacher_row = teacher_entry(teacher_spec, p, runs, sets, log)
+    teacher_spec = resolve_teacher(teacher, p, runs, overrides, log)
+    teacher_row = teacher_entry(teacher_spec, p, runs, overrides, log)
 
     failed: list[str] = []
 
     def report() -> dict:
         results: dict[str, list[dict]] = {"teacher": [teacher_row]}
         for row in dict.fromkeys([*p["rows"], *rows]):
-            found = [row_result(row, s, p, teacher_spec, sets, runs, log, train=False, records=records_dir)
+            found = [row_result(row, s, p, teacher_spec, overrides, runs, log, train=False, records=records_dir)
                      for s in range(MAX_SEEDS)]  # fmt: skip
             if any(found):
                 results[row] = [f for f in found if f]
@@ -281,13 +283,13 @@ def run_table(
     cells = [] if report_only else [(row, seed) for seed in range(seeds) for row in rows]
     if launcher == "local" and jobs <= 1:
         for row, seed in cells:
-            if row_result(row, seed, p, teacher_spec, sets, runs, log, records=records_dir) is None:
+            if row_result(row, seed, p, teacher_spec, overrides, runs, log, records=records_dir) is None:
                 failed.append(f"{row} seed {seed}")
             report()  # keep the report current after every run
     elif cells:
         from vaqkd.launch import run_cells
 
-        task = (p, teacher_spec, sets, runs, records_dir)
+        task = (row_result, p, teacher_spec, overrides, runs, records_dir)
         for (row, seed), final, t in run_cells(cells, task, launcher, jobs, address, cpus_per_run, gpus_per_run, log):
             if final is None:
                 failed.append(f"{row} seed {seed}")

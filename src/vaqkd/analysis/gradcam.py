@@ -19,10 +19,9 @@ class GradcamError(VaqkdError):
 
 
 def load_run_model(run_dir: str | Path, device: torch.device, data_root: str | None = None):
-    from vaqkd.engine.setup import load_run
+    from vaqkd.rundir import load_run
 
-    sets = ["train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
-    cfg, model, data = load_run(run_dir, device, sets)
+    cfg, model, data = load_run(run_dir, device, ["train.device=cpu"], data_root=data_root)
     return model.eval(), data, cfg
 
 
@@ -44,8 +43,8 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vaqkd.data.build import data_root as root_of
     from vaqkd.data.cifar import UnsafePickleError, class_names
-    from vaqkd.engine.setup import data_root as root_of
 
     out_path = Path(out)
     if out_path.is_dir():

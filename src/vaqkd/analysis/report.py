@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.engine.setup import MACHINE_ENV_KEYS, run_machine
+from vaqkd.rundir import MACHINE_ENV_KEYS, run_machine
 
 SETTINGS = ("logit", "feature", "contrastive", "feature_wrn")
 

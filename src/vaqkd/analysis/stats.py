@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-# two-sided 95 % critical values t_{0.975, df} (df = 1..30), then 40, 60, 120 and the normal limit
+# two-sided 95 % critical values t_{0.975, df} (df = 1..30), then 40, 60, 120 and the normal limit, to 3 decimals;
+# tests/test_stats.py pins them to scipy.stats.t.ppf (scipy is in the analysis extra; the core does not need it)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042]  # fmt: skip
@@ -13,14 +14,17 @@ _T975_TAIL = [(40, 2.021), (60, 2.000), (120, 1.980)]
 
 
 def t975(df: int) -> float:
+    """t_{0.975, df}; between tabulated degrees of freedom, the value of the one below (never too narrow)."""
     if df < 1:
         raise ValueError("need at least 2 paired values (df >= 1) for an interval")
     if df <= 30:
         return _T975[df - 1]
+    below = _T975[-1]
     for limit, t in _T975_TAIL:
-        if df <= limit:
-            return t
-    return 1.960
+        if df < limit:
+            return below
+        below = t
+    return below
 
 
 def mean_std(x: Sequence[float]) -> tuple[float, float]:

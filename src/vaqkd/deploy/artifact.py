@@ -95,21 +95,19 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 def save_artifact(out: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:
     """Write the file atomically (a temporary name, then a rename): an existing file is never half-replaced.
     The header gets the sha256 of every tensor, and the metadata the sha256 of the header (`integrity.seal`)."""
-    from vaqkd.engine.checkpoint import atomic_write
+    from vaqkd.rundir import atomic_write
 
     return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=seal(tensors, header)))
 
 
 def finished_run(run_dir: str | Path, data_root: str | None = None):
     """(config, model on the CPU, data, final.json) of a finished run, for export."""
-    from vaqkd.engine.checkpoint import read_json
-    from vaqkd.engine.setup import load_run
+    from vaqkd.rundir import load_run, read_json
 
     run = Path(run_dir)
     if not (run / "final.json").exists():
         raise ExportError(f"{run}: not a finished run (no final.json); finish it first (vaqkd train --resume)")
-    sets = ["train.device=cpu"] + ([f'data.root="{data_root}"'] if data_root else [])
-    cfg, model, data = load_run(run, torch.device("cpu"), sets)
+    cfg, model, data = load_run(run, torch.device("cpu"), ["train.device=cpu"], data_root=data_root)
     return cfg, model, data, read_json(run / "final.json")
 
 
@@ -138,7 +136,7 @@ def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = 
 def read_header(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(header, tensors) of a packed artifact after its integrity checks (`integrity.verify`): a damaged, tampered,
     foreign or unknown-version file is a RunFileError naming the file and what is damaged."""
-    from vaqkd.engine.checkpoint import read_safetensors
+    from vaqkd.rundir import read_safetensors
 
     tensors, meta = read_safetensors(Path(path))
     return verify(path, tensors, meta), tensors
@@ -147,12 +145,13 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the quantized model of a packed artifact (eval mode) and return (model, header)."""
     from vaqkd.models import create_model
-    from vaqkd.quant import quantize
+    from vaqkd.quant import install_fusions, quantize
 
     header, tensors = read_header(path)
     q = header["quant"]
     model = quantize(create_model(header["arch"], header["num_classes"]), q["w_bits"], q["a_bits"], q["weight"],
                      q["act"], q["per_channel"], q["first_last"])  # fmt: skip
+    install_fusions(model)  # as the run's student was built
     layout = _layout(model)
     if header.get("layout_sha1") != _layout_hash(layout):
         raise RunFileError(f"{path}: its layout does not match {header['arch']} as this vaqkd builds it (tampered?)")

@@ -264,7 +264,7 @@ def export_onnx(model: nn.Module, out: str | Path, metadata: dict[str, str] | No
     """Write `build_onnx(model)` to `out` atomically, with `metadata` as the model's metadata_props."""
     import onnx
 
-    from vaqkd.engine.checkpoint import atomic_write
+    from vaqkd.rundir import atomic_write
 
     proto = build_onnx(model.eval())
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in (metadata or {}).items()})

@@ -11,9 +11,11 @@ from vaqkd.distill.anchors import virtual_anchor
 from vaqkd.distill.contrastive import CRDLoss
 from vaqkd.distill.feature import AttentionTransfer, HintLoss
 from vaqkd.distill.kd import CrossEntropy, LogitKD
-from vaqkd.distill.objective import TERMS, Objective, build_term
+from vaqkd.distill.objective import Objective, build_term
+from vaqkd.distill.params import Param
+from vaqkd.distill.registry import TERMS
 
 __all__ = [
-    "virtual_anchor", "Objective", "build_term", "TERMS", "CrossEntropy", "LogitKD", "HintLoss",
+    "virtual_anchor", "Objective", "build_term", "TERMS", "Param", "CrossEntropy", "LogitKD", "HintLoss",
     "AttentionTransfer", "CRDLoss",
 ]  # fmt: skip

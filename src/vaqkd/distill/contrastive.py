@@ -26,16 +26,40 @@ Example term: `{kind = "crd", weight = 0.8, feat_dim = 128, nce_k = 16384, nce_t
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaqkd.engine import dist
+from vaqkd import dist
+from vaqkd.distill.params import BuildContext, Param
 
 
 class CRDLoss(nn.Module):
+    """CRD (Tian et al. 2020, eq. 18-19; see the module docstring): NCE over memory banks of both sides.
+
+    Example term: `{kind = "crd", weight = 0.8, feat_dim = 128, nce_k = 16384, nce_t = 0.07}`.
+    """
+
+    kind = "crd"
+    params: Mapping[str, Param] = {
+        "feat_dim": Param(128, lo=1, hi=65536, doc="embedding size of both heads"),
+        "nce_k": Param(16384, lo=1, hi=1 << 20, doc="negatives per sample"),
+        "nce_t": Param(0.07, lo=0, lo_open=True, doc="temperature of the scores"),
+        "nce_momentum": Param(0.5, lo=0, hi=1, hi_open=True, doc="momentum of the memory banks"),
+    }
     uses_teacher = True
+    heads: tuple[str, ...] = ("embed_s", "embed_t")
+
+    @staticmethod
+    def stages(p: Mapping, teacher: bool = False) -> tuple[str, ...]:
+        return ("embedding",)
+
+    @classmethod
+    def build(cls, p: Mapping, ctx: BuildContext) -> CRDLoss:
+        return cls(ctx.s_channels["embedding"], ctx.t_channels["embedding"], ctx.train_labels, p["feat_dim"],
+                   p["nce_k"], p["nce_t"], p["nce_momentum"], ctx.seed)  # fmt: skip
 
     def __init__(
         self,
@@ -72,15 +96,15 @@ class CRDLoss(nn.Module):
     def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t["embedding"]
 
-    def sample_negatives(self, index: torch.Tensor, step: int, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        """(B, K) dataset indices, each from a class other than that of `index`'s sample. `part` = (p, P): the
-        samples are part p of a batch of P·B; the draws are made for the whole batch and part p's rows kept,
+    def sample_negatives(self, index: torch.Tensor, step: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """(B, K) dataset indices, each from a class other than that of `index`'s sample. `shard` = (p, P): the
+        samples are shard p of a batch of P·B; the draws are made for the whole batch and shard p's rows kept,
         so ranks and micro-batches get the negatives one process would."""
         g = torch.Generator(device=index.device).manual_seed(hash((self.seed, step)) & 0x7FFF_FFFF_FFFF_FFFF)
         y = self.labels[index]
         size, start = (self.n - self.count[y]).unsqueeze(1), self.start[y].unsqueeze(1)
-        p, parts, b = *part, len(index)
-        u = torch.rand(b * parts, self.k, generator=g, device=index.device)[p * b : (p + 1) * b]
+        p, shards, b = *shard, len(index)
+        u = torch.rand(b * shards, self.k, generator=g, device=index.device)[p * b : (p + 1) * b]
         u = (u * size).long()
         u = torch.where(u >= start, u + self.count[y].unsqueeze(1), u)
         return self.order[u]
@@ -107,8 +131,8 @@ class CRDLoss(nn.Module):
         return torch.exp((v @ memory.t()).gather(1, neg) / self.t)  # (B, K)
 
     def forward(
-        self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
-        step: int = 0, anchor: bool = False, cache: dict | None = None, part: tuple[int, int] = (0, 1), **_,
+        self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
+        step: int = 0, anchor: bool = False, cache: dict | None = None, shard: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:  # fmt: skip
         cache = {} if cache is None else cache  # this term's per-step state, shared with its anchors
         with torch.autocast(r.device.type, enabled=False):  # fp32 scores: see the module docstring
@@ -117,13 +141,13 @@ class CRDLoss(nn.Module):
                     v_a = F.normalize(self.embed_t(r.float()), dim=1)
                 v_s, neg_term, teacher_side = cache["v_s"], cache["neg_term"], cache["teacher_side"]
                 return -(self._nce_pos(self._pos(v_s, v_a), 0) + neg_term) / len(v_s) + teacher_side
-            return self._fp32_term(s, r, index, step, cache, part)
+            return self._fp32_term(s, r, index, step, cache, shard)
 
-    def _fp32_term(self, s, r, index, step, cache, part=(0, 1)) -> torch.Tensor:
+    def _fp32_term(self, s, r, index, step, cache, shard=(0, 1)) -> torch.Tensor:
         v_t = F.normalize(self.embed_t(r.float()), dim=1)
         v_s = F.normalize(self.embed_s(s["embedding"].float()), dim=1)
         b = len(v_s)
-        neg = self.sample_negatives(index, step, part)
+        neg = self.sample_negatives(index, step, shard)
         s_pos, s_neg = self._pos(v_s, self.memory_t[index]), self._neg(v_s, self.memory_t, neg)
         s_pos_t, s_neg_t = self._pos(v_t, self.memory_s[index]), self._neg(v_t, self.memory_s, neg)
         if self._z_pending:  # Z from the first batch, positives and negatives together (reference behaviour)

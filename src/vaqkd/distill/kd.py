@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaqkd.distill.params import BuildContext, Param
+
 
 class CrossEntropy(nn.Module):
-    """L_CE = CE(z_S, y). Uses no teacher."""
+    """L_CE = CE(z_S, y). Uses no teacher (so it takes no anchors).
 
+    Example term: `{kind = "ce", weight = 1.0}`.
+    """
+
+    kind = "ce"
+    params: Mapping[str, Param] = {}
     uses_teacher = False
+    heads: tuple[str, ...] = ()
+
+    @staticmethod
+    def stages(p: Mapping, teacher: bool = False) -> tuple[str, ...]:
+        return ()
+
+    @classmethod
+    def build(cls, p: Mapping, ctx: BuildContext) -> CrossEntropy:
+        return cls()
 
     def target(self, t: dict[str, torch.Tensor] | None) -> None:
         return None
 
-    def forward(self, s: dict[str, torch.Tensor], r: None, labels: torch.Tensor, **_) -> torch.Tensor:
+    def forward(self, s: dict[str, torch.Tensor], r: None, labels: torch.Tensor, index: torch.Tensor | None = None,
+                step: int = 0, anchor: bool = False, cache: dict | None = None,
+                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:  # fmt: skip
         return F.cross_entropy(s["logits"].float(), labels)
 
 
@@ -25,7 +45,18 @@ class LogitKD(nn.Module):
     Example term: `{kind = "kd", weight = 0.9, temperature = 4.0}`.
     """
 
+    kind = "kd"
+    params: Mapping[str, Param] = {"temperature": Param(4.0, lo=0, lo_open=True, doc="softmax temperature T")}
     uses_teacher = True
+    heads: tuple[str, ...] = ()
+
+    @staticmethod
+    def stages(p: Mapping, teacher: bool = False) -> tuple[str, ...]:
+        return ()
+
+    @classmethod
+    def build(cls, p: Mapping, ctx: BuildContext) -> LogitKD:
+        return cls(p["temperature"])
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
@@ -34,8 +65,9 @@ class LogitKD(nn.Module):
     def target(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t["logits"]
 
-    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor, cache: dict | None = None,
-                **_) -> torch.Tensor:  # fmt: skip
+    def forward(self, s: dict[str, torch.Tensor], r: torch.Tensor, labels: torch.Tensor,
+                index: torch.Tensor | None = None, step: int = 0, anchor: bool = False, cache: dict | None = None,
+                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:  # fmt: skip
         T = self.temperature
         cache = {} if cache is None else cache  # this term's per-step state, shared with its anchors
         log_p_s = cache.get("log_p_s")

@@ -28,7 +28,7 @@ from vaqkd.distill.objective import Objective, build_term
 from vaqkd.engine.step import StudentLoss, evaluate, make_optimizer, train_step
 from vaqkd.models import stage_channels
 from vaqkd.models.resnet_cifar import CifarResNet
-from vaqkd.quant import calibrate, quantize
+from vaqkd.quant import calibrate, install_fusions, quantize
 
 STEPS = 3  # optimisation steps of the tiny run
 BOUNDARY = "a20de37"  # the first commit whose training numbers differ from the records before it
@@ -37,9 +37,9 @@ LEGACY = {"before": "legacy:before-a20de37", "after": "legacy:a20de37-7894ee1", 
 _TERMS = (
     TermConfig(kind="ce", weight=0.1),
     TermConfig(kind="kd", weight=0.45, anchor_bits=(2,), anchor_weights=(0.45,)),
-    TermConfig(kind="hint", weight=1.0, stage="layer2", anchor_bits=(4,), anchor_weights=(0.5,)),
-    TermConfig(kind="at", weight=10.0, stage="layer3"),
-    TermConfig(kind="crd", weight=0.8, feat_dim=8, nce_k=16, anchor_bits=(2,), anchor_weights=(0.2,)),
+    TermConfig(kind="hint", weight=1.0, params={"stage": "layer2"}, anchor_bits=(4,), anchor_weights=(0.5,)),
+    TermConfig(kind="at", weight=10.0, params={"stage": "layer3"}),
+    TermConfig(kind="crd", weight=0.8, params={"feat_dim": 8, "nce_k": 16}, anchor_bits=(2,), anchor_weights=(0.2,)),
 )
 
 
@@ -58,6 +58,7 @@ def fingerprint(device: torch.device, precision: str) -> str:
         test = DeviceLoader(images, labels, 16, mean, std, device, train=False)
         teacher = CifarResNet(14, classes).to(device).eval()
         student = quantize(CifarResNet(14, classes), 2, 2).to(device)
+        install_fusions(student)  # as a run's student is built
         calibrate(student, (x for (x, _, _), _ in zip(train.batches(0), range(1))))
         s_ch, t_ch = (stage_channels(m, ["layer2", "layer3", "embedding"], size) for m in (student, teacher))
         objective = Objective(_TERMS, [build_term(t, s_ch, t_ch, labels, 0) for t in _TERMS]).to(device)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import platform
 import subprocess
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +15,22 @@ import torch
 from torch import nn
 
 import vaqkd
-from vaqkd.config import Config, ConfigError, DataConfig, device_name_ok
-from vaqkd.data.cifar import SPECS, load_split
-from vaqkd.data.identity import tensor_digest
-from vaqkd.data.loader import DeviceLoader, subset_per_class
-from vaqkd.engine.checkpoint import atomic_write, load_module, read_safetensors, run_weights
-from vaqkd.errors import RunFileError
+from vaqkd.config import Config, ConfigError, device_name_ok
+from vaqkd.data.build import Data, build_data, data_root  # noqa: F401  (re-exported: engine.setup's old names)
 from vaqkd.models import create_model
+from vaqkd.rundir import (  # noqa: F401  (re-exported: engine.setup's old names)
+    MACHINE_ENV_KEYS,
+    PRETRAINED,
+    build_student,
+    load_run,
+    load_weights,
+    pretrained_names,
+    resolve_weights,
+    run_config,
+    run_machine,
+    run_model,
+    write_json,
+)
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -65,134 +71,6 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root or os.environ.get("VAQKD_DATA", "data")).expanduser()
-
-
-@dataclass
-class Data:
-    train: DeviceLoader
-    test: DeviceLoader
-    num_classes: int
-    train_labels: torch.Tensor  # labels of the (subset) training set, in loader index order
-    digest: str = ""  # the content of both splits as loaded (`data.identity.tensor_digest`)
-
-
-def build_data(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1)) -> Data:
-    """The run's splits on the device; `shard` = (rank, world): the training loader yields this process's rows
-    of every global batch (`data.batch_size`)."""
-    d = cfg.data
-    root = data_root(d)
-    if d.dataset == "folder":
-        from vaqkd.data.folder import load_folder_split
-
-        xtr, ytr, classes = load_folder_split(root, True, d.image_size)
-        xte, yte, _ = load_folder_split(root, False, d.image_size, classes=classes)
-        x = xtr.float() / 255
-        mean, std = tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
-        num_classes = len(classes)
-    else:
-        xtr, ytr = load_split(d.dataset, root, train=True)
-        xte, yte = load_split(d.dataset, root, train=False)
-        spec = SPECS[d.dataset]
-        mean, std, num_classes = spec.mean, spec.std, spec.num_classes
-    keep = subset_per_class(ytr, d.subset_per_class)
-    xtr, ytr = xtr[keep], ytr[keep]
-    keep = subset_per_class(yte, d.test_subset_per_class)
-    xte, yte = xte[keep], yte[keep]
-    if d.batch_size > len(ytr):
-        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the {len(ytr)} training images")
-    cl = cfg.train.channels_last
-    train = DeviceLoader(xtr, ytr, d.batch_size, mean, std, device, train=True, seed=cfg.train.seed, channels_last=cl,
-                         shard=shard)  # fmt: skip
-    test = DeviceLoader(xte, yte, d.eval_batch_size, mean, std, device, train=False, channels_last=cl)
-    return Data(train, test, num_classes, ytr, tensor_digest(xtr, ytr, xte, yte))
-
-
-PRETRAINED = {"resnet32": "resnet32_cifar100"}  # what plain "pretrained" means, per architecture
-
-
-def pretrained_names() -> list[str]:
-    """The weights shipped in the package, by the name "pretrained:NAME" selects them with."""
-    folder = resources.files("vaqkd") / "pretrained"
-    return sorted(f.name.removesuffix(".safetensors") for f in folder.iterdir() if f.name.endswith(".safetensors"))
-
-
-def resolve_weights(spec: str, arch: str) -> Path:
-    """A weights spec -> a .safetensors path: 'pretrained' (the default shipped weights of `arch`),
-    'pretrained:NAME' (src/vaqkd/pretrained/NAME.safetensors), a run directory, or a file."""
-    if spec == "pretrained":
-        if arch not in PRETRAINED:
-            raise FileNotFoundError(f"no pretrained weights ship for {arch!r} (available: {sorted(PRETRAINED)})")
-        spec = f"pretrained:{PRETRAINED[arch]}"
-    if spec.startswith("pretrained:"):
-        name = spec.removeprefix("pretrained:")
-        if name not in pretrained_names():
-            raise FileNotFoundError(f"{spec!r}: no such shipped weights (available: {pretrained_names()})")
-        path = Path(str(resources.files("vaqkd") / "pretrained" / f"{name}.safetensors"))
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            path = run_weights(path)
-    if not path.exists():
-        raise FileNotFoundError(f"weights not found: {path}")
-    return path
-
-
-def load_weights(model: nn.Module, spec: str, arch: str) -> None:
-    path = resolve_weights(spec, arch)
-    state, _ = read_safetensors(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # a quantized run's file holds quantizer parameters too; an FP32 model simply ignores them
-    unexpected = [k for k in unexpected if "_quant." not in k]
-    if missing or unexpected:
-        raise RunFileError(f"{path}: does not fit {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
-    """The model a config trains: created, initialised from `model.init`, quantized, on the device."""
-    from vaqkd.quant import quantize
-
-    model = create_model(cfg.model.arch, num_classes)
-    if cfg.model.init:
-        load_weights(model, cfg.model.init, cfg.model.arch)
-    if cfg.quant.enabled:
-        q = cfg.quant
-        quantize(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last)
-    model.to(device)
-    if cfg.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def load_run(run_dir: str | Path, device: torch.device, sets: list[str] = ()) -> tuple[Config, nn.Module, Data]:
-    """Rebuild a run's model from its directory: (config, model with the latest weights, data).
-
-    `sets` override the run's config (e.g. data.root); the model is built without `model.init` (the run's own
-    weights replace it)."""
-    run = Path(run_dir)
-    cfg = run_config(run, sets)
-    run_weights(run)  # a run without weights fails here, before the data is loaded
-    data = build_data(cfg, device)
-    return cfg, run_model(run, cfg, data.num_classes, device), data
-
-
-def run_config(run: Path, sets: list[str] = ()) -> Config:
-    """A run directory's config (with `sets` applied), built without `model.init`: its own weights replace it."""
-    from vaqkd.config import load_config
-
-    if not (run / "config.toml").exists():
-        raise RunFileError(f"{run}: not a run directory (no config.toml)")
-    return load_config(run / "config.toml", [*sets, 'model.init=""'])
-
-
-def run_model(run: Path, cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
-    """The model of a run directory with its latest weights (quantized or not, as the run trained it)."""
-    model = build_student(cfg, num_classes, device)
-    load_module(model, run_weights(run), str(device))
-    return model
 
 
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Module | None:
@@ -259,26 +137,6 @@ def cpu_capability() -> str:
         return "unknown"
 
 
-# final.json's machine fields and where env.json holds them
-MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
-                    "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic"}  # fmt: skip
-
-
-def run_machine(env: dict) -> dict:
-    """The machine a run trained on, from its env.json: the start and every resume. A field that changed on a
-    resume (a run resumed on another kind of machine) holds each value in order of first use joined by " + "
-    (e.g. "Intel(R) Xeon(R) Processor + AMD EPYC"), so the run is of neither kind and pairs only with a run of
-    the same sequence. A field env.json lacks (older records) is None."""
-    out = {}
-    for field, key in MACHINE_ENV_KEYS.items():
-        seen = []
-        for part in (env, *env.get("resumes", [])):
-            if part.get(key) is not None and part[key] not in seen:
-                seen.append(part[key])
-        out[field] = None if not seen else seen[0] if len(seen) == 1 else " + ".join(map(str, seen))
-    return out
-
-
 def environment(device: torch.device, seed: int, precision: str) -> dict:
     if device.type == "cuda":
         dev_name = torch.cuda.get_device_name(device)
@@ -307,7 +165,3 @@ def environment(device: torch.device, seed: int, precision: str) -> dict:
         "seed": seed,
         "malloc_tuned": _ALLOCATOR_TUNED,
     }
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))

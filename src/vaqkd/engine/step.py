@@ -10,9 +10,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from vaqkd import dist
 from vaqkd.config import OptimConfig
 from vaqkd.distill.objective import Objective
-from vaqkd.engine import dist
 from vaqkd.engine.setup import autocast
 from vaqkd.models import features
 from vaqkd.quant import quantizers
@@ -74,9 +74,9 @@ class StudentLoss(nn.Module):
         super().__init__()
         self.model, self.objective = model, objective
 
-    def forward(self, x, t, y, idx, step: int, part: tuple[int, int]):
+    def forward(self, x, t, y, idx, step: int, shard: tuple[int, int]):
         s = features(self.model, x, self.objective.stages)
-        loss, parts = self.objective(s, t, y, index=idx, step=step, part=part)
+        loss, parts = self.objective(s, t, y, index=idx, step=step, shard=shard)
         return loss, parts, (s["logits"].detach().argmax(1) == y).sum()
 
 

@@ -1,4 +1,5 @@
 from vaqkd.quant.convert import calibrate, quantize, quantizers, set_grad_batch
+from vaqkd.quant.fusion import install_fusions, remove_fusions
 from vaqkd.quant.layers import QConv2d, QLinear
 from vaqkd.quant.quantizers import (
     ACT_QUANTIZERS,
@@ -11,6 +12,7 @@ from vaqkd.quant.quantizers import (
 )
 
 __all__ = [
-    "quantize", "calibrate", "quantizers", "set_grad_batch", "QConv2d", "QLinear", "Quantizer", "LSQQuantizer",
+    "quantize", "install_fusions", "remove_fusions",
+    "calibrate", "quantizers", "set_grad_batch", "QConv2d", "QLinear", "Quantizer", "LSQQuantizer",
     "EWGSQuantizer", "PACTQuantizer", "DoReFaQuantizer", "WEIGHT_QUANTIZERS", "ACT_QUANTIZERS",
 ]  # fmt: skip

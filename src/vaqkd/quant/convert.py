@@ -46,22 +46,14 @@ def quantize(
         if wb is None:
             continue
         signed_input = i == 0
-        ndim = m.weight.ndim
-        wq = WEIGHT_QUANTIZERS[weight]
-        if wq.__name__ == "LSQQuantizer":
-            w_quant = wq(wb, True, per_channel=per_channel, channels=m.weight.shape[0], ndim=ndim)
-        else:
-            w_quant = wq(wb, True)
+        w_quant = WEIGHT_QUANTIZERS[weight].for_weight(wb, m.weight, per_channel)
         aq = ACT_QUANTIZERS[act]
-        if signed_input and aq.__name__ == "PACTQuantizer":
-            aq = ACT_QUANTIZERS["lsq"]  # PACT clips at zero: the signed image input needs another quantizer
+        if signed_input and not aq.takes_signed:
+            aq = ACT_QUANTIZERS["lsq"]  # e.g. PACT clips at zero: the signed image input needs another quantizer
         a_quant = aq(ab, signed_input)
         new = QConv2d(m, w_quant, a_quant) if isinstance(m, nn.Conv2d) else QLinear(m, w_quant, a_quant)
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], new)
-    from vaqkd.quant.fusion import install_fusions  # the quantized fast path of residual stages
-
-    install_fusions(model)
     return model
 
 

@@ -1,4 +1,5 @@
-"""The quantized fast path of residual stages, installed by `quantize()` and removed by `remove_fusions()`.
+"""The quantized fast path of residual stages: `install_fusions(model)` after `quantize()`, where a student is
+built (`rundir.build_student`) and where a packed artifact is loaded; `remove_fusions()` takes it out.
 
 A plain `BasicBlock` computes relu(bn1(conv1(x))) -> conv2 -> relu(bn2(...) + shortcut(x)). Once its convs
 are quantized, two passes can go:
@@ -69,18 +70,16 @@ def _hooked(stage: nn.Module) -> bool:
     return any(mod._forward_hooks or mod._forward_pre_hooks for mod in stage.modules() if mod is not stage)
 
 
-def install_fusions(model: nn.Module) -> int:
+def install_fusions(model: nn.Module) -> nn.Module:
     """Turn every nn.Sequential of quantized BasicBlocks into a FusedStage (in place; modules and state-dict keys
-    unchanged). Returns how many stages were fused."""
-    n = 0
+    unchanged). Returns the model."""
     for m in list(model.modules()):
         if type(m) is nn.Sequential and len(m) and all(type(b) is BasicBlock for b in m):
             if all(isinstance(b.conv1, QConv2d) and isinstance(b.conv2, QConv2d) for b in m):
                 for b in m:
                     b.__class__ = QuantBasicBlock
                 m.__class__ = FusedStage
-                n += 1
-    return n
+    return model
 
 
 def remove_fusions(model: nn.Module) -> None:

@@ -22,6 +22,13 @@ from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSDiscretize, EWGSQuant, LSQQuant,
 
 class Quantizer(nn.Module):
     min_bits = 2
+    takes_signed = True  # can quantize a signed input (the normalised image before the first conv)
+
+    @classmethod
+    def for_weight(cls, bits: int, weight: torch.Tensor, per_channel: bool = False) -> Quantizer:
+        """The quantizer of a layer's `weight` (signed). `per_channel`: one step per output channel, where the
+        quantizer has that (LSQ); `config` refuses it for the others."""
+        return cls(bits, True)
 
     def __init__(self, bits: int, signed: bool):
         super().__init__()
@@ -73,6 +80,10 @@ class LSQQuantizer(Quantizer):
     x_hat = clamp(round(x/s), Qn, Qp)·s; step init s = 2·mean|x|/√Qp; step gradient scaled by 1/√(N·Qp).
     Per-channel (weights): one step per output channel, N counted per channel.
     """
+
+    @classmethod
+    def for_weight(cls, bits: int, weight: torch.Tensor, per_channel: bool = False) -> LSQQuantizer:
+        return cls(bits, True, per_channel=per_channel, channels=weight.shape[0], ndim=weight.ndim)
 
     def __init__(self, bits: int, signed: bool, per_channel: bool = False, channels: int = 1, ndim: int = 4):
         super().__init__(bits, signed)
@@ -166,6 +177,8 @@ class PACTQuantizer(Quantizer):
 
     Forward, this is LSQ's unsigned grid with step α/L; so it runs on the LSQ kernels (fused, and fused with a
     preceding ReLU), with the quantization-error term of LSQ's step gradient switched off."""
+
+    takes_signed = False
 
     def __init__(self, bits: int, signed: bool = False):
         if signed:

@@ -1,10 +1,13 @@
-"""Checkpoints as one atomic unit, run-directory files read with one-line errors, and the run lock.
+"""The run directory: its files (config.toml, env.json, metrics.jsonl, final.json, checkpoints) read with
+one-line errors and written atomically, the run lock, the machine a run trained on, and weights by spec (shipped,
+a run directory or a file) with the model a run directory holds. Analysis, deploy and the runner read runs here.
 
-A checkpoint is a directory `ckpt-<step>/` holding `model.safetensors`, `objective.safetensors` (weights, each
-stamped with the step in its metadata) and `state.pt` (optimizer, counters, metric accumulators; loads with
-`weights_only=True`). It is written under a temporary name, flushed to disk and renamed in one step, and
-the previous checkpoint is deleted only after that: at every instant the run directory holds at least one
-complete checkpoint, and a kill (even inside the save) never pairs weights of one step with state of another.
+Checkpoints are one atomic unit: a checkpoint is a directory `ckpt-<step>/` holding `model.safetensors`,
+`objective.safetensors` (weights, each stamped with the step in its metadata) and `state.pt` (optimizer, counters,
+metric accumulators; loads with `weights_only=True`). It is written under a temporary name, flushed to disk and
+renamed in one step, and the previous checkpoint is deleted only after that: at every instant the run directory
+holds at least one complete checkpoint, and a kill (even inside the save) never pairs weights of one step with
+state of another.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -25,7 +29,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from vaqkd.config import Config, Override, load_config
+from vaqkd.data.build import Data, build_data
 from vaqkd.errors import RunFileError, RunLockedError
+from vaqkd.models import create_model
+from vaqkd.quant import install_fusions, quantize
 
 FORMAT = "vaqkd-checkpoint-1"
 PREFIX = "ckpt-"
@@ -282,3 +290,112 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# final.json's machine fields and where env.json holds them
+MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
+                    "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic"}  # fmt: skip
+
+
+def run_machine(env: dict) -> dict:
+    """The machine a run trained on, from its env.json: the start and every resume. A field that changed on a
+    resume (a run resumed on another kind of machine) holds each value in order of first use joined by " + "
+    (e.g. "Intel(R) Xeon(R) Processor + AMD EPYC"), so the run is of neither kind and pairs only with a run of
+    the same sequence. A field env.json lacks (older records) is None."""
+    out = {}
+    for field, key in MACHINE_ENV_KEYS.items():
+        seen = []
+        for part in (env, *env.get("resumes", [])):
+            if part.get(key) is not None and part[key] not in seen:
+                seen.append(part[key])
+        out[field] = None if not seen else seen[0] if len(seen) == 1 else " + ".join(map(str, seen))
+    return out
+
+
+PRETRAINED = {"resnet32": "resnet32_cifar100"}  # what plain "pretrained" means, per architecture
+
+
+def pretrained_names() -> list[str]:
+    """The weights shipped in the package, by the name "pretrained:NAME" selects them with."""
+    folder = resources.files("vaqkd") / "pretrained"
+    return sorted(f.name.removesuffix(".safetensors") for f in folder.iterdir() if f.name.endswith(".safetensors"))
+
+
+def resolve_weights(spec: str, arch: str) -> Path:
+    """A weights spec -> a .safetensors path: 'pretrained' (the default shipped weights of `arch`),
+    'pretrained:NAME' (src/vaqkd/pretrained/NAME.safetensors), a run directory, or a file."""
+    if spec == "pretrained":
+        if arch not in PRETRAINED:
+            raise FileNotFoundError(f"no pretrained weights ship for {arch!r} (available: {sorted(PRETRAINED)})")
+        spec = f"pretrained:{PRETRAINED[arch]}"
+    if spec.startswith("pretrained:"):
+        name = spec.removeprefix("pretrained:")
+        if name not in pretrained_names():
+            raise FileNotFoundError(f"{spec!r}: no such shipped weights (available: {pretrained_names()})")
+        path = Path(str(resources.files("vaqkd") / "pretrained" / f"{name}.safetensors"))
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            path = run_weights(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights not found: {path}")
+    return path
+
+
+def load_weights(model: nn.Module, spec: str, arch: str) -> None:
+    path = resolve_weights(spec, arch)
+    state, _ = read_safetensors(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a quantized run's file holds quantizer parameters too; an FP32 model simply ignores them
+    unexpected = [k for k in unexpected if "_quant." not in k]
+    if missing or unexpected:
+        raise RunFileError(f"{path}: does not fit {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The model a config trains: created, initialised from `model.init`, quantized, on the device."""
+    model = create_model(cfg.model.arch, num_classes)
+    if cfg.model.init:
+        load_weights(model, cfg.model.init, cfg.model.arch)
+    if cfg.quant.enabled:
+        q = cfg.quant
+        quantize(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last)
+        install_fusions(model)  # the fast path of residual stages (the same numbers, fewer passes)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def load_run(run_dir: str | Path, device: torch.device, overrides: Sequence[Override] = (),
+             data_root: str | Path | None = None) -> tuple[Config, nn.Module, Data]:  # fmt: skip
+    """Rebuild a run's model from its directory: (config, model with the latest weights, data).
+
+    `overrides` change the run's config, `data_root` where its dataset is read from; the model is built without
+    `model.init` (the run's own weights replace it)."""
+    run = Path(run_dir)
+    cfg = run_config(run, [*overrides, *([("data.root", str(data_root))] if data_root else [])])
+    run_weights(run)  # a run without weights fails here, before the data is loaded
+    data = build_data(cfg, device)
+    return cfg, run_model(run, cfg, data.num_classes, device), data
+
+
+def run_config(run: Path, overrides: Sequence[Override] = ()) -> Config:
+    """A run directory's config (with `overrides` applied), built without `model.init`: its own weights replace
+    it."""
+    if not (run / "config.toml").exists():
+        raise RunFileError(f"{run}: not a run directory (no config.toml)")
+    return load_config(run / "config.toml", [*overrides, ("model.init", "")])
+
+
+def run_model(run: Path, cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The model of a run directory with its latest weights (quantized or not, as the run trained it)."""
+    model = build_student(cfg, num_classes, device)
+    load_module(model, run_weights(run), str(device))
+    return model
+
+
