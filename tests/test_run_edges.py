@@ -87,7 +87,7 @@ def test_gradcam_impossible_requests_are_one_line(tmp_path, capsys):
 
 def test_eval_of_an_artifact_is_fp32_with_the_headers_normalisation(tmp_path, monkeypatch, capsys):
     import vaqkd.engine.setup as setup
-    import vaqkd.engine.train as train
+    import vaqkd.engine.step as train  # where cli eval takes evaluate from
     from vaqkd.deploy import pack_model, save_artifact
     from vaqkd.models import create_model
     from vaqkd.quant import calibrate, quantize
