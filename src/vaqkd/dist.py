@@ -25,15 +25,30 @@ failed first (its "root cause" summary); every rank's error line carries its ran
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
 
+_ALONE = False  # inside `alone()`: this process computes as if it were the only one
+
 
 def active() -> bool:
-    return tdist.is_available() and tdist.is_initialized()
+    return not _ALONE and tdist.is_available() and tdist.is_initialized()
+
+
+@contextlib.contextmanager
+def alone():
+    """Compute as one process even inside a torchrun job: no collective runs, rank 0 of 1 (the arithmetic
+    fingerprint, which must not depend on the world size)."""
+    global _ALONE
+    was, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = was
 
 
 def rank() -> int:

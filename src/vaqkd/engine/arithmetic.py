@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+from vaqkd import dist
 from vaqkd.config import OptimConfig, TermConfig
 from vaqkd.data.loader import DeviceLoader
 from vaqkd.distill.objective import Objective, build_term
@@ -47,7 +48,7 @@ def fingerprint(device: torch.device, precision: str) -> str:
     """16 hex digits naming the arithmetic of a training step on `device` in `precision` with the current
     number of threads (well under a second on a CPU core). Leaves the global RNG state as it found it."""
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), dist.alone():
         torch.manual_seed(1234)
         n, classes, size = 32, 10, 8
         g = torch.Generator().manual_seed(1234)
