@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import vaqkd.engine.checkpoint as ckpt
+import vaqkd.rundir as ckpt
 from vaqkd.cli import main
-from vaqkd.engine.checkpoint import DiskFullError, RunLock, checkpoints, load_checkpoint, save_checkpoint
+from vaqkd.rundir import DiskFullError, RunLock, checkpoints, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from vaqkd.cli import main
 from vaqkd.config import load_config
-from vaqkd.engine.checkpoint import read_jsonl
 from vaqkd.engine.train import fit
+from vaqkd.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ from torch import nn
 from vaqkd.cli import main
 from vaqkd.data.cifar import DataError, UnsafePickleError, class_names, load_split
 from vaqkd.data.folder import load_folder_split
-from vaqkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from vaqkd.errors import RunFileError
+from vaqkd.rundir import load_checkpoint, save_checkpoint
 
 
 class MakeDir:
