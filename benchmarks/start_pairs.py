@@ -1,0 +1,43 @@
+"""Pair two presets' records of one row by seed (e.g. the same recipe from two starting weights) and print each
+side's mean ± sd and the paired difference with its 95 % t-interval; pairs only runs of one arithmetic and
+machine kind (the report's rule).
+
+    python benchmarks/start_pairs.py results/quick_t64 results/quick_t64_s30 --row qkd_logit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vaqkd.analysis.report import same_machine
+from vaqkd.analysis.stats import mean_std, paired_interval
+
+
+def records(folder: Path, row: str) -> dict[int, dict]:
+    out = {}
+    for final in sorted((folder / "runs").glob(f"{row}-s*/final.json")):
+        rec = {**json.loads(final.read_text()), "run_dir": str(final.parent)}
+        out[rec["seed"]] = rec
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--row", default="qkd_logit")
+    args = ap.parse_args()
+    a, b = records(args.a, args.row), records(args.b, args.row)
+    seeds = [s for s in sorted(set(a) & set(b)) if same_machine(a[s], b[s])[0]]
+    for name, side in ((args.a, a), (args.b, b)):
+        m, sd = mean_std([side[s]["top1_last"] for s in seeds])
+        print(f"{name}: {m:.2f} ± {sd:.2f} % (n = {len(seeds)}; {[side[s]['top1_last'] for s in seeds]})")
+    p = paired_interval([a[s]["top1_last"] for s in seeds], [b[s]["top1_last"] for s in seeds])
+    print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] points, sd of the "
+          f"differences {p['sd']:.2f}; {p['verdict']}; {len(set(a) & set(b)) - len(seeds)} pair(s) left out")
+
+
+if __name__ == "__main__":
+    main()
