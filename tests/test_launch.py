@@ -108,11 +108,12 @@ def test_workers_stop_when_the_table_process_is_killed(pool):
 def test_sigint_to_the_table_stops_its_queue_and_workers_promptly(shared_cifar_root, tiny_teacher, tmp_path):
     """Ctrl-C / SIGINT to `vaqkd table --jobs 2` itself (not its process group): the queued cells never start,
     the running ones stop with their last checkpoint, and it exits 130 at once with the command to rerun."""
-    sets = [s for s in _sets(shared_cifar_root) if not s.startswith("optim.epochs")]
+    sets = [s for s in _sets(shared_cifar_root) if isinstance(s, str) and not s.startswith("optim.epochs")]
     sets += ["optim.epochs=400", "train.checkpoint_every_steps=2"]  # cells that would run for minutes
     cmd = [sys.executable, "-m", "vaqkd", "table", "--preset", "demo", "--rows", "w2a2_qat", "qkd_logit", "--seeds",
            "2", "--jobs", "2", "--teacher", str(tiny_teacher), "--runs-dir", str(tmp_path / "runs"), "--out",
-           str(tmp_path / "res"), *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+           str(tmp_path / "res"), "--data-root", str(shared_cifar_root),
+           *[a for s in sets for a in ("--set", s)]]  # fmt: skip
     # a shell's background job inherits SIGINT ignored: give the table the default disposition a terminal gives
     restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
