@@ -43,6 +43,17 @@ def write_cifar100(root: Path, per_class_train: int = 4, per_class_test: int = 2
     return root
 
 
+def one_line_error(capsys, args, *needles):
+    """`vaqkd ARGS` exits 2 with one line on stderr, no traceback, holding every needle."""
+    from vaqkd.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
 @pytest.fixture
 def cifar_root(tmp_path):
     return write_cifar100(tmp_path / "data")

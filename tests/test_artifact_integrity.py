@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vaqkd.cli import main
+from conftest import one_line_error as one_line
 from vaqkd.deploy import load, pack_model, read_header, save_artifact
 from vaqkd.deploy.integrity import HASH_KEY, HEADER_KEY, seal, sha256, tensor_sha256
 from vaqkd.errors import RunFileError
@@ -34,13 +34,6 @@ def artifact(tmp_path_factory):
     out = save_artifact(tmp_path_factory.mktemp("artifact") / "m.vaqkd.safetensors", tensors, header)
     return out, model
 
-
-def one_line(capsys, args, *needles):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def _eval(path, cifar_root):

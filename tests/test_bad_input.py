@@ -8,19 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vaqkd.cli import main
+from conftest import one_line_error
 from vaqkd.config import Config, ConfigError, from_dict, load_config
 from vaqkd.data.cifar import DataError, load_split
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-
-def one_line_error(capsys, args, *needles):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_error as one_line
 from vaqkd.cli import main
 from vaqkd.config import load_config
 from vaqkd.engine.train import fit
@@ -15,13 +16,6 @@ from vaqkd.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def one_line(capsys, args, *needles):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
 
 
 def _folder(root: Path, classes: int, per_class: int = 2) -> Path:
