@@ -33,7 +33,7 @@ from vaqkd.config import Config, Override, load_config
 from vaqkd.data.build import Data, build_data
 from vaqkd.errors import RunFileError, RunLockedError
 from vaqkd.models import create_model
-from vaqkd.quant import install_fusions, quantize
+from vaqkd.quant import quantize_student
 
 FORMAT = "vaqkd-checkpoint-1"
 PREFIX = "ckpt-"
@@ -363,8 +363,8 @@ def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
         load_weights(model, cfg.model.init, cfg.model.arch)
     if cfg.quant.enabled:
         q = cfg.quant
-        quantize(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last)
-        install_fusions(model)  # the fast path of residual stages (the same numbers, fewer passes)
+        quantize_student(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last, q.residual,
+                         q.residual_bits)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

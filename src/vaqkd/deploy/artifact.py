@@ -126,7 +126,8 @@ def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = 
         "dataset": cfg.data.dataset, "image_size": int(data.test.images.shape[-1]),
         "mean": (data.test.mean.flatten() / 255).tolist(), "std": (data.test.std.flatten() / 255).tolist(),
         "quant": {"w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits, "weight": cfg.quant.weight,
-                  "act": cfg.quant.act, "per_channel": cfg.quant.per_channel, "first_last": cfg.quant.first_last},
+                  "act": cfg.quant.act, "per_channel": cfg.quant.per_channel, "first_last": cfg.quant.first_last,
+                  "residual": cfg.quant.residual, "residual_bits": cfg.quant.residual_bits},
         **summary, "source_run": str(run), "git_sha": final.get("git_sha"), "top1_last": final.get("top1_last"),
     }  # fmt: skip
     save_artifact(out, tensors, header)
@@ -145,13 +146,13 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the quantized model of a packed artifact (eval mode) and return (model, header)."""
     from vaqkd.models import create_model
-    from vaqkd.quant import install_fusions, quantize
+    from vaqkd.quant import quantize_student
 
     header, tensors = read_header(path)
     q = header["quant"]
-    model = quantize(create_model(header["arch"], header["num_classes"]), q["w_bits"], q["a_bits"], q["weight"],
-                     q["act"], q["per_channel"], q["first_last"])  # fmt: skip
-    install_fusions(model)  # as the run's student was built
+    model = quantize_student(create_model(header["arch"], header["num_classes"]), q["w_bits"], q["a_bits"],
+                             q["weight"], q["act"], q["per_channel"], q["first_last"], q.get("residual", "float"),
+                             q.get("residual_bits", 2))  # as the run's student was built  # fmt: skip
     layout = _layout(model)
     if header.get("layout_sha1") != _layout_hash(layout):
         raise RunFileError(f"{path}: its layout does not match {header['arch']} as this vaqkd builds it (tampered?)")

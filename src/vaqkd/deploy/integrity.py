@@ -26,6 +26,7 @@ HEADER_KEY, HASH_KEY = "vaqkd", "vaqkd_sha256"
 TENSORS = {"codes": torch.uint8, "params": torch.float32}  # the only tensors an artifact holds
 DATASETS = ("cifar100", "cifar10", "folder")
 QUANT_KEYS = ("w_bits", "a_bits", "weight", "act", "per_channel", "first_last")
+LATER_QUANT_KEYS = ("residual", "residual_bits")  # optional: an artifact without them has a float residual
 
 
 def sha256(data: bytes | str) -> str:
@@ -58,11 +59,14 @@ def _hex(v, n: int) -> bool:
 def _check_quant(q) -> str | None:
     from vaqkd.config import ConfigError, QuantConfig
 
-    if not isinstance(q, dict) or sorted(q) != sorted(QUANT_KEYS):
+    if not isinstance(q, dict) or not set(QUANT_KEYS) <= set(q) <= {*QUANT_KEYS, *LATER_QUANT_KEYS}:
         got = sorted(q) if isinstance(q, dict) else type(q).__name__
-        return f"must be an object with keys {list(QUANT_KEYS)}, got {got}"
-    kinds = {"w_bits": int, "a_bits": int, "weight": str, "act": str, "per_channel": bool, "first_last": str}
+        return f"must be an object with keys {list(QUANT_KEYS)} (and {list(LATER_QUANT_KEYS)}), got {got}"
+    kinds = {"w_bits": int, "a_bits": int, "weight": str, "act": str, "per_channel": bool, "first_last": str,
+             "residual": str, "residual_bits": int}
     for k, kind in kinds.items():
+        if k not in q:
+            continue
         if not isinstance(q[k], kind) or (kind is int and isinstance(q[k], bool)):
             return f"{k}: expected {kind.__name__}, got {q[k]!r}"
     if q["weight"] != "lsq":

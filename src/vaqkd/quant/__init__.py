@@ -1,6 +1,7 @@
-from vaqkd.quant.convert import calibrate, quantize, quantizers, set_grad_batch
+from vaqkd.quant.convert import calibrate, quantize, quantize_student, quantizers, set_grad_batch
 from vaqkd.quant.fusion import install_fusions, remove_fusions
 from vaqkd.quant.layers import QConv2d, QLinear
+from vaqkd.quant.residual import IntResidualBlock, install_int_residual, residual_mode
 from vaqkd.quant.quantizers import (
     ACT_QUANTIZERS,
     WEIGHT_QUANTIZERS,
@@ -12,7 +13,7 @@ from vaqkd.quant.quantizers import (
 )
 
 __all__ = [
-    "quantize", "install_fusions", "remove_fusions",
+    "quantize", "quantize_student", "install_int_residual", "IntResidualBlock", "residual_mode", "install_fusions", "remove_fusions",
     "calibrate", "quantizers", "set_grad_batch", "QConv2d", "QLinear", "Quantizer", "LSQQuantizer",
     "EWGSQuantizer", "PACTQuantizer", "DoReFaQuantizer", "WEIGHT_QUANTIZERS", "ACT_QUANTIZERS",
 ]  # fmt: skip

@@ -98,3 +98,22 @@ def set_grad_batch(model: nn.Module, factor: int) -> None:
     for m in model.modules():
         if isinstance(m, (QConv2d, QLinear)):
             m.a_quant.grad_batch = factor
+        for q in getattr(m, "act_quantizers", lambda: [])():  # an integer-residual block's stream quantizers
+            q.grad_batch = factor
+
+
+def quantize_student(model: nn.Module, w_bits: int = 2, a_bits: int = 2, weight: str = "lsq", act: str = "lsq",
+                     per_channel: bool = False, first_last: str = "fp32", residual: str = "float",
+                     residual_bits: int = 2) -> nn.Module:  # fmt: skip
+    """`quantize` and the residual policy, as a student is built wherever one is (a run, a packed artifact):
+    residual "float" installs the fused fast path of residual stages (`fusion`), "int" the integer residual
+    stream (`residual`). Returns the model."""
+    from vaqkd.quant.fusion import install_fusions
+    from vaqkd.quant.residual import RESIDUAL_MODES, install_int_residual
+
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
+    quantize(model, w_bits, a_bits, weight, act, per_channel, first_last)
+    if residual == "int":
+        return install_int_residual(model, residual_bits)
+    return install_fusions(model)  # the same numbers as the plain blocks, fewer passes

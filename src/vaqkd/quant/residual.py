@@ -1,0 +1,94 @@
+"""The residual stream as part of the quantization policy: `quant.residual = "int"`.
+
+A float-residual block (the paper's, `quant.residual = "float"`) quantizes only what its convs read: the shortcut
+carries the unquantized block output, so an integer graph must keep the add, and the conv that feeds it, in
+floating point. An integer-residual block computes, with x the previous block's output (B, C, H, W):
+
+    x_s  = Q_stream(x)                    the stream: codes of `residual_bits` bits, one learned step
+    a    = conv1(x_s)                     (x_s *is* conv1's 2-bit input where residual_bits = a_bits)
+    m    = Q_mid(bn2(conv2(relu(bn1 a)))) the conv output requantized to signed 8-bit codes (MID_BITS)
+    out  = relu(m + shortcut(x_s))        option-A shortcut on the codes (stride 2, zero channels)
+
+and the next block's Q_stream turns `out` into codes again. Every tensor that crosses a layer is a code times a
+step, so the ONNX graph (`deploy.onnx_export`) runs every block conv as an integer conv and every add as an
+integer add, and it computes exactly this arithmetic: what is trained is what is deployed (the only differences
+are float rounding, measured by the agreement figures). With `residual_bits = a_bits` the stream quantizer is
+conv1's own input quantizer (one step serves the conv and the shortcut); with wider streams (4 or 8 bits) the
+block has its own `stream_quant` and conv1 requantizes the stream to its 2-bit codes. The last block's output goes
+to the average pool unquantized (the FC is FP32 by the default policy).
+
+`install_int_residual(model, bits)` after `quantize()` turns every quantized BasicBlock of a CIFAR ResNet into
+an `IntResidualBlock` (in place; new quantizers `mid_quant` and, for a wide stream, `stream_quant`; the existing
+state-dict keys unchanged); they need `calibrate` like every other quantizer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaqkd.models.resnet_cifar import BasicBlock
+from vaqkd.quant.layers import QConv2d
+from vaqkd.quant.quantizers import LSQQuantizer, Quantizer
+
+MID_BITS = 8  # the requantization of conv2's output before the add: signed 8-bit codes (uint8 at zero point 128)
+RESIDUAL_MODES = ("float", "int")
+
+
+class IntResidualBlock(BasicBlock):
+    """A quantized BasicBlock whose input, shortcut and conv output are codes (see the module docstring)."""
+
+    mid_quant: LSQQuantizer
+
+    @property
+    def stream(self) -> Quantizer:
+        """The quantizer of the block's input: the codes conv1 reads and the shortcut carries."""
+        return self.stream_quant if hasattr(self, "stream_quant") else self.conv1.a_quant
+
+    def act_quantizers(self) -> list[Quantizer]:
+        return [self.mid_quant, *([self.stream_quant] if hasattr(self, "stream_quant") else [])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_s = self.stream(x)  # (B, C, H, W): codes·step
+        a = self.conv1(x_s) if hasattr(self, "stream_quant") else self.conv1.forward_quantized(x_s)
+        out = self.bn1(a)
+        if not self.conv2.input_clamps_at_zero:
+            out = F.relu(out)
+        m = self.mid_quant(self.bn2(self.conv2(out)))
+        return F.relu(m + self.shortcut(x_s))
+
+
+def _blocks(model: nn.Module) -> list[BasicBlock]:
+    return [m for m in model.modules() if isinstance(m, BasicBlock)]
+
+
+def install_int_residual(model: nn.Module, bits: int = 2) -> nn.Module:
+    """Make the residual stream of a quantized CIFAR ResNet integer (in place); returns the model. `bits`: the
+    stream's width (the conv input's a_bits, or wider)."""
+    from vaqkd.errors import ConfigError
+
+    blocks = _blocks(model)
+    if not blocks:
+        raise ConfigError(f"quant.residual = int: {type(model).__name__} has no CIFAR ResNet blocks (CIFAR ResNets "
+                          "only; use quant.residual = float)")  # fmt: skip
+    for b in blocks:
+        if not (isinstance(b.conv1, QConv2d) and isinstance(b.conv2, QConv2d)):
+            raise ConfigError("quant.residual = int: every block's convs must be quantized")
+        if not isinstance(b.conv1.a_quant, LSQQuantizer) or not isinstance(b.conv2.a_quant, LSQQuantizer):
+            raise ConfigError(f"quant.residual = int: needs LSQ activations, got {type(b.conv1.a_quant).__name__}")
+        a_bits = b.conv1.a_quant.bits
+        if bits < a_bits:
+            raise ConfigError(f"quant.residual_bits = {bits}: narrower than the convs' input ({a_bits} bits)")
+        device = b.conv1.weight.device
+        b.__class__ = IntResidualBlock
+        b.mid_quant = LSQQuantizer(MID_BITS, signed=True).to(device)
+        if bits != a_bits:
+            b.stream_quant = LSQQuantizer(bits, signed=False).to(device)
+    return model
+
+
+def residual_mode(model: nn.Module) -> tuple[str, int | None]:
+    """("int", stream bits) for a model with an integer residual stream, else ("float", None)."""
+    blocks = [b for b in _blocks(model) if isinstance(b, IntResidualBlock)]
+    return ("int", blocks[0].stream.bits) if blocks else ("float", None)
