@@ -257,7 +257,7 @@ def test_integer_graph_keeps_every_code_through_all_blocks(monkeypatch):
         model(x)
 
     def moved():
-        got = ox.ort_logits(ox.session(ox.build_onnx(model, stop_after_blocks=9).SerializeToString()), x)
+        got = ox.ort_logits(ox.session(ox.build_onnx(model, stop_after="layer3").SerializeToString()), x)
         return ((got - out["ref"]).abs() > 1e-4).float().mean().item()
 
     fine = moved()
@@ -274,15 +274,16 @@ def test_committed_w2a2_artifact_agrees_with_onnx_runtime_on_real_images(real_ci
     PyTorch on 2,000 real test images (skipped without the real data). Measured 99.85 %; on all 10,000 the
     export now gives 99.86 %, the export before the fine int32 bias grid 88.06 % (results/deploy/bias_grid.json)."""
     from vaqkd.data.cifar import load_split
-    from vaqkd.deploy.onnx_export import build_onnx, ort_logits, session
+    from vaqkd.deploy.onnx_export import build_onnx, normalisation, ort_logits, session
 
     model, header = load(ROOT / "results/deploy/qkd_feature-s0-deploy.vaqkd.safetensors")
     x, y = load_split("cifar100", real_cifar100, train=False)
-    mean, std = (torch.tensor(header[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-    x = (x[:2000].float() / 255 - mean) / std
+    x = x[:2000]  # uint8 pixels: the graph normalises inside, with the loader's arithmetic
+    mean255, std255 = normalisation(header["mean"], header["std"])
     with torch.no_grad():
-        ref = model.eval()(x).argmax(1)
-    got = ort_logits(session(build_onnx(model).SerializeToString()), x).argmax(1)
+        xn = (x.float() - torch.from_numpy(mean255).view(1, 3, 1, 1)) / torch.from_numpy(std255).view(1, 3, 1, 1)
+        ref = model.eval()(xn).argmax(1)
+    got = ort_logits(session(build_onnx(model, normalise=(mean255, std255)).SerializeToString()), x).argmax(1)
     agree = (got == ref).float().mean().item()
     print(f"agreement {agree:.4f}, top-1 {(ref == y[:2000]).float().mean().item():.4f}")
     assert agree >= 0.995 and (ref == y[:2000]).float().mean() > 0.45  # a trained model, not a collapsed one

@@ -65,7 +65,7 @@ def test_every_block_input_is_stream_codes_and_gradients_reach_the_new_steps():
 
 def test_float_residual_default_keeps_run_identities_and_int_changes_them():
     cfg = load_config("configs/cifar100/qkd_logit.toml")
-    assert (cfg.quant.residual, cfg.quant.residual_bits) == ("float", 2)
+    assert (cfg.quant.residual, cfg.quant.residual_bits) == ("float", 0)
     from vaqkd.config import identity, to_toml
 
     assert "residual" not in identity(to_toml(cfg))  # records made before the field exist keep their hash
@@ -76,8 +76,9 @@ def test_float_residual_default_keeps_run_identities_and_int_changes_them():
 
 @pytest.mark.parametrize("overrides, needle", [
     ([("quant.residual", "integer")], "quant.residual: must be float or int"),
-    ([("quant.residual", "int"), ("quant.residual_bits", 3)], "quant.residual_bits: must be 2, 4 or 8"),
-    ([("quant.residual", "int"), ("quant.a_bits", 4)], "quant.residual_bits: must be >= a_bits (4)"),
+    ([("quant.residual", "int"), ("quant.residual_bits", 3)], "quant.residual_bits: must be 0 (a_bits), 2, 4 or 8"),
+    ([("quant.residual", "int"), ("quant.a_bits", 4), ("quant.residual_bits", 2)],
+     "quant.residual_bits: must be >= a_bits (4)"),
     ([("quant.residual", "int"), ("quant.act", "pact")], "quant.act: an integer residual stream needs lsq"),
 ])  # fmt: skip
 def test_the_config_refuses_what_it_cannot_build(overrides, needle):
@@ -108,5 +109,8 @@ def test_the_packed_artifact_keeps_the_integer_residual(tmp_path):
         assert torch.equal(back(x), m(x))
 
 
-def test_config_dataclass_default_is_float():
+def test_config_dataclass_default_is_float_and_the_stream_width_follows_a_bits():
     assert Config().quant.residual == "float"
+    w4 = load_config("configs/cifar100/takd_w4a4.toml", [("quant.residual", "int")])  # a table's --set reaches it
+    m = quantize_student(create_model("resnet20", 10), 4, 4, residual="int", residual_bits=w4.quant.residual_bits)
+    assert residual_mode(m) == ("int", 4) and not hasattr(m.layer1[0], "stream_quant")

@@ -71,13 +71,13 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device or "auto", "--device")
     from vaqkd.deploy import backend_for
 
-    if backend_for(args.run_dir) == "onnxruntime":  # an ONNX graph (vaqkd export --format onnx) in ONNX Runtime
+    if backend_for(args.run_dir) == "onnxruntime":  # an ONNX graph (vaqkd export --format onnx)
         return _eval_onnx(args)
+    if args.backend not in (None, "torch"):  # a run or an artifact, exported in memory and run in that runtime
+        return _eval_exported(args)
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
-        from vaqkd.deploy import ExportError, load
+        from vaqkd.deploy import load
 
-        if args.backend not in (None, "torch"):
-            raise ExportError(f"--backend {args.backend}: not available yet for packed artifacts (use torch)")
         model, header = load(args.run_dir, device)
         _, data = _test_data(args, header["dataset"], header["image_size"], device)
         # the run's logits, bit for bit: its own normalisation (folder data would recompute it from whatever
@@ -111,31 +111,57 @@ def _test_data(args, dataset: str, image_size: int, device):
     return cfg, build_data(cfg, device)
 
 
-def _eval_onnx(args) -> int:
+def _graph_data(args, meta: dict):
     import torch
 
-    from vaqkd.deploy.onnx_export import ort_evaluate, session
-
-    if args.backend not in (None, "onnxruntime"):
-        from vaqkd.deploy import ExportError
-
-        raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime")
-    meta = session(args.run_dir).get_modelmeta().custom_metadata_map
     _, data = _test_data(args, meta.get("dataset", "cifar100"), 32, torch.device("cpu"))
-    res = {"run": str(args.run_dir), "backend": "onnxruntime", **ort_evaluate(args.run_dir, data.test),
-           "test_images": len(data.test.labels)}  # fmt: skip
-    print(json.dumps(res) if args.json else f"{args.run_dir}: test top-1 {res['top1']:.2f}% (onnxruntime)")
+    return data.test
+
+
+def _print_graph_result(args, backend: str, res: dict) -> int:
+    res = {"run": str(args.run_dir), "backend": backend, **res}
+    print(json.dumps(res) if args.json else f"{args.run_dir}: test top-1 {res['top1']:.2f}% ({backend}) on "
+          f"{res['test_images']} images")  # fmt: skip
     return 0
+
+
+def _eval_onnx(args) -> int:
+    """An ONNX file in ONNX Runtime (default) or OpenVINO, on the uint8 test images (or, for a graph exported with
+    float input, the loader's normalised batches)."""
+    from vaqkd.deploy import ExportError
+    from vaqkd.deploy.onnx_export import session
+    from vaqkd.deploy.runtimes import compile_graph, evaluate_graph
+
+    backend = args.backend or "onnxruntime"
+    if backend == "torch":
+        raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime or openvino")
+    meta = session(args.run_dir).get_modelmeta().custom_metadata_map  # also checks the file is an ONNX model
+    test = _graph_data(args, meta)
+    run = compile_graph(backend, args.run_dir)
+    res = evaluate_graph(run, test.images, test.labels, normalise=(test.mean, test.std))
+    return _print_graph_result(args, backend, {**res, "test_images": len(test.labels)})
+
+
+def _eval_exported(args) -> int:
+    """A run directory or a packed artifact exported to ONNX in memory and run in --backend's runtime."""
+    from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model
+    from vaqkd.deploy.runtimes import compile_graph, evaluate_graph
+
+    model, (mean, std), meta = source_model(args.run_dir, args.data_root)
+    test = _graph_data(args, meta)
+    graph = build_onnx(model, normalise=normalisation(mean, std)).SerializeToString()
+    res = evaluate_graph(compile_graph(args.backend, graph), test.images, test.labels)
+    return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
 
 
 def cmd_export(args) -> int:
     from vaqkd.deploy import ExportError, export_packed
 
     if args.format == "onnx":
-        from vaqkd.deploy.onnx_export import export_run_onnx
+        from vaqkd.deploy.onnx_export import export_source_onnx
 
-        export_run_onnx(args.run_dir, args.out, data_root=args.data_root)
-        print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes)")
+        export_source_onnx(args.run_dir, args.out, args.data_root, args.arch, args.dataset)
+        print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes; input uint8 images, normalised inside)")
         return 0
     if args.format != "packed":
         raise ExportError(f"--format {args.format}: unknown")
@@ -240,18 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="top-1 of a finished run (or a packed artifact) on the test split")
-    e.add_argument("run_dir", help="a run directory or a packed artifact file")
+    e.add_argument("run_dir", help="a run directory, a packed artifact file or an ONNX graph")
     e.add_argument("--json", action="store_true")
     e.add_argument("--device")
     e.add_argument("--precision", choices=["fp32", "bf16"])
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
     e.add_argument("--backend", choices=list(EVAL_BACKENDS),
-                   help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact)")
+                   help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact); "
+                   "onnxruntime or openvino on a run or an artifact export it to ONNX in memory first")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write a finished quantized run as a deployable artifact")
-    x.add_argument("run_dir")
+    x = sub.add_parser("export", help="write a finished run (or, as ONNX, a packed artifact or FP32 weights) as a "
+                       "deployable file")  # fmt: skip
+    x.add_argument("run_dir", metavar="SOURCE", help="a run directory; for --format onnx also a packed artifact or "
+                   "FP32 weights ('pretrained', 'pretrained:NAME', a .safetensors file)")  # fmt: skip
+    x.add_argument("--arch", default="resnet32", help="FP32 weights: the architecture (default resnet32)")
+    x.add_argument("--dataset", default="cifar100", help="FP32 weights: the dataset (its statistics, classes)")
     x.add_argument("--format", choices=list(EXPORT_FORMATS), default="packed")
     x.add_argument("--out", required=True, help="e.g. model.vaqkd.safetensors")
     _add_data_root(x)

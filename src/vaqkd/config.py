@@ -80,7 +80,7 @@ class QuantConfig:
     # the residual stream: "float" (the paper's: the shortcut carries the unquantized block output) or "int"
     # (codes of `residual_bits` bits between blocks, trained as the integer graph computes: vaqkd.quant.residual)
     residual: str = "float"
-    residual_bits: int = 2
+    residual_bits: int = 0  # the stream's width; 0: a_bits (the codes the next conv reads)
 
     def validate(self, p: str) -> None:
         from vaqkd.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
@@ -96,9 +96,9 @@ class QuantConfig:
         _check(f"{p}.first_last", self.first_last in ("fp32", "8", "same"), "must be fp32, 8 or same")
         _check(f"{p}.calib_batches", self.calib_batches >= 1, "must be >= 1")
         _check(f"{p}.residual", self.residual in ("float", "int"), "must be float or int")
-        _check(f"{p}.residual_bits", self.residual_bits in (2, 4, 8), "must be 2, 4 or 8")
+        _check(f"{p}.residual_bits", self.residual_bits in (0, 2, 4, 8), "must be 0 (a_bits), 2, 4 or 8")
         if self.residual == "int":
-            _check(f"{p}.residual_bits", self.residual_bits >= self.a_bits,
+            _check(f"{p}.residual_bits", self.residual_bits in (0, self.a_bits) or self.residual_bits > self.a_bits,
                    f"must be >= a_bits ({self.a_bits}): the stream carries the convs' input codes")
             _check(f"{p}.act", self.act == "lsq", "an integer residual stream needs lsq activations")
 
@@ -434,7 +434,7 @@ def canonical_text(d: dict) -> str:
 # Fields added after runs were recorded: while at their default they are left out of a run's identity (its
 # config hash, the resume check), so records and run directories made before the field existed still match.
 LATER_DEFAULTS = ('teacher_stage = ""', "micro_batches = 1", "sync_bn = false", 'residual = "float"',
-                  "residual_bits = 2")
+                  "residual_bits = 0")
 
 
 def identity(toml_text: str) -> str:

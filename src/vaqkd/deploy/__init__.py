@@ -5,9 +5,10 @@ from vaqkd.deploy.pack import pack_codes, packed_size, unpack_codes
 
 # what `vaqkd export --format` writes and `vaqkd eval --backend` runs (ONNX needs the deploy extra)
 EXPORT_FORMATS = {"packed": "2-bit codes and the header in one safetensors file (export_packed)",
-                  "onnx": "a QDQ graph whose convolutions run as integer kernels in ONNX Runtime (onnx_export)"}
+                  "onnx": "a QDQ graph (uint8 input) whose convolutions run as integer kernels (onnx_export)"}
 EVAL_BACKENDS = {"torch": "a run directory or a packed artifact, in PyTorch",
-                 "onnxruntime": "an ONNX graph, in ONNX Runtime"}  # fmt: skip
+                 "onnxruntime": "an ONNX graph (or a run/artifact exported in memory), in ONNX Runtime",
+                 "openvino": "an ONNX graph (or a run/artifact exported in memory), in OpenVINO, f32"}  # fmt: skip
 
 
 def backend_for(path: str) -> str:

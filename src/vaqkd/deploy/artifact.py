@@ -152,7 +152,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     q = header["quant"]
     model = quantize_student(create_model(header["arch"], header["num_classes"]), q["w_bits"], q["a_bits"],
                              q["weight"], q["act"], q["per_channel"], q["first_last"], q.get("residual", "float"),
-                             q.get("residual_bits", 2))  # as the run's student was built  # fmt: skip
+                             q.get("residual_bits", 0))  # as the run's student was built  # fmt: skip
     layout = _layout(model)
     if header.get("layout_sha1") != _layout_hash(layout):
         raise RunFileError(f"{path}: its layout does not match {header['arch']} as this vaqkd builds it (tampered?)")

@@ -104,10 +104,10 @@ def set_grad_batch(model: nn.Module, factor: int) -> None:
 
 def quantize_student(model: nn.Module, w_bits: int = 2, a_bits: int = 2, weight: str = "lsq", act: str = "lsq",
                      per_channel: bool = False, first_last: str = "fp32", residual: str = "float",
-                     residual_bits: int = 2) -> nn.Module:  # fmt: skip
+                     residual_bits: int = 0) -> nn.Module:  # fmt: skip
     """`quantize` and the residual policy, as a student is built wherever one is (a run, a packed artifact):
     residual "float" installs the fused fast path of residual stages (`fusion`), "int" the integer residual
-    stream (`residual`). Returns the model."""
+    stream (`residual`) of `residual_bits` bits (0: a_bits). Returns the model."""
     from vaqkd.quant.fusion import install_fusions
     from vaqkd.quant.residual import RESIDUAL_MODES, install_int_residual
 
@@ -115,5 +115,5 @@ def quantize_student(model: nn.Module, w_bits: int = 2, a_bits: int = 2, weight:
         raise ValueError(f"residual must be one of {RESIDUAL_MODES}, got {residual!r}")
     quantize(model, w_bits, a_bits, weight, act, per_channel, first_last)
     if residual == "int":
-        return install_int_residual(model, residual_bits)
+        return install_int_residual(model, residual_bits or a_bits)
     return install_fusions(model)  # the same numbers as the plain blocks, fewer passes

@@ -1,0 +1,165 @@
+"""The ONNX export from the traced graph: every model family, uint8 input normalised as the loader does, the
+integer-residual student with no float convolution but the FP32 stem, and what does not export named in a line."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import one_line_error as one_line
+from vaqkd.cli import main
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from vaqkd.deploy.artifact import ExportError  # noqa: E402
+from vaqkd.deploy.onnx_export import IR_VERSION, build_onnx, normalisation, ort_logits, session  # noqa: E402
+from vaqkd.models import create_model  # noqa: E402
+from vaqkd.quant import calibrate, quantize, quantize_student  # noqa: E402
+
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def _optimized_ops(proto, tmp_path) -> list[str]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # the QDQ fusions, no layouts
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+def _sequential():
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))  # fmt: skip
+
+
+def _trained_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("family", ["resnet20", "wrn_16_2", "sequential"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_every_family_exports_and_agrees(family, quantized):
+    torch.manual_seed(0)
+    model = _trained_bn(_sequential() if family == "sequential" else create_model(family, 10))
+    x = torch.randn(32, 3, 32, 32)
+    if quantized:
+        quantize(model, 2, 2)
+        calibrate(model, [x])
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    proto = build_onnx(model)
+    assert proto.ir_version == IR_VERSION == 10
+    out = ort_logits(session(proto.SerializeToString()), x)
+    if not quantized:
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+    else:  # float rounding may move a code at a boundary; nearly all predictions and logits agree
+        assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+        assert (out - ref).abs().median() < 1e-3
+
+
+def test_the_graph_takes_uint8_pixels_and_normalises_as_the_loader():
+    """The same uint8 images through the graph and through the loader's arithmetic + PyTorch: the logits agree to
+    float rounding, so a consumer feeds pixels and needs no formula of its own."""
+    from vaqkd.data.loader import DeviceLoader
+
+    torch.manual_seed(0)
+    model = _trained_bn(create_model("resnet20", 10)).eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.zeros(16, dtype=torch.long), 16, MEAN, STD, torch.device("cpu"), train=False)
+    x, _, _ = next(loader.batches(0))
+    m255, s255 = normalisation(MEAN, STD)
+    assert np.array_equal(m255, loader.mean.flatten().numpy()) and np.array_equal(s255, loader.std.flatten().numpy())
+    proto = build_onnx(model, normalise=(m255, s255))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.allclose(ort_logits(session(proto.SerializeToString()), images), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_an_integer_residual_student_has_no_float_conv_but_the_stem(bits, tmp_path):
+    """Every block conv a QLinearConv, every add but the last (which feeds the float pool) a QLinearAdd; the block
+    outputs equal PyTorch's after all 9 blocks (codes moved by float rounding: none on this input)."""
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet20", 10), residual="int", residual_bits=bits)
+    x = torch.randn(64, 3, 32, 32)
+    calibrate(model, [x])
+    _trained_bn(model).eval()
+    ops = _optimized_ops(build_onnx(model), tmp_path)
+    float_convs = ops.count("Conv") + ops.count("FusedConv")
+    assert float_convs == 1 and ops.count("QLinearConv") == 18 and ops.count("QLinearAdd") == 8, ops
+    out = {}
+    model.layer3.register_forward_hook(lambda m, i, o: out.__setitem__("ref", o))
+    with torch.no_grad():
+        logits = model(x)
+    got = ort_logits(session(build_onnx(model, stop_after="layer3").SerializeToString()), x)
+    moved = ((got - out["ref"]).abs() > 1e-4).float().mean().item()
+    assert moved < 1e-3, moved
+    assert (ort_logits(session(build_onnx(model).SerializeToString()), x).argmax(1) == logits.argmax(1)).all()
+
+
+def test_the_float_residual_student_keeps_its_float_convs(tmp_path):
+    """The paper's arithmetic (float residual): the second conv of every block feeds a float add, so it stays a
+    float conv; the integer residual is what removes them (the test above)."""
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet20", 10))
+    calibrate(model, [torch.randn(32, 3, 32, 32)])
+    ops = _optimized_ops(build_onnx(model.eval()), tmp_path)
+    assert ops.count("QLinearConv") == 9 and ops.count("Conv") + ops.count("FusedConv") == 10  # 9 + the stem
+
+
+def test_what_does_not_export_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(ExportError, match=r"^1 \(GELU\): no ONNX mapping for gelu$"):
+        build_onnx(model.eval())
+
+
+def test_export_pretrained_weights_and_evaluate_the_graph_from_the_cli(tmp_path, cifar_root, capsys):
+    out = tmp_path / "teacher.onnx"
+    assert main(["export", "pretrained", "--format", "onnx", "--out", str(out)]) == 0
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["dataset"] == "cifar100" and "uint8" in meta["input"] and proto.ir_version == 10
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--data-root", str(cifar_root)]) == 0
+    assert '"backend": "onnxruntime"' in capsys.readouterr().out
+    one_line(capsys, ["export", "pretrained:nope", "--format", "onnx", "--out", str(tmp_path / "x.onnx")],
+             "pretrained:nope", "not a run directory, a packed artifact or weights")
+
+
+def test_a_packed_artifact_runs_in_onnx_runtime_and_openvino_from_the_cli(tmp_path, cifar_root, capsys):
+    """The artifact reaches ONNX from the CLI (export, and eval --backend on the artifact itself); both runtimes
+    give the same top-1 as PyTorch on the artifact (the synthetic data's few images)."""
+    import json
+
+    from vaqkd.deploy import pack_model, save_artifact
+
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet32", 100))
+    calibrate(model, [torch.randn(32, 3, 32, 32)])
+    tensors, summary = pack_model(model)
+    header = {"format": "vaqkd-packed", "version": 2, "arch": "resnet32", "num_classes": 100, "dataset": "cifar100",
+              "image_size": 32, "mean": list(MEAN), "std": list(STD), "source_run": "test", "git_sha": None,
+              "top1_last": None, "quant": {"w_bits": 2, "a_bits": 2, "weight": "lsq", "act": "lsq",
+                                           "per_channel": False, "first_last": "fp32"}, **summary}  # fmt: skip
+    art = save_artifact(tmp_path / "m.vaqkd.safetensors", tensors, header)
+    assert main(["export", str(art), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    tops = {}
+    for backend in ("torch", "onnxruntime", "openvino"):
+        if backend == "openvino":
+            pytest.importorskip("openvino")
+        capsys.readouterr()
+        assert main(["eval", str(art), "--backend", backend, "--json", "--data-root", str(cifar_root)]) == 0
+        tops[backend] = json.loads(capsys.readouterr().out)["top1"]
+    assert len(set(tops.values())) == 1, tops
