@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from vaqkd.models.resnet_cifar import BasicBlock
 from vaqkd.quant.layers import QConv2d
@@ -52,8 +52,10 @@ class IntResidualBlock(BasicBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_s = self.stream(x)  # (B, C, H, W): codes·step
-        if hasattr(self, "stream_quant") or is_fx_tracing():  # (traced: conv1's quantizer is idempotent on its codes)
-            a = self.conv1(x_s)  # conv1 requantizes a wide stream to its own codes
+        # conv1 requantizes a wide stream to its own codes; traced for export, conv1 is one layer (its quantizer is
+        # idempotent on its own codes)
+        if hasattr(self, "stream_quant") or is_fx_symbolic_tracing():
+            a = self.conv1(x_s)
         else:
             a = self.conv1.forward_quantized(x_s)
         out = self.bn1(a)

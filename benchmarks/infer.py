@@ -1,0 +1,202 @@
+"""Inference speed and agreement of a W2A2 student against its FP32 teacher, in every runtime, in one run.
+
+    python benchmarks/infer.py --student STUDENT --teacher pretrained:resnet32_cifar100_e64 \
+        --data-root ../shared/data/cifar100 --out results/deploy/infer.json
+
+STUDENT: a packed artifact or a finished run directory. Both models are exported by the same builder
+(`vaqkd.deploy.onnx_export`: uint8 input, normalised inside) and compiled in ONNX Runtime (f32) and OpenVINO
+(inference precision f32; the teacher also in bf16, named so: its predictions move, see `agreement`). Speed:
+img/s at batch 1 and 256, 1 and 2 threads; for each (batch, threads) every case is timed once per round, the
+rounds interleaved (`--rounds`), and each ratio is taken within a round (W2A2 / teacher in the same runtime, and
+W2A2 in its fastest runtime / the teacher's fastest deployment in any runtime and precision): medians and the
+spread (min-max) of the per-round ratios. The floor: the MAC rate of a large int8 and fp32 GEMM measured here
+(torch._int_mm, torch.mm, on the same threads) -> the img/s a 68.87 M-MAC ResNet-32 would reach at that rate;
+each case's share of it says how far the runtime is from the machine. Agreement: each runtime's predictions
+against the PyTorch model (fp32, the same uint8 images through the loader's normalisation) on the test split.
+Nothing else heavy may run meanwhile (figures are for a quiet machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
+from vaqkd.deploy.runtimes import compile_graph  # noqa: E402
+
+
+def gemm_rate(threads: int, dtype: str, n: int = 2048, reps: int = 5) -> float:
+    """MAC/s of an n x n x n matrix product (the best of `reps`) on `threads` threads."""
+    torch.set_num_threads(threads)
+    if dtype == "int8":
+        a = torch.randint(-64, 64, (n, n), dtype=torch.int8)
+        b = torch.randint(-64, 64, (n, n), dtype=torch.int8)
+        f = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        f = lambda: torch.mm(a, b)  # noqa: E731
+    f()
+    best = min(_timed(f) for _ in range(reps))
+    return n**3 / best
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def time_case(run, x: np.ndarray, min_s: float = 0.4) -> float:
+    """img/s of one case: calls repeated until `min_s` seconds have passed (after one warm call)."""
+    run(x)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        run(x)
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_s:
+            return n * len(x) / dt
+
+
+def agreement(cases: dict, models: dict, images: torch.Tensor, labels: torch.Tensor, norm) -> dict:
+    """Per case: share of the test images on which it predicts what the PyTorch model predicts, and its top-1."""
+    m255, s255 = (torch.from_numpy(a).view(1, -1, 1, 1) for a in norm)
+    out = {}
+    preds = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            preds[name] = torch.cat([model((images[i : i + 500].float() - m255) / s255).argmax(1)
+                                     for i in range(0, len(labels), 500)])  # fmt: skip
+    for key, run in cases.items():
+        model_name = key.split("/")[0]
+        got = torch.cat([torch.from_numpy(run(images[i : i + 500].numpy())).argmax(1)
+                         for i in range(0, len(labels), 500)])  # fmt: skip
+        out[key] = {"agreement_with_torch": float((got == preds[model_name]).float().mean()),
+                    "top1": 100 * float((got == labels).float().mean()),
+                    "torch_top1": 100 * float((preds[model_name] == labels).float().mean())}  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--student", required=True, help="a packed artifact or a finished run directory")
+    ap.add_argument("--teacher", default="pretrained:resnet32_cifar100_e64", help="FP32 weights spec")
+    ap.add_argument("--data-root", default="../shared/data/cifar100")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--agreement-images", type=int, default=10000, help="test images for agreement (0: skip)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    student, (mean, std), meta = source_model(args.student, args.data_root)
+    teacher, _, _ = source_model(args.teacher)
+    norm = normalisation(mean, std)
+    graphs = {"w2a2": build_onnx(student, normalise=norm).SerializeToString(),
+              "teacher": build_onnx(teacher, normalise=norm).SerializeToString()}  # fmt: skip
+    variants = [("onnxruntime", "f32"), ("openvino", "f32")]
+    keys = [f"{m}/{rt}/{p}" for m in graphs for rt, p in variants] + ["teacher/openvino/bf16"]
+
+    def compiled(threads):
+        return {k: compile_graph(k.split("/")[1], graphs[k.split("/")[0]], threads, k.split("/")[2]) for k in keys}
+
+    result = {"command": " ".join(["python", "benchmarks/infer.py", *(argv or sys.argv[1:])]),
+              "student": args.student, "teacher": args.teacher, "machine": platform.processor() or platform.machine(),
+              "device_name": _cpu_name(), "torch": torch.__version__, "git_sha": _git_sha(), "rounds": args.rounds,
+              "macs_per_image": 68_868_352, "speed": {}, "floor": {}}  # fmt: skip
+    try:
+        import onnxruntime
+        import openvino
+
+        result["onnxruntime"], result["openvino"] = onnxruntime.__version__, openvino.__version__
+    except ImportError:
+        pass
+    for threads in args.threads:
+        rates = {d: gemm_rate(threads, d) for d in ("int8", "fp32")}
+        result["floor"][f"threads{threads}"] = {f"{d}_gemm_mac_per_s": r for d, r in rates.items()}
+        print(f"{threads} thread(s): int8 GEMM {rates['int8'] / 1e9:.0f} G MAC/s (a ResNet-32 at that rate: "
+              f"{rates['int8'] / 68_868_352:.0f} img/s), fp32 GEMM {rates['fp32'] / 1e9:.0f} G MAC/s")
+        cases = compiled(threads)
+        for batch in args.batches:
+            x = np.random.default_rng(0).integers(0, 256, (batch, 3, 32, 32), dtype=np.uint8)
+            per_round = {k: [] for k in keys}
+            for _ in range(args.rounds):  # interleaved: every case once per round
+                for k in keys:
+                    per_round[k].append(time_case(cases[k], x, 0.2 if batch == 1 else 0.5))
+            fastest_teacher = [max(per_round[k][r] for k in keys if k.startswith("teacher"))
+                               for r in range(args.rounds)]  # fmt: skip
+            cell = {}
+            for k in keys:
+                ips = per_round[k]
+                c = {"img_per_s": statistics.median(ips), "img_per_s_rounds": ips,
+                     "share_of_int8_gemm_floor": statistics.median(ips) * 68_868_352 / rates["int8"]}  # fmt: skip
+                if k.startswith("w2a2"):
+                    same = [a / b for a, b in zip(ips, per_round[k.replace("w2a2", "teacher")])]
+                    best = [a / b for a, b in zip(ips, fastest_teacher)]
+                    c.update(vs_teacher_same_runtime=statistics.median(same), vs_teacher_spread=[min(same), max(same)],
+                             vs_fastest_teacher=statistics.median(best),
+                             vs_fastest_teacher_spread=[min(best), max(best)])  # fmt: skip
+                cell[k] = c
+            result["speed"][f"batch{batch}_threads{threads}"] = cell
+            _print_cell(batch, threads, cell)
+    if args.agreement_images:
+        from vaqkd.data.cifar import load_split
+
+        images, labels = load_split(meta.get("dataset", "cifar100"), args.data_root, train=False)
+        images, labels = images[: args.agreement_images], labels[: args.agreement_images]
+        result["agreement"] = agreement(compiled(2), {"w2a2": student, "teacher": teacher}, images, labels, norm)
+        result["agreement_images"] = len(labels)
+        for k, v in result["agreement"].items():
+            print(f"{k:24s} agreement {100 * v['agreement_with_torch']:6.2f} %  top-1 {v['top1']:.2f} "
+                  f"(PyTorch {v['torch_top1']:.2f})")  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _print_cell(batch, threads, cell):
+    print(f"batch {batch}, {threads} thread(s)")
+    for k, c in cell.items():
+        extra = ""
+        if "vs_teacher_same_runtime" in c:
+            lo, hi = c["vs_teacher_spread"]
+            extra = (f"  x{c['vs_teacher_same_runtime']:.2f} teacher same runtime [{lo:.2f}, {hi:.2f}], "
+                     f"x{c['vs_fastest_teacher']:.2f} fastest teacher")  # fmt: skip
+        share = 100 * c["share_of_int8_gemm_floor"]
+        print(f"  {k:24s} {c['img_per_s']:9.0f} img/s  {share:5.1f} % of int8 floor{extra}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git_sha() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
