@@ -4,7 +4,8 @@
 
 Agreement: the fake-quant PyTorch model (fp32) against its ONNX graph in ONNX Runtime with all graph
 optimizations (QDQ fused into QLinearConv: integer kernels), and the reference graph (float biases, no graph
-optimizations: float convolutions on the exact 2-bit codes; ORT's basic level already fuses QDQ), each also
+optimizations: float convolutions on the exact 2-bit codes; in ORT 1.32 the basic level fuses no QDQ, the
+extended level does), each also
 against the same PyTorch model in float64 — the floor set by float32 rounding alone. Speed
 (img/s, peak RSS), each case in a fresh process, in one run: ORT integer graph, ORT FP32 graph of the
 shipped teacher (exported plainly by the same builder), PyTorch eval of the W2A2 model and of the teacher, at
@@ -29,12 +30,12 @@ CASES = ("ort_w2a2_int", "ort_fp32_teacher", "torch_w2a2", "torch_fp32_teacher")
 def speed_case(case: str, onnx_dir: Path, run: str, data_root: str | None) -> dict:
     torch.set_num_threads(2)
     if case.startswith("ort"):
-        from vaqkd.deploy.onnx_export import session
+        from vaqkd.deploy.onnx_export import ort_logits, session
 
         sess = session(onnx_dir / ("w2a2.onnx" if "w2a2" in case else "teacher.onnx"), threads=2)
 
-        def fn(x):
-            return sess.run(None, {"input": x.numpy()})[0]
+        def fn(x):  # uint8 pixels for a graph that normalises inside, else the same values as floats
+            return ort_logits(sess, x)
     else:
         from vaqkd.engine.setup import load_run, load_weights
         from vaqkd.models import create_model
@@ -49,11 +50,11 @@ def speed_case(case: str, onnx_dir: Path, run: str, data_root: str | None) -> di
 
         def fn(x):
             with torch.no_grad():
-                return model(x)
+                return model(x.float())
 
     out = {}
     for batch, reps in ((1, 200), (256, 8)):
-        x = torch.randn(batch, 3, 32, 32)
+        x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
         for _ in range(3):
             fn(x)
         t0 = time.perf_counter()
@@ -115,17 +116,19 @@ def main() -> None:
     _, model, data = load_run(args.run_dir, torch.device("cpu"), ["train.device=cpu"], data_root=args.data_root)
     model.eval()
     fused = session(args.onnx_dir / "w2a2.onnx")
-    # the reference graph: float biases, no graph optimizations (ORT's basic level already fuses QDQ)
+    # the reference graph: float biases, no graph optimizations (ORT 1.32 fuses QDQ from the extended level on)
     unfused = session(build_onnx(model, integer=False).SerializeToString(), optimize=False)
     # the float floor: the same model in float64 (nearly exact arithmetic); fp32 PyTorch itself differs from it
     model64 = copy.deepcopy(model).double()
     names = ("torch", "ort_int", "ort_reference", "torch_fp64")
     correct, agree, agree64, n = dict.fromkeys(names, 0), dict.fromkeys(names, 0), dict.fromkeys(names, 0), 0
     with torch.no_grad():
-        for x, y, _ in data.test.batches(0):
+        for i in range(0, len(data.test.labels), 500):
+            x8, y = data.test.images[i : i + 500], data.test.labels[i : i + 500]
+            x = (x8.float() - data.test.mean) / data.test.std  # the loader's normalisation, as the graph's
             pred = {
                 "torch": model(x).argmax(1),
-                "ort_int": ort_logits(fused, x).argmax(1),
+                "ort_int": ort_logits(fused, x8).argmax(1),
                 "ort_reference": ort_logits(unfused, x).argmax(1),
                 "torch_fp64": model64(x.double()).argmax(1),
             }
