@@ -30,6 +30,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from vaqkd.models.resnet_cifar import BasicBlock
+from vaqkd.quant.fusion import _hooked
 from vaqkd.quant.layers import QConv2d
 from vaqkd.quant.quantizers import LSQQuantizer, Quantizer
 
@@ -52,9 +53,9 @@ class IntResidualBlock(BasicBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_s = self.stream(x)  # (B, C, H, W): codes·step
-        # conv1 requantizes a wide stream to its own codes; traced for export, conv1 is one layer (its quantizer is
-        # idempotent on its own codes)
-        if hasattr(self, "stream_quant") or is_fx_symbolic_tracing():
+        # conv1 requantizes a wide stream to its own codes; traced for export or watched by hooks (the size/BOPs dry
+        # run, features by module path), conv1 runs as one layer (its quantizer is idempotent on its own codes)
+        if hasattr(self, "stream_quant") or is_fx_symbolic_tracing() or _hooked(self):
             a = self.conv1(x_s)
         else:
             a = self.conv1.forward_quantized(x_s)
