@@ -35,6 +35,9 @@ def main() -> None:
         m, sd = mean_std([side[s]["top1_last"] for s in seeds])
         print(f"{name}: {m:.2f} ± {sd:.2f} % (n = {len(seeds)}; {[side[s]['top1_last'] for s in seeds]})")
     p = paired_interval([a[s]["top1_last"] for s in seeds], [b[s]["top1_last"] for s in seeds])
+    if p["lo"] is None:
+        print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} points from {len(seeds)} pair(s): no interval")
+        return
     print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] points, sd of the "
           f"differences {p['sd']:.2f}; {p['verdict']}; {len(set(a) & set(b)) - len(seeds)} pair(s) left out")
 
