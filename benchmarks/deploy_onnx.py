@@ -103,13 +103,13 @@ def main() -> None:
         return
     import onnxruntime as ort
 
-    from vaqkd.deploy.onnx_export import build_onnx, export_onnx, export_run_onnx, ort_logits, session
+    from vaqkd.deploy.onnx_export import build_onnx, export_onnx, export_source_onnx, ort_logits, session
     from vaqkd.engine.setup import load_run, load_weights
     from vaqkd.models import create_model
     from vaqkd.runner import command_line, meta
 
     args.onnx_dir.mkdir(parents=True, exist_ok=True)
-    export_run_onnx(args.run_dir, args.onnx_dir / "w2a2.onnx", data_root=args.data_root)
+    export_source_onnx(str(args.run_dir), args.onnx_dir / "w2a2.onnx", data_root=args.data_root)
     teacher = create_model("resnet32", 100)
     load_weights(teacher, "pretrained", "resnet32")
     export_onnx(teacher, args.onnx_dir / "teacher.onnx")

@@ -182,9 +182,9 @@ def test_w2a2_graph_runs_integer_kernels_and_the_cli_evaluates_it(w2a2_run, shar
     import onnx
     import onnxruntime as ort
 
-    from vaqkd.deploy.onnx_export import export_run_onnx
+    from vaqkd.deploy.onnx_export import export_source_onnx
 
-    path = export_run_onnx(w2a2_run, tmp_path / "m.onnx", data_root=str(shared_cifar_root))
+    path = export_source_onnx(str(w2a2_run), tmp_path / "m.onnx", data_root=str(shared_cifar_root))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")

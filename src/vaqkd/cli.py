@@ -114,7 +114,7 @@ def _test_data(args, dataset: str, image_size: int, device):
 def _graph_data(args, meta: dict):
     import torch
 
-    _, data = _test_data(args, meta.get("dataset", "cifar100"), 32, torch.device("cpu"))
+    _, data = _test_data(args, meta.get("dataset", "cifar100"), int(meta.get("image_size", 32)), torch.device("cpu"))
     return data.test
 
 

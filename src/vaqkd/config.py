@@ -95,7 +95,9 @@ class QuantConfig:
         _check(f"{p}.per_channel", not self.per_channel or self.weight == "lsq", "per-channel steps exist for lsq only")
         _check(f"{p}.first_last", self.first_last in ("fp32", "8", "same"), "must be fp32, 8 or same")
         _check(f"{p}.calib_batches", self.calib_batches >= 1, "must be >= 1")
-        _check(f"{p}.residual", self.residual in ("float", "int"), "must be float or int")
+        from vaqkd.quant.residual import RESIDUAL_MODES
+
+        _check(f"{p}.residual", self.residual in RESIDUAL_MODES, "must be float or int")
         _check(f"{p}.residual_bits", self.residual_bits in (0, 2, 4, 8), "must be 0 (a_bits), 2, 4 or 8")
         if self.residual == "int":
             _check(f"{p}.residual_bits", self.residual_bits in (0, self.a_bits) or self.residual_bits > self.a_bits,

@@ -515,7 +515,8 @@ def source_model(source: str, data_root: str | None = None, arch: str = "resnet3
     if path.is_dir():
         cfg, model, data, final = finished_run(path, data_root)
         stats = (data.test.mean.flatten() / 255, data.test.std.flatten() / 255)
-        meta = {"dataset": cfg.data.dataset, "source_run": str(path), "git_sha": final.get("git_sha", "")}
+        meta = {"dataset": cfg.data.dataset, "image_size": cfg.data.image_size, "source_run": str(path),
+                "git_sha": final.get("git_sha", "")}
         return model.eval(), stats, meta
     if path.is_file() and path.suffix == ".safetensors":
         from vaqkd.rundir import read_safetensors
@@ -523,7 +524,8 @@ def source_model(source: str, data_root: str | None = None, arch: str = "resnet3
         _, file_meta = read_safetensors(path)
         if HEADER_KEY in (file_meta or {}):  # a packed artifact
             model, header = load(path)
-            meta = {"dataset": header["dataset"], "source_artifact": path.name, "git_sha": header.get("git_sha") or ""}
+            meta = {"dataset": header["dataset"], "image_size": header["image_size"], "source_artifact": path.name,
+                    "git_sha": header.get("git_sha") or ""}
             return model, (header["mean"], header["std"]), meta
     from vaqkd.data.cifar import SPECS
     from vaqkd.models import create_model
@@ -568,11 +570,6 @@ def session(path, threads: int = 0, optimize: bool = True):
         raise RunFileError(f"{path}: damaged or not an ONNX model ({type(e).__name__}: {reason[:160]})") from None
 
 
-def export_run_onnx(run_dir: str | Path, out: str | Path, data_root: str | None = None) -> Path:
-    """The ONNX graph of a finished run (quantized or FP32), with its dataset and source in the metadata."""
-    return export_source_onnx(str(run_dir), out, data_root)
-
-
 def _feed(sess, x: torch.Tensor) -> dict:
     want = sess.get_inputs()[0].type
     return {"input": x.detach().cpu().numpy() if want == "tensor(uint8)" else x.detach().cpu().float().numpy()}
@@ -581,19 +578,3 @@ def _feed(sess, x: torch.Tensor) -> dict:
 def ort_logits(sess, x: torch.Tensor) -> torch.Tensor:
     """Logits of a session for x: uint8 images for a graph that normalises inside, else normalised floats."""
     return torch.from_numpy(sess.run(None, _feed(sess, x))[0])
-
-
-def ort_evaluate(path: str | Path, loader, threads: int = 0) -> dict[str, float]:
-    """Top-1 of an ONNX graph in ONNX Runtime over a loader's split: its uint8 images where the graph normalises
-    inside (the pixels as they are stored), else the loader's normalised batches."""
-    sess = session(path, threads)
-    correct = n = 0
-    if sess.get_inputs()[0].type == "tensor(uint8)":
-        batches = ((loader.images[i : i + loader.batch_size], loader.labels[i : i + loader.batch_size])
-                   for i in range(0, len(loader.labels), loader.batch_size))  # fmt: skip
-    else:
-        batches = ((x, y) for x, y, _ in loader.batches(0))
-    for x, y in batches:
-        correct += int((ort_logits(sess, x).argmax(1) == y.cpu()).sum())
-        n += len(y)
-    return {"top1": 100.0 * correct / n}
