@@ -35,8 +35,9 @@ def _metrics(run_dir: str) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def training_curves(results: dict[str, list[dict]], path: Path) -> None:
-    """Test top-1 and every loss part per epoch, QKD vs VA-QKD, seed 0, per setting."""
+def training_curves(results: dict[str, list[dict]], path: Path, paper: dict[str, float] | None = None) -> None:
+    """Test top-1 and every loss part per epoch, QKD vs VA-QKD, seed 0, per setting; `paper` (row -> top-1)
+    draws the paper's final figure of each row as a dotted level beside its curve."""
     settings = [s for s in ("logit", "feature", "contrastive") if f"vaqkd_{s}" in results and f"qkd_{s}" in results]
     if not settings:
         return
@@ -45,7 +46,9 @@ def training_curves(results: dict[str, list[dict]], path: Path) -> None:
         for row, style in ((f"qkd_{s}", "--"), (f"vaqkd_{s}", "-")):
             m = _metrics(results[row][0]["run_dir"]) if "run_dir" in results[row][0] else []
             ep = [r["epoch"] for r in m]
-            axes[0, j].plot(ep, [r.get("test_top1", float("nan")) for r in m], style, marker="o", label=row)
+            (line,) = axes[0, j].plot(ep, [r.get("test_top1", float("nan")) for r in m], style, marker="o", label=row)
+            if paper and row in paper:
+                axes[0, j].axhline(paper[row], ls=":", color=line.get_color(), label=f"{row}: paper {paper[row]:.2f}")
             for part in m[0]["parts"] if m else []:
                 axes[1, j].plot(ep, [r["parts"][part] for r in m], style, marker=".", label=f"{row}: {part}")
         axes[0, j].set_title(s)

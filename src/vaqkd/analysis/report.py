@@ -12,6 +12,14 @@ from vaqkd.rundir import MACHINE_ENV_KEYS, run_machine
 
 SETTINGS = ("logit", "feature", "contrastive", "feature_wrn")
 
+# The paper's table (CIFAR-100, ResNet-32, W2A2, 240 epochs; the teacher FP32): what a row is compared against.
+PAPER_TOP1 = {
+    "teacher": 70.19,
+    "qkd_logit": 64.97, "vaqkd_logit": 65.06,
+    "qkd_feature": 64.24, "vaqkd_feature": 64.40,
+    "qkd_contrastive": 64.48, "vaqkd_contrastive": 64.64,
+}  # fmt: skip
+
 
 def _fmt(m: float, sd: float) -> str:
     return f"{m:.2f}" if sd != sd else f"{m:.2f} ± {sd:.2f}"  # sd != sd: nan (one seed)
@@ -64,6 +72,7 @@ def _summary(row: str, finals: list[dict], left_out: int) -> dict:
         "config": _config_text(finals[0]),
         "fp32_mib": finals[0].get("fp32_mib") or (prof.get("fp32_mib") if prof else None),
         "arithmetic": arithmetic_of(finals[0]), "records_of_other_kinds": left_out,
+        "paper_top1": PAPER_TOP1.get(row.split(" [")[0]),
     }  # fmt: skip
 
 
@@ -179,19 +188,24 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         "The default VA-QKD rows share their QKD row's distillation weight (FP32 term + anchor = QKD's weight), "
         "so VA-QKD − QKD is the weight-matched comparison; `qkd_*_wmatched` rows are the control for anchors "
         "added on top of the FP32 term. A row whose records come from two training arithmetics or machines is "
-        "one line per kind, `row [arithmetic, machine]`: runs average only within one.",
+        "one line per kind, `row [arithmetic, machine]`: runs average only within one. *paper top-1*: the "
+        "paper's table (240 epochs; the teacher's row is the paper's teacher), *Δ paper* = top-1 last − paper.",
         "",
-        "| row | bits | seeds | top-1 last | top-1 best | size MiB (paper / run) | BOPs ↓ (paper / run) | "
-        "train s / seed | epochs × images |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | bits | seeds | top-1 last | top-1 best | paper top-1 | Δ paper | size MiB (paper / run) | "
+        "BOPs ↓ (paper / run) | train s / seed | epochs × images |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fp32 = f"{r['fp32_mib']:.3f} (FP32)" if r.get("fp32_mib") else "FP32"
         size = f"{r['size_mib_paper']:.3f} / {r['size_mib_run']:.3f}" if r["size_mib_run"] else fp32
         bops = f"{r['bops_reduction_paper']:.0f}× / {r['bops_reduction_run']:.1f}×" if r["size_mib_run"] else "1×"
+        paper = r.get("paper_top1")
+        vs = (f"{paper:.2f} | {r['top1_last_mean'] - paper:+.2f}" if paper is not None and r["bits"] in ("W2A2", "FP32")
+              else "— | —")  # fmt: skip
         lines.append(
             f"| {r['row']} | {r['bits']} | {r['seeds']} | {_fmt(r['top1_last_mean'], r['top1_last_std'])} | "
-            f"{_fmt(r['top1_best_mean'], r['top1_best_std'])} | {size} | {bops} | {r['train_seconds_mean']:.0f} | "
+            f"{_fmt(r['top1_best_mean'], r['top1_best_std'])} | {vs} | {size} | {bops} | "
+            f"{r['train_seconds_mean']:.0f} | "
             f"{r['epochs']} × {r['train_images']} |"
         )
     if pairs:
@@ -219,6 +233,6 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         from vaqkd.analysis.plots import accuracy_bars, training_curves
 
         accuracy_bars(rows, out_dir / "accuracy.png")
-        training_curves(results, out_dir / "curves.png")
+        training_curves(results, out_dir / "curves.png", PAPER_TOP1)
     except ImportError:  # matplotlib is an optional extra
         pass
