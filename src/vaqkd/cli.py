@@ -133,7 +133,7 @@ def _eval_onnx(args) -> int:
     from vaqkd.deploy.runtimes import compile_graph, evaluate_graph
 
     backend = args.backend or "onnxruntime"
-    if backend == "torch":
+    if backend in ("torch", "torch-int8"):
         raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime or openvino")
     meta = session(args.run_dir).get_modelmeta().custom_metadata_map  # also checks the file is an ONNX model
     test = _graph_data(args, meta)
@@ -149,6 +149,13 @@ def _eval_exported(args) -> int:
 
     model, (mean, std), meta = source_model(args.run_dir, args.data_root)
     test = _graph_data(args, meta)
+    if args.backend == "torch-int8":  # no ONNX: the model as a program of int8 ops, compiled by inductor
+        from vaqkd.deploy.torch_int8 import compile_int8
+
+        batch = 500
+        run = compile_int8(model, *normalisation(mean, std), example=test.images[:batch].cpu())
+        res = evaluate_graph(run, test.images, test.labels, batch=batch)
+        return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
     graph = build_onnx(model, normalise=normalisation(mean, std)).SerializeToString()
     res = evaluate_graph(compile_graph(args.backend, graph), test.images, test.labels)
     return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})

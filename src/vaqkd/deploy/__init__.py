@@ -8,7 +8,8 @@ EXPORT_FORMATS = {"packed": "2-bit codes and the header in one safetensors file 
                   "onnx": "a QDQ graph (uint8 input) whose convolutions run as integer kernels (onnx_export)"}
 EVAL_BACKENDS = {"torch": "a run directory or a packed artifact, in PyTorch",
                  "onnxruntime": "an ONNX graph (or a run/artifact exported in memory), in ONNX Runtime",
-                 "openvino": "an ONNX graph (or a run/artifact exported in memory), in OpenVINO, f32"}  # fmt: skip
+                 "openvino": "an ONNX graph (or a run/artifact exported in memory), in OpenVINO, f32",
+                 "torch-int8": "an integer-residual run or artifact as oneDNN int8 convs (torch_int8)"}  # fmt: skip
 
 
 def backend_for(path: str) -> str:

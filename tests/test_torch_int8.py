@@ -1,0 +1,80 @@
+"""torch's own int8 path (`deploy.torch_int8`): the integer-residual student as quantize/dequantize ops that
+inductor lowers to oneDNN int8 convs. It computes the trained arithmetic (eager: the model's logits), every block
+conv becomes one qconv with its clamp fused, compiled it keeps the answers, and what it cannot take is one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from conftest import one_line_error as one_line  # noqa: E402
+from test_onnx_graph import _trained_bn  # noqa: E402
+from vaqkd.cli import main  # noqa: E402
+from vaqkd.deploy.artifact import ExportError  # noqa: E402
+from vaqkd.deploy.onnx_export import normalisation  # noqa: E402
+from vaqkd.deploy.torch_int8 import Int8Program, compile_int8  # noqa: E402
+from vaqkd.models import create_model  # noqa: E402
+from vaqkd.quant import calibrate, quantize_student  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def _student(bits: int):
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet20", 10), residual="int", residual_bits=bits)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    m255, s255 = normalisation(MEAN, STD)
+    x = (images.float() - torch.from_numpy(m255).view(1, 3, 1, 1)) / torch.from_numpy(s255).view(1, 3, 1, 1)
+    calibrate(model, [x])
+    return _trained_bn(model).eval(), images, x, (m255, s255)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_the_program_computes_the_trained_arithmetic(bits):
+    model, images, x, norm = _student(bits)
+    with torch.no_grad():
+        ref, got = model(x), Int8Program(model, *norm)(images)
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+def test_compiled_every_block_conv_is_one_onednn_int8_conv_and_the_answers_stay():
+    from torch._inductor.utils import run_and_get_code
+
+    model, images, x, norm = _student(8)
+    run = compile_int8(model, *norm, example=images)
+    with torch.no_grad():
+        ref = model(x)
+    got = torch.from_numpy(run(images.numpy()))
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+    assert (got - ref).abs().median() < 1e-3
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"freezing": True}), torch.no_grad():
+        _, code = run_and_get_code(torch.compile(run.program), images)
+    assert code[0].count("torch.ops.onednn.qconv_pointwise") == 18  # 9 blocks x 2 convs; the stem stays float
+
+
+def test_what_it_cannot_take_is_one_line():
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet20", 10))  # the float residual
+    with pytest.raises(ExportError, match="quant.residual = int"):
+        Int8Program(model.eval(), *normalisation(MEAN, STD))
+
+
+def test_eval_backend_torch_int8_on_the_committed_artifact(cifar_root, capsys):
+    art = ROOT / "results/deploy/qkd_logit-int8stream-s0.vaqkd.safetensors"
+    res = {}
+    for backend in ("torch", "torch-int8"):
+        capsys.readouterr()
+        assert main(["eval", str(art), "--backend", backend, "--json", "--data-root", str(cifar_root)]) == 0
+        res[backend] = json.loads(capsys.readouterr().out)
+    assert res["torch-int8"]["backend"] == "torch-int8"
+    assert abs(res["torch-int8"]["top1"] - res["torch"]["top1"]) <= 1.0, res  # 100 synthetic images
+    capsys.readouterr()
+    one_line(capsys, ["eval", str(ROOT / "results/deploy/qkd_feature-s0-deploy.vaqkd.safetensors"), "--backend",
+                      "torch-int8", "--data-root", str(cifar_root)], "quant.residual = int")  # fmt: skip
