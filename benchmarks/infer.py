@@ -5,7 +5,9 @@
 
 STUDENT: a packed artifact or a finished run directory. Both models are exported by the same builder
 (`vaqkd.deploy.onnx_export`: uint8 input, normalised inside) and compiled in ONNX Runtime (f32) and OpenVINO
-(inference precision f32; the teacher also in bf16, named so: its predictions move, see `agreement`). Speed:
+(inference precision f32; the teacher also in bf16, named so: its predictions move, see `agreement`); with
+`--torch-int8` also torch's int8 path (`vaqkd.deploy.torch_int8`: the student's own arithmetic as oneDNN int8
+convs, and the teacher quantized to 8 bits after training by PT2E, `int8-ptq`, another model). Speed:
 img/s at batch 1 and 256, 1 and 2 threads; for each (batch, threads) every case is timed once per round, the
 rounds interleaved (`--rounds`), and each ratio is taken within a round (W2A2 / teacher in the same runtime, and
 W2A2 in its fastest runtime / the teacher's fastest deployment in any runtime and precision): medians and the
@@ -97,6 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--agreement-images", type=int, default=10000, help="test images for agreement (0: skip)")
+    ap.add_argument("--torch-int8", action="store_true",
+                    help="also torch's int8 path (vaqkd.deploy.torch_int8; needs torchao): the integer-residual "
+                    "student as oneDNN int8 convs, the teacher quantized to 8 bits by PT2E (named int8-ptq)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -107,9 +112,24 @@ def main(argv=None) -> int:
               "teacher": build_onnx(teacher, normalise=norm).SerializeToString()}  # fmt: skip
     variants = [("onnxruntime", "f32"), ("openvino", "f32")]
     keys = [f"{m}/{rt}/{p}" for m in graphs for rt, p in variants] + ["teacher/openvino/bf16"]
+    torch_cases = {}
+    if args.torch_int8:  # torch's int8 path: the student's own arithmetic, the teacher quantized after training
+        from vaqkd.data.cifar import load_split
+        from vaqkd.deploy.torch_int8 import compile_int8, ptq_int8
+
+        example = torch.zeros(args.batches[0], 3, 32, 32, dtype=torch.uint8)
+        calib = load_split(meta.get("dataset", "cifar100"), args.data_root, train=True)[0][:512]
+        torch_cases = {"w2a2/torch-int8/int8": compile_int8(student, *norm, example=example),
+                       "teacher/torch-int8/int8-ptq": ptq_int8(teacher, *norm, calibration=calib, example=example)}
+        keys += list(torch_cases)
 
     def compiled(threads):
-        return {k: compile_graph(k.split("/")[1], graphs[k.split("/")[0]], threads, k.split("/")[2]) for k in keys}
+        out = {}
+        for k in keys:
+            model, rt, prec = k.split("/")
+            out[k] = _threaded(torch_cases[k], threads) if k in torch_cases else compile_graph(rt, graphs[model],
+                                                                                               threads, prec)
+        return out
 
     result = {"command": " ".join(["python", "benchmarks/infer.py", *(argv or sys.argv[1:])]),
               "student": args.student, "teacher": args.teacher, "machine": platform.processor() or platform.machine(),
@@ -142,7 +162,7 @@ def main(argv=None) -> int:
                 c = {"img_per_s": statistics.median(ips), "img_per_s_rounds": ips,
                      "share_of_int8_gemm_floor": statistics.median(ips) * 68_868_352 / rates["int8"]}  # fmt: skip
                 if k.startswith("w2a2"):
-                    same = [a / b for a, b in zip(ips, per_round[k.replace("w2a2", "teacher")])]
+                    same = [a / b for a, b in zip(ips, per_round[_teacher_key(k)])]
                     best = [a / b for a, b in zip(ips, fastest_teacher)]
                     c.update(vs_teacher_same_runtime=statistics.median(same), vs_teacher_spread=[min(same), max(same)],
                              vs_fastest_teacher=statistics.median(best),
@@ -158,13 +178,30 @@ def main(argv=None) -> int:
         result["agreement"] = agreement(compiled(2), {"w2a2": student, "teacher": teacher}, images, labels, norm)
         result["agreement_images"] = len(labels)
         for k, v in result["agreement"].items():
-            print(f"{k:24s} agreement {100 * v['agreement_with_torch']:6.2f} %  top-1 {v['top1']:.2f} "
+            print(f"{k:28s} agreement {100 * v['agreement_with_torch']:6.2f} %  top-1 {v['top1']:.2f} "
                   f"(PyTorch {v['torch_top1']:.2f})")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _teacher_key(key: str) -> str:
+    """The teacher's case in the W2A2 case's runtime (in torch-int8: the teacher's 8-bit PT2E quantization)."""
+    _, rt, prec = key.split("/")
+    return f"teacher/{rt}/int8-ptq" if rt == "torch-int8" else f"teacher/{rt}/{prec}"
+
+
+def _threaded(run, threads: int):
+    """A torch case on `threads` threads (torch's thread count is global: set at every call)."""
+
+    def call(x):
+        torch.set_num_threads(threads)
+        return run(x)
+
+    call.input_type = run.input_type
+    return call
 
 
 def _print_cell(batch, threads, cell):
@@ -176,7 +213,7 @@ def _print_cell(batch, threads, cell):
             extra = (f"  x{c['vs_teacher_same_runtime']:.2f} teacher same runtime [{lo:.2f}, {hi:.2f}], "
                      f"x{c['vs_fastest_teacher']:.2f} fastest teacher")  # fmt: skip
         share = 100 * c["share_of_int8_gemm_floor"]
-        print(f"  {k:24s} {c['img_per_s']:9.0f} img/s  {share:5.1f} % of int8 floor{extra}")
+        print(f"  {k:28s} {c['img_per_s']:9.0f} img/s  {share:5.1f} % of int8 floor{extra}")
 
 
 def _cpu_name() -> str:

@@ -139,26 +139,79 @@ class Int8Program(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(u, 1), 1))
 
 
-def compile_int8(model: nn.Module, mean255: np.ndarray, std255: np.ndarray, example: torch.Tensor):
-    """The compiled program (inductor with frozen weights) as a function uint8 images -> logits; `example`: a
-    batch of uint8 images of the shape it will run on (the first call compiles for it)."""
+_OPTIONS = {"freezing": True, "realize_opcount_threshold": 1, "realize_reads_threshold": 1,
+            "realize_acc_reads_threshold": 1}  # fmt: skip
+"""freezing: weights as constants, which lets inductor prepack them for oneDNN. The realize thresholds make every
+intermediate a tensor of its own: by default inductor recomputes a block's dequantize-add-quantize chain inside
+each consumer, back through the residual stream (measured: twice the time of the whole net)."""
+
+
+def _runner(program: nn.Module, example: torch.Tensor, options: dict):
+    """program compiled by inductor under `options` (each new batch shape compiles once, under them too) as a
+    function uint8 images (numpy) -> logits (numpy)."""
     import torch._inductor.config as inductor_config
 
-    program = Int8Program(model.eval(), mean255, std255).eval()
-    # freezing: weights as constants, which lets inductor prepack them for oneDNN. The realize thresholds make
-    # every intermediate a tensor of its own: by default inductor recomputes a block's dequantize-add-quantize
-    # chain inside each consumer, back through the residual stream (measured: twice the time of the whole net)
-    options = {"freezing": True, "realize_opcount_threshold": 1, "realize_reads_threshold": 1,
-               "realize_acc_reads_threshold": 1}  # fmt: skip
-    with inductor_config.patch(options):
-        compiled = torch.compile(program, dynamic=False)
-        with torch.no_grad():
-            compiled(example)
+    compiled = torch.compile(program, dynamic=False)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with inductor_config.patch(options), torch.no_grad():
+            return compiled(x)
+
+    call(example)
 
     def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return compiled(torch.from_numpy(x)).numpy()
+        return call(torch.from_numpy(x)).numpy()
 
     run.input_type = "uint8"
     run.program = program
+    return run
+
+
+def compile_int8(model: nn.Module, mean255: np.ndarray, std255: np.ndarray, example: torch.Tensor):
+    """The integer-residual student compiled (`Int8Program`, inductor with frozen weights) as a function uint8
+    images -> logits; `example`: a batch of uint8 images (the first call compiles for its shape)."""
+    return _runner(Int8Program(model.eval(), mean255, std255).eval(), example, _OPTIONS)
+
+
+class _Normalised(nn.Module):
+    def __init__(self, model: nn.Module, mean255, std255):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean255, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std255, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() - self.mean) / self.std)
+
+
+def ptq_int8(model: nn.Module, mean255, std255, calibration: torch.Tensor, example: torch.Tensor):
+    """An FP32 model quantized after training to 8 bits by PT2E's X86InductorQuantizer (its own observers,
+    calibrated on `calibration` uint8 images) and compiled: the FP32 teacher's fastest torch deployment, for
+    comparison. A different model from the FP32 one (its agreement says how far it moves); each batch shape is
+    exported and compiled once."""
+    _ops()
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    net = _Normalised(model.eval(), mean255, std255).eval()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    programs: dict[tuple, object] = {}
+
+    def program_for(x: torch.Tensor):
+        if x.shape not in programs:
+            prepared = prepare_pt2e(torch.export.export(net, (x,)).module(), quantizer)
+            with torch.no_grad():
+                for i in range(0, len(calibration), len(x)):
+                    chunk = calibration[i : i + len(x)]
+                    if len(chunk) == len(x):
+                        prepared(chunk)
+            programs[x.shape] = _runner(convert_pt2e(prepared), x, {"freezing": True})
+        return programs[x.shape]
+
+    program_for(example)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return program_for(torch.from_numpy(x))(x)
+
+    run.input_type = "uint8"
     return run
