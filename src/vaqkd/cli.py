@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", metavar="KEY=VALUE")
     e.add_argument("--backend", choices=list(EVAL_BACKENDS),
                    help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact); "
-                   "onnxruntime or openvino on a run or an artifact export it to ONNX in memory first")
+                   "onnxruntime or openvino on a run or an artifact export it to ONNX in memory first; torch-int8 "
+                   "compiles an integer-residual run or artifact to oneDNN int8 convs")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
 
