@@ -151,7 +151,7 @@ def _runner(program: nn.Module, example: torch.Tensor, options: dict):
     function uint8 images (numpy) -> logits (numpy)."""
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(program, dynamic=False)
+    compiled = torch.compile(program, dynamic=False)  # (options= does not reach freezing: the config is patched)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         with inductor_config.patch(options), torch.no_grad():
