@@ -139,3 +139,57 @@ def test_tensorboard_curves_of_a_tiny_run(shared_cifar_root, tmp_path):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert events.Scalars("top1/test")[0].value == pytest.approx(row["test_top1"])
     assert events.Scalars("top1/test")[0].step == 1
+
+
+def _tiny_w2a2_step(freeze_epochs: float, steps: int):
+    """`steps` QKD-free CE steps of a tiny W2A2 ResNet-20 with `optim.freeze_weights_epochs`, 2 steps an epoch;
+    returns (weights before, after) as {name: tensor}."""
+    from dataclasses import replace
+
+    from vaqkd.config import TermConfig
+    from vaqkd.distill.objective import Objective, build_term
+    from vaqkd.engine.step import StudentLoss, make_optimizer, train_step
+    from vaqkd.models import create_model
+    from vaqkd.quant import calibrate, quantize
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 10
+    student = quantize(create_model("resnet20", 10), 2, 2)
+    calibrate(student, [x])
+    terms = [TermConfig(kind="ce")]
+    objective = Objective(terms, [build_term(t, {}, {}, y) for t in terms])
+    cfg = replace(OptimConfig(), epochs=3, lr=0.05, freeze_weights_epochs=freeze_epochs)
+    opt = make_optimizer(cfg, student, objective, steps_per_epoch=2)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    for step in range(steps):
+        train_step(StudentLoss(student, objective), None, opt, x, y, torch.arange(8), step, "fp32", shard=(0, 1))
+    return before, student.state_dict()
+
+
+def test_freeze_weights_epochs_holds_conv_and_linear_weights_then_releases_them():
+    before, after = _tiny_w2a2_step(freeze_epochs=1.0, steps=2)  # the whole first epoch is the held phase
+    weights = [k for k in before if k.endswith(".weight") and before[k].ndim > 1]  # conv and linear weights
+    assert weights and all(torch.equal(before[k], after[k]) for k in weights)
+    names = [k for k in before if k.endswith(("step", "bn1.weight", "bn1.bias"))]
+    moved = [k for k in names if not torch.equal(before[k], after[k])]
+    assert any(k.endswith("step") for k in moved) and any("bn1" in k for k in moved)  # quantizers and BN train
+    before, after = _tiny_w2a2_step(freeze_epochs=1.0, steps=3)  # the third step is past the phase
+    assert all(not torch.equal(before[k], after[k]) for k in weights)
+
+
+def test_freeze_weights_epochs_zero_keeps_the_optimizer_and_the_run_identity():
+    from vaqkd.config import identity, to_toml
+    from vaqkd.engine.step import make_optimizer
+    from vaqkd.models import create_model
+    from vaqkd.quant import quantize
+
+    student = quantize(create_model("resnet20", 10), 2, 2)
+    groups = make_optimizer(OptimConfig(), student, torch.nn.Module()).param_groups
+    assert len(groups) == 2 and not any("frozen_until" in g for g in groups)  # weights, quantizer steps
+    cfg = load_config(None, ["optim.epochs=2"])
+    text = to_toml(cfg)
+    assert "freeze_weights_epochs = 0.0" in text
+    assert identity(text) == identity(text.replace("freeze_weights_epochs = 0.0\n", ""))  # old records' hashes
+    assert identity(to_toml(load_config(None, ["optim.epochs=2", "optim.freeze_weights_epochs=0.5"]))) != identity(text)
+    with pytest.raises(ConfigError, match="optim.freeze_weights_epochs"):
+        load_config(None, ["optim.epochs=2", "optim.freeze_weights_epochs=2"])

@@ -117,6 +117,10 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     quant_lr_scale: float = 1.0  # lr multiplier for quantizer parameters (step sizes, clips)
+    # a first phase that holds the conv/linear weights: only quantizer steps, BatchNorm and biases train for this
+    # many epochs (the weights get no gradient and no momentum then), so a pretrained start is not pushed by the
+    # large gradients of its freshly quantized self
+    freeze_weights_epochs: float = 0.0
 
     def validate(self, p: str) -> None:
         _check(f"{p}.epochs", self.epochs >= 1, "must be >= 1")
@@ -132,6 +136,7 @@ class OptimConfig:
         _check(f"{p}.warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "must be in [0, epochs)")
         _check(f"{p}.milestones", list(self.milestones) == sorted(self.milestones), "must be increasing")
         _check(f"{p}.quant_lr_scale", self.quant_lr_scale > 0, "must be > 0")
+        _check(f"{p}.freeze_weights_epochs", 0 <= self.freeze_weights_epochs < self.epochs, "must be in [0, epochs)")
 
 
 # The keys a resolved term table held before each term declared its own parameters, in their order and with their
@@ -436,7 +441,7 @@ def canonical_text(d: dict) -> str:
 # Fields added after runs were recorded: while at their default they are left out of a run's identity (its
 # config hash, the resume check), so records and run directories made before the field existed still match.
 LATER_DEFAULTS = ('teacher_stage = ""', "micro_batches = 1", "sync_bn = false", 'residual = "float"',
-                  "residual_bits = 0")
+                  "residual_bits = 0", "freeze_weights_epochs = 0.0")
 
 
 def identity(toml_text: str) -> str:

@@ -153,7 +153,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         calib = (x for (x, _, _), _ in zip(data.train.batches(0, shard=False), range(cfg.quant.calib_batches)))
         calibrate(model, calib)
         set_grad_batch(model, dist.world() * cfg.train.micro_batches)  # shards and micro-batches: whole-batch LSQ
-    opt = make_optimizer(cfg.optim, model, objective)
+    opt = make_optimizer(cfg.optim, model, objective, len(data.train))
 
     state = {"step": 0, "best_top1": -1.0, "best_epoch": -1, "train_seconds": 0.0, "acc": {}}
     if resume:

@@ -31,13 +31,25 @@ def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr * max(1.0 - progress, 0.0)  # onecycle: warm-up, then linear decay to zero
 
 
-def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module) -> torch.optim.SGD:
+def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module, steps_per_epoch: int = 0
+                   ) -> torch.optim.SGD:  # fmt: skip
+    """SGD over the student and the objective's heads: the weights (with weight decay), the quantizer parameters
+    (none, lr × quant_lr_scale). With `cfg.freeze_weights_epochs` the student's conv/linear weights form a group of
+    their own that is held for that many epochs of `steps_per_epoch` steps (`frozen_until`, see `train_step`)."""
     qparams = {id(p) for q in quantizers(model) for p in q.parameters()}
+    frozen = set()
+    if cfg.freeze_weights_epochs:
+        frozen = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     groups = [
-        {"params": [p for p in params if id(p) not in qparams], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) not in qparams | frozen], "weight_decay": cfg.weight_decay,
+         "lr_scale": 1.0},
         {"params": [p for p in params if id(p) in qparams], "weight_decay": 0.0, "lr_scale": cfg.quant_lr_scale},
-    ]
+    ]  # fmt: skip
+    if frozen:
+        until = round(cfg.freeze_weights_epochs * steps_per_epoch)
+        groups.append({"params": [p for p in params if id(p) in frozen], "weight_decay": cfg.weight_decay,
+                       "lr_scale": 1.0, "frozen_until": until})  # fmt: skip
     groups = [g for g in groups if g["params"]]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
@@ -106,5 +118,9 @@ def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision
         correct_sum = correct_sum + correct
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0) + v / micro
+    for g in opt.param_groups:  # a held group (freeze_weights_epochs): no update, no momentum, no weight decay
+        if step < g.get("frozen_until", 0):
+            for p in g["params"]:
+                p.grad = None
     opt.step()
     return total, parts_sum, correct_sum
