@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from vaqkd.config import Config, ConfigError, from_dict, load_config, to_toml
@@ -120,3 +122,30 @@ def test_a_bad_base_is_one_config_error(tmp_path, base, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(tmp_path / "a.toml")
     assert "\n" not in str(e.value)
+
+
+# committed record folders and the preset (with overrides) whose runs they hold: a preset change that would orphan
+# them (their run names no longer what the preset resolves to) fails here
+RECORD_PRESETS = [
+    ("quick_t64_nowarm", "quick_t64_nowarm", []),
+    ("quick_t64_s30_nowarm", "quick_t64_s30_nowarm", []),
+    ("quick_t64_lr02", "quick_t64_lr02", []),
+    ("residual/float", "quick_t64_s30_nowarm", []),
+    ("residual/int8", "quick_t64_s30_nowarm", ["quant.residual=\"int\"", "quant.residual_bits=8"]),
+    ("full_t64_nowarm", "full_t64_nowarm", ["train.precision=\"bf16\""]),
+    ("quick_t64", "quick_t64", []),
+    ("quick_t64_s30", "quick_t64_s30", []),
+]
+
+
+@pytest.mark.parametrize("folder, preset, overrides", RECORD_PRESETS)
+def test_committed_records_are_the_runs_their_preset_names(folder, preset, overrides):
+    from vaqkd.runner import config_hash, load_preset, preset_teacher, row_config
+
+    records = sorted((Path(__file__).resolve().parents[1] / "results" / folder / "runs").glob("*-s*-*"))
+    assert records, folder
+    p = load_preset(preset)
+    for rec in records:
+        row, seed, _ = rec.name.rsplit("-", 2)
+        cfg = row_config(row, p, int(seed[1:]), preset_teacher(p), overrides)
+        assert rec.name == f"{row}-{seed}-{config_hash(cfg)}", (folder, rec.name)
