@@ -135,6 +135,12 @@ RECORD_PRESETS = [
     ("full_t64_nowarm", "full_t64_nowarm", ["train.precision=\"bf16\""]),
     ("quick_t64", "quick_t64", []),
     ("quick_t64_s30", "quick_t64_s30", []),
+    ("strong_start/quick_t64_nowarm", "quick_t64_nowarm", []),
+    ("strong_start/probes/lr0.0025", "quick_t64_nowarm", ["optim.lr=0.0025"]),
+    ("strong_start/probes/freeze0.5", "quick_t64_nowarm", ["optim.freeze_weights_epochs=0.5"]),
+    ("strong_start/probes/per_channel", "quick_t64_nowarm", ["quant.per_channel=true"]),
+    ("strong_start/probes/lr0.01_warmup0.5", "quick_t64_nowarm", ["optim.lr=0.01", "optim.warmup_epochs=0.5"]),
+    ("strong_start/probes/warmup1.5", "quick_t64", ["optim.warmup_epochs=1.5"]),
 ]
 
 
