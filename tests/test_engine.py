@@ -39,7 +39,7 @@ def test_short_fit_learns_and_writes_the_run_directory(shared_cifar_root, tmp_pa
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns the class colours
     env = json.loads((run / "env.json").read_text())
-    assert {"git_sha", "torch", "device", "seed", "threads", "cpu_capability"} <= set(env)
+    assert {"git_sha", "torch", "device", "seed", "threads", "cpu_capability", "cpu_model"} <= set(env)
     assert final["top1_last"] == rows[-1]["test_top1"] and final["top1_best"] >= final["top1_last"]
     assert load_config(run / "config.toml") == cfg
     with pytest.raises(FileExistsError, match="--resume"):
@@ -193,3 +193,19 @@ def test_freeze_weights_epochs_zero_keeps_the_optimizer_and_the_run_identity():
     assert identity(to_toml(load_config(None, ["optim.epochs=2", "optim.freeze_weights_epochs=0.5"]))) != identity(text)
     with pytest.raises(ConfigError, match="optim.freeze_weights_epochs"):
         load_config(None, ["optim.epochs=2", "optim.freeze_weights_epochs=2"])
+
+
+def test_cpu_info_names_the_generation_behind_a_shared_model_name(tmp_path, monkeypatch):
+    import builtins
+
+    from vaqkd.engine import setup
+
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n" \
+           "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\n"  # fmt: skip
+    (tmp_path / "cpuinfo").write_text(text)
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(tmp_path / "cpuinfo" if f == "/proc/cpuinfo"
+                                                                       else f, *a, **k))  # fmt: skip
+    assert setup.cpu_info() == {"model name": "AMD EPYC", "cpu_model": "family 26 model 2"}  # the first block's
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\n")
+    assert setup.cpu_info()["cpu_model"] == "unknown"

@@ -137,18 +137,27 @@ def cpu_capability() -> str:
         return "unknown"
 
 
-def environment(device: torch.device, seed: int, precision: str) -> dict:
-    if device.type == "cuda":
-        dev_name = torch.cuda.get_device_name(device)
-    else:
-        dev_name = platform.processor() or platform.machine()
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    dev_name = line.split(":", 1)[1].strip()
+def cpu_info() -> dict:
+    """The CPU's model name and "family F model M" from the first processor of /proc/cpuinfo (x86 Linux; the
+    platform's processor string and "unknown" elsewhere)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip() and fields:  # the first processor's block is enough
                     break
-        except OSError:
-            pass
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    family, model = fields.get("cpu family"), fields.get("model")
+    return {"model name": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_model": f"family {family} model {model}" if family and model else "unknown"}
+
+
+def environment(device: torch.device, seed: int, precision: str) -> dict:
+    cpu = cpu_info()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu["model name"]
     return {
         "git_sha": git_sha(),
         "vaqkd": vaqkd.__version__,
@@ -161,6 +170,9 @@ def environment(device: torch.device, seed: int, precision: str) -> dict:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_capability": cpu_capability(),
+        # which generation of that name ("AMD EPYC" is Zen 3, 4 and 5 alike): provenance only; runs pair by their
+        # arithmetic, which equal fingerprints on two generations share (fp32 on Zen 4 and Zen 5)
+        "cpu_model": cpu["cpu_model"],
         "precision": precision,
         "seed": seed,
         "malloc_tuned": _ALLOCATOR_TUNED,
