@@ -136,6 +136,7 @@ RECORD_PRESETS = [
     ("quick_t64", "quick_t64", []),
     ("quick_t64_s30", "quick_t64_s30", []),
     ("strong_start/quick_t64_nowarm", "quick_t64_nowarm", []),
+    ("strong_start/V", "quick_t64_s30_nowarm", []),
     ("strong_start/probes/lr0.0025", "quick_t64_nowarm", ["optim.lr=0.0025"]),
     ("strong_start/probes/freeze0.5", "quick_t64_nowarm", ["optim.freeze_weights_epochs=0.5"]),
     ("strong_start/probes/per_channel", "quick_t64_nowarm", ["quant.per_channel=true"]),
