@@ -31,6 +31,9 @@ def main() -> None:
     args = ap.parse_args()
     a, b = records(args.a, args.row), records(args.b, args.row)
     seeds = [s for s in sorted(set(a) & set(b)) if same_machine(a[s], b[s])[0]]
+    if not seeds:
+        print(f"no pairs: {len(set(a) & set(b))} common seed(s), none of one arithmetic and machine kind")
+        return
     for name, side in ((args.a, a), (args.b, b)):
         m, sd = mean_std([side[s]["top1_last"] for s in seeds])
         print(f"{name}: {m:.2f} ± {sd:.2f} % (n = {len(seeds)}; {[side[s]['top1_last'] for s in seeds]})")

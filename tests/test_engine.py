@@ -141,9 +141,9 @@ def test_tensorboard_curves_of_a_tiny_run(shared_cifar_root, tmp_path):
     assert events.Scalars("top1/test")[0].step == 1
 
 
-def _tiny_w2a2_step(freeze_epochs: float, steps: int):
+def _tiny_w2a2_step(freeze_epochs: float, steps: int, resume_at: int = -1):
     """`steps` QKD-free CE steps of a tiny W2A2 ResNet-20 with `optim.freeze_weights_epochs`, 2 steps an epoch;
-    returns (weights before, after) as {name: tensor}."""
+    returns (weights before, after, optimizer); `resume_at`: rebuild the optimizer from its state_dict there."""
     from dataclasses import replace
 
     from vaqkd.config import TermConfig
@@ -162,19 +162,41 @@ def _tiny_w2a2_step(freeze_epochs: float, steps: int):
     opt = make_optimizer(cfg, student, objective, steps_per_epoch=2)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     for step in range(steps):
+        if step == resume_at:  # a resume: the optimizer rebuilt and its saved state loaded
+            saved = opt.state_dict()
+            opt = make_optimizer(cfg, student, objective, steps_per_epoch=2)
+            opt.load_state_dict(saved)
         train_step(StudentLoss(student, objective), None, opt, x, y, torch.arange(8), step, "fp32", shard=(0, 1))
-    return before, student.state_dict()
+    return before, student.state_dict(), opt
 
 
 def test_freeze_weights_epochs_holds_conv_and_linear_weights_then_releases_them():
-    before, after = _tiny_w2a2_step(freeze_epochs=1.0, steps=2)  # the whole first epoch is the held phase
+    before, after, opt = _tiny_w2a2_step(freeze_epochs=1.0, steps=2)  # the whole first epoch is the held phase
     weights = [k for k in before if k.endswith(".weight") and before[k].ndim > 1]  # conv and linear weights
     assert weights and all(torch.equal(before[k], after[k]) for k in weights)
     names = [k for k in before if k.endswith(("step", "bn1.weight", "bn1.bias"))]
     moved = [k for k in names if not torch.equal(before[k], after[k])]
     assert any(k.endswith("step") for k in moved) and any("bn1" in k for k in moved)  # quantizers and BN train
-    before, after = _tiny_w2a2_step(freeze_epochs=1.0, steps=3)  # the third step is past the phase
+    held = next(g for g in opt.param_groups if "frozen_until" in g)
+    assert held["frozen_until"] == 2 and not any(p in opt.state for p in held["params"])  # no momentum built up
+    before, after, _ = _tiny_w2a2_step(freeze_epochs=1.0, steps=3)  # the third step is past the phase
     assert all(not torch.equal(before[k], after[k]) for k in weights)
+    resumed = _tiny_w2a2_step(freeze_epochs=1.0, steps=4, resume_at=1)[1]  # a resume inside the phase
+    straight = _tiny_w2a2_step(freeze_epochs=1.0, steps=4)[1]
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_freeze_weights_epochs_needs_the_epoch_length():
+    from vaqkd.engine.step import make_optimizer
+
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        make_optimizer(OptimConfig(epochs=3, freeze_weights_epochs=1.0), torch.nn.Linear(2, 2), torch.nn.Module())
+
+
+def test_a_warm_up_of_a_fractional_number_of_steps_stops_at_the_lr():
+    cfg = OptimConfig(epochs=2, lr=0.1, schedule="cosine", warmup_epochs=0.5)  # 1.5 steps of a 3-step epoch
+    lrs = [lr_at(cfg, k, 3) for k in range(6)]
+    assert max(lrs) == 0.1 and lrs[0] < lrs[1] == 0.1
 
 
 def test_freeze_weights_epochs_zero_keeps_the_optimizer_and_the_run_identity():

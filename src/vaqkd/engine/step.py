@@ -21,8 +21,8 @@ from vaqkd.quant import quantizers
 def lr_at(cfg: OptimConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate at global step `step` (linear warm-up, then the schedule, evaluated per step)."""
     epoch = step / steps_per_epoch
-    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
-        return cfg.lr * (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:  # (a warm-up of a fractional number of steps stops at lr)
+        return cfg.lr * min((step + 1) / (cfg.warmup_epochs * steps_per_epoch), 1.0)
     if cfg.schedule == "multistep":
         return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
@@ -39,11 +39,13 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module, objective: nn.Module, ste
     qparams = {id(p) for q in quantizers(model) for p in q.parameters()}
     frozen = set()
     if cfg.freeze_weights_epochs:
+        if steps_per_epoch <= 0:
+            raise ValueError("make_optimizer: freeze_weights_epochs needs steps_per_epoch")
         frozen = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    special = qparams | frozen
     groups = [
-        {"params": [p for p in params if id(p) not in qparams | frozen], "weight_decay": cfg.weight_decay,
-         "lr_scale": 1.0},
+        {"params": [p for p in params if id(p) not in special], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": [p for p in params if id(p) in qparams], "weight_decay": 0.0, "lr_scale": cfg.quant_lr_scale},
     ]  # fmt: skip
     if frozen:
@@ -118,7 +120,8 @@ def train_step(student: nn.Module, teacher, opt, x, y, idx, step: int, precision
         correct_sum = correct_sum + correct
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0) + v / micro
-    for g in opt.param_groups:  # a held group (freeze_weights_epochs): no update, no momentum, no weight decay
+    for g in opt.param_groups:  # a held group (freeze_weights_epochs): its gradients (computed, and synchronised
+        # under DDP, like any) are dropped here: no update, no momentum, no weight decay
         if step < g.get("frozen_until", 0):
             for p in g["params"]:
                 p.grad = None
