@@ -81,6 +81,9 @@ class QuantConfig:
     # (codes of `residual_bits` bits between blocks, trained as the integer graph computes: vaqkd.quant.residual)
     residual: str = "float"
     residual_bits: int = 0  # the stream's width; 0: a_bits (the codes the next conv reads)
+    # the LSQ weight steps' initial value: "lsq" (2·mean|w|/√Qp, the paper's) or "mse" (the step that minimises the
+    # weights' rounding error, searched on a grid: `quant.quantizers.mse_step`)
+    weight_init: str = "lsq"
 
     def validate(self, p: str) -> None:
         from vaqkd.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
@@ -99,6 +102,8 @@ class QuantConfig:
 
         _check(f"{p}.residual", self.residual in RESIDUAL_MODES, "must be float or int")
         _check(f"{p}.residual_bits", self.residual_bits in (0, 2, 4, 8), "must be 0 (a_bits), 2, 4 or 8")
+        _check(f"{p}.weight_init", self.weight_init in ("lsq", "mse"), "must be lsq or mse")
+        _check(f"{p}.weight_init", self.weight_init == "lsq" or self.weight == "lsq", "mse initialises lsq steps only")
         if self.residual == "int":
             _check(f"{p}.residual_bits", self.residual_bits in (0, self.a_bits) or self.residual_bits > self.a_bits,
                    f"must be >= a_bits ({self.a_bits}): the stream carries the convs' input codes")
@@ -442,7 +447,8 @@ def canonical_text(d: dict) -> str:
 # Fields added after runs were recorded: while at their default they are left out of a run's identity (its
 # config hash, the resume check), so records and run directories made before the field existed still match.
 LATER_DEFAULTS = ('teacher_stage = ""', "micro_batches = 1", "sync_bn = false", 'residual = "float"',
-                  "residual_bits = 0", "freeze_weights_epochs = 0.0")
+                  "residual_bits = 0", "freeze_weights_epochs = 0.0",
+                  'weight_init = "lsq"')
 
 
 def identity(toml_text: str) -> str:

@@ -151,7 +151,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     if cfg.quant.enabled:
         # whole batches on every rank: the same calibration as one process
         calib = (x for (x, _, _), _ in zip(data.train.batches(0, shard=False), range(cfg.quant.calib_batches)))
-        calibrate(model, calib)
+        calibrate(model, calib, cfg.quant.weight_init)
         set_grad_batch(model, dist.world() * cfg.train.micro_batches)  # shards and micro-batches: whole-batch LSQ
     opt = make_optimizer(cfg.optim, model, objective, len(data.train))
 

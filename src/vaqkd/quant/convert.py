@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vaqkd.quant.layers import QConv2d, QLinear
-from vaqkd.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS, Quantizer
+from vaqkd.quant.quantizers import ACT_QUANTIZERS, WEIGHT_QUANTIZERS, LSQQuantizer, Quantizer, mse_step
 
 
 def _bits_for(policy: str, body_bits: int) -> int | None:
@@ -62,8 +62,10 @@ def quantizers(model: nn.Module) -> list[Quantizer]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], weight_init: str = "lsq") -> int:
     """Data-driven initialisation of every quantizer from a few input batches; returns how many were seen.
+    `weight_init="mse"`: then every LSQ weight step is the one that minimises its weights' rounding error
+    (`mse_step`, searched from LSQ's initial value) instead of LSQ's 2·mean|w|/√Qp.
 
     The model runs in training mode, so BatchNorm normalises with each batch's statistics, as it will in the
     first training steps (in eval mode a student trained from scratch would use its initial running statistics,
@@ -89,6 +91,13 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
             for k, v in buffers.items():
                 getattr(m, k).copy_(v)
         model.train(was)
+    if weight_init == "mse":
+        for m in model.modules():
+            if isinstance(m, (QConv2d, QLinear)) and isinstance(m.w_quant, LSQQuantizer):
+                q = m.w_quant
+                q.step.data.copy_(mse_step(m.weight, q.step.data, q.qn, q.qp))
+    elif weight_init != "lsq":
+        raise ValueError(f"weight_init must be lsq or mse, got {weight_init!r}")
     return n
 
 

@@ -74,6 +74,25 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}, signed={self.signed}"
 
 
+@torch.no_grad()
+def mse_step(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grid: int = 100) -> torch.Tensor:
+    """The step (shaped like `step`: per tensor, or per output channel) among `grid` candidates spanning
+    (0, 1.5]·`step` that minimises Σ (clamp(round(x/s), Qn, Qp)·s − x)² over each step's elements."""
+    x = x.detach().float()
+    dims = tuple(range(1, x.ndim)) if step.ndim else tuple(range(x.ndim))
+    best, best_err = step.clone().float(), None
+    for k in range(1, grid + 1):
+        s = step.float() * (1.5 * k / grid)
+        err = ((torch.clamp(torch.round(x / s), qn, qp) * s - x) ** 2).sum(dims)
+        err = err.view_as(step) if step.ndim else err
+        if best_err is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.minimum(err, best_err)
+    return best.to(step.dtype)
+
+
 class LSQQuantizer(Quantizer):
     """Learned step size quantization (Esser et al., ICLR 2020).
 
