@@ -145,6 +145,8 @@ RECORD_PRESETS = [
     ("strong_start/probes/per_channel", "quick_t64_nowarm", ["quant.per_channel=true"]),
     ("strong_start/probes/lr0.01_warmup0.5", "quick_t64_nowarm", ["optim.lr=0.01", "optim.warmup_epochs=0.5"]),
     ("strong_start/probes/warmup1.5", "quick_t64", ["optim.warmup_epochs=1.5"]),
+    ("strong_start/mse_init/quick_t64", "quick_t64", ['quant.weight_init="mse"']),
+    ("strong_start/mse_init/quick_t64_s30", "quick_t64_s30", ['quant.weight_init="mse"']),
 ]
 
 
