@@ -48,6 +48,9 @@ def test_cells_run_side_by_side_are_reused_and_one_failed_cell_does_not_stop_the
     done = list(run_cells(cells, task, launcher, 2, None, 1, 0.0, print))
     assert sorted(c for c, _, _ in done) == sorted(cells) and all(f is not None for _, f, _ in done)
     assert _overlap([t for _, _, t in done]), [t for _, _, t in done]  # two processes, at the same time
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION"):  # each worker tuned its allocator
+        envs = [json.loads(e.read_text()) for e in (tmp_path / "runs").glob("*/env.json")]
+        assert len(envs) == 2 and all(e["malloc_tuned"] for e in envs), [e["malloc_tuned"] for e in envs]
 
     failed = _fail(tmp_path, teacher, sets, "qkd_logit", 1)
     logs = []

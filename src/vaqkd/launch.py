@@ -28,6 +28,9 @@ def run_cell(row: str, seed: int, task: tuple, threads: int | None = None) -> tu
     can see which cells ran side by side."""
     import torch
 
+    from vaqkd.engine.setup import tune_allocator
+
+    tune_allocator()  # a worker is a fresh interpreter: the command line's setting did not reach it
     if threads:
         torch.set_num_threads(threads)
     row_result, preset, teacher, overrides, runs, records = task
