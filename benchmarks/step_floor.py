@@ -1,7 +1,8 @@
 """Where the W2A2 training step loses to the FP32 one: the step with its quantizer kernels compiled (what runs),
 eager, and with the quantizers taken out (the same QConv2d model computing in FP32: the floor the quantizers
 add to), timed in interleaved rounds against the FP32 step; then each fused activation-quantizer kernel's time
-inside the step against the same call repeated on its own (its input then sits in cache).
+inside the step against the same call repeated on its own (its input then sits in cache), and the same call on
+16 elements in the step and hot (what a call costs besides its data: Python, guards, wrappers).
 
     python benchmarks/step_floor.py --threads 2 --rounds 20 --out results/bench/step_floor_amd_zen5.json
 
@@ -117,8 +118,15 @@ def main() -> None:
         def call(*a):
             t0 = time.perf_counter()
             out = kernel(*a)
+            t1 = time.perf_counter()
+            # the same kernel on 16 elements right after (what a call costs besides its data), then again (hot)
+            tiny = [t[:1, :1, :1, :16].contiguous() if isinstance(t, torch.Tensor) and t.ndim == 4 else t for t in a]
+            kernel(*tiny)
+            t2 = time.perf_counter()
+            kernel(*tiny)
+            t3 = time.perf_counter()
             key = f"{name} {tuple(a[1 if 'backward' in name else 0].shape)}"
-            calls[key].append(time.perf_counter() - t0)
+            calls[key].append((t1 - t0, t2 - t1, t3 - t2))
             args_of[key] = (kernel, a)
             return out
 
@@ -143,9 +151,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 kernel(*a)
                 alone.append(time.perf_counter() - t0)
-        in_step, own = 1e6 * statistics.median(calls[key]), 1e6 * statistics.median(alone)
-        report["kernels_us"][key] = {"in_step": in_step, "alone": own, "calls_per_step": len(calls[key]) // 5}
-        print(f"{key:40s} {in_step:6.0f} us in the step, {own:6.0f} us alone ({len(calls[key]) // 5} a step)")
+        in_step, tiny, tiny_hot = (1e6 * statistics.median(c[i] for c in calls[key]) for i in range(3))
+        own = 1e6 * statistics.median(alone)
+        report["kernels_us"][key] = {"in_step": in_step, "alone": own, "tiny_in_step": tiny, "tiny_hot": tiny_hot,
+                                     "calls_per_step": len(calls[key]) // 5}  # fmt: skip
+        print(
+            f"{key:36s} {in_step:5.0f} us in the step, {own:5.0f} alone; on 16 elements {tiny:4.0f} in the step, "
+            f"{tiny_hot:3.0f} hot ({len(calls[key]) // 5} a step)"
+        )
     report["env"] = environment(dev, 0, "fp32")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
