@@ -136,6 +136,7 @@ RECORD_PRESETS = [
     ("residual/int8", "quick_t64_s30_nowarm", ['quant.residual="int"', "quant.residual_bits=8"]),
     ("full_t64_nowarm", "full_t64_nowarm", ['train.precision="bf16"']),
     ("full_t64_nowarm/pending", "full_t64_nowarm", []),
+    ("full_t64", "full_t64", []),
     ("full_t64/pending", "full_t64", []),
     ("quick_t64", "quick_t64", []),
     ("quick_t64_s30", "quick_t64_s30", []),
