@@ -7,16 +7,17 @@ STUDENT: a packed artifact or a finished run directory. Both models are exported
 (`vaqkd.deploy.onnx_export`: uint8 input, normalised inside) and compiled in ONNX Runtime (f32) and OpenVINO
 (inference precision f32; the teacher also in bf16, named so: its predictions move, see `agreement`); with
 `--torch-int8` also torch's int8 path (`vaqkd.deploy.torch_int8`: the student's own arithmetic as oneDNN int8
-convs, and the teacher quantized to 8 bits after training by PT2E, `int8-ptq`, another model). Speed:
-img/s at batch 1 and 256, 1 and 2 threads; for each (batch, threads) every case is timed once per round, the
-rounds interleaved (`--rounds`), and each ratio is taken within a round (W2A2 / teacher in the same runtime, and
-W2A2 in its fastest runtime / the teacher's fastest deployment in any runtime and precision): medians and the
-spread (min-max) of the per-round ratios. The floor: the MAC rate of a large int8 and fp32 GEMM measured here
-(torch._int_mm, torch.mm, on the same threads) -> the img/s a 68.87 M-MAC ResNet-32 would reach at that rate;
-each case's share of it says how far the runtime is from the machine. Agreement: each runtime's predictions
-against the PyTorch model (fp32, the same uint8 images through the loader's normalisation) on the test split.
-Nothing else heavy may run meanwhile (figures are for a quiet machine).
-"""
+convs, and the teacher quantized to 8 bits after training by PT2E, `int8-ptq`, another model). Speed: img/s at
+batch 1 and 256, 1 and 2 threads, and with `--streams S` (default 2) each runtime also as S instances that share
+the batch and the threads (`compile_graph(streams=S)`, named `RUNTIME-xS`; where the threads and the batch divide
+among S); for each (batch, threads) every case is timed once per round, the rounds interleaved (`--rounds`), and
+each ratio is taken within a round (W2A2 / teacher in the same runtime and streams, / the teacher's best in that
+runtime and precision with or without streams, and W2A2 in its fastest runtime / the teacher's fastest deployment
+in any runtime and precision): medians and the spread (min-max) of the per-round ratios. The floor: the MAC rate of
+a large int8 and fp32 GEMM measured here (torch._int_mm, torch.mm, on the same threads) -> the img/s a 68.87 M-MAC
+ResNet-32 would reach at that rate; each case's share of it says how far the runtime is from the machine.
+Agreement: each runtime's predictions against the PyTorch model (fp32, the same uint8 images through the loader's
+normalisation) on the test split. Nothing else heavy may run meanwhile (figures are for a quiet machine)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--streams", type=int, default=2,
+                    help="also every runtime as this many instances sharing batch and threads (1: not)")
     ap.add_argument("--agreement-images", type=int, default=10000, help="test images for agreement (0: skip)")
     ap.add_argument("--torch-int8", action="store_true",
                     help="also torch's int8 path (vaqkd.deploy.torch_int8; needs torchao): the integer-residual "
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
               "teacher": build_onnx(teacher, normalise=norm).SerializeToString()}  # fmt: skip
     variants = [("onnxruntime", "f32"), ("openvino", "f32")]
     keys = [f"{m}/{rt}/{p}" for m in graphs for rt, p in variants] + ["teacher/openvino/bf16"]
+    split_keys = [f"{m}/{rt}-x{args.streams}/{p}" for m in graphs for rt, p in variants]
+    split_keys += [f"teacher/openvino-x{args.streams}/bf16"]
     torch_cases = {}
     if args.torch_int8:  # torch's int8 path: the student's own arithmetic, the teacher quantized after training
         from vaqkd.data.cifar import load_split
@@ -123,12 +128,21 @@ def main(argv=None) -> int:
                        "teacher/torch-int8/int8-ptq": ptq_int8(teacher, *norm, calibration=calib, example=example)}
         keys += list(torch_cases)
 
+    def keys_for(threads, batch=None):
+        """The cases at this thread count (and batch): the split ones where threads and batch divide."""
+        s = args.streams
+        split = s > 1 and threads >= s and threads % s == 0 and (batch is None or batch >= s)
+        return keys + split_keys if split else list(keys)
+
     def compiled(threads):
         out = {}
-        for k in keys:
+        for k in keys_for(threads):
             model, rt, prec = k.split("/")
-            out[k] = _threaded(torch_cases[k], threads) if k in torch_cases else compile_graph(rt, graphs[model],
-                                                                                               threads, prec)
+            if k in torch_cases:
+                out[k] = _threaded(torch_cases[k], threads)
+            else:
+                rt, _, streams = rt.partition("-x")
+                out[k] = compile_graph(rt, graphs[model], threads, prec, streams=int(streams or 1))
         return out
 
     result = {"command": " ".join(["python", "benchmarks/infer.py", *(argv or sys.argv[1:])]),
@@ -150,21 +164,27 @@ def main(argv=None) -> int:
         cases = compiled(threads)
         for batch in args.batches:
             x = np.random.default_rng(0).integers(0, 256, (batch, 3, 32, 32), dtype=np.uint8)
-            per_round = {k: [] for k in keys}
+            cell_keys = keys_for(threads, batch)
+            per_round = {k: [] for k in cell_keys}
             for _ in range(args.rounds):  # interleaved: every case once per round
-                for k in keys:
+                for k in cell_keys:
                     per_round[k].append(time_case(cases[k], x, 0.2 if batch == 1 else 0.5))
-            fastest_teacher = [max(per_round[k][r] for k in keys if k.startswith("teacher"))
+            fastest_teacher = [max(per_round[k][r] for k in cell_keys if k.startswith("teacher"))
                                for r in range(args.rounds)]  # fmt: skip
             cell = {}
-            for k in keys:
+            for k in cell_keys:
                 ips = per_round[k]
                 c = {"img_per_s": statistics.median(ips), "img_per_s_rounds": ips,
                      "share_of_int8_gemm_floor": statistics.median(ips) * 68_868_352 / rates["int8"]}  # fmt: skip
                 if k.startswith("w2a2"):
                     same = [a / b for a, b in zip(ips, per_round[_teacher_key(k)])]
                     best = [a / b for a, b in zip(ips, fastest_teacher)]
+                    # the teacher in this runtime and precision as it runs fastest (one instance or streams)
+                    rivals = [t for t in cell_keys if _same_runtime(t, _teacher_key(k))]
+                    rt_best = [a / max(per_round[t][r] for t in rivals) for r, a in enumerate(ips)]
                     c.update(vs_teacher_same_runtime=statistics.median(same), vs_teacher_spread=[min(same), max(same)],
+                             vs_teacher_best_same_runtime=statistics.median(rt_best),
+                             vs_teacher_best_same_runtime_spread=[min(rt_best), max(rt_best)],
                              vs_fastest_teacher=statistics.median(best),
                              vs_fastest_teacher_spread=[min(best), max(best)])  # fmt: skip
                 cell[k] = c
@@ -193,6 +213,12 @@ def _teacher_key(key: str) -> str:
     return f"teacher/{rt}/int8-ptq" if rt == "torch-int8" else f"teacher/{rt}/{prec}"
 
 
+def _same_runtime(a: str, b: str) -> bool:
+    """Two cases of one model, runtime (with or without streams) and precision."""
+    (ma, ra, pa), (mb, rb, pb) = a.split("/"), b.split("/")
+    return ma == mb and pa == pb and ra.partition("-x")[0] == rb.partition("-x")[0]
+
+
 def _threaded(run, threads: int):
     """A torch case on `threads` threads (torch's thread count is global: set at every call)."""
 
@@ -211,6 +237,7 @@ def _print_cell(batch, threads, cell):
         if "vs_teacher_same_runtime" in c:
             lo, hi = c["vs_teacher_spread"]
             extra = (f"  x{c['vs_teacher_same_runtime']:.2f} teacher same runtime [{lo:.2f}, {hi:.2f}], "
+                     f"x{c['vs_teacher_best_same_runtime']:.2f} its best there, "
                      f"x{c['vs_fastest_teacher']:.2f} fastest teacher")  # fmt: skip
         share = 100 * c["share_of_int8_gemm_floor"]
         print(f"  {k:28s} {c['img_per_s']:9.0f} img/s  {share:5.1f} % of int8 floor{extra}")

@@ -132,6 +132,28 @@ def test_openvino_computes_the_integer_residual_graph_as_pytorch(bits):
     assert moved < 1e-3, moved
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_streams_split_the_batch_and_keep_every_images_logits(runtime):
+    """compile_graph(streams=2): two instances of the integer-residual graph each take a part of the batch
+    (odd sizes and a batch of one included); every image's logits are those of the one-instance graph."""
+    from vaqkd.deploy.runtimes import compile_graph
+
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet20", 10), residual="int", residual_bits=8)
+    calibrate(model, [torch.randn(32, 3, 32, 32)])
+    graph = build_onnx(_trained_bn(model).eval(), normalise=normalisation(MEAN, STD)).SerializeToString()
+    one, two = compile_graph(runtime, graph, threads=2), compile_graph(runtime, graph, threads=2, streams=2)
+    x = np.random.default_rng(0).integers(0, 256, (37, 3, 32, 32), dtype=np.uint8)
+    for batch in (x, x[:1], x[:2]):
+        assert np.array_equal(two(batch), one(batch)), len(batch)
+    assert two.input_type == "uint8" and two.streams == 2
+    for threads in (0, 1, 3):
+        with pytest.raises(ValueError, match=rf"^streams=2 with threads={threads}: streams split the threads"):
+            compile_graph(runtime, graph, threads=threads, streams=2)
+
+
 def test_the_float_residual_student_keeps_its_float_convs(tmp_path):
     """The paper's arithmetic (float residual): the second conv of every block feeds a float add, so it stays a
     float conv; the integer residual is what removes them (the test above)."""
