@@ -141,8 +141,8 @@ def main(argv=None) -> int:
             if k in torch_cases:
                 out[k] = _threaded(torch_cases[k], threads)
             else:
-                rt, _, streams = rt.partition("-x")
-                out[k] = compile_graph(rt, graphs[model], threads, prec, streams=int(streams or 1))
+                rt, streams = _runtime_streams(rt)
+                out[k] = compile_graph(rt, graphs[model], threads, prec, streams=streams)
         return out
 
     result = {"command": " ".join(["python", "benchmarks/infer.py", *(argv or sys.argv[1:])]),
@@ -213,10 +213,16 @@ def _teacher_key(key: str) -> str:
     return f"teacher/{rt}/int8-ptq" if rt == "torch-int8" else f"teacher/{rt}/{prec}"
 
 
+def _runtime_streams(rt: str) -> tuple[str, int]:
+    """A case's runtime name -> (runtime, streams): "openvino-x2" -> ("openvino", 2), "openvino" -> (.., 1)."""
+    name, _, streams = rt.partition("-x")
+    return name, int(streams or 1)
+
+
 def _same_runtime(a: str, b: str) -> bool:
     """Two cases of one model, runtime (with or without streams) and precision."""
     (ma, ra, pa), (mb, rb, pb) = a.split("/"), b.split("/")
-    return ma == mb and pa == pb and ra.partition("-x")[0] == rb.partition("-x")[0]
+    return ma == mb and pa == pb and _runtime_streams(ra)[0] == _runtime_streams(rb)[0]
 
 
 def _threaded(run, threads: int):

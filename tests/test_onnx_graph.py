@@ -154,6 +154,30 @@ def test_streams_split_the_batch_and_keep_every_images_logits(runtime):
             compile_graph(runtime, graph, threads=threads, streams=2)
 
 
+def test_streams_run_each_part_on_its_own_instance_at_once():
+    """The split itself: every instance gets one contiguous part (no empty ones), the parts run concurrently
+    (each instance waits until all have started: a sequential split would time out), logits in order."""
+    import threading
+
+    from vaqkd.deploy.runtimes import _split
+
+    started, seen = threading.Barrier(3, timeout=10), []
+
+    def instance(i):
+        def run(x):
+            seen.append((i, x[:, 0, 0, 0].tolist()))
+            started.wait()
+            return x[:, :1, 0, 0].astype(np.float32)
+
+        run.input_type = "uint8"
+        return run
+
+    run = _split([instance(i) for i in range(3)])
+    x = np.arange(7, dtype=np.uint8).reshape(7, 1, 1, 1).repeat(3, 1)
+    assert run(x)[:, 0].tolist() == list(range(7))
+    assert sorted(seen) == [(0, [0, 1, 2]), (1, [3, 4]), (2, [5, 6])]
+
+
 def test_the_float_residual_student_keeps_its_float_convs(tmp_path):
     """The paper's arithmetic (float residual): the second conv of every block feeds a float add, so it stays a
     float conv; the integer residual is what removes them (the test above)."""
