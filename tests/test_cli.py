@@ -165,3 +165,23 @@ def test_eval_backends_and_export_formats_come_from_deploy():
     choices = {a.dest: a.choices for a in sub.choices["eval"]._actions + sub.choices["export"]._actions if a.choices}
     assert list(choices["backend"]) == list(EVAL_BACKENDS) and list(choices["format"]) == list(EXPORT_FORMATS)
     assert backend_for("m.onnx") == "onnxruntime" and backend_for("va1.vaqkd.safetensors") == "torch"
+
+
+def test_eval_with_bn_reestimate_on_a_run_and_a_one_line_error_elsewhere(tiny_teacher, shared_cifar_root, tmp_path,
+                                                                          capsys):  # fmt: skip
+    from conftest import one_line_error
+
+    root = ["--data-root", str(shared_cifar_root)]
+    assert main(["eval", str(tiny_teacher), *root, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tiny_teacher), *root, "--json", "--bn-reestimate", "3"]) == 0
+    restat = json.loads(capsys.readouterr().out)
+    assert restat["bn_reestimate_batches"] == 3 and "bn_reestimate_batches" not in plain
+    assert restat["loss"] != plain["loss"]  # other running statistics, another evaluation
+    assert main(["eval", str(tiny_teacher), *root, "--json"]) == 0  # the run itself is unchanged
+    assert json.loads(capsys.readouterr().out) == plain
+    artifact = tmp_path / "m.vaqkd.safetensors"
+    artifact.write_bytes(b"not read")
+    one_line_error(capsys, ["eval", str(artifact), "--bn-reestimate", "3"], "--bn-reestimate", "a file")
+    one_line_error(capsys, ["eval", str(tiny_teacher), "--backend", "onnxruntime", "--bn-reestimate", "3"],
+                   "--backend onnxruntime")  # fmt: skip

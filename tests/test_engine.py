@@ -231,3 +231,53 @@ def test_cpu_info_names_the_generation_behind_a_shared_model_name(tmp_path, monk
     assert setup.cpu_info() == {"model name": "AMD EPYC", "cpu_model": "family 26 model 2"}  # the first block's
     (tmp_path / "cpuinfo").write_text("processor\t: 0\n")
     assert setup.cpu_info()["cpu_model"] == "unknown"
+
+
+def test_reestimate_bn_sets_the_plain_average_of_the_batch_statistics_and_nothing_else():
+    from vaqkd.data.loader import DeviceLoader
+    from vaqkd.engine.step import reestimate_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.ReLU())
+    model[1].running_mean.fill_(5.0)  # stale statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.arange(40) % 4, 10, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), train=True)
+    model.eval()
+    assert reestimate_bn(model, loader, 3) == 1
+    assert not model.training and model[1].momentum == 0.3  # mode and momentum as they were
+    with torch.no_grad():
+        outs = [model[0](x) for x, _, _ in list(loader.batches(0))[:3]]
+    mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, var, rtol=1e-4)
+    after = model.state_dict()
+    for k in before:
+        if k.startswith("1.running") or k == "1.num_batches_tracked":
+            continue
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_bn_reestimate_batches_changes_what_is_evaluated_and_saved_never_a_training_step(shared_cifar_root, tmp_path):
+    from vaqkd.config import identity, to_toml
+
+    w2a2 = ["quant.enabled=true", "optim.epochs=2"]
+    a = fit(tiny_cfg(shared_cifar_root, *w2a2), tmp_path / "a", progress=False, log=lambda s: None)
+    b = fit(tiny_cfg(shared_cifar_root, *w2a2, "train.bn_reestimate_batches=2"), tmp_path / "b", progress=False,
+            log=lambda s: None)  # fmt: skip
+    wa, wb = load_file(run_weights(tmp_path / "a")), load_file(run_weights(tmp_path / "b"))
+    stats = [k for k in wa if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and wa.keys() == wb.keys()
+    for k in wa.keys() - set(stats):  # every weight, quantizer step and BN affine parameter: bit for bit
+        assert torch.equal(wa[k], wb[k]), k
+    assert any(not torch.equal(wa[k], wb[k]) for k in stats if "running" in k)
+    ma, mb = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
+    assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb]  # the same training, step for step
+    assert a["top1_last"] == ma[-1]["test_top1"] and b["top1_last"] == mb[-1]["test_top1"]
+    text = to_toml(tiny_cfg(shared_cifar_root))
+    assert "bn_reestimate_batches = 0" in text
+    assert identity(text) == identity(text.replace("bn_reestimate_batches = 0\n", ""))  # old records' hashes
+    assert identity(to_toml(tiny_cfg(shared_cifar_root, "train.bn_reestimate_batches=2"))) != identity(text)
+    with pytest.raises(ConfigError, match="train.bn_reestimate_batches"):
+        tiny_cfg(shared_cifar_root, "train.bn_reestimate_batches=-1")

@@ -66,14 +66,21 @@ def cmd_eval(args) -> int:
     import torch
 
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
-    from vaqkd.engine.step import evaluate
+    from vaqkd.engine.step import evaluate, reestimate_bn
 
     device = resolve_device(args.device or "auto", "--device")
     from vaqkd.deploy import backend_for
 
+    other_backend = args.backend not in (None, "torch")
+    if args.bn_reestimate and (Path(args.run_dir).is_file() or other_backend):
+        from vaqkd.errors import ConfigError
+
+        what = f"--backend {args.backend}" if other_backend else f"{args.run_dir} (a file)"
+        raise ConfigError(f"--bn-reestimate: needs a run directory evaluated in torch (its training data), not {what}")
+
     if backend_for(args.run_dir) == "onnxruntime":  # an ONNX graph (vaqkd export --format onnx)
         return _eval_onnx(args)
-    if args.backend not in (None, "torch"):  # a run or an artifact, exported in memory and run in that runtime
+    if other_backend:  # a run or an artifact, exported in memory and run in that runtime
         return _eval_exported(args)
     if Path(args.run_dir).is_file():  # a packed artifact (vaqkd export)
         from vaqkd.deploy import load
@@ -89,6 +96,8 @@ def cmd_eval(args) -> int:
         cfg, model, data = load_run(args.run_dir, device, _overrides(args))
         name, default_precision = cfg.name, cfg.train.precision
     precision = resolve_precision(args.precision or default_precision, device)
+    if args.bn_reestimate:
+        reestimate_bn(model, data.train, args.bn_reestimate, 0, precision)
     res = {
         "run": str(args.run_dir),
         "name": name,
@@ -96,6 +105,8 @@ def cmd_eval(args) -> int:
         "precision": precision,
         "test_images": len(data.test.labels),
     }
+    if args.bn_reestimate:
+        res["bn_reestimate_batches"] = args.bn_reestimate
     print(json.dumps(res) if args.json else f"{name}: test top-1 {res['top1']:.2f}% on {res['test_images']} images")
     return 0
 
@@ -282,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact); "
                    "onnxruntime or openvino on a run or an artifact export it to ONNX in memory first; torch-int8 "
                    "compiles an integer-residual run or artifact to oneDNN int8 convs")
+    e.add_argument("--bn-reestimate", type=_int_in(0), default=0, metavar="N",
+                   help="a run directory only: first re-estimate the BatchNorm running statistics over N training "
+                   "batches (epoch 0's order, the run's augmentation and batch size); the run is not changed")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
 

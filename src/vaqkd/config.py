@@ -233,6 +233,10 @@ class TrainConfig:
     threads: int = 0  # CPU threads (0: torch default)
     micro_batches: int = 1  # gradient accumulation: each step's batch in this many parts (per process)
     sync_bn: bool = False  # SyncBatchNorm across the processes of a torchrun job (GPUs only)
+    # before each evaluation, the student's BatchNorm running statistics re-estimated over this many training
+    # batches (`engine.step.reestimate_bn`); 0: the running averages training left (the paper's protocol).
+    # Changes what is evaluated and saved, never a training step
+    bn_reestimate_batches: int = 0
 
     def validate(self, p: str) -> None:
         _check(f"{p}.seed", 0 <= self.seed < 2**32, "must be in [0, 2^32)")
@@ -246,6 +250,7 @@ class TrainConfig:
         _check(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0")
         _check(f"{p}.threads", self.threads >= 0, "must be >= 0")
         _check(f"{p}.micro_batches", self.micro_batches >= 1, "must be >= 1")
+        _check(f"{p}.bn_reestimate_batches", self.bn_reestimate_batches >= 0, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -448,7 +453,7 @@ def canonical_text(d: dict) -> str:
 # config hash, the resume check), so records and run directories made before the field existed still match.
 LATER_DEFAULTS = ('teacher_stage = ""', "micro_batches = 1", "sync_bn = false", 'residual = "float"',
                   "residual_bits = 0", "freeze_weights_epochs = 0.0",
-                  'weight_init = "lsq"')
+                  'weight_init = "lsq"', "bn_reestimate_batches = 0")
 
 
 def identity(toml_text: str) -> str:

@@ -26,7 +26,7 @@ from vaqkd.engine.build import Run, check_same_config, prepare
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import resolve_device
-from vaqkd.engine.step import evaluate, lr_at, train_step
+from vaqkd.engine.step import evaluate, lr_at, reestimate_bn, train_step
 from vaqkd.errors import TrainingDiverged
 from vaqkd.rundir import RunLock, read_json, read_jsonl, run_machine, write_json
 
@@ -181,6 +181,8 @@ def end_epoch(run: Run, log) -> None:
         "img_per_s": acc["seen"] / acc["seconds"],
     }
     if epoch % cfg.train.eval_every == 0 or epoch == cfg.optim.epochs:
+        if cfg.train.bn_reestimate_batches:  # on the epoch just trained's first batches
+            reestimate_bn(run.model, run.data.train, cfg.train.bn_reestimate_batches, epoch - 1, run.precision)
         dist.average_bn_stats(run.model)
         ev = evaluate(run.model, run.data.test, run.precision)
         row.update(test_top1=ev["top1"], test_loss=ev["loss"])

@@ -1,0 +1,64 @@
+"""How much of a checkpoint's test top-1 is lost to stale BatchNorm running statistics: each run's latest
+checkpoint evaluated as saved (the running statistics training left) and again after the statistics are
+re-estimated on training batches (`vaqkd.engine.step.reestimate_bn`: a plain average, the model otherwise
+unchanged, no gradient; what `vaqkd eval RUN --bn-reestimate N` and the `train.bn_reestimate_batches` knob do).
+
+    python benchmarks/bn_restat.py RUN [RUN ...] --data-root ../shared/data/cifar100 --out results/x.json
+
+A RUN is a run directory (config.toml and a ckpt-<step>/ folder), finished or not. The re-estimation uses the
+training loader of the run's own config (its augmentation, epoch 0's order), `--batches` batches of it. The
+training-time figure of the same checkpoint (metrics.jsonl, the epoch that ended at that step) is printed
+beside, when there is one: it must equal the "as saved" figure (same weights, same evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from vaqkd.engine.setup import environment
+from vaqkd.engine.step import evaluate, reestimate_bn
+from vaqkd.rundir import latest_checkpoint, load_run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--data-root", default="../shared/data/cifar100")
+    ap.add_argument("--batches", type=int, default=50, help="training batches for the re-estimation")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    dev = torch.device("cpu")
+    rows = []
+    for run in args.runs:
+        cfg, model, data = load_run(run, dev, data_root=args.data_root)
+        step = int(latest_checkpoint(run).name.split("-")[1])
+        epoch_len = len(data.train)
+        recorded = None
+        if (run / "metrics.jsonl").exists() and step % epoch_len == 0:
+            for line in (run / "metrics.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                if row.get("epoch") == step // epoch_len and "test_top1" in row:
+                    recorded = row["test_top1"]
+        saved = evaluate(model, data.test, args.precision)["top1"]
+        n_bn = reestimate_bn(model, data.train, args.batches, 0, args.precision)
+        restat = evaluate(model, data.test, args.precision)["top1"]
+        rows.append({"run": str(run), "name": cfg.name, "step": step, "epoch": step / epoch_len,
+                     "test_top1_recorded": recorded, "test_top1_saved": saved, "test_top1_bn_reestimated": restat,
+                     "bn_layers": n_bn})  # fmt: skip
+        print(f"{cfg.name:28s} step {step:6d} (epoch {step / epoch_len:5.2f}): recorded {recorded}, as saved "
+              f"{saved:.2f} %, BN re-estimated on {args.batches} batches {restat:.2f} % ({restat - saved:+.2f})")
+    if args.out:
+        out = {"command": "python benchmarks/bn_restat.py " + " ".join(map(str, args.runs)) +
+               f" --batches {args.batches} --precision {args.precision}", "batches": args.batches,
+               "precision": args.precision, "rows": rows, "env": environment(dev, 0, args.precision)}  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
