@@ -62,7 +62,7 @@ def reestimate_bn(model: nn.Module, loader, batches: int, epoch: int = 0, precis
     `batches` training batches of `epoch` (forward in training mode, no gradient, nothing else changes); returns
     the number of BatchNorm layers. Low-bit weights that oscillate between grid points leave the running averages
     of training behind the model they end in (Nagel et al., ICML 2022): in results/full_t64 a W2A2 feature-setting
-    student read 9-13 points higher with re-estimated statistics mid-training. Under torchrun each rank estimates
+    student read 6-13 points higher with re-estimated statistics mid-training. Under torchrun each rank estimates
     on its own shard; `dist.average_bn_stats` then averages them."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in bns]
