@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ def main() -> None:
     ap.add_argument("--data-root", default="../shared/data/cifar100")
     ap.add_argument("--batches", type=int, default=50, help="training batches for the re-estimation")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--layers", action="store_true",
+                    help="also each BatchNorm's drift: mean |saved - re-estimated mean| / re-estimated std over its "
+                    "channels, and the mean ratio of the variances")  # fmt: skip
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     dev = torch.device("cpu")
@@ -45,16 +49,25 @@ def main() -> None:
                 if row.get("epoch") == step // epoch_len and "test_top1" in row:
                     recorded = row["test_top1"]
         saved = evaluate(model, data.test, args.precision)["top1"]
+        bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+        before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
         n_bn = reestimate_bn(model, data.train, args.batches, 0, args.precision)
         restat = evaluate(model, data.test, args.precision)["top1"]
+        drift = {}
+        for n, m in bns.items():
+            shift = (before[n][0] - m.running_mean).abs() / m.running_var.sqrt()
+            ratio = before[n][1] / m.running_var
+            drift[n] = {"mean_shift_over_std": float(shift.mean()), "var_ratio": float(ratio.mean())}
         rows.append({"run": str(run), "name": cfg.name, "step": step, "epoch": step / epoch_len,
                      "test_top1_recorded": recorded, "test_top1_saved": saved, "test_top1_bn_reestimated": restat,
-                     "bn_layers": n_bn})  # fmt: skip
+                     "bn_layers": n_bn, **({"bn_drift": drift} if args.layers else {})})  # fmt: skip
         print(f"{cfg.name:28s} step {step:6d} (epoch {step / epoch_len:5.2f}): recorded {recorded}, as saved "
               f"{saved:.2f} %, BN re-estimated on {args.batches} batches {restat:.2f} % ({restat - saved:+.2f})")
+        if args.layers:
+            for n, d in drift.items():
+                print(f"  {n:20s} mean shift {d['mean_shift_over_std']:.3f} std, variance ratio {d['var_ratio']:.3f}")
     if args.out:
-        out = {"command": "python benchmarks/bn_restat.py " + " ".join(map(str, args.runs)) +
-               f" --batches {args.batches} --precision {args.precision}", "batches": args.batches,
+        out = {"command": " ".join(["python", "benchmarks/bn_restat.py", *sys.argv[1:]]), "batches": args.batches,
                "precision": args.precision, "rows": rows, "env": environment(dev, 0, args.precision)}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
