@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vaqkd.analysis.stats import paired_interval
 from vaqkd.engine.setup import environment
 from vaqkd.engine.step import evaluate, reestimate_bn
 from vaqkd.rundir import latest_checkpoint, load_run
@@ -66,9 +67,14 @@ def main() -> None:
         if args.layers:
             for n, d in drift.items():
                 print(f"  {n:20s} mean shift {d['mean_shift_over_std']:.3f} std, variance ratio {d['var_ratio']:.3f}")
+    gain = paired_interval([r["test_top1_bn_reestimated"] for r in rows], [r["test_top1_saved"] for r in rows])
+    if gain["lo"] is not None:
+        print(f"gain over the {gain['n']} checkpoints: {gain['mean']:+.2f} [{gain['lo']:+.2f}, {gain['hi']:+.2f}] "
+              f"points ({gain['verdict']})")
     if args.out:
-        out = {"command": " ".join(["python", "benchmarks/bn_restat.py", *sys.argv[1:]]), "batches": args.batches,
-               "precision": args.precision, "rows": rows, "env": environment(dev, 0, args.precision)}  # fmt: skip
+        command = " ".join(["python", "benchmarks/bn_restat.py", *sys.argv[1:]])
+        out = {"gain": gain, "command": command, "batches": args.batches, "precision": args.precision, "rows": rows,
+               "env": environment(dev, 0, args.precision)}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 

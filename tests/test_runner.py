@@ -17,6 +17,11 @@ def test_paired_t_interval_on_hand_computed_numbers():
     r = paired_interval([65.1, 64.8, 65.0], [65.0, 65.0, 64.8])  # diffs .1 -.2 .2
     assert r["lo"] < 0 < r["hi"] and r["verdict"] == "not distinguishable from zero at n = 3"
     assert paired_interval([1.0], [0.5])["lo"] is None
+    # three pairs that each differ by 12 of 10,000 images (results/quick_t64_s30's feature pair): the float
+    # differences are 0.12 up to rounding noise, sd ~1e-15; a t-interval of that width would call it real
+    r = paired_interval([46.59, 45.93, 46.08], [46.47, 45.81, 45.96])
+    assert r["lo"] is None and r["hi"] is None and r["mean"] == pytest.approx(0.12)
+    assert r["verdict"].startswith("all 3 differences equal")
     assert mean_std([2.0, 4.0]) == (3.0, pytest.approx(1.41421356))
     assert t975(1) == 12.706 and t975(1000) == 1.98  # beyond the table: its last value, never too narrow
     with pytest.raises(ValueError):

@@ -36,7 +36,8 @@ def mean_std(x: Sequence[float]) -> tuple[float, float]:
 
 
 def paired_interval(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Mean of a_i - b_i with its 95 % t-interval (pairs share a seed). n = 1 gives no interval."""
+    """Mean of a_i - b_i with its 95 % t-interval (pairs share a seed). n = 1 gives no interval, and neither do
+    n differences that are all equal (their sample sd is 0, so the t-interval would have no width)."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired values must have the same non-zero length, got {len(a)} and {len(b)}")
     d = [x - y for x, y in zip(a, b)]
@@ -44,6 +45,11 @@ def paired_interval(a: Sequence[float], b: Sequence[float]) -> dict:
     n = len(d)
     if n == 1:
         return {"n": 1, "mean": m, "lo": None, "hi": None, "verdict": "n = 1: no interval, one seed cannot tell"}
+    if max(d) - min(d) <= 1e-9 * max(1.0, abs(m)):  # equal up to float noise (top-1 moves in steps of one image)
+        # a zero-width t-interval would call any such difference real; equal differences only say the seeds
+        # happened to land alike (e.g. +12 images in each of three pairs)
+        return {"n": n, "mean": m, "lo": None, "hi": None, "sd": 0.0,
+                "verdict": f"all {n} differences equal: no spread to size an interval from, no verdict"}  # fmt: skip
     half = t975(n - 1) * sd / math.sqrt(n)
     lo, hi = m - half, m + half
     if lo <= 0 <= hi:
