@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vaqkd.analysis.stats import paired_interval
-from vaqkd.engine.setup import environment
+from vaqkd.engine.setup import environment, resolve_precision
 from vaqkd.engine.step import evaluate, reestimate_bn
 from vaqkd.rundir import latest_checkpoint, load_run
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--data-root", default="../shared/data/cifar100")
     ap.add_argument("--batches", type=int, default=50, help="training batches for the re-estimation")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", choices=["fp32", "bf16"], help="default: each run's own (as its training evaluated)")
     ap.add_argument("--layers", action="store_true",
                     help="also each BatchNorm's drift: mean |saved - re-estimated mean| / re-estimated std over its "
                     "channels, and the mean ratio of the variances")  # fmt: skip
@@ -49,18 +49,20 @@ def main() -> None:
                 row = json.loads(line)
                 if row.get("epoch") == step // epoch_len and "test_top1" in row:
                     recorded = row["test_top1"]
-        saved = evaluate(model, data.test, args.precision)["top1"]
+        precision = resolve_precision(args.precision or cfg.train.precision, dev)
+        saved = evaluate(model, data.test, precision)["top1"]
         bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
         before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns.items()}
-        n_bn = reestimate_bn(model, data.train, args.batches, 0, args.precision)
-        restat = evaluate(model, data.test, args.precision)["top1"]
+        n_bn = reestimate_bn(model, data.train, args.batches, 0, precision)
+        restat = evaluate(model, data.test, precision)["top1"]
         drift = {}
         for n, m in bns.items():
-            shift = (before[n][0] - m.running_mean).abs() / m.running_var.sqrt()
-            ratio = before[n][1] / m.running_var
+            shift = (before[n][0] - m.running_mean).abs() / (m.running_var + m.eps).sqrt()  # as BN normalises
+            ratio = (before[n][1] + m.eps) / (m.running_var + m.eps)
             drift[n] = {"mean_shift_over_std": float(shift.mean()), "var_ratio": float(ratio.mean())}
         rows.append({"run": str(run), "name": cfg.name, "step": step, "epoch": step / epoch_len,
                      "test_top1_recorded": recorded, "test_top1_saved": saved, "test_top1_bn_reestimated": restat,
+                     "precision": precision,
                      "bn_layers": n_bn, **({"bn_drift": drift} if args.layers else {})})  # fmt: skip
         print(f"{cfg.name:28s} step {step:6d} (epoch {step / epoch_len:5.2f}): recorded {recorded}, as saved "
               f"{saved:.2f} %, BN re-estimated on {args.batches} batches {restat:.2f} % ({restat - saved:+.2f})")
@@ -68,13 +70,12 @@ def main() -> None:
             for n, d in drift.items():
                 print(f"  {n:20s} mean shift {d['mean_shift_over_std']:.3f} std, variance ratio {d['var_ratio']:.3f}")
     gain = paired_interval([r["test_top1_bn_reestimated"] for r in rows], [r["test_top1_saved"] for r in rows])
-    if gain["lo"] is not None:
-        print(f"gain over the {gain['n']} checkpoints: {gain['mean']:+.2f} [{gain['lo']:+.2f}, {gain['hi']:+.2f}] "
-              f"points ({gain['verdict']})")
+    ci = f" [{gain['lo']:+.2f}, {gain['hi']:+.2f}]" if gain["lo"] is not None else ""
+    print(f"gain over the {gain['n']} checkpoint(s): {gain['mean']:+.2f}{ci} points ({gain['verdict']})")
     if args.out:
         command = " ".join(["python", "benchmarks/bn_restat.py", *sys.argv[1:]])
-        out = {"gain": gain, "command": command, "batches": args.batches, "precision": args.precision, "rows": rows,
-               "env": environment(dev, 0, args.precision)}  # fmt: skip
+        out = {"gain": gain, "command": command, "batches": args.batches, "rows": rows,
+               "env": environment(dev, 0, rows[-1]["precision"])}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 

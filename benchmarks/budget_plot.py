@@ -60,7 +60,7 @@ def main() -> None:
     doc += ["| preset | VA-QKD − QKD (pts) | n | 95 % interval | same-seed pairs from different machines, left out |",
             "|---|---|---|---|---|"]  # fmt: skip
     for pr in pairs:
-        ci = f"[{pr['lo']:+.2f}, {pr['hi']:+.2f}]" if pr["lo"] is not None else "— (one pair: no interval)"
+        ci = f"[{pr['lo']:+.2f}, {pr['hi']:+.2f}]" if pr["lo"] is not None else f"— ({pr['verdict']})"
         doc.append(f"| {pr['preset']} | {pr['mean']:+.2f} | {pr['n']} | {ci} | {pr['cross_machine_pairs_left_out']} |")
     if missing:
         doc += ["", f"No records yet for: {', '.join(missing)}."]

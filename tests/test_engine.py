@@ -274,7 +274,24 @@ def test_bn_reestimate_batches_changes_what_is_evaluated_and_saved_never_a_train
     assert any(not torch.equal(wa[k], wb[k]) for k in stats if "running" in k)
     ma, mb = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
     assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb]  # the same training, step for step
-    assert a["top1_last"] == ma[-1]["test_top1"] and b["top1_last"] == mb[-1]["test_top1"]
+    # what b saved and evaluated: a's final model with its statistics re-estimated on the last epoch's 2 batches
+    from vaqkd.engine.setup import load_run
+    from vaqkd.engine.step import evaluate, reestimate_bn
+
+    _, model, data = load_run(tmp_path / "a", torch.device("cpu"))
+    reestimate_bn(model, data.train, 2, epoch=1)
+    for k, v in model.state_dict().items():
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.allclose(v, wb[k], rtol=1e-6, atol=1e-7), k
+    assert evaluate(model, data.test)["top1"] == mb[-1]["test_top1"] == b["top1_last"]
+    # and a run with the knob, killed mid-epoch 2 and resumed, ends bit for bit as the uninterrupted one
+    cfg_b = tiny_cfg(shared_cifar_root, *w2a2, "train.bn_reestimate_batches=2")
+    assert fit(cfg_b, tmp_path / "c", progress=False, log=lambda s: None, stop_after_steps=9) == {}
+    c = fit(cfg_b, tmp_path / "c", resume=True, progress=False, log=lambda s: None)
+    wc = load_file(run_weights(tmp_path / "c"))
+    assert c["top1_last"] == b["top1_last"] and all(torch.equal(wb[k], wc[k]) for k in wb)
+    with pytest.raises(ValueError, match="batches"):
+        reestimate_bn(model, data.train, 0)
     text = to_toml(tiny_cfg(shared_cifar_root))
     assert "bn_reestimate_batches = 0" in text
     assert identity(text) == identity(text.replace("bn_reestimate_batches = 0\n", ""))  # old records' hashes

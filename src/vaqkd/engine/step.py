@@ -63,7 +63,12 @@ def reestimate_bn(model: nn.Module, loader, batches: int, epoch: int = 0, precis
     the number of BatchNorm layers. Low-bit weights that oscillate between grid points leave the running averages
     of training behind the model they end in (Nagel et al., ICML 2022): in results/full_t64 a W2A2 feature-setting
     student read 6-13 points higher with re-estimated statistics mid-training. Under torchrun each rank estimates
-    on its own shard; `dist.average_bn_stats` then averages them."""
+    on its own shard and `dist.average_bn_stats` then averages them (the spread between the shards' means is left
+    out of the variance: small); with SyncBatchNorm every batch's statistics are global already.
+    `train.bn_reestimate_batches` uses the batches of the epoch just trained, `vaqkd eval --bn-reestimate` epoch
+    0's: the two need not give the same figure."""
+    if batches < 1:
+        raise ValueError(f"reestimate_bn: batches must be >= 1, got {batches}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in bns]
     for m in bns:
