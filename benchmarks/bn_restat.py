@@ -23,7 +23,7 @@ import torch
 from vaqkd.analysis.stats import paired_interval
 from vaqkd.engine.setup import environment, resolve_precision
 from vaqkd.engine.step import evaluate, reestimate_bn
-from vaqkd.rundir import latest_checkpoint, load_run
+from vaqkd.rundir import latest_checkpoint, load_run, read_jsonl
 
 
 def main() -> None:
@@ -43,12 +43,9 @@ def main() -> None:
         cfg, model, data = load_run(run, dev, data_root=args.data_root)
         step = int(latest_checkpoint(run).name.split("-")[1])
         epoch_len = len(data.train)
-        recorded = None
-        if (run / "metrics.jsonl").exists() and step % epoch_len == 0:
-            for line in (run / "metrics.jsonl").read_text().splitlines():
-                row = json.loads(line)
-                if row.get("epoch") == step // epoch_len and "test_top1" in row:
-                    recorded = row["test_top1"]
+        metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        at_step = [r.get("test_top1") for r in metrics if step % epoch_len == 0 and r["epoch"] == step // epoch_len]
+        recorded = at_step[-1] if at_step else None  # the evaluation training made of this checkpoint, if any
         precision = resolve_precision(args.precision or cfg.train.precision, dev)
         saved = evaluate(model, data.test, precision)["top1"]
         bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
