@@ -4,7 +4,9 @@
         --data-root ../shared/data/cifar100 --out results/deploy/infer.json
 
 STUDENT: a packed artifact or a finished run directory. Both models are exported by the same builder
-(`vaqkd.deploy.onnx_export`: uint8 input, normalised inside) and compiled in ONNX Runtime (f32) and OpenVINO
+(`vaqkd.deploy.onnx_export`: uint8 input, normalised inside) and compiled in ONNX Runtime (f32; a graph with integer
+convs runs its integer body channels-last, `vaqkd.deploy.ort_layout`; `--ort-own-layout` adds the W2A2 graph as
+ORT lays it out alone, named `ort-own`, measured against the same teacher) and OpenVINO
 (inference precision f32; the teacher also in bf16, named so: its predictions move, see `agreement`); with
 `--torch-int8` also torch's int8 path (`vaqkd.deploy.torch_int8`: the student's own arithmetic as oneDNN int8
 convs, and the teacher quantized to 8 bits after training by PT2E, `int8-ptq`, another model). Speed: img/s at
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-int8", action="store_true",
                     help="also torch's int8 path (vaqkd.deploy.torch_int8; needs torchao): the integer-residual "
                     "student as oneDNN int8 convs, the teacher quantized to 8 bits by PT2E (named int8-ptq)")
+    ap.add_argument("--ort-own-layout", action="store_true",
+                    help="also the W2A2 graph in ORT as ORT lays it out alone (named ort-own; the onnxruntime case "
+                    "runs its integer body channels-last, vaqkd.deploy.ort_layout)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -117,6 +122,9 @@ def main(argv=None) -> int:
     keys = [f"{m}/{rt}/{p}" for m in graphs for rt, p in variants] + ["teacher/openvino/bf16"]
     split_keys = [f"{m}/{rt}-x{args.streams}/{p}" for m in graphs for rt, p in variants]
     split_keys += [f"teacher/openvino-x{args.streams}/bf16"]
+    if args.ort_own_layout:
+        keys.insert(1, "w2a2/ort-own/f32")
+        split_keys.insert(1, f"w2a2/ort-own-x{args.streams}/f32")
     torch_cases = {}
     if args.torch_int8:  # torch's int8 path: the student's own arithmetic, the teacher quantized after training
         from vaqkd.data.cifar import load_split
@@ -142,7 +150,9 @@ def main(argv=None) -> int:
                 out[k] = _threaded(torch_cases[k], threads)
             else:
                 rt, streams = _runtime_streams(rt)
-                out[k] = compile_graph(rt, graphs[model], threads, prec, streams=streams)
+                own = rt == "ort-own"  # ONNX Runtime as it lays the graph out alone
+                out[k] = compile_graph("onnxruntime" if own else rt, graphs[model], threads, prec, streams=streams,
+                                       **({"channels_last": False} if own else {}))
         return out
 
     result = {"command": " ".join(["python", "benchmarks/infer.py", *(argv or sys.argv[1:])]),
@@ -175,6 +185,7 @@ def main(argv=None) -> int:
             for k in cell_keys:
                 ips = per_round[k]
                 c = {"img_per_s": statistics.median(ips), "img_per_s_rounds": ips,
+                     "layout": getattr(cases[k], "layout", None),
                      "share_of_int8_gemm_floor": statistics.median(ips) * 68_868_352 / rates["int8"]}  # fmt: skip
                 if k.startswith("w2a2"):
                     same = [a / b for a, b in zip(ips, per_round[_teacher_key(k)])]
@@ -210,7 +221,7 @@ def main(argv=None) -> int:
 def _teacher_key(key: str) -> str:
     """The teacher's case in the W2A2 case's runtime (in torch-int8: the teacher's 8-bit PT2E quantization)."""
     _, rt, prec = key.split("/")
-    return f"teacher/{rt}/int8-ptq" if rt == "torch-int8" else f"teacher/{rt}/{prec}"
+    return f"teacher/{rt}/int8-ptq" if rt == "torch-int8" else f"teacher/{rt.replace('ort-own', 'onnxruntime')}/{prec}"
 
 
 def _runtime_streams(rt: str) -> tuple[str, int]:
@@ -222,7 +233,8 @@ def _runtime_streams(rt: str) -> tuple[str, int]:
 def _same_runtime(a: str, b: str) -> bool:
     """Two cases of one model, runtime (with or without streams) and precision."""
     (ma, ra, pa), (mb, rb, pb) = a.split("/"), b.split("/")
-    return ma == mb and pa == pb and _runtime_streams(ra)[0] == _runtime_streams(rb)[0]
+    base = lambda r: _runtime_streams(r)[0].replace("ort-own", "onnxruntime")  # noqa: E731
+    return ma == mb and pa == pb and base(ra) == base(rb)
 
 
 def _threaded(run, threads: int):

@@ -263,7 +263,7 @@ def test_bn_reestimate_batches_changes_what_is_evaluated_and_saved_never_a_train
     from vaqkd.config import identity, to_toml
 
     w2a2 = ["quant.enabled=true", "optim.epochs=2"]
-    a = fit(tiny_cfg(shared_cifar_root, *w2a2), tmp_path / "a", progress=False, log=lambda s: None)
+    fit(tiny_cfg(shared_cifar_root, *w2a2), tmp_path / "a", progress=False, log=lambda s: None)
     b = fit(tiny_cfg(shared_cifar_root, *w2a2, "train.bn_reestimate_batches=2"), tmp_path / "b", progress=False,
             log=lambda s: None)  # fmt: skip
     wa, wb = load_file(run_weights(tmp_path / "a")), load_file(run_weights(tmp_path / "b"))

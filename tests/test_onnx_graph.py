@@ -236,3 +236,67 @@ def test_a_packed_artifact_runs_in_onnx_runtime_and_openvino_from_the_cli(tmp_pa
         res[backend] = json.loads(capsys.readouterr().out)
     assert res["onnxruntime"]["top1"] == res["torch"]["top1"], res
     assert res["openvino"]["backend"] == "openvino" and 0 <= res["openvino"]["top1"] <= 100
+
+
+def _int_student(bits):
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet20", 10), residual="int", residual_bits=bits)
+    calibrate(model, [torch.randn(32, 3, 32, 32)])
+    return build_onnx(_trained_bn(model).eval(), normalise=normalisation(MEAN, STD)).SerializeToString()
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_ort_runs_the_integer_body_channels_last_bit_for_bit(bits, tmp_path):
+    """`ort_layout.channels_last` on ORT's extended-level graph of an integer-residual ResNet-20 (strided
+    shortcuts: a Slice and a Pad on codes): every QLinearConv in NHWC, three transposes left (two on the codes
+    after the stem, one before the pool), the logits bit for bit those of the graph it came from; compile_graph
+    runs it (and says so)."""
+    from vaqkd.deploy.ort_layout import channels_last
+    from vaqkd.deploy.runtimes import compile_graph
+
+    graph = _int_student(bits)
+    ext = session(graph, 1, optimize="extended", save_to=tmp_path / "ext.onnx")
+    fast = channels_last(onnx.load(str(tmp_path / "ext.onnx")))
+    convs = [n for n in fast.graph.node if n.op_type == "QLinearConv"]
+    assert len(convs) == 18 and all(n.domain == "com.microsoft" for n in convs)
+    assert all(onnx.helper.get_attribute_value(a) == 1 for n in convs for a in n.attribute if a.name == "channels_last")
+    assert [n.op_type for n in fast.graph.node].count("Transpose") == 3
+    x = np.random.default_rng(0).integers(0, 256, (37, 3, 32, 32), dtype=np.uint8)
+    want = ext.run(None, {"input": x})[0]
+    got = session(fast.SerializeToString(), 1, optimize=False).run(None, {"input": x})[0]
+    assert np.array_equal(got, want)
+    run = compile_graph("onnxruntime", graph, threads=1)
+    assert np.array_equal(run(x), want) and np.array_equal(run(x[:3]), want[:3]) and run.layout == "channels-last"
+    assert compile_graph("onnxruntime", graph, threads=1, channels_last=False).layout == "ort"
+
+
+def test_ort_channels_last_leaves_a_float_graph_and_falls_back_from_a_wrong_rewrite(monkeypatch, tmp_path):
+    """An FP32 graph has no integer conv: nothing to rewrite, ORT's own layout runs. A rewrite whose logits
+    differ from the graph it came from is used for no batch: the first batch's logits are the reference's, a
+    warning says why, and ORT's layout runs from then on."""
+    from vaqkd.deploy import ort_layout
+    from vaqkd.deploy.runtimes import compile_graph
+
+    fp32 = build_onnx(_trained_bn(create_model("resnet20", 10)).eval(), normalise=normalisation(MEAN, STD))
+    session(fp32.SerializeToString(), 1, optimize="extended", save_to=tmp_path / "ext.onnx")
+    assert ort_layout.channels_last(onnx.load(str(tmp_path / "ext.onnx"))) is None
+    assert compile_graph("onnxruntime", fp32.SerializeToString(), threads=1).layout == "ort"
+
+    real = ort_layout.channels_last
+
+    def wrong(model):  # the pass with the classifier's bias moved: logits that are not the graph's
+        m = real(model)
+        gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+        bias = next(i for i in m.graph.initializer if i.name == gemm.input[2])
+        bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 1.0, bias.name))
+        return m
+
+    graph = _int_student(8)
+    x = np.random.default_rng(1).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    want = session(graph, 1, optimize="extended").run(None, {"input": x})[0]
+    monkeypatch.setattr(ort_layout, "channels_last", wrong)
+    run = compile_graph("onnxruntime", graph, threads=1)
+    assert run.layout == "channels-last"
+    with pytest.warns(UserWarning, match="channels-last graph is not used .*logits differ"):
+        first = run(x)
+    assert np.array_equal(first, want) and np.array_equal(run(x), want) and run.layout == "ort"

@@ -562,14 +562,19 @@ def export_source_onnx(source: str, out: str | Path, data_root: str | None = Non
     return export_onnx(model, out, normalisation(mean, std), meta)
 
 
-def session(path, threads: int = 0, optimize: bool = True):
+def session(path, threads: int = 0, optimize: bool | str = True, save_to: str | Path | None = None):
     """An ONNX Runtime CPU session (a path or serialized model) with all graph optimizations (the QDQ ->
-    QLinearConv fusion among them), or with none."""
+    QLinearConv fusion among them), or with none (`optimize=False`), or up to ORT's extended level
+    (`optimize="extended"`: the fusions without the layout transformations); `save_to`: where ORT writes the
+    graph as it optimised it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     level = ort.GraphOptimizationLevel
-    opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    opts.graph_optimization_level = {True: level.ORT_ENABLE_ALL, False: level.ORT_DISABLE_ALL,
+                                     "extended": level.ORT_ENABLE_EXTENDED}[optimize]  # fmt: skip
+    if save_to is not None:
+        opts.optimized_model_filepath = str(save_to)
     if threads:
         opts.intra_op_num_threads = threads
     if isinstance(path, bytes):

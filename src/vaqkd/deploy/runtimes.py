@@ -1,7 +1,9 @@
 """Inference runtimes for an exported ONNX graph, behind one interface: `compile_graph(runtime, graph)` -> a function
 from a batch of uint8 images (N, C, H, W) (or normalised floats, for a graph built without `normalise`) to logits.
 
-    onnxruntime  ONNX Runtime's CPU provider, every graph optimization on (QDQ -> QLinearConv / QLinearAdd)
+    onnxruntime  ONNX Runtime's CPU provider: its fusions (QDQ -> QLinearConv / QLinearAdd), then the integer
+                 body in channels-last (`ort_layout`: no transposes around each integer conv, checked bit for
+                 bit on the first batch); `channels_last=False`: every ORT optimization, its own layout
     openvino     OpenVINO's CPU plugin, inference precision f32 (its default on a bf16-capable CPU is bf16, which
                  moves the 2-bit graph's predictions: see benchmarks/infer.py); `precision="bf16"` is for the
                  FP32 teacher's comparison graph only, named so wherever it is measured
@@ -20,6 +22,7 @@ another batch size.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,23 +33,72 @@ import torch
 from vaqkd.errors import RunFileError
 
 
-def _ort(graph, threads: int, precision: str, streams: int):
-    """`streams` functions, each its own session of threads/streams threads."""
+def _ort(graph, threads: int, precision: str, streams: int, channels_last: bool = True):
+    """`streams` functions, each its own session of threads/streams threads; with `channels_last`, a graph with
+    integer convs runs as `ort_layout.channels_last` rewrites it (`run.layout` says which ran)."""
     from vaqkd.deploy.onnx_export import session
 
     if precision != "f32":
         raise ValueError(f"onnxruntime: precision {precision!r} (the CPU provider runs the graph as it is: f32)")
     runs = []
     for _ in range(streams):
-        sess = session(graph, threads // streams)
-        name, kind = sess.get_inputs()[0].name, sess.get_inputs()[0].type
-
-        def run(x: np.ndarray, sess=sess, name=name, kind=kind) -> np.ndarray:
-            return sess.run(None, {name: x if kind == "tensor(uint8)" else x.astype(np.float32)})[0]
-
-        run.input_type = "uint8" if kind == "tensor(uint8)" else "float32"
-        runs.append(run)
+        sess, ref = _ort_sessions(graph, threads // streams) if channels_last else (session(graph, threads // streams),
+                                                                                    None)  # fmt: skip
+        runs.append(_ort_run(sess, ref))
     return runs
+
+
+def _ort_sessions(graph, threads: int):
+    """(the channels-last session, the extended-level session it was derived from) or (ORT's own session, None)
+    where the rewrite does not apply or its graph does not load."""
+    import tempfile
+
+    import onnx
+
+    from vaqkd.deploy.onnx_export import session
+    from vaqkd.deploy.ort_layout import channels_last
+
+    with tempfile.TemporaryDirectory(prefix="vaqkd-ort-") as tmp:
+        ext = session(graph, threads, optimize="extended", save_to=Path(tmp) / "extended.onnx")
+        rewritten = channels_last(onnx.load(str(Path(tmp) / "extended.onnx")))
+    if rewritten is None:
+        return session(graph, threads), None
+    try:
+        return session(rewritten.SerializeToString(), threads, optimize=False), ext
+    except Exception as e:  # noqa: BLE001 - a rewrite ORT refuses runs as ORT optimises it, said once
+        warnings.warn(f"onnxruntime: the channels-last graph does not load ({type(e).__name__}); running ORT's own "
+                      "layout", stacklevel=3)
+        return ext, None
+
+
+def _ort_run(sess, ref):
+    """A function over a session; where `ref` is given, the first batch runs in both and the channels-last
+    session is kept only if its logits are bit for bit the reference's (else the reference, said once)."""
+    name, kind = sess.get_inputs()[0].name, sess.get_inputs()[0].type
+    state = {"sess": sess, "ref": ref}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        feed = {name: x if kind == "tensor(uint8)" else x.astype(np.float32)}
+        if state["ref"] is None:
+            return state["sess"].run(None, feed)[0]
+        ref, state["ref"] = state["ref"], None
+        want = ref.run(None, feed)[0]
+        try:
+            got = state["sess"].run(None, feed)[0]
+        except Exception as e:  # noqa: BLE001 - checked once, falls back
+            got, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        else:
+            why = "its logits differ from the extended-level graph's"
+        if got is None or not np.array_equal(got, want):
+            warnings.warn(f"onnxruntime: the channels-last graph is not used ({why}); running ORT's own layout",
+                          stacklevel=2)
+            state["sess"] = ref
+            run.layout = "ort"
+        return want
+
+    run.input_type = "uint8" if kind == "tensor(uint8)" else "float32"
+    run.layout = "channels-last" if ref is not None else "ort"
+    return run
 
 
 def _openvino(graph, threads: int, precision: str, streams: int):
@@ -86,10 +138,12 @@ RUNTIMES: dict[str, Callable] = {"onnxruntime": _ort, "openvino": _openvino}
 
 
 def compile_graph(runtime: str, graph: str | Path | bytes, threads: int = 0, precision: str = "f32",
-                  streams: int = 1):  # fmt: skip
+                  streams: int = 1, channels_last: bool = True):  # fmt: skip
     """A function uint8 images (N, C, H, W) -> logits (N, K) running `graph` in `runtime` on `threads` threads
     (0: the runtime's default), as `streams` instances that share each batch (see the module docstring;
-    streams > 1 needs threads, a multiple of streams)."""
+    streams > 1 needs threads, a multiple of streams). `channels_last` (onnxruntime only): run the integer body
+    in NHWC as `ort_layout.channels_last` rewrites it, checked bit for bit on the first batch; False: as ORT
+    optimises it alone."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
     if streams < 1 or (streams > 1 and (threads < streams or threads % streams)):
@@ -97,7 +151,8 @@ def compile_graph(runtime: str, graph: str | Path | bytes, threads: int = 0, pre
                          "a multiple of streams (and given)")
     if not isinstance(graph, bytes) and not Path(graph).is_file():
         raise RunFileError(f"{graph}: file missing")
-    runs = RUNTIMES[runtime](graph if isinstance(graph, bytes) else Path(graph), threads, precision, streams)
+    extra = {"channels_last": channels_last} if runtime == "onnxruntime" else {}
+    runs = RUNTIMES[runtime](graph if isinstance(graph, bytes) else Path(graph), threads, precision, streams, **extra)
     return runs[0] if streams == 1 else _split(runs)
 
 
@@ -107,10 +162,13 @@ def _split(runs: list):
 
     def run(x: np.ndarray) -> np.ndarray:
         parts = [p for p in np.array_split(x, len(runs)) if len(p)]
-        return np.concatenate(list(pool.map(lambda rp: rp[0](rp[1]), zip(runs, parts))))
+        out = np.concatenate(list(pool.map(lambda rp: rp[0](rp[1]), zip(runs, parts))))
+        run.layout = getattr(runs[0], "layout", None)
+        return out
 
     run.input_type = runs[0].input_type
     run.streams = len(runs)
+    run.layout = getattr(runs[0], "layout", None)
     return run
 
 
