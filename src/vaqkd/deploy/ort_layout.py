@@ -12,13 +12,17 @@ into QLinearConv / QLinearAdd, no layout work yet) and decides each tensor's lay
   Add, Sub, Mul, Div, QLinearAdd, QLinearMul) keep their input's layout; an op whose inputs come in both layouts
   reads all in NHWC;
 - a Slice or Pad on NHWC has its axes or pads moved to NHWC;
-- any other op reads NCHW, and where it needs a layout its input does not have, one Transpose is inserted on that
-  tensor (shared by all readers): so a ResNet-32 gets two on uint8 codes after the stem and one before the pool.
+- any other op reads NCHW; a conv, pool or BatchNormalization writes NCHW, every other op a tensor of unknown
+  layout ("plain"), which no QLinearConv may read;
+- where a reader needs a layout its input does not have, one Transpose is inserted on that tensor (shared by all
+  its readers): a ResNet-32 gets two, on uint8 codes after the stem, and one before the pool.
 
-Only layouts change: every kernel computes what it computed on the same values, and integer kernels are exact,
-so the logits are bit for bit those of the graph it came from (checked on the first batch by `compile_graph`,
-which falls back to the unchanged graph and says so where they are not). A graph without a QLinearConv (an FP32
-teacher) gains nothing and is left as it is (None)."""
+What the pass does not reason about it declines (None): a node with a subgraph (If, Loop, Scan), a QLinearConv
+on a tensor of unknown layout or with a weight that is not a 4-D constant, an NHWC graph output; so does a graph
+without a QLinearConv (an FP32 teacher: nothing to gain). Only layouts change: every kernel computes what it
+computed on the same values, and integer kernels are exact, so the logits should be bit for bit those of the
+graph it came from. `compile_graph` checks that on the first batch each instance runs (a guard against a faulty
+rewrite, not a proof) and runs ORT's own graph, saying so, where they differ."""
 
 from __future__ import annotations
 
@@ -29,44 +33,42 @@ from onnx import helper, numpy_helper
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 UNARY = {"DequantizeLinear", "QuantizeLinear", "Clip", "Relu", "Cast", "Identity"}
 BINARY = {"Add", "Sub", "Mul", "Div", "QLinearAdd", "QLinearMul"}
-PLAIN_OUT = {"Flatten", "Gemm", "MatMul", "Reshape", "Squeeze"}  # outputs without a channel axis to keep
+NCHW_OUT = {"Conv", "FusedConv", "ConvInteger", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+            "BatchNormalization"}  # fmt: skip
+DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
 def channels_last(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """The graph with its QLinearConvs in NHWC and the layout decided per tensor (see the module docstring), or
-    None where there is no QLinearConv or the graph has something the pass does not reason about (a 4-D input
-    it cannot place, an NHWC graph output)."""
+    None where there is nothing to gain or something the pass does not reason about."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    if not any(n.op_type == "QLinearConv" for n in g.node):
+    if not any(n.op_type == "QLinearConv" for n in g.node) or any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute
+    ):
         return None
     consts = {i.name: i for i in g.initializer}
     layout: dict[str, str] = {}
     for i in g.input:
         if i.name not in consts:
-            dims = i.type.tensor_type.shape.dim
-            layout[i.name] = "NCHW" if len(dims) == 4 else "plain"
+            known = i.type.tensor_type.HasField("shape")
+            layout[i.name] = "NCHW" if known and len(i.type.tensor_type.shape.dim) == 4 else "plain"
     out, cache, fresh = [], {}, [0]
 
-    def name(base: str) -> str:
-        fresh[0] += 1
-        return f"{base}_cl{fresh[0]}"
-
     def const(array, base: str) -> str:
-        n = name(base)
+        fresh[0] += 1
+        n = f"{base}_cl{fresh[0]}"
         g.initializer.append(numpy_helper.from_array(array, n))
         return n
 
-    def need(x: str, want: str) -> str | None:
-        """x in layout `want`: x itself, or the (shared) Transpose of it; None where x has no channel axis."""
-        have = layout.get(x)
-        if have is None or have == want:  # a constant, or already so
+    def need(x: str, want: str) -> str:
+        """x in layout `want` (x is NCHW or NHWC): x itself, or the (shared) Transpose of it."""
+        if layout[x] == want:
             return x
-        if have == "plain":
-            return None
         if (x, want) not in cache:
-            t = name(x)
+            fresh[0] += 1
+            t = f"{x}_cl{fresh[0]}"
             out.append(helper.make_node("Transpose", [x], [t], name=t, perm=TO_NHWC if want == "NHWC" else TO_NCHW))
             layout[t] = want
             cache[x, want] = t
@@ -76,24 +78,28 @@ def channels_last(model: onnx.ModelProto) -> onnx.ModelProto | None:
         return x == "" or (x in consts and numpy_helper.to_array(consts[x]).size == 1)
 
     for node in g.node:
+        kind = node.op_type if node.domain in DOMAINS else f"{node.domain}.{node.op_type}"
         acts = [i for i, x in enumerate(node.input) if x in layout]
-        kind = node.op_type
-        ok_unary = kind in UNARY and len(acts) == 1 and acts[0] == 0 and all(map(scalar, node.input[1:]))
-        ok_binary = kind in BINARY and all(x in layout or scalar(x) for x in node.input)
         ins = {layout[node.input[i]] for i in acts}
         if kind == "QLinearConv":
-            want = "NHWC"
-        elif ok_unary or ok_binary:
-            want = "NCHW" if "plain" in ins else ("NHWC" if "NHWC" in ins else "NCHW")
-        elif kind in ("Slice", "Pad") and acts == [0] and ins == {"NHWC"} and _movable(node, consts):
-            want = "NHWC"
-        else:
-            want = "NCHW"
-        for i in acts:
-            x = need(node.input[i], want) if layout[node.input[i]] != "plain" else node.input[i]
-            if x is None:
+            w = consts.get(node.input[3])
+            if acts != [0] or ins == {"plain"} or w is None or len(w.dims) != 4:
                 return None
-            node.input[i] = x
+            want, result = "NHWC", "NHWC"
+        elif (kind in UNARY and acts == [0] and all(map(scalar, node.input[1:]))) or (
+            kind in BINARY and all(x in layout or scalar(x) for x in node.input)
+        ):
+            want = "NCHW" if "plain" in ins else ("NHWC" if "NHWC" in ins else "NCHW")
+            result = "plain" if "plain" in ins else want
+        elif kind in ("Slice", "Pad") and acts == [0] and ins == {"NHWC"} and _movable(node, consts):
+            want, result = "NHWC", "NHWC"
+        elif kind in ("Slice", "Pad"):  # on NCHW (or what cannot move): same rank, same layout
+            want, result = "NCHW", "NCHW" if acts == [0] and ins != {"plain"} else "plain"
+        else:
+            want, result = "NCHW", "NCHW" if kind in NCHW_OUT else "plain"
+        for i in acts:
+            if layout[node.input[i]] != "plain":
+                node.input[i] = need(node.input[i], want)
         if kind == "QLinearConv":
             kept = [a for a in node.attribute if a.name != "channels_last"]
             del node.attribute[:]
@@ -101,13 +107,11 @@ def channels_last(model: onnx.ModelProto) -> onnx.ModelProto | None:
             node.domain = "com.microsoft"
         elif kind in ("Slice", "Pad") and want == "NHWC":
             _move_axes(node, consts, const)
-        result = "plain" if kind in PLAIN_OUT or ins == {"plain"} else want
         for o in node.output:
             layout[o] = result
         out.append(node)
-    for o in g.output:
-        if layout.get(o.name) == "NHWC":
-            return None
+    if any(layout.get(o.name) == "NHWC" for o in g.output):
+        return None
     del g.node[:]
     g.node.extend(out)
     used = {x for n in out for x in n.input} | {o.name for o in g.output}
@@ -124,7 +128,7 @@ def _movable(node, consts) -> bool:
     if node.op_type == "Slice":  # starts, ends, axes given as constants (steps optional)
         return len(node.input) >= 4 and node.input[3] in consts
     return (len(node.input) in (2, 3) and node.input[1] in consts  # Pad of all four axes, without an axes input
-            and numpy_helper.to_array(consts[node.input[1]]).size == 8)
+            and numpy_helper.to_array(consts[node.input[1]]).size == 8)  # fmt: skip
 
 
 def _move_axes(node, consts, const) -> None:

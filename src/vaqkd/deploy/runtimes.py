@@ -2,8 +2,10 @@
 from a batch of uint8 images (N, C, H, W) (or normalised floats, for a graph built without `normalise`) to logits.
 
     onnxruntime  ONNX Runtime's CPU provider: its fusions (QDQ -> QLinearConv / QLinearAdd), then the integer
-                 body in channels-last (`ort_layout`: no transposes around each integer conv, checked bit for
-                 bit on the first batch); `channels_last=False`: every ORT optimization, its own layout
+                 body in channels-last (`ort_layout`: no transposes around each integer conv; each instance's
+                 first batch is also run in the graph it came from and must give the same logits bit for bit, a
+                 guard against a faulty rewrite, not a proof); `channels_last=False`: every ORT optimization,
+                 its own layout
     openvino     OpenVINO's CPU plugin, inference precision f32 (its default on a bf16-capable CPU is bf16, which
                  moves the 2-bit graph's predictions: see benchmarks/infer.py); `precision="bf16"` is for the
                  FP32 teacher's comparison graph only, named so wherever it is measured
@@ -35,22 +37,34 @@ from vaqkd.errors import RunFileError
 
 def _ort(graph, threads: int, precision: str, streams: int, channels_last: bool = True):
     """`streams` functions, each its own session of threads/streams threads; with `channels_last`, a graph with
-    integer convs runs as `ort_layout.channels_last` rewrites it (`run.layout` says which ran)."""
+    integer convs runs as `ort_layout.channels_last` rewrites it (rewritten once, checked per instance on its
+    first batch; `run.layout` says which ran)."""
     from vaqkd.deploy.onnx_export import session
 
     if precision != "f32":
         raise ValueError(f"onnxruntime: precision {precision!r} (the CPU provider runs the graph as it is: f32)")
+    per = threads // streams
+    fast = _channels_last_graph(graph) if channels_last else None
     runs = []
     for _ in range(streams):
-        sess, ref = _ort_sessions(graph, threads // streams) if channels_last else (session(graph, threads // streams),
-                                                                                    None)  # fmt: skip
-        runs.append(_ort_run(sess, ref))
+        sess = None
+        if fast is not None:
+            try:
+                sess = session(fast, per, optimize=False)
+            except Exception as e:  # noqa: BLE001 - a rewrite ORT refuses: ORT's own graph, said once
+                warnings.warn(f"onnxruntime: the channels-last graph does not load ({type(e).__name__}); running "
+                              "ORT's own layout", stacklevel=3)  # fmt: skip
+                fast = None
+        if sess is None:
+            runs.append(_ort_run(session(graph, per), None))
+        else:
+            runs.append(_ort_run(sess, lambda: (session(graph, per, optimize="extended"), session(graph, per))))
     return runs
 
 
-def _ort_sessions(graph, threads: int):
-    """(the channels-last session, the extended-level session it was derived from) or (ORT's own session, None)
-    where the rewrite does not apply or its graph does not load."""
+def _channels_last_graph(graph) -> bytes | None:
+    """The serialized channels-last rewrite of ORT's extended-level graph, or None where it does not apply (no
+    integer conv) or fails (said once)."""
     import tempfile
 
     import onnx
@@ -58,30 +72,30 @@ def _ort_sessions(graph, threads: int):
     from vaqkd.deploy.onnx_export import session
     from vaqkd.deploy.ort_layout import channels_last
 
-    with tempfile.TemporaryDirectory(prefix="vaqkd-ort-") as tmp:
-        ext = session(graph, threads, optimize="extended", save_to=Path(tmp) / "extended.onnx")
-        rewritten = channels_last(onnx.load(str(Path(tmp) / "extended.onnx")))
-    if rewritten is None:
-        return session(graph, threads), None
     try:
-        return session(rewritten.SerializeToString(), threads, optimize=False), ext
-    except Exception as e:  # noqa: BLE001 - a rewrite ORT refuses runs as ORT optimises it, said once
-        warnings.warn(f"onnxruntime: the channels-last graph does not load ({type(e).__name__}); running ORT's own "
-                      "layout", stacklevel=3)
-        return ext, None
+        with tempfile.TemporaryDirectory(prefix="vaqkd-ort-") as tmp:
+            session(graph, 1, optimize="extended", save_to=Path(tmp) / "extended.onnx")
+            rewritten = channels_last(onnx.load(str(Path(tmp) / "extended.onnx")))
+    except Exception as e:  # noqa: BLE001 - an optimisation, never a reason not to run the graph
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        warnings.warn(f"onnxruntime: no channels-last graph ({why}); running ORT's own layout", stacklevel=4)
+        return None
+    return None if rewritten is None else rewritten.SerializeToString()
 
 
-def _ort_run(sess, ref):
-    """A function over a session; where `ref` is given, the first batch runs in both and the channels-last
-    session is kept only if its logits are bit for bit the reference's (else the reference, said once)."""
+def _ort_run(sess, check):
+    """A function over a session. With `check` (-> the extended-level session the rewrite came from, ORT's own
+    session), the first batch also runs in the former; the channels-last session is kept only if its logits are
+    bit for bit the same, else ORT's own runs from then on (said once)."""
     name, kind = sess.get_inputs()[0].name, sess.get_inputs()[0].type
-    state = {"sess": sess, "ref": ref}
+    state = {"sess": sess, "check": check}
 
     def run(x: np.ndarray) -> np.ndarray:
         feed = {name: x if kind == "tensor(uint8)" else x.astype(np.float32)}
-        if state["ref"] is None:
+        if state["check"] is None:
             return state["sess"].run(None, feed)[0]
-        ref, state["ref"] = state["ref"], None
+        ref, own = state.pop("check")()
+        state["check"] = None
         want = ref.run(None, feed)[0]
         try:
             got = state["sess"].run(None, feed)[0]
@@ -91,13 +105,14 @@ def _ort_run(sess, ref):
             why = "its logits differ from the extended-level graph's"
         if got is None or not np.array_equal(got, want):
             warnings.warn(f"onnxruntime: the channels-last graph is not used ({why}); running ORT's own layout",
-                          stacklevel=2)
-            state["sess"] = ref
+                          stacklevel=2)  # fmt: skip
+            state["sess"] = own
             run.layout = "ort"
-        return want
+            return own.run(None, feed)[0]
+        return got
 
     run.input_type = "uint8" if kind == "tensor(uint8)" else "float32"
-    run.layout = "channels-last" if ref is not None else "ort"
+    run.layout = "channels-last" if check is not None else "ort"
     return run
 
 
@@ -142,7 +157,7 @@ def compile_graph(runtime: str, graph: str | Path | bytes, threads: int = 0, pre
     """A function uint8 images (N, C, H, W) -> logits (N, K) running `graph` in `runtime` on `threads` threads
     (0: the runtime's default), as `streams` instances that share each batch (see the module docstring;
     streams > 1 needs threads, a multiple of streams). `channels_last` (onnxruntime only): run the integer body
-    in NHWC as `ort_layout.channels_last` rewrites it, checked bit for bit on the first batch; False: as ORT
+    in NHWC as `ort_layout.channels_last` rewrites it, checked on each instance's first batch; False: as ORT
     optimises it alone."""
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
@@ -163,13 +178,19 @@ def _split(runs: list):
     def run(x: np.ndarray) -> np.ndarray:
         parts = [p for p in np.array_split(x, len(runs)) if len(p)]
         out = np.concatenate(list(pool.map(lambda rp: rp[0](rp[1]), zip(runs, parts))))
-        run.layout = getattr(runs[0], "layout", None)
+        run.layout = _layout(runs)
         return out
 
     run.input_type = runs[0].input_type
     run.streams = len(runs)
-    run.layout = getattr(runs[0], "layout", None)
+    run.layout = _layout(runs)
     return run
+
+
+def _layout(runs) -> str | None:
+    """What the instances run: their one layout, or "mixed" where some fell back."""
+    kinds = {getattr(r, "layout", None) for r in runs}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def evaluate_graph(run, images: torch.Tensor, labels: torch.Tensor, batch: int = 500,
