@@ -3,9 +3,10 @@
 ORT runs its integer conv (QLinearConv) in NHWC and wraps each one in NCHW<->NHWC transposes, then pushes them
 through the graph greedily; on a residual stream of codes (the block's output feeding both the next block's convs,
 through their requantization, and its QLinearAdd) the pushes stop at every add: two transposes a block stay (30 in
-a ResNet-32), and the FP32 stem's NCHWc output is reordered in float (together ~17 % of the integer graph's time
-on AMD Zen 5, batch 256). `channels_last` takes the graph as ORT optimised it at the extended level (QDQ fused
-into QLinearConv / QLinearAdd, no layout work yet) and decides each tensor's layout in one forward pass:
+a ResNet-32; 7 % of the 8-bit-stream student's kernel time in ORT's profiler on AMD Zen 5, batch 256, one
+thread: results/deploy/ort_profile_amd_zen5.json). `channels_last` takes the graph as ORT optimised it at the
+extended level (QDQ fused into QLinearConv / QLinearAdd, no layout work yet) and decides each tensor's layout in
+one forward pass:
 
 - a QLinearConv reads and writes NHWC (`com.microsoft.QLinearConv`, `channels_last=1`: the same integer kernel);
 - element-wise ops on per-tensor constants (DequantizeLinear / QuantizeLinear with one scale, Clip, Relu, Cast,
@@ -21,8 +22,9 @@ What the pass does not reason about it declines (None): a node with a subgraph (
 on a tensor of unknown layout or with a weight that is not a 4-D constant, an NHWC graph output; so does a graph
 without a QLinearConv (an FP32 teacher: nothing to gain). Only layouts change: every kernel computes what it
 computed on the same values, and integer kernels are exact, so the logits should be bit for bit those of the
-graph it came from. `compile_graph` checks that on the first batch each instance runs (a guard against a faulty
-rewrite, not a proof) and runs ORT's own graph, saying so, where they differ."""
+graph it came from. `compile_graph` loads the rewrite with every ORT optimization on (the float stem then runs in
+ORT's blocked kernel, as in ORT's own graph), checks each instance's first batch against ORT's own graph bit for
+bit (a guard against a faulty rewrite, not a proof) and runs ORT's own graph, saying so, where they differ."""
 
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 from a batch of uint8 images (N, C, H, W) (or normalised floats, for a graph built without `normalise`) to logits.
 
     onnxruntime  ONNX Runtime's CPU provider: its fusions (QDQ -> QLinearConv / QLinearAdd), then the integer
-                 body in channels-last (`ort_layout`: no transposes around each integer conv; each instance's
-                 first batch is also run in the graph it came from and must give the same logits bit for bit, a
-                 guard against a faulty rewrite, not a proof); `channels_last=False`: every ORT optimization,
-                 its own layout
+                 body in channels-last (`ort_layout`: no transposes around each integer conv), every other ORT
+                 optimization as ORT alone; each instance's first batch also runs in ORT's own graph and must
+                 give the same logits bit for bit (a guard against a faulty rewrite, not a proof);
+                 `channels_last=False`: ORT's own graph
     openvino     OpenVINO's CPU plugin, inference precision f32 (its default on a bf16-capable CPU is bf16, which
                  moves the 2-bit graph's predictions: see benchmarks/infer.py); `precision="bf16"` is for the
                  FP32 teacher's comparison graph only, named so wherever it is measured
@@ -49,8 +49,8 @@ def _ort(graph, threads: int, precision: str, streams: int, channels_last: bool 
     for _ in range(streams):
         sess = None
         if fast is not None:
-            try:
-                sess = session(fast, per, optimize=False)
+            try:  # every ORT optimization on the rewrite too: the float stem in its blocked kernel, as ORT alone
+                sess = session(fast, per)
             except Exception as e:  # noqa: BLE001 - a rewrite ORT refuses: ORT's own graph, said once
                 warnings.warn(f"onnxruntime: the channels-last graph does not load ({type(e).__name__}); running "
                               "ORT's own layout", stacklevel=3)  # fmt: skip
@@ -58,7 +58,7 @@ def _ort(graph, threads: int, precision: str, streams: int, channels_last: bool 
         if sess is None:
             runs.append(_ort_run(session(graph, per), None))
         else:
-            runs.append(_ort_run(sess, lambda: (session(graph, per, optimize="extended"), session(graph, per))))
+            runs.append(_ort_run(sess, lambda: session(graph, per)))
     return runs
 
 
@@ -84,9 +84,9 @@ def _channels_last_graph(graph) -> bytes | None:
 
 
 def _ort_run(sess, check):
-    """A function over a session. With `check` (-> the extended-level session the rewrite came from, ORT's own
-    session), the first batch also runs in the former; the channels-last session is kept only if its logits are
-    bit for bit the same, else ORT's own runs from then on (said once)."""
+    """A function over a session. With `check` (-> ORT's own session of the same graph), the first batch also runs
+    there; the channels-last session is kept only if its logits are bit for bit ORT's own, else ORT's own runs
+    from then on (said once)."""
     name, kind = sess.get_inputs()[0].name, sess.get_inputs()[0].type
     state = {"sess": sess, "check": check}
 
@@ -94,22 +94,21 @@ def _ort_run(sess, check):
         feed = {name: x if kind == "tensor(uint8)" else x.astype(np.float32)}
         if state["check"] is None:
             return state["sess"].run(None, feed)[0]
-        ref, own = state.pop("check")()
+        own = state.pop("check")()
         state["check"] = None
-        want = ref.run(None, feed)[0]
+        want = own.run(None, feed)[0]
         try:
             got = state["sess"].run(None, feed)[0]
         except Exception as e:  # noqa: BLE001 - checked once, falls back
             got, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         else:
-            why = "its logits differ from the extended-level graph's"
+            why = "its logits differ from ORT's own graph's"
         if got is None or not np.array_equal(got, want):
             warnings.warn(f"onnxruntime: the channels-last graph is not used ({why}); running ORT's own layout",
                           stacklevel=2)  # fmt: skip
             state["sess"] = own
             run.layout = "ort"
-            return own.run(None, feed)[0]
-        return got
+        return want
 
     run.input_type = "uint8" if kind == "tensor(uint8)" else "float32"
     run.layout = "channels-last" if check is not None else "ort"

@@ -1,0 +1,111 @@
+"""Where ONNX Runtime spends a W2A2 graph's time: ORT's own profiler, per op type and per node, for the graph as the
+backend runs it (integer body channels-last, `vaqkd.deploy.ort_layout`) and as ORT lays it out alone.
+
+    python benchmarks/ort_profile.py --student results/deploy/qkd_logit-int8stream-s0.vaqkd.safetensors \
+        --out results/deploy/ort_profile.json
+
+The student (a packed artifact or a finished run) is exported as `vaqkd export` does (uint8 input, normalised
+inside); each layout runs `--runs` profiled batches of `--batch` random images on `--threads` threads after one
+warm call. Shares are of summed kernel time (ORT's `*_kernel_time` events); with several threads a kernel's time
+is its wall time, not CPU time. Nothing else heavy may run meanwhile."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from infer import _cpu_name, _git_sha  # noqa: E402
+
+from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
+
+
+def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp: Path) -> dict:
+    """Per op type and per node: ms per batch and share of kernel time, and the graph's op counts."""
+    import onnx
+    import onnxruntime as ort
+
+    from vaqkd.deploy.onnx_export import session
+    from vaqkd.deploy.ort_layout import channels_last
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp / layout)
+    opts.log_severity_level = 3
+    if layout == "channels-last":
+        session(graph, threads, optimize="extended", save_to=tmp / "extended.onnx")
+        model = channels_last(onnx.load(str(tmp / "extended.onnx")))
+        if model is None:
+            raise SystemExit("the graph has no integer conv: nothing to lay out channels-last")
+        graph = model.SerializeToString()  # loaded as the backend does: every ORT optimization on
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp / f"{layout}.onnx")
+    sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp / f"{layout}.onnx")).graph.node)
+    x = np.random.default_rng(0).integers(0, 256, (batch, 3, 32, 32), dtype=np.uint8)
+    sess.run(None, {"input": x})
+    for _ in range(runs):
+        sess.run(None, {"input": x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op, by_node = collections.Counter(), collections.Counter()
+    kernel = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    warm = collections.Counter()
+    for e in kernel:  # the first (warm) call of each node is left out
+        warm[e["name"]] += 1
+        if warm[e["name"]] == 1:
+            continue
+        by_op[e["args"]["op_name"]] += e["dur"]
+        by_node[e["name"].removesuffix("_kernel_time")] += e["dur"]
+    total = sum(by_op.values())
+    return {"ms_per_batch": total / runs / 1000, "op_counts": dict(ops),
+            "by_op": {k: {"ms": v / runs / 1000, "share": v / total} for k, v in by_op.most_common()},
+            "top_nodes": {k: v / runs / 1000 for k, v in by_node.most_common(15)}}  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--data-root", default="../shared/data/cifar100")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    import onnxruntime
+
+    student, (mean, std), _ = source_model(args.student, args.data_root)
+    graph = build_onnx(student, normalise=normalisation(mean, std)).SerializeToString()
+    result = {"command": " ".join(["python", "benchmarks/ort_profile.py", *(argv or sys.argv[1:])]),
+              "student": args.student, "batch": args.batch, "threads": args.threads, "runs": args.runs,
+              "machine": platform.processor() or platform.machine(), "device_name": _cpu_name(),
+              "onnxruntime": onnxruntime.__version__, "git_sha": _git_sha(), "layouts": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="vaqkd-prof-") as tmp:
+        for layout in ("channels-last", "ort-own"):
+            p = profile(graph, layout, args.threads, args.batch, args.runs, Path(tmp))
+            result["layouts"][layout] = p
+            print(f"{layout}: {p['ms_per_batch']:.1f} ms of kernel time per batch of {args.batch}, "
+                  f"{sum(p['op_counts'].values())} nodes ({p['op_counts'].get('Transpose', 0)} Transpose)")
+            for op, v in p["by_op"].items():
+                if v["share"] >= 0.005:
+                    print(f"  {op:22s} {100 * v['share']:5.1f} %  {v['ms']:7.2f} ms")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
