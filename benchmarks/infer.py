@@ -6,7 +6,8 @@
 STUDENT: a packed artifact or a finished run directory. Both models are exported by the same builder
 (`vaqkd.deploy.onnx_export`: uint8 input, normalised inside) and compiled in ONNX Runtime (f32; a graph with integer
 convs runs its integer body channels-last, `vaqkd.deploy.ort_layout`; `--ort-own-layout` adds the W2A2 graph as
-ORT lays it out alone, named `ort-own`, measured against the same teacher) and OpenVINO
+ORT lays it out alone, named `ort-own`, measured against the same teacher, and the backend's per-round ratio to
+it) and OpenVINO
 (inference precision f32; the teacher also in bf16, named so: its predictions move, see `agreement`); with
 `--torch-int8` also torch's int8 path (`vaqkd.deploy.torch_int8`: the student's own arithmetic as oneDNN int8
 convs, and the teacher quantized to 8 bits after training by PT2E, `int8-ptq`, another model). Speed: img/s at
@@ -198,6 +199,10 @@ def main(argv=None) -> int:
                              vs_teacher_best_same_runtime_spread=[min(rt_best), max(rt_best)],
                              vs_fastest_teacher=statistics.median(best),
                              vs_fastest_teacher_spread=[min(best), max(best)])  # fmt: skip
+                    own = k.replace("/onnxruntime", "/ort-own")  # the ORT backend against ORT's own layout
+                    if own != k and own in per_round:
+                        r = [a / b for a, b in zip(ips, per_round[own])]
+                        c.update(vs_ort_own_layout=statistics.median(r), vs_ort_own_layout_spread=[min(r), max(r)])
                 cell[k] = c
             result["speed"][f"batch{batch}_threads{threads}"] = cell
             _print_cell(batch, threads, cell)
@@ -257,6 +262,9 @@ def _print_cell(batch, threads, cell):
             extra = (f"  x{c['vs_teacher_same_runtime']:.2f} teacher same runtime [{lo:.2f}, {hi:.2f}], "
                      f"x{c['vs_teacher_best_same_runtime']:.2f} its best there, "
                      f"x{c['vs_fastest_teacher']:.2f} fastest teacher")  # fmt: skip
+        if "vs_ort_own_layout" in c:
+            lo, hi = c["vs_ort_own_layout_spread"]
+            extra += f", x{c['vs_ort_own_layout']:.2f} ORT's own layout [{lo:.2f}, {hi:.2f}]"
         share = 100 * c["share_of_int8_gemm_floor"]
         print(f"  {k:28s} {c['img_per_s']:9.0f} img/s  {share:5.1f} % of int8 floor{extra}")
 
