@@ -282,6 +282,16 @@ def test_ort_channels_last_leaves_a_float_graph_and_falls_back_from_a_wrong_rewr
     session(fp32.SerializeToString(), 1, optimize="extended", save_to=tmp_path / "ext.onnx")
     assert ort_layout.channels_last(onnx.load(str(tmp_path / "ext.onnx"))) is None
     assert compile_graph("onnxruntime", fp32.SerializeToString(), threads=1).layout == "ort"
+    bad = tmp_path / "bad.onnx"  # a damaged file: its one-line error, no warning about the rewrite first
+    bad.write_bytes(b"not an onnx model")
+    import warnings
+
+    from vaqkd.errors import RunFileError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RunFileError, match="bad.onnx: damaged or not an ONNX model"):
+            compile_graph("onnxruntime", bad, threads=1)
 
     real = ort_layout.channels_last
 

@@ -76,6 +76,8 @@ def _channels_last_graph(graph) -> bytes | None:
         with tempfile.TemporaryDirectory(prefix="vaqkd-ort-") as tmp:
             session(graph, 1, optimize="extended", save_to=Path(tmp) / "extended.onnx")
             rewritten = channels_last(onnx.load(str(Path(tmp) / "extended.onnx")))
+    except RunFileError:  # the graph itself is damaged or foreign: its one-line error, not a warning first
+        raise
     except Exception as e:  # noqa: BLE001 - an optimisation, never a reason not to run the graph
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
         warnings.warn(f"onnxruntime: no channels-last graph ({why}); running ORT's own layout", stacklevel=4)
