@@ -35,8 +35,7 @@ def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp:
     import onnx
     import onnxruntime as ort
 
-    from vaqkd.deploy.onnx_export import session
-    from vaqkd.deploy.ort_layout import channels_last
+    from vaqkd.deploy.ort_layout import channels_last_graph
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -44,11 +43,9 @@ def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp:
     opts.profile_file_prefix = str(tmp / layout)
     opts.log_severity_level = 3
     if layout == "channels-last":
-        session(graph, threads, optimize="extended", save_to=tmp / "extended.onnx")
-        model = channels_last(onnx.load(str(tmp / "extended.onnx")))
-        if model is None:
+        graph = channels_last_graph(graph)  # loaded as the backend loads it: every ORT optimization on
+        if graph is None:
             raise SystemExit("the graph has no integer conv: nothing to lay out channels-last")
-        graph = model.SerializeToString()  # loaded as the backend does: every ORT optimization on
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.optimized_model_filepath = str(tmp / f"{layout}.onnx")
     sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])

@@ -263,7 +263,7 @@ def test_bn_reestimate_batches_changes_what_is_evaluated_and_saved_never_a_train
     from vaqkd.config import identity, to_toml
 
     w2a2 = ["quant.enabled=true", "optim.epochs=2"]
-    fit(tiny_cfg(shared_cifar_root, *w2a2), tmp_path / "a", progress=False, log=lambda s: None)
+    a = fit(tiny_cfg(shared_cifar_root, *w2a2), tmp_path / "a", progress=False, log=lambda s: None)
     b = fit(tiny_cfg(shared_cifar_root, *w2a2, "train.bn_reestimate_batches=2"), tmp_path / "b", progress=False,
             log=lambda s: None)  # fmt: skip
     wa, wb = load_file(run_weights(tmp_path / "a")), load_file(run_weights(tmp_path / "b"))
@@ -274,6 +274,7 @@ def test_bn_reestimate_batches_changes_what_is_evaluated_and_saved_never_a_train
     assert any(not torch.equal(wa[k], wb[k]) for k in stats if "running" in k)
     ma, mb = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
     assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb]  # the same training, step for step
+    assert a["top1_last"] == ma[-1]["test_top1"]  # a evaluated its own statistics
     # what b saved and evaluated: a's final model with its statistics re-estimated on the last epoch's 2 batches
     from vaqkd.engine.setup import load_run
     from vaqkd.engine.step import evaluate, reestimate_bn

@@ -126,6 +126,20 @@ def channels_last(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return m
 
 
+def channels_last_graph(graph) -> bytes | None:
+    """`channels_last` of ORT's extended-level graph of `graph` (a path or serialized model), serialized; None where
+    it does not apply. A damaged or foreign graph raises its RunFileError (`onnx_export.session`)."""
+    import tempfile
+    from pathlib import Path
+
+    from vaqkd.deploy.onnx_export import session
+
+    with tempfile.TemporaryDirectory(prefix="vaqkd-ort-") as tmp:
+        session(graph, 1, optimize="extended", save_to=Path(tmp) / "extended.onnx")
+        rewritten = channels_last(onnx.load(str(Path(tmp) / "extended.onnx")))
+    return None if rewritten is None else rewritten.SerializeToString()
+
+
 def _movable(node, consts) -> bool:
     if node.op_type == "Slice":  # starts, ends, axes given as constants (steps optional)
         return len(node.input) >= 4 and node.input[3] in consts

@@ -63,26 +63,21 @@ def _ort(graph, threads: int, precision: str, streams: int, channels_last: bool 
 
 
 def _channels_last_graph(graph) -> bytes | None:
-    """The serialized channels-last rewrite of ORT's extended-level graph, or None where it does not apply (no
-    integer conv) or fails (said once)."""
-    import tempfile
-
-    import onnx
-
-    from vaqkd.deploy.onnx_export import session
-    from vaqkd.deploy.ort_layout import channels_last
+    """`ort_layout.channels_last_graph`, or None where it fails (said once): an optimisation, never a reason not to
+    run the graph; a damaged or foreign graph raises its one-line error instead."""
+    from vaqkd.deploy import ort_layout
 
     try:
-        with tempfile.TemporaryDirectory(prefix="vaqkd-ort-") as tmp:
-            session(graph, 1, optimize="extended", save_to=Path(tmp) / "extended.onnx")
-            rewritten = channels_last(onnx.load(str(Path(tmp) / "extended.onnx")))
-    except RunFileError:  # the graph itself is damaged or foreign: its one-line error, not a warning first
+        return ort_layout.channels_last_graph(graph)
+    except RunFileError:
         raise
-    except Exception as e:  # noqa: BLE001 - an optimisation, never a reason not to run the graph
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
-        warnings.warn(f"onnxruntime: no channels-last graph ({why}); running ORT's own layout", stacklevel=4)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"onnxruntime: no channels-last graph ({_reason(e)}); running ORT's own layout", stacklevel=4)
         return None
-    return None if rewritten is None else rewritten.SerializeToString()
+
+
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
 
 
 def _ort_run(sess, check):
@@ -96,13 +91,12 @@ def _ort_run(sess, check):
         feed = {name: x if kind == "tensor(uint8)" else x.astype(np.float32)}
         if state["check"] is None:
             return state["sess"].run(None, feed)[0]
-        own = state.pop("check")()
-        state["check"] = None
+        own, state["check"] = state["check"](), None
         want = own.run(None, feed)[0]
         try:
             got = state["sess"].run(None, feed)[0]
         except Exception as e:  # noqa: BLE001 - checked once, falls back
-            got, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            got, why = None, _reason(e)
         else:
             why = "its logits differ from ORT's own graph's"
         if got is None or not np.array_equal(got, want):
