@@ -401,3 +401,73 @@ def test_channels_last_pass_on_edge_cases(case):
     got = session(fast.SerializeToString(), 1, optimize=False).run(None, {"x": x})[0]
     assert got.shape == want.shape and np.array_equal(got, want)
     assert any(n.op_type == "QLinearConv" and n.domain == "com.microsoft" for n in fast.graph.node)
+
+
+def _pair(s_a, z_a, s_c, z_c, dtype):
+    """DequantizeLinear(s_a, z_a) -> QuantizeLinear(s_c, z_c) on a vector of all 256 codes of `dtype`."""
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    t = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sa", "za"], ["d"]),
+             helper.make_node("QuantizeLinear", ["d", "sc", "zc"], ["y"])]  # fmt: skip
+    inits = [nh.from_array(np.float32(s_a), "sa"), nh.from_array(np.array(z_a, dtype), "za"),
+             nh.from_array(np.float32(s_c), "sc"), nh.from_array(np.array(z_c, dtype), "zc")]  # fmt: skip
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", t, [256])],
+                          [helper.make_tensor_value_info("y", t, [256])], inits)  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+@pytest.mark.parametrize("s_a, z_a, s_c, z_c, dtype", [
+    (0.3, 0, 0.3 / 43, 0, np.uint8),  # the input spread: an integer ratio
+    (0.1, 128, 0.7, 128, np.uint8),  # signed codes, a coarser step
+    (0.37, 3, 0.05, 250, np.uint8),
+    (0.1, 0, 0.2, 0, np.uint8),  # ratio 0.5: (x·0.1)/0.2 and x·0.5 round ties apart
+    (0.1, 0, 0.2, 0, np.int8),
+])  # fmt: skip
+def test_requantize_pairs_rewrites_only_where_ort_gives_the_same_codes(s_a, z_a, s_c, z_c, dtype):
+    """`requantize_pairs` writes a DQ -> Q pair as one QLinearMul by 1 exactly where `_same_codes` says both give
+    every code alike; forced onto every pair, ORT's QLinearMul agrees with ORT's DQ -> Q on all 256 codes exactly
+    where `_same_codes` said so (its model of the two kernels is ORT's), and the rewrite is bit for bit."""
+    from vaqkd.deploy import ort_layout
+
+    m = _pair(s_a, z_a, s_c, z_c, dtype)
+    x = (np.arange(256) - (0 if dtype == np.uint8 else 128)).astype(dtype)
+    want = session(m.SerializeToString(), 1, optimize=False).run(None, {"x": x})[0]
+    same = ort_layout._same_codes(s_a, z_a, s_c, z_c, dtype)
+    r = ort_layout.requantize_pairs(m)
+    assert [n.op_type for n in r.graph.node] == (["QLinearMul"] if same else ["DequantizeLinear", "QuantizeLinear"])
+    if same:
+        assert np.array_equal(session(r.SerializeToString(), 1, optimize=False).run(None, {"x": x})[0], want)
+    real = ort_layout._same_codes
+    try:
+        ort_layout._same_codes = lambda *a: True
+        forced = ort_layout.requantize_pairs(m)
+    finally:
+        ort_layout._same_codes = real
+    got = session(forced.SerializeToString(), 1, optimize=False).run(None, {"x": x})[0]
+    assert np.array_equal(got, want) == same
+    assert same == ((s_a, s_c) != (0.1, 0.2))  # the cases above: only the ratio 0.5 rounds apart
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_ort_backend_requantizes_in_codes(bits, tmp_path):
+    """ORT's extended-level graph of an integer-residual student: every DQ -> Q pair (the input spread before each
+    integer conv; with an 8-bit stream also its reading as 2-bit codes) becomes a QLinearMul, no float tensor is
+    left between two integer ops, and the logits are bit for bit those of the graph it came from."""
+    from vaqkd.deploy.ort_layout import requantize_pairs
+
+    graph = _int_student(bits)
+    ext = session(graph, 1, optimize="extended", save_to=tmp_path / "ext.onnx")
+    before = onnx.load(str(tmp_path / "ext.onnx"))
+    after = requantize_pairs(before)
+    ops = lambda m: [n.op_type for n in m.graph.node]  # noqa: E731
+    made = {o: n.op_type for n in before.graph.node for o in n.output}
+    pairs = sum(n.op_type == "QuantizeLinear" and made.get(n.input[0]) == "DequantizeLinear" for n in before.graph.node)
+    assert pairs >= 18 and ops(after).count("QLinearMul") == pairs
+    assert ops(after).count("DequantizeLinear") == ops(before).count("DequantizeLinear") - pairs
+    x = np.random.default_rng(3).integers(0, 256, (16, 3, 32, 32), dtype=np.uint8)
+    want = ext.run(None, {"input": x})[0]
+    assert np.array_equal(session(after.SerializeToString(), 1, optimize=False).run(None, {"input": x})[0], want)
