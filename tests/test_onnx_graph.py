@@ -420,23 +420,28 @@ def _pair(s_a, z_a, s_c, z_c, dtype):
     return m
 
 
-@pytest.mark.parametrize("s_a, z_a, s_c, z_c, dtype", [
-    (0.3, 0, 0.3 / 43, 0, np.uint8),  # the input spread: an integer ratio
-    (0.1, 128, 0.7, 128, np.uint8),  # signed codes, a coarser step
-    (0.37, 3, 0.05, 250, np.uint8),
-    (0.1, 0, 0.2, 0, np.uint8),  # ratio 0.5: (x·0.1)/0.2 and x·0.5 round ties apart
-    (0.1, 0, 0.2, 0, np.int8),
+@pytest.mark.parametrize("s_a, z_a, s_c, z_c, dtype, same", [
+    (0.3, 0, 0.3 / 43, 0, np.uint8, True),  # the input spread: an integer ratio
+    (0.1, 128, 0.7, 128, np.uint8, True),  # signed codes, a coarser step
+    (0.37, 3, 0.05, 250, np.uint8, True),
+    (0.1, 0, 0.2, 0, np.uint8, False),  # ratio 0.5: (x·0.1)/0.2 and x·0.5 round ties apart
+    (0.1, 0, 0.2, 0, np.int8, False),
+    (0.640592098236084, 69, 2.562370777130127, 19, np.uint8, False),  # QLinearMul adds z_c in float before rounding
+    (0.012711115181446075, 13, 0.010168885812163353, -120, np.int8, False),
+    (2.0**24, 0, 1.0, 0, np.uint8, False),  # x·ratio past 2^31: x86's conversion gives INT_MIN, not 255
+    (0.6492641568183899, 241, 0.1855039894580841, 254, np.uint8, False),  # differs only once z_a is counted
 ])  # fmt: skip
-def test_requantize_pairs_rewrites_only_where_ort_gives_the_same_codes(s_a, z_a, s_c, z_c, dtype):
+def test_requantize_pairs_rewrites_only_where_ort_gives_the_same_codes(s_a, z_a, s_c, z_c, dtype, same):
     """`requantize_pairs` writes a DQ -> Q pair as one QLinearMul by 1 exactly where `_same_codes` says both give
     every code alike; forced onto every pair, ORT's QLinearMul agrees with ORT's DQ -> Q on all 256 codes exactly
-    where `_same_codes` said so (its model of the two kernels is ORT's), and the rewrite is bit for bit."""
+    where `_same_codes` said so (its model of the two kernels holds on these cases, near-ties and overflow
+    included), and the rewrite is bit for bit."""
     from vaqkd.deploy import ort_layout
 
     m = _pair(s_a, z_a, s_c, z_c, dtype)
     x = (np.arange(256) - (0 if dtype == np.uint8 else 128)).astype(dtype)
     want = session(m.SerializeToString(), 1, optimize=False).run(None, {"x": x})[0]
-    same = ort_layout._same_codes(s_a, z_a, s_c, z_c, dtype)
+    assert ort_layout._same_codes(s_a, z_a, s_c, z_c, np.dtype(dtype)) == same
     r = ort_layout.requantize_pairs(m)
     assert [n.op_type for n in r.graph.node] == (["QLinearMul"] if same else ["DequantizeLinear", "QuantizeLinear"])
     if same:
@@ -449,7 +454,58 @@ def test_requantize_pairs_rewrites_only_where_ort_gives_the_same_codes(s_a, z_a,
         ort_layout._same_codes = real
     got = session(forced.SerializeToString(), 1, optimize=False).run(None, {"x": x})[0]
     assert np.array_equal(got, want) == same
-    assert same == ((s_a, s_c) != (0.1, 0.2))  # the cases above: only the ratio 0.5 rounds apart
+
+
+def test_requantize_pairs_on_graph_edge_cases():
+    """A DequantizeLinear also read elsewhere (a graph output, a Relu, a second Q) stays for those readers; unnamed
+    Q nodes and an initializer already called like the pass's constants get names of their own; scales and zero
+    points of shape [1] are read (as scalars: QLinearMul refuses [1]); float16 scales and a uint8 -> int8 pair are left
+    alone (QLinearMul takes float32 scales and one type). Each result computes
+    what the graph computes, in ORT."""
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    from vaqkd.deploy.ort_layout import requantize_pairs
+
+    x = np.arange(256).astype(np.uint8)
+
+    def check(m, ops):
+        r = requantize_pairs(m)
+        assert sorted(n.op_type for n in r.graph.node) == sorted(ops)
+        names = [n.name for n in r.graph.node if n.name] + [i.name for i in r.graph.initializer]
+        assert len(names) == len(set(names))
+        want = session(m.SerializeToString(), 1, optimize=False).run(None, {"x": x})
+        got = session(r.SerializeToString(), 1, optimize=False).run(None, {"x": x})
+        assert all(np.array_equal(a, b) for a, b in zip(want, got))
+
+    m = _pair(0.3, 0, 0.3 / 43, 0, np.uint8)
+    m.graph.output.append(helper.make_tensor_value_info("d", TensorProto.FLOAT, [256]))
+    check(m, ["DequantizeLinear", "QLinearMul"])
+    m = _pair(0.3, 0, 0.3 / 43, 0, np.uint8)
+    m.graph.node.append(helper.make_node("Relu", ["d"], ["r"]))
+    m.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [256]))
+    check(m, ["DequantizeLinear", "QLinearMul", "Relu"])
+    m = _pair(0.3, 0, 0.3 / 43, 0, np.uint8)  # two unnamed Qs on one DQ, and a name the pass would pick
+    m.graph.node.append(helper.make_node("QuantizeLinear", ["d", "sc", "zero_uint8"], ["y2"]))
+    m.graph.initializer.append(nh.from_array(np.array(7, np.uint8), "zero_uint8"))
+    m.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.UINT8, [256]))
+    check(m, ["QLinearMul", "QLinearMul"])
+    m = _pair(0.3, 0, 0.3 / 43, 0, np.uint8)
+    for init in m.graph.initializer:
+        init.CopyFrom(nh.from_array(nh.to_array(init).reshape(1), init.name))
+    check(m, ["QLinearMul"])
+    m = _pair(0.3, 0, 0.3 / 43, 0, np.uint8)
+    m = _pair(0.3, 0, 0.3 / 43, 0, np.uint8)  # uint8 codes requantized to int8: QLinearMul takes one type
+    for init in m.graph.initializer:
+        if init.name == "zc":
+            init.CopyFrom(nh.from_array(np.int8(0), "zc"))
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT8
+    check(m, ["DequantizeLinear", "QuantizeLinear"])
+    m = _pair(0.3, 0, 0.3 / 43, 0, np.uint8)
+    for init in m.graph.initializer:
+        if init.name in ("sa", "sc"):
+            init.CopyFrom(nh.from_array(nh.to_array(init).astype(np.float16), init.name))
+    check(m, ["DequantizeLinear", "QuantizeLinear"])
 
 
 @pytest.mark.parametrize("bits", [2, 8])
@@ -471,3 +527,7 @@ def test_ort_backend_requantizes_in_codes(bits, tmp_path):
     x = np.random.default_rng(3).integers(0, 256, (16, 3, 32, 32), dtype=np.uint8)
     want = ext.run(None, {"input": x})[0]
     assert np.array_equal(session(after.SerializeToString(), 1, optimize=False).run(None, {"input": x})[0], want)
+    from vaqkd.deploy.ort_layout import channels_last_graph
+
+    backend = onnx.load_from_string(channels_last_graph(graph))  # what compile_graph loads: both passes
+    assert [n.op_type for n in backend.graph.node].count("QLinearMul") == pairs

@@ -28,8 +28,9 @@ Before the layouts, `requantize_pairs` turns each requantization written as Dequ
 per-tensor constants (codes at one step re-expressed at another: the input spread before each integer conv, an
 8-bit stream read as 2-bit codes) into one `com.microsoft.QLinearMul` by a constant 1: uint8 in, uint8 out, no float
 tensor in between (in ORT's profiler the DQ -> Q pairs were a quarter of the 8-bit-stream student's time). The two
-round differently in general (x·s_a/s_c against x·(s_a/s_c)), so a pair is rewritten only where both give the same
-code for every one of its 256 input codes (with an integer ratio, as the spread's, always).
+round differently in general (round(x·s_a/s_c) + z_c against round(x·(s_a/s_c) + z_c), the zero point added in
+float), so a pair is rewritten only where a model of both kernels gives the same code for every one of its 256
+input codes (`_same_codes`; with zero points 0 and a small integer ratio, as the spread's, they agree).
 
 `compile_graph` loads the rewrite with every ORT optimization on (the float stem then runs in
 ORT's blocked kernel, as in ORT's own graph), checks each instance's first batch against ORT's own graph bit for
@@ -150,9 +151,9 @@ def channels_last_graph(graph) -> bytes | None:
 
 
 def requantize_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with each DequantizeLinear -> QuantizeLinear pair on per-tensor constants of one 8-bit type that
-    `_same_codes` holds for written as QLinearMul(codes, 1) (see the module docstring); a DequantizeLinear whose
-    only reader was the pair goes."""
+    """The graph with each DequantizeLinear -> QuantizeLinear pair on per-tensor float32 scales and zero points of
+    one 8-bit type that `_same_codes` holds for written as QLinearMul(codes, 1) (see the module docstring); a
+    DequantizeLinear whose only reader was the pair goes."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -164,10 +165,31 @@ def requantize_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
             readers[x] = readers.get(x, 0) + 1
     for o in g.output:
         readers[o.name] = readers.get(o.name, 0) + 1
+    taken = set(consts) | set(made) | {n.name for n in g.node} | {i.name for i in g.input}
+
+    def fresh(base: str) -> str:
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
 
     def scalars(node):
+        """(scale, zero point) of a Q or DQ node as Python numbers and the zero point's dtype, or None."""
         vals = [consts.get(x) for x in node.input[1:3]]
-        return vals if len(vals) == 2 and all(v is not None and v.size == 1 for v in vals) else None
+        if len(vals) != 2 or any(v is None or v.size != 1 for v in vals) or vals[0].dtype != np.float32:
+            return None
+        return float(vals[0].reshape(())), int(vals[1].reshape(())), vals[1].dtype
+
+    def scalar0(x: str) -> str:
+        """x, or a 0-d copy of it (QLinearMul takes scalar scales and zero points; a [1]-shaped one is refused)."""
+        if consts[x].ndim == 0:
+            return x
+        name = fresh(f"{x}_scalar")
+        g.initializer.append(numpy_helper.from_array(consts[x].reshape(()), name))
+        consts[name] = consts[x].reshape(())
+        return name
 
     out, ones, gone = [], {}, set()
     for node in g.node:
@@ -176,19 +198,19 @@ def requantize_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
             out.append(node)
             continue
         a, c = scalars(dq), scalars(node)
-        if a is None or c is None or a[1].dtype != c[1].dtype or a[1].dtype not in (np.uint8, np.int8) or not (
-            _same_codes(float(a[0]), int(a[1]), float(c[0]), int(c[1]), a[1].dtype)
+        if a is None or c is None or a[2] != c[2] or a[2] not in (np.uint8, np.int8) or not (
+            _same_codes(a[0], a[1], c[0], c[1], a[2])
         ):
             out.append(node)
             continue
-        t = a[1].dtype
+        t = a[2]
         if t not in ones:
-            ones[t] = [f"one_{t.name}", f"one_scale_{t.name}", f"zero_{t.name}"]
+            ones[t] = [fresh(f"one_{t.name}"), fresh("one_scale"), fresh(f"zero_{t.name}")]
             for name, v in zip(ones[t], (np.array(1, t), np.array(1.0, np.float32), np.array(0, t))):
                 g.initializer.append(numpy_helper.from_array(v, name))
-        out.append(helper.make_node("QLinearMul", [dq.input[0], dq.input[1], dq.input[2], *ones[t], node.input[1],
-                                                   node.input[2]], list(node.output), name=f"{node.name}_qlmul",
-                                    domain="com.microsoft"))  # fmt: skip
+        sa, za, sc, zc = (scalar0(x) for x in (dq.input[1], dq.input[2], node.input[1], node.input[2]))
+        out.append(helper.make_node("QLinearMul", [dq.input[0], sa, za, *ones[t], sc, zc], list(node.output),
+                                    name=fresh(f"{node.name or 'q'}_qlmul"), domain="com.microsoft"))  # fmt: skip
         readers[dq.output[0]] -= 1
         if readers[dq.output[0]] == 0:
             gone.add(id(dq))
@@ -202,18 +224,21 @@ def requantize_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _same_codes(s_a: float, z_a: int, s_c: float, z_c: int, dtype) -> bool:
-    """Whether DequantizeLinear(s_a, z_a) -> QuantizeLinear(s_c, z_c) (round((x·s_a)/s_c)) and QLinearMul by 1
-    (round(x·(s_a·1/s_c)), ORT's MLAS kernel) give the same code for every input code x, in float32 with rounding
-    half to even and saturation, as both compute."""
+    """Whether DequantizeLinear(s_a, z_a) -> QuantizeLinear(s_c, z_c) and QLinearMul by 1 give the same code for
+    every input code x, on a model of ORT's x86 kernels in float32: the pair rounds (x − z_a)·s_a / s_c half to even
+    and adds z_c as an integer; QLinearMul multiplies by the ratio s_a·1/s_c, adds z_c in float, converts (a value
+    past ±2^31 becomes INT_MIN, as cvtps2dq does) and packs with saturation. Checked against ORT in the tests."""
     info = np.iinfo(dtype)
     x = (np.arange(info.min, info.max + 1, dtype=np.int64) - z_a).astype(np.float32)
     s_a, s_c = np.float32(s_a), np.float32(s_c)
     if not (np.isfinite(s_a) and np.isfinite(s_c) and s_a > 0 and s_c > 0):
         return False
-    pair = np.rint((x * s_a) / s_c)
-    ratio = (s_a * np.float32(1.0)) / s_c
-    mul = np.rint(x * ratio)
-    return bool(np.array_equal(np.clip(pair + z_c, info.min, info.max), np.clip(mul + z_c, info.min, info.max)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        pair = np.clip(np.rint((x * s_a) / s_c), info.min - z_c, info.max - z_c) + z_c
+        w = x * ((s_a * np.float32(1.0)) / s_c) + np.float32(z_c)
+        mul = np.where(np.abs(w) < 2.0**31, np.rint(w), -(2.0**31))
+    mul = np.clip(np.clip(mul, -(2**15), 2**15 - 1), info.min, info.max)
+    return bool(np.array_equal(pair, mul))
 
 
 def _movable(node, consts) -> bool:

@@ -4,8 +4,9 @@ from a batch of uint8 images (N, C, H, W) (or normalised floats, for a graph bui
     onnxruntime  ONNX Runtime's CPU provider: its fusions (QDQ -> QLinearConv / QLinearAdd), then the integer
                  body in channels-last and its requantizations in codes (`ort_layout`: no transposes around
                  each integer conv, a QLinearMul where ORT has DequantizeLinear -> QuantizeLinear and both give
-                 the same codes), every other ORT optimization as ORT alone; each instance's first batch also runs in ORT's own graph and must
-                 give the same logits bit for bit (a guard against a faulty rewrite, not a proof);
+                 the same codes), every other ORT optimization as ORT alone; each instance's first batch also
+                 runs in ORT's own graph and must give the same logits bit for bit (a guard against a faulty
+                 rewrite, not a proof);
                  `channels_last=False`: ORT's own graph
     openvino     OpenVINO's CPU plugin, inference precision f32 (its default on a bf16-capable CPU is bf16, which
                  moves the 2-bit graph's predictions: see benchmarks/infer.py); `precision="bf16"` is for the
