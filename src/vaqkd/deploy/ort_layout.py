@@ -137,8 +137,9 @@ def channels_last(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def channels_last_graph(graph) -> bytes | None:
-    """`channels_last` of ORT's extended-level graph of `graph` (a path or serialized model), serialized; None where
-    it does not apply. A damaged or foreign graph raises its RunFileError (`onnx_export.session`)."""
+    """ORT's extended-level graph of `graph` (a path or serialized model) through `requantize_pairs` and
+    `channels_last`, serialized: what the backend loads; None where the layout pass does not apply. A damaged or
+    foreign graph raises its RunFileError (`onnx_export.session`)."""
     import tempfile
     from pathlib import Path
 
