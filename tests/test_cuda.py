@@ -122,7 +122,8 @@ def test_one_process_ddp_over_nccl(shared_cifar_root, tiny_teacher, tmp_path):
     cmd = [str(torchrun), "--standalone", "--nproc-per-node=1", str(ROOT / "tests" / "ddp_worker.py"),
            str(ROOT / "configs/cifar100/vaqkd_contrastive.toml"), str(tmp_path / "run"), str(tmp_path / "out"), "3",
            *sets, "distill.terms.1.nce_k=64"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "VAQKD_DIST": "1"}  # a process group of one
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))  # keep what the caller set
+    env = {**os.environ, "PYTHONPATH": path, "VAQKD_DIST": "1"}  # a process group of one
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "out" / "rank0.pt").exists()

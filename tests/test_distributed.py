@@ -32,7 +32,7 @@ def setup(shared_cifar_root, tmp_path_factory):
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "VAQKD_COMPILE": "0"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])), "VAQKD_COMPILE": "0"}
 
 
 def torchrun(n: int, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:

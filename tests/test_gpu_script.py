@@ -21,7 +21,7 @@ def test_gpu_script_cpu_path(shared_cifar_root, tmp_path):
     )
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:] + (tmp_path / "gpu" / "stages.txt").read_text()
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
     assert set(summary) >= {"teacher", "qkd_logit", "vaqkd_logit", "bench_ratios"}
     assert summary["vaqkd_logit"]["epochs"] == 1 and summary["teacher"]["median_epoch_s"] > 0
