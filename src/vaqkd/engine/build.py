@@ -3,6 +3,7 @@ teacher, objective, calibration, optimizer, and the state a resume continues fro
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -183,5 +184,12 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         if cfg.train.sync_bn:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         ids = [device.index] if device.type == "cuda" else None
-        student = nn.parallel.DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False)
+        student = nn.parallel.DistributedDataParallel(student, device_ids=ids, **_no_forward_buffer_sync())
     return Run(cfg, run_dir, device, precision, data, model, teacher, objective, student, opt, state, env, profile)
+
+
+def _no_forward_buffer_sync() -> dict:
+    """DDP's switch for "do not broadcast buffers at every forward" (BN statistics are averaged over ranks
+    instead): `forward_sync_buffers` from torch 2.13, `broadcast_buffers` (deprecated there) before it."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
