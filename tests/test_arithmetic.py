@@ -103,9 +103,42 @@ def test_runs_record_their_arithmetic_and_refuse_to_resume_on_another(shared_cif
     with pytest.raises(RunFileError, match="trained with arithmetic 0123456789abcdef"):
         fit(cfg, run, resume=True, progress=False, log=lambda s: None)
     env["arithmetic"] = arithmetic.fingerprint(CPU, "fp32")
+    assert env["arithmetic_kernels"] == arithmetic.kernels_fingerprint(CPU, "fp32", "lsq")
+    env["arithmetic_kernels"] = "fedcba9876543210"  # the same tiny step, other fused kernels
+    (run / "env.json").write_text(json.dumps(env))
+    with pytest.raises(RunFileError, match="fused quantizer kernels computed fedcba9876543210"):
+        fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    del env["arithmetic_kernels"]  # a record from before the kernels' fingerprint resumes on `arithmetic` alone
     (run / "env.json").write_text(json.dumps(env))
     final = fit(cfg, run, resume=True, progress=False, log=lambda s: None)
     assert final["arithmetic"] == env["arithmetic"]
+    assert final["arithmetic_kernels"] == arithmetic.kernels_fingerprint(CPU, "fp32", "lsq")  # the resume's
+
+
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_the_kernels_fingerprint_sees_what_the_tiny_step_cannot(compiled, monkeypatch):
+    """The tiny step's activations are below FUSE_MIN_NUMEL, so it never runs the fused quantizer kernels; their
+    fingerprint moves when one of them changes by one ulp, and tells compiled kernels from eager ones (their
+    step-gradient sums differ in the last bits)."""
+    from vaqkd.quant import ste
+
+    monkeypatch.setenv("VAQKD_COMPILE", compiled)
+    monkeypatch.setattr(ste, "lsq_backward", ste.Fused(ste._lsq_backward))  # fresh: compiled per VAQKD_COMPILE
+    kinds = {a: arithmetic.kernels_fingerprint(CPU, "fp32", a) for a in ("lsq", "pact", "ewgs")}
+    assert len(set(kinds.values())) == 3 and arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") == kinds["lsq"]
+    tiny = arithmetic.fingerprint(CPU, "fp32")
+
+    def one_ulp_off(*args):
+        dx, ds = ste._lsq_backward(*args)
+        return dx, torch.nextafter(ds, ds + 1)
+
+    monkeypatch.setattr(ste, "lsq_backward", ste.Fused(one_ulp_off))
+    assert arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") != kinds["lsq"]
+    assert arithmetic.fingerprint(CPU, "fp32") == tiny  # the tiny step never reached that kernel
+    if compiled == "1" and ste.lsq_backward.fn is not ste.lsq_backward.eager:  # compilation worked here
+        monkeypatch.setattr(ste, "lsq_backward", ste.Fused(ste._lsq_backward))
+        monkeypatch.setenv("VAQKD_COMPILE", "0")
+        assert arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") != kinds["lsq"]  # eager != compiled
 
 
 def _rec(seed, acc, arith):
@@ -124,3 +157,15 @@ def test_reports_never_pair_or_average_two_arithmetics():
     assert sorted((r["seeds"], r["top1_last_mean"]) for r in rows) == [(1, 45.0), (2, 40.5), (2, 50.5)]
     assert all("[" in r["row"] and r["records_of_other_kinds"] == 5 - r["seeds"] for r in rows)
     assert [len(g) for g in run_groups(va)] == [3, 2]
+
+
+def test_reports_hold_apart_two_kernel_arithmetics_and_pair_records_without_one():
+    qkd = [_rec(s, 40.0 + s, "a") for s in range(3)]
+    va = [_rec(s, 41.0 + s, "a") for s in range(3)]
+    for r, k in zip(qkd + va, ["k1", "k2", None] * 2):
+        if k is not None:
+            r["arithmetic_kernels"] = k
+    pairs = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va})
+    assert sorted(p["n"] for p in pairs) == [1, 2]  # k1 with the record that lacks it; k2 alone
+    assert sum(p["cross_arithmetic_pairs_left_out"] for p in pairs) == 0
+    assert sorted(len(g) for g in run_groups(qkd)) == [1, 2]

@@ -298,7 +298,8 @@ def write_json(path: Path, obj: dict) -> None:
 
 # final.json's machine fields and where env.json holds them
 MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
-                    "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic"}  # fmt: skip
+                    "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic",
+                    "arithmetic_kernels": "arithmetic_kernels"}  # fmt: skip
 
 
 def run_machine(env: dict) -> dict:

@@ -76,7 +76,7 @@ def _summary(row: str, finals: list[dict], left_out: int) -> dict:
     }  # fmt: skip
 
 
-MACHINE_FIELDS = tuple(MACHINE_ENV_KEYS)  # device, cpu_capability, precision, threads, world_size
+MACHINE_FIELDS = tuple(MACHINE_ENV_KEYS)  # device, cpu_capability, precision, threads, world_size, arithmetic(s)
 
 
 def machine_kind(final: dict) -> tuple:

@@ -10,6 +10,14 @@ those numbers changes it; a change that touches no arithmetic (a message, a refa
 env.json under `arithmetic` (and in final.json); a resume on other arithmetic is refused, and reports pair or
 average runs only within one fingerprint.
 
+The tiny step's activations are too small for the fused quantizer kernels that a real run's activations take
+(`quant.ste.FUSE_MIN_NUMEL`: compiled LSQ/PACT and EWGS kernels, whose step-gradient sums differ in the last bits
+from the eager ones), so a second fingerprint, `kernels_fingerprint`, runs the run's kind of them on a tensor large
+enough, forward and backward; env.json records it beside the first as `arithmetic_kernels` (quantized runs). It is a field of its
+own rather than a part of `arithmetic` so that the records made before it keep pairing by `arithmetic` alone
+(a field one record lacks is not held against a pair, `analysis.report.same_machine`); a resume is refused when
+either differs.
+
 Records made before the fingerprint existed carry a reconstructed value instead (`LEGACY`): the era of their
 git SHA against the measured boundary a20de37 (the fused stages moved into `quant.fusion`, which changed
 bf16 rounding order: quick QKD logit seed 0 read 26.51 % at epoch 1 before and 23.12 % after, same machine).
@@ -74,6 +82,29 @@ def fingerprint(device: torch.device, precision: str) -> str:
         for name, t in sorted({**student.state_dict(), **objective.state_dict()}.items()):
             digest.update(name.encode())
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def kernels_fingerprint(device: torch.device, precision: str, act: str = "lsq") -> str:
+    """16 hex digits naming the arithmetic of the fused activation-quantizer kernel of kind `act` ("lsq", "pact"
+    or "ewgs"; compiled, or eager where compilation is off or failed) in the dtype `precision` trains activations
+    in: forward and backward through autograd on one activation-sized tensor. Leaves the global RNG alone."""
+    from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSQuant, LSQQuant
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(4321)
+    shape = (16, 16, 16, max(16, -(-FUSE_MIN_NUMEL // (16 * 16 * 16))))
+    x = torch.randn(shape, generator=g).relu().to(device, dtype).requires_grad_(True)
+    dy = torch.randn(shape, generator=g).to(device, dtype)
+    params = [torch.tensor(v, device=device, requires_grad=True) for v in (0.37, 0.05, 1.3)]
+    if act == "ewgs":
+        y = EWGSQuant.apply(x, params[1], params[2], 3, 0.2)
+    else:  # PACT is LSQ's kernel without the in-range term of the step gradient
+        y = LSQQuant.apply(x, params[0], 0, 3, 0.01, act != "pact")
+    y.backward(dy)
+    digest = hashlib.sha256(f"{device.type}|{precision}|{act}".encode())
+    for t in (y, x.grad, *(p.grad for p in params if p.grad is not None)):
+        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

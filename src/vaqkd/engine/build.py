@@ -16,7 +16,7 @@ from vaqkd import dist
 from vaqkd.config import Config, ConfigError, identity, to_toml
 from vaqkd.data.build import Data, build_data, data_root
 from vaqkd.distill.objective import Objective, build_term, stages_of
-from vaqkd.engine.arithmetic import fingerprint
+from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.setup import build_teacher, environment, resolve_device, resolve_precision
 from vaqkd.engine.step import StudentLoss, make_optimizer
@@ -42,9 +42,9 @@ def check_same_config(config_text: str, run_dir: Path) -> None:
         raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
 
 
-def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str) -> None:
-    """Check that run_dir can take this run (fresh, or resumable with the same config on the same arithmetic);
-    write config.toml."""
+def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, kernels: str | None = None) -> None:
+    """Check that run_dir can take this run (fresh, or resumable with the same config on the same arithmetic,
+    the fused kernels' included where the record has them); write config.toml."""
     config_text = to_toml(cfg)
     if resume:
         if not has_checkpoint(run_dir):
@@ -54,6 +54,10 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str) -> None
         before = [part.get("arithmetic", "unknown") for part in (env, *env.get("resumes", []))][-1]
         if before != arithmetic:
             msg = f"trained with arithmetic {before}, this code and machine compute {arithmetic} (engine.arithmetic)"
+            raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
+        before = [part.get("arithmetic_kernels") for part in (env, *env.get("resumes", []))][-1]
+        if before is not None and kernels is not None and before != kernels:
+            msg = f"its fused quantizer kernels computed {before}, here they compute {kernels} (engine.arithmetic)"
             raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
     elif has_checkpoint(run_dir) or (run_dir / "final.json").exists():
         raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
@@ -132,8 +136,10 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     device = dist.local_device(resolve_device(cfg.train.device))
     precision = resolve_precision(cfg.train.precision, device)
     arithmetic = fingerprint(device, precision)  # the same step on a tiny model: what the numbers depend on
+    # and the fused kernels the tiny model is too small for (a quantized run's activation quantizers)
+    kernels = kernels_fingerprint(device, precision, cfg.quant.act) if cfg.quant.enabled else None
     if dist.is_main():
-        start_run(cfg, run_dir, resume, arithmetic)
+        start_run(cfg, run_dir, resume, arithmetic, kernels)
     dist.barrier()
     torch.manual_seed(cfg.train.seed)
     if cfg.train.sync_bn and device.type != "cuda":
@@ -173,7 +179,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
             raise RunFileError(f"{run_dir}: the data under {data_root(cfg.data)} is not the data the run started with "
                                f"(content {data.digest}, started on {started}); refusing to resume")  # fmt: skip
     here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world(), "arithmetic": arithmetic,
-            "dataset_digest": data.digest}  # fmt: skip
+            "arithmetic_kernels": kernels, "dataset_digest": data.digest}  # fmt: skip
     env = dist.broadcast_object(record_env(run_dir, here, resume, state["step"]) if dist.is_main() else None)
 
     profile = model_profile(model, data.num_classes, image_size) if cfg.quant.enabled else None
