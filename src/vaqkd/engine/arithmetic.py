@@ -13,8 +13,9 @@ average runs only within one fingerprint.
 The tiny step's activations are too small for the fused quantizer kernels that a real run's activations take
 (`quant.ste.FUSE_MIN_NUMEL`: compiled LSQ/PACT and EWGS kernels, whose step-gradient sums differ in the last bits
 from the eager ones), so a second fingerprint, `kernels_fingerprint`, runs the run's kind of them on a tensor large
-enough, forward and backward; env.json records it beside the first as `arithmetic_kernels` (quantized runs). It is a field of its
-own rather than a part of `arithmetic` so that the records made before it keep pairing by `arithmetic` alone
+enough, forward and backward; env.json records it beside the first as `arithmetic_kernels` (quantized runs).
+It is a field of its own rather than a part of `arithmetic` so that the records made before it keep pairing by
+`arithmetic` alone
 (a field one record lacks is not held against a pair, `analysis.report.same_machine`); a resume is refused when
 either differs.
 
