@@ -15,9 +15,8 @@ The tiny step's activations are too small for the fused quantizer kernels that a
 from the eager ones), so a second fingerprint, `kernels_fingerprint`, runs the run's kind of them on a tensor large
 enough, forward and backward; env.json records it beside the first as `arithmetic_kernels` (quantized runs).
 It is a field of its own rather than a part of `arithmetic` so that the records made before it keep pairing by
-`arithmetic` alone
-(a field one record lacks is not held against a pair, `analysis.report.same_machine`); a resume is refused when
-either differs.
+`arithmetic` alone (a field one record lacks is not held against a pair, `analysis.report.same_machine`); a
+resume is refused when either differs.
 
 Records made before the fingerprint existed carry a reconstructed value instead (`LEGACY`): the era of their
 git SHA against the measured boundary a20de37 (the fused stages moved into `quant.fusion`, which changed
