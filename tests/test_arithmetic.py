@@ -168,4 +168,5 @@ def test_reports_hold_apart_two_kernel_arithmetics_and_pair_records_without_one(
     pairs = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va})
     assert sorted(p["n"] for p in pairs) == [1, 2]  # k1 with the record that lacks it; k2 alone
     assert sum(p["cross_arithmetic_pairs_left_out"] for p in pairs) == 0
+    assert all(p["pairs_with_unknown_machine_fields"] == 0 for p in pairs)  # a record without it is not "unknown"
     assert sorted(len(g) for g in run_groups(qkd)) == [1, 2]

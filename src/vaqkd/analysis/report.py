@@ -77,6 +77,9 @@ def _summary(row: str, finals: list[dict], left_out: int) -> dict:
 
 
 MACHINE_FIELDS = tuple(MACHINE_ENV_KEYS)  # device, cpu_capability, precision, threads, world_size, arithmetic(s)
+# compared where both records hold them, never counted as missing: the fused kernels' fingerprint, which FP32 runs
+# and records older than it do not have (engine.arithmetic)
+OPTIONAL_FIELDS = ("arithmetic_kernels",)
 
 
 def machine_kind(final: dict) -> tuple:
@@ -100,13 +103,14 @@ def arithmetic_of(final: dict) -> str:
 def same_machine(a: dict, b: dict) -> tuple[bool, bool]:
     """(pairable, relied on an unknown field): two runs pair when they share one known arithmetic and every
     machine field both records know is equal; a machine field one of them lacks (records older than the field)
-    is not held against the pair, but the pair is counted as resting on it. An unknown arithmetic pairs with
-    nothing."""
+    is not held against the pair, but the pair is counted as resting on it (except `OPTIONAL_FIELDS`, which only
+    some records can have). An unknown arithmetic pairs with nothing."""
     ka, kb = machine_kind(a), machine_kind(b)
     if arithmetic_of(a) == "unknown" or arithmetic_of(a) != arithmetic_of(b):
         return False, False
     known = [(x, y) for x, y in zip(ka, kb) if x is not None and y is not None]
-    return all(x == y for x, y in known), len(known) < len(MACHINE_FIELDS)
+    lacking = [f for f, x, y in zip(MACHINE_FIELDS, ka, kb) if (x is None or y is None) and f not in OPTIONAL_FIELDS]
+    return all(x == y for x, y in known), bool(lacking)
 
 
 def run_groups(finals: list[dict]) -> list[list[dict]]:
