@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +163,18 @@ def test_download_has_a_timeout(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="the download failed"):
         cifar.download("cifar100", tmp_path)
     assert seen["timeout"] == cifar.DOWNLOAD_TIMEOUT_S and not list(tmp_path.iterdir())
+
+
+def test_cifar_part_keeps_the_first_images_of_every_class(shared_cifar_root, tmp_path):
+    """scripts/cifar_part.py: a class-balanced part in the official layout, the first k of each class in order."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cifar_part", Path(__file__).parents[1] / "scripts" / "cifar_part.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.part(str(shared_cifar_root), 2, 1, tmp_path) == {"train": 200, "test": 100}
+    for train, k in ((True, 2), (False, 1)):
+        x, y = load_split("cifar100", tmp_path, train, download_missing=False)
+        fx, fy = load_split("cifar100", shared_cifar_root, train, download_missing=False)
+        keep = torch.cat([torch.nonzero(fy == c).flatten()[:k] for c in range(100)]).sort().values
+        assert torch.equal(x, fx[keep]) and torch.equal(y, fy[keep])
