@@ -10,7 +10,7 @@
 #   DATA=/path/holding/cifar-100-python DEVICE=cuda OUT_DIR=results/gpu bash benchmarks/gpu.sh
 #   DATA=... DEVICE=cpu SMALL=1 bash benchmarks/gpu.sh      # the same path on a CPU, tiny (a correctness check)
 #
-# DATA may hold a class-balanced part of CIFAR-100 (fewer images per class): epoch times are then scaled to
+# DATA may hold a class-balanced part of CIFAR-100 (scripts/cifar_part.py): epoch times are then scaled to
 # 50k images in summary.json (per_50k_epoch_s) and the accuracies are those of the smaller training set.
 # PYTHON (default python) runs everything; VAQKD defaults to "$PYTHON -m vaqkd", so an uninstalled checkout
 # runs with PYTHONPATH=src.
