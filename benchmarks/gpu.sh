@@ -12,15 +12,19 @@
 #
 # DATA may hold a class-balanced part of CIFAR-100 (scripts/cifar_part.py): epoch times are then scaled to
 # 50k images in summary.json (per_50k_epoch_s) and the accuracies are those of the smaller training set.
-# PYTHON (default python) runs everything; VAQKD defaults to "$PYTHON -m vaqkd", so an uninstalled checkout
+# PYTHON (default python3) runs everything; VAQKD defaults to "$PYTHON -m vaqkd", so an uninstalled checkout
 # runs with PYTHONPATH=src.
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-data}
 OUT_DIR=${OUT_DIR:-results/gpu}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 VAQKD=${VAQKD:-$PYTHON -m vaqkd}
 mkdir -p "$OUT_DIR"
+# a rerun into the same folder starts clean: old figures must not pass for this run's (and `vaqkd table` would
+# reuse the old cells)
+rm -rf "$OUT_DIR"/bench.json "$OUT_DIR"/summary.json "$OUT_DIR"/table_packed "$OUT_DIR"/table_one_at_a_time \
+  "$OUT_DIR"/table_*.seconds "$OUT_DIR"/runs
 if [ "${SMALL:-0}" = 1 ]; then
   BENCH=(--quick); T_EPOCHS=1; S_EPOCHS=1; BATCH=64; WARMUP=0; CPUS=1; GPUS=0
   SUBSET=(--set data.subset_per_class=2 --set data.test_subset_per_class=2); TABLE_SUBSET=2; LIMIT=300
@@ -34,7 +38,7 @@ else
   PACK=(--launcher local --jobs 4); PACKED_BY="local processes (Ray is not installed)"
 fi
 COMMON=(--data-root "$DATA" --no-progress --set train.device="$DEVICE" --set data.batch_size=$BATCH
-        --set data.eval_batch_size=1000 --set train.channels_last=true "${SUBSET[@]}")
+        --set data.eval_batch_size=1000 --set train.channels_last=true ${SUBSET[@]+"${SUBSET[@]}"})
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true; } > "$OUT_DIR/device.txt"
 git rev-parse HEAD > "$OUT_DIR/git_sha.txt" 2>/dev/null || true
@@ -46,7 +50,7 @@ $PYTHON -c "import sys, torch; print(sys.version.split()[0], torch.__version__, 
 stage() {  # stage NAME LIMIT_S CMD...: run CMD under a time limit, log its output, record how it ended
   local name=$1 limit=$2; shift 2
   local t0; t0=$(date +%s.%N)
-  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  timeout -k 30 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$(awk "BEGIN{print $(date +%s.%N) - $t0}")" | tee -a "$OUT_DIR/stages.txt"
   return $rc
@@ -58,7 +62,6 @@ fi
 stage bench "$LIMIT" $VAQKD bench --device "$DEVICE" "${BENCH[@]}" --json --out "$OUT_DIR/bench.json"
 
 RUNS="$OUT_DIR/runs"
-rm -rf "$RUNS"
 stage teacher "$LIMIT" $VAQKD train configs/cifar100/teacher_resnet32.toml --out "$RUNS/teacher" "${COMMON[@]}" \
   --set optim.epochs=$T_EPOCHS --set optim.lr=0.2 --set optim.schedule=onecycle --set optim.warmup_epochs=$WARMUP
 if [ -f "$RUNS/teacher/final.json" ]; then
@@ -73,7 +76,7 @@ if [ -f "$RUNS/teacher/final.json" ]; then
   for how in packed one_at_a_time; do
     LAUNCH=("${PACK[@]}"); [ "$how" = one_at_a_time ] && LAUNCH=()
     start=$(date +%s.%N)
-    stage "table_$how" "$LIMIT" $VAQKD table "${TABLE[@]}" "${LAUNCH[@]}" \
+    stage "table_$how" "$LIMIT" $VAQKD table "${TABLE[@]}" ${LAUNCH[@]+"${LAUNCH[@]}"} \
       --runs-dir "$OUT_DIR/table_$how/run_dirs" --out "$OUT_DIR/table_$how" \
       && echo "$start $(date +%s.%N)" > "$OUT_DIR/table_$how.seconds"
   done
@@ -106,7 +109,8 @@ summary["table_4_cells_seconds"] = secs
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
 PY
-if grep -v ' rc=0 ' "$OUT_DIR/stages.txt" | grep -q .; then
-  echo "gpu.sh: a stage failed (see $OUT_DIR/stages.txt and its log)" >&2
+summary_rc=$?
+if grep -v ' rc=0 ' "$OUT_DIR/stages.txt" | grep -q . || [ $summary_rc != 0 ]; then
+  echo "gpu.sh: a stage or the summary failed (see $OUT_DIR/stages.txt and the logs there)" >&2
   exit 1
 fi

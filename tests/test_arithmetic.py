@@ -108,7 +108,12 @@ def test_runs_record_their_arithmetic_and_refuse_to_resume_on_another(shared_cif
     (run / "env.json").write_text(json.dumps(env))
     with pytest.raises(RunFileError, match="fused quantizer kernels computed fedcba9876543210"):
         fit(cfg, run, resume=True, progress=False, log=lambda s: None)
-    del env["arithmetic_kernels"]  # a record from before the kernels' fingerprint resumes on `arithmetic` alone
+    # resumed once by code older than the field: the part before that gap still counts
+    env["resumes"] = [{**env, "arithmetic_kernels": None, "resumes": None}]
+    (run / "env.json").write_text(json.dumps(env))
+    with pytest.raises(RunFileError, match="fused quantizer kernels computed fedcba9876543210"):
+        fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    del env["arithmetic_kernels"], env["resumes"]  # a record from before the field resumes on `arithmetic` alone
     (run / "env.json").write_text(json.dumps(env))
     final = fit(cfg, run, resume=True, progress=False, log=lambda s: None)
     assert final["arithmetic"] == env["arithmetic"]
@@ -125,7 +130,7 @@ def test_the_kernels_fingerprint_sees_what_the_tiny_step_cannot(compiled, monkey
     monkeypatch.setenv("VAQKD_COMPILE", compiled)
     monkeypatch.setattr(ste, "lsq_backward", ste.Fused(ste._lsq_backward))  # fresh: compiled per VAQKD_COMPILE
     kinds = {a: arithmetic.kernels_fingerprint(CPU, "fp32", a) for a in ("lsq", "pact", "ewgs")}
-    assert len(set(kinds.values())) == 3 and arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") == kinds["lsq"]
+    assert arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") == kinds["lsq"]  # repeatable
     tiny = arithmetic.fingerprint(CPU, "fp32")
 
     def one_ulp_off(*args):
@@ -170,3 +175,14 @@ def test_reports_hold_apart_two_kernel_arithmetics_and_pair_records_without_one(
     assert sum(p["cross_arithmetic_pairs_left_out"] for p in pairs) == 0
     assert all(p["pairs_with_unknown_machine_fields"] == 0 for p in pairs)  # a record without it is not "unknown"
     assert sorted(len(g) for g in run_groups(qkd)) == [1, 2]
+    # a record without the field first: it may join k1 or k2, never bring the two together
+    first = [qkd[2], qkd[0], qkd[1]]
+    assert sorted(sorted(r.get("arithmetic_kernels") or "-" for r in g) for g in run_groups(first)) == [
+        ["-", "k1"], ["k2"]]
+    rows = summary_rows({"qkd_logit": first})
+    assert sorted(r["seeds"] for r in rows) == [1, 2] and len({r["row"] for r in rows}) == 2  # two labelled lines
+    va_first = [va[2], va[0], va[1]]
+    for r in va_first:  # VA-QKD records without the field, QKD's with it: the pairs still split by QKD's kernels
+        r.pop("arithmetic_kernels", None)
+    pairs = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va_first})
+    assert sorted(p["n"] for p in pairs) == [1, 2]

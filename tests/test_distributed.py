@@ -1,7 +1,6 @@
 """One run over two processes (torchrun, gloo, CPU): DDP against one process that accumulates the same two
 micro-batches, CRD's banks across ranks, a killed rank, and resuming at another world size."""
 
-import inspect
 import os
 import re
 import shutil
@@ -115,19 +114,3 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes_at_world_size_1_and_2(se
         assert "resumed" in res.stdout + res.stderr and f"at step {at}/" in res.stdout + res.stderr
         assert sorted(p.name for p in copy.glob("ckpt-*")) == ["ckpt-000000004"]
 
-
-def test_ddp_buffer_switch_on_torch_before_and_after_2_13(monkeypatch):
-    """torch 2.13 renamed DDP's per-forward buffer sync to `forward_sync_buffers`; older releases (2.11 on a GPU
-    image) only know `broadcast_buffers` and refuse the new name."""
-    from torch import nn
-
-    from vaqkd.engine.build import _no_forward_buffer_sync
-
-    def old_init(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True):
-        pass
-
-    monkeypatch.setattr(nn.parallel.DistributedDataParallel, "__init__", old_init)
-    assert _no_forward_buffer_sync() == {"broadcast_buffers": False}
-    monkeypatch.undo()
-    if "forward_sync_buffers" in str(inspect.signature(nn.parallel.DistributedDataParallel.__init__)):
-        assert _no_forward_buffer_sync() == {"forward_sync_buffers": False}

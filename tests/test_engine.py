@@ -299,3 +299,22 @@ def test_bn_reestimate_batches_changes_what_is_evaluated_and_saved_never_a_train
     assert identity(to_toml(tiny_cfg(shared_cifar_root, "train.bn_reestimate_batches=2"))) != identity(text)
     with pytest.raises(ConfigError, match="train.bn_reestimate_batches"):
         tiny_cfg(shared_cifar_root, "train.bn_reestimate_batches=-1")
+
+
+def test_ddp_buffer_switch_on_torch_before_and_after_2_13(monkeypatch):
+    """torch 2.13 renamed DDP's per-forward buffer sync to `forward_sync_buffers`; older releases (2.11 on a GPU
+    image) only know `broadcast_buffers` and refuse the new name."""
+    import inspect
+
+    from torch import nn
+
+    from vaqkd.engine.build import _no_forward_buffer_sync
+
+    def old_init(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True):
+        pass
+
+    monkeypatch.setattr(nn.parallel.DistributedDataParallel, "__init__", old_init)
+    assert _no_forward_buffer_sync() == {"broadcast_buffers": False}
+    monkeypatch.undo()
+    if "forward_sync_buffers" in str(inspect.signature(nn.parallel.DistributedDataParallel.__init__)):
+        assert _no_forward_buffer_sync() == {"forward_sync_buffers": False}

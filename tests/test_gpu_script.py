@@ -21,7 +21,12 @@ def test_gpu_script_cpu_path(shared_cifar_root, tmp_path):
     )
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:] + (tmp_path / "gpu" / "stages.txt").read_text()
+    if proc.returncode != 0:  # say which stage failed and what it printed last
+        out = tmp_path / "gpu"
+        stages = (out / "stages.txt").read_text() if (out / "stages.txt").exists() else "(no stages.txt)"
+        failed = [ln.split()[0] for ln in stages.splitlines() if " rc=0 " not in ln]
+        logs = "".join((out / f"{n}.log").read_text()[-1500:] for n in failed if (out / f"{n}.log").exists())
+        raise AssertionError(f"{proc.stderr[-1500:]}\n{stages}\n{logs}")
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
     assert set(summary) >= {"teacher", "qkd_logit", "vaqkd_logit", "bench_ratios"}
     assert summary["vaqkd_logit"]["epochs"] == 1 and summary["teacher"]["median_epoch_s"] > 0

@@ -114,12 +114,19 @@ def same_machine(a: dict, b: dict) -> tuple[bool, bool]:
 
 
 def run_groups(finals: list[dict]) -> list[list[dict]]:
-    """A row's records in groups that may be averaged: each run joins the first group whose first run it pairs
-    with (`same_machine`); largest group first. Runs of unknown arithmetic form one group of their own."""
+    """A row's records in groups that may be averaged: each run joins the first group with every run of which it
+    pairs (`same_machine`; every run, not the first alone: a record that lacks a field pairs with two runs that
+    differ in it, which must not end up together); largest group first. Runs of unknown arithmetic form one group
+    of their own."""
     groups: list[list[dict]] = []
+
+    def fits(g: list[dict], f: dict) -> bool:
+        if {arithmetic_of(g[0]), arithmetic_of(f)} == {"unknown"}:
+            return True
+        return all(same_machine(m, f)[0] for m in g)
+
     for f in finals:
-        home = next((g for g in groups if same_machine(g[0], f)[0] or {arithmetic_of(g[0]), arithmetic_of(f)} ==
-                     {"unknown"}), None)  # fmt: skip
+        home = next((g for g in groups if fits(g, f)), None)
         if home is None:
             groups.append([f])
         else:
@@ -130,7 +137,17 @@ def run_groups(finals: list[dict]) -> list[list[dict]]:
 def group_label(final: dict) -> str:
     """A short name for a group of runs: its arithmetic and machine (device name, precision, threads)."""
     kind = dict(zip(MACHINE_FIELDS, machine_kind(final)))
-    return ", ".join(str(kind[k]) for k in ("arithmetic", "device", "precision", "threads") if kind[k] is not None)
+    if kind["arithmetic_kernels"] is not None:
+        kind["arithmetic_kernels"] = f"kernels {str(kind['arithmetic_kernels'])[:8]}"
+    fields = ("arithmetic", "arithmetic_kernels", "device", "precision", "threads")
+    return ", ".join(str(kind[k]) for k in fields if kind[k] is not None)
+
+
+def _pair_kind(a: dict, b: dict) -> dict:
+    """A pair's record for grouping pairs: `a`, with the optional fields it lacks taken from `b` (a pair whose
+    QKD run has kernels k2 is a k2 pair even when its VA-QKD record predates the field)."""
+    ka, kb = dict(zip(MACHINE_FIELDS, machine_kind(a))), dict(zip(MACHINE_FIELDS, machine_kind(b)))
+    return {**a, **{f: kb[f] for f in OPTIONAL_FIELDS if ka[f] is None and kb[f] is not None}}
 
 
 def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
@@ -149,7 +166,8 @@ def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
             pairable = [s for s in both if match[s][0]]
             cross_arith = sum(arithmetic_of(va[s]) != arithmetic_of(ref[s]) or arithmetic_of(va[s]) == "unknown"
                               for s in both)  # fmt: skip
-            groups = run_groups([va[s] for s in pairable])  # pairs of one kind only: never two in one interval
+            # pairs of one kind only: never two in one interval
+            groups = run_groups([_pair_kind(va[s], ref[s]) for s in pairable])
             for g in groups:
                 seeds = sorted(f["seed"] for f in g)
                 stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])

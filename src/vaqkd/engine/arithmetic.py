@@ -85,26 +85,37 @@ def fingerprint(device: torch.device, precision: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def kernels_fingerprint(device: torch.device, precision: str, act: str = "lsq") -> str:
-    """16 hex digits naming the arithmetic of the fused activation-quantizer kernel of kind `act` ("lsq", "pact"
+def kernels_fingerprint(device: torch.device, precision: str, act: str = "lsq", channels_last: bool = False) -> str:
+    """16 hex digits naming the arithmetic of the fused activation-quantizer kernels of kind `act` ("lsq", "pact"
     or "ewgs"; compiled, or eager where compilation is off or failed) in the dtype `precision` trains activations
-    in: forward and backward through autograd on one activation-sized tensor. Leaves the global RNG alone."""
-    from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSQuant, LSQQuant
+    in and the run's memory format: forward and backward through autograd on activation-sized tensors — the
+    quantizer alone and, for LSQ and PACT, fused with the add and ReLU that end a residual block (`ReluLSQQuant`).
+    Not covered: EWGS's fused kernel on weights (only WRN weights are large enough). Leaves the global RNG alone."""
+    from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSQuant, LSQQuant, ReluLSQQuant
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(4321)
     shape = (16, 16, 16, max(16, -(-FUSE_MIN_NUMEL // (16 * 16 * 16))))
-    x = torch.randn(shape, generator=g).relu().to(device, dtype).requires_grad_(True)
-    dy = torch.randn(shape, generator=g).to(device, dtype)
+
+    def tensor(relu: bool = False, grad: bool = False) -> torch.Tensor:
+        t = torch.randn(shape, generator=g)
+        t = (t.relu() if relu else t).to(device, dtype).contiguous(memory_format=fmt)
+        return t.requires_grad_(grad)
+
+    digest = hashlib.sha256(f"{device.type}|{precision}|{act}|{channels_last}".encode())
+    x, a, b, dy, dh = tensor(True, True), tensor(grad=True), tensor(grad=True), tensor(), tensor()
     params = [torch.tensor(v, device=device, requires_grad=True) for v in (0.37, 0.05, 1.3)]
     if act == "ewgs":
-        y = EWGSQuant.apply(x, params[1], params[2], 3, 0.2)
+        outs, grads = [EWGSQuant.apply(x, params[1], params[2], 3, 0.2)], [dy]
     else:  # PACT is LSQ's kernel without the in-range term of the step gradient
-        y = LSQQuant.apply(x, params[0], 0, 3, 0.01, act != "pact")
-    y.backward(dy)
-    digest = hashlib.sha256(f"{device.type}|{precision}|{act}".encode())
-    for t in (y, x.grad, *(p.grad for p in params if p.grad is not None)):
-        digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        err = act != "pact"
+        outs = [LSQQuant.apply(x, params[0], 0, 3, 0.01, err), *ReluLSQQuant.apply(a, b, params[0], 3, 0.01, err)]
+        grads = [dy, dh, dy]
+    torch.autograd.backward(outs, grads)
+    for t in (*outs, x.grad, a.grad, b.grad, *(p.grad for p in params)):
+        if t is not None:
+            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

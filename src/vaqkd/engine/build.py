@@ -55,7 +55,9 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, kernels
         if before != arithmetic:
             msg = f"trained with arithmetic {before}, this code and machine compute {arithmetic} (engine.arithmetic)"
             raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
-        before = [part.get("arithmetic_kernels") for part in (env, *env.get("resumes", []))][-1]
+        # the last part that recorded it (a resume by code older than the field leaves a gap, not a pass)
+        parts = (env, *env.get("resumes", []))
+        before = ([None] + [p["arithmetic_kernels"] for p in parts if p.get("arithmetic_kernels")])[-1]
         if before is not None and kernels is not None and before != kernels:
             msg = f"its fused quantizer kernels computed {before}, here they compute {kernels} (engine.arithmetic)"
             raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
@@ -137,7 +139,8 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     precision = resolve_precision(cfg.train.precision, device)
     arithmetic = fingerprint(device, precision)  # the same step on a tiny model: what the numbers depend on
     # and the fused kernels the tiny model is too small for (a quantized run's activation quantizers)
-    kernels = kernels_fingerprint(device, precision, cfg.quant.act) if cfg.quant.enabled else None
+    quantized = cfg.quant.enabled
+    kernels = kernels_fingerprint(device, precision, cfg.quant.act, cfg.train.channels_last) if quantized else None
     if dist.is_main():
         start_run(cfg, run_dir, resume, arithmetic, kernels)
     dist.barrier()
@@ -196,6 +199,8 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
 
 def _no_forward_buffer_sync() -> dict:
     """DDP's switch for "do not broadcast buffers at every forward" (BN statistics are averaged over ranks
-    instead): `forward_sync_buffers` from torch 2.13, `broadcast_buffers` (deprecated there) before it."""
+    instead): `forward_sync_buffers` from torch 2.13, `broadcast_buffers` (deprecated there) before it. The old
+    switch also skips the one broadcast when DDP is built; harmless here, since every rank builds the same model
+    from the same seed, checkpoint and calibration batches, so the buffers are equal already."""
     params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
