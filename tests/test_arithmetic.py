@@ -85,11 +85,14 @@ def test_legacy_era_from_the_git_sha():
     assert arithmetic.legacy_era("gone", ancestry) == "unknown"
 
 
-def _tiny(root):
-    sets = [f'data.root="{root}"', "model.arch=resnet20", "quant.enabled=true", "optim.epochs=1",
+def _tiny_sets(root):
+    return [f'data.root="{root}"', "model.arch=resnet20", "quant.enabled=true", "optim.epochs=1",
             "data.subset_per_class=2", "data.batch_size=50", "data.test_subset_per_class=1",
             "train.precision=fp32"]  # fmt: skip
-    return load_config(None, sets)
+
+
+def _tiny(root):
+    return load_config(None, _tiny_sets(root))
 
 
 def test_runs_record_their_arithmetic_and_refuse_to_resume_on_another(shared_cifar_root, tmp_path):
@@ -186,3 +189,51 @@ def test_reports_hold_apart_two_kernel_arithmetics_and_pair_records_without_one(
         r.pop("arithmetic_kernels", None)
     pairs = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va_first})
     assert sorted(p["n"] for p in pairs) == [1, 2]
+
+
+def test_the_residual_fingerprint_sees_the_integer_stream_that_the_others_cannot(monkeypatch):
+    """An integer-residual run's block path (its 8-bit requantization, the stream's codes on the shortcut) is not
+    in the tiny step nor in the kernels' fingerprint: a one-ulp change there moves only `residual_fingerprint`."""
+    from vaqkd.quant.residual import IntResidualBlock
+
+    before = arithmetic.residual_fingerprint(CPU, "fp32")
+    assert arithmetic.residual_fingerprint(CPU, "fp32") == before  # repeatable
+    assert arithmetic.residual_fingerprint(CPU, "fp32", bits=8) != before  # a wide stream is another path
+    tiny, kernels = arithmetic.fingerprint(CPU, "fp32"), arithmetic.kernels_fingerprint(CPU, "fp32", "lsq")
+    real = IntResidualBlock.forward
+
+    def one_ulp_off(self, x):
+        out = real(self, x)
+        return torch.nextafter(out, out + 1)
+
+    monkeypatch.setattr(IntResidualBlock, "forward", one_ulp_off)
+    assert arithmetic.residual_fingerprint(CPU, "fp32") != before
+    assert arithmetic.fingerprint(CPU, "fp32") == tiny
+    assert arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") == kernels
+
+
+def test_integer_residual_runs_record_their_stream_and_refuse_to_resume_on_another(shared_cifar_root, tmp_path):
+    float_cfg = _tiny(shared_cifar_root)
+    fit(float_cfg, tmp_path / "float", progress=False, log=lambda s: None, stop_after_steps=1)
+    assert json.loads((tmp_path / "float" / "env.json").read_text())["arithmetic_residual"] is None
+    cfg = load_config(None, [*_tiny_sets(shared_cifar_root), "quant.residual=int"])
+    run = tmp_path / "int"
+    fit(cfg, run, progress=False, log=lambda s: None, stop_after_steps=1)
+    env = json.loads((run / "env.json").read_text())
+    assert env["arithmetic_residual"] == arithmetic.residual_fingerprint(CPU, "fp32")
+    env["arithmetic_residual"] = "00112233aabbccdd"
+    (run / "env.json").write_text(json.dumps(env))
+    with pytest.raises(RunFileError, match="integer residual stream computed 00112233aabbccdd"):
+        fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+
+
+def test_reports_pair_an_integer_run_with_its_float_partner_but_hold_two_streams_apart():
+    flt = [_rec(s, 40.0 + s, "a") for s in range(3)]
+    ints = [_rec(s, 39.0 + s, "a") for s in range(3)]
+    for r, k in zip(ints, ["r1", "r1", "r2"]):
+        r["arithmetic_residual"] = k
+    pairs = paired_rows({"qkd_logit": flt, "vaqkd_logit": ints})  # any two rows pair the same way
+    assert sorted(p["n"] for p in pairs) == [1, 2]  # by the integer runs' streams; the float runs lack the field
+    assert all(p["pairs_with_unknown_machine_fields"] == 0 for p in pairs)
+    assert sorted(len(g) for g in run_groups(ints)) == [1, 2]
+    assert len({r["row"] for r in summary_rows({"vaqkd_logit": ints})}) == 2  # two labelled lines

@@ -299,7 +299,8 @@ def write_json(path: Path, obj: dict) -> None:
 # final.json's machine fields and where env.json holds them
 MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
                     "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic",
-                    "arithmetic_kernels": "arithmetic_kernels"}  # fmt: skip
+                    "arithmetic_kernels": "arithmetic_kernels",
+                    "arithmetic_residual": "arithmetic_residual"}  # fmt: skip
 
 
 def run_machine(env: dict) -> dict:

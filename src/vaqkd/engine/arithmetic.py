@@ -16,7 +16,8 @@ from the eager ones), so a second fingerprint, `kernels_fingerprint`, runs the r
 enough, forward and backward; env.json records it beside the first as `arithmetic_kernels` (quantized runs).
 It is a field of its own rather than a part of `arithmetic` so that the records made before it keep pairing by
 `arithmetic` alone (a field one record lacks is not held against a pair, `analysis.report.same_machine`); a
-resume is refused when either differs.
+resume is refused when either differs. The integer residual stream (`quant.residual = "int"`), which the tiny
+step does not run either, has a third, `residual_fingerprint`, recorded as `arithmetic_residual` by those runs.
 
 Records made before the fingerprint existed carry a reconstructed value instead (`LEGACY`): the era of their
 git SHA against the measured boundary a20de37 (the fused stages moved into `quant.fusion`, which changed
@@ -116,6 +117,38 @@ def kernels_fingerprint(device: torch.device, precision: str, act: str = "lsq", 
     for t in (*outs, x.grad, a.grad, b.grad, *(p.grad for p in params)):
         if t is not None:
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def residual_fingerprint(device: torch.device, precision: str, w_bits: int = 2, a_bits: int = 2, bits: int = 2,
+                         channels_last: bool = False) -> str:  # fmt: skip
+    """16 hex digits naming the arithmetic of the integer residual stream (`quant.residual = "int"`,
+    `vaqkd.quant.residual`), which the tiny step (float residual) never runs: a CIFAR ResNet-14 made W`w_bits`A`a_bits`
+    with a `bits`-bit stream, calibrated, one forward and backward in training mode under the run's autocast and
+    memory format, on images large enough that its first two stages take the fused quantizer kernels (the last
+    stays eager, as a real run's smaller tensors do); hashed with its output and every gradient. Recorded as
+    `arithmetic_residual` by integer-residual runs only, so it never stands between an integer run and its
+    float-residual partner; a resume is refused when it differs. Leaves the global RNG alone."""
+    from vaqkd.engine.setup import autocast
+    from vaqkd.quant import quantize_student
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(4321)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = quantize_student(CifarResNet(14, 10), w_bits, a_bits, residual="int", residual_bits=bits)
+        model = model.to(device).to(memory_format=fmt).train()
+        x = torch.randn(32, 3, 16, 16).to(device).contiguous(memory_format=fmt)  # layer1: 32·16·16·16 elements
+        calibrate(model, [x])
+        with autocast(device, precision):
+            out = model(x)
+        out.float().square().mean().backward()
+        digest = hashlib.sha256(f"{device.type}|{precision}|{w_bits}|{a_bits}|{bits}|{channels_last}".encode())
+        digest.update(out.detach().float().cpu().contiguous().numpy().tobytes())
+        for name, p in sorted(model.named_parameters()):
+            digest.update(name.encode())
+            if p.grad is not None:
+                digest.update(p.grad.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

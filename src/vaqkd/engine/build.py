@@ -16,7 +16,7 @@ from vaqkd import dist
 from vaqkd.config import Config, ConfigError, identity, to_toml
 from vaqkd.data.build import Data, build_data, data_root
 from vaqkd.distill.objective import Objective, build_term, stages_of
-from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint
+from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint, residual_fingerprint
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.setup import build_teacher, environment, resolve_device, resolve_precision
 from vaqkd.engine.step import StudentLoss, make_optimizer
@@ -42,9 +42,16 @@ def check_same_config(config_text: str, run_dir: Path) -> None:
         raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
 
 
-def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, kernels: str | None = None) -> None:
+# the fingerprints of what the tiny step does not run (engine.arithmetic), by env.json key: compared on a resume
+# where the record has them, and held by only some runs
+PART_FINGERPRINTS = {"arithmetic_kernels": "its fused quantizer kernels",
+                     "arithmetic_residual": "its integer residual stream"}  # fmt: skip
+
+
+def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: dict[str, str | None] | None = None
+              ) -> None:  # fmt: skip
     """Check that run_dir can take this run (fresh, or resumable with the same config on the same arithmetic,
-    the fused kernels' included where the record has them); write config.toml."""
+    and the same `PART_FINGERPRINTS` where the record has them; `parts`: this run's, by key); write config.toml."""
     config_text = to_toml(cfg)
     if resume:
         if not has_checkpoint(run_dir):
@@ -55,12 +62,13 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, kernels
         if before != arithmetic:
             msg = f"trained with arithmetic {before}, this code and machine compute {arithmetic} (engine.arithmetic)"
             raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
-        # the last part that recorded it (a resume by code older than the field leaves a gap, not a pass)
-        parts = (env, *env.get("resumes", []))
-        before = ([None] + [p["arithmetic_kernels"] for p in parts if p.get("arithmetic_kernels")])[-1]
-        if before is not None and kernels is not None and before != kernels:
-            msg = f"its fused quantizer kernels computed {before}, here they compute {kernels} (engine.arithmetic)"
-            raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
+        # the last part that recorded each (a resume by code older than the field leaves a gap, not a pass)
+        recorded = (env, *env.get("resumes", []))
+        for key, now in (parts or {}).items():
+            before = ([None] + [p[key] for p in recorded if p.get(key)])[-1]
+            if before is not None and now is not None and before != now:
+                msg = f"{PART_FINGERPRINTS[key]} computed {before}, here they compute {now} (engine.arithmetic)"
+                raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
     elif has_checkpoint(run_dir) or (run_dir / "final.json").exists():
         raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,10 +147,13 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     precision = resolve_precision(cfg.train.precision, device)
     arithmetic = fingerprint(device, precision)  # the same step on a tiny model: what the numbers depend on
     # and the fused kernels the tiny model is too small for (a quantized run's activation quantizers)
-    quantized = cfg.quant.enabled
-    kernels = kernels_fingerprint(device, precision, cfg.quant.act, cfg.train.channels_last) if quantized else None
+    q, cl = cfg.quant, cfg.train.channels_last
+    parts = {"arithmetic_kernels": kernels_fingerprint(device, precision, q.act, cl) if q.enabled else None,
+             "arithmetic_residual": residual_fingerprint(device, precision, q.w_bits, q.a_bits,
+                                                         q.residual_bits or q.a_bits, cl)
+             if q.enabled and q.residual == "int" else None}  # fmt: skip
     if dist.is_main():
-        start_run(cfg, run_dir, resume, arithmetic, kernels)
+        start_run(cfg, run_dir, resume, arithmetic, parts)
     dist.barrier()
     torch.manual_seed(cfg.train.seed)
     if cfg.train.sync_bn and device.type != "cuda":
@@ -182,7 +193,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
             raise RunFileError(f"{run_dir}: the data under {data_root(cfg.data)} is not the data the run started with "
                                f"(content {data.digest}, started on {started}); refusing to resume")  # fmt: skip
     here = {**environment(device, cfg.train.seed, precision), "world_size": dist.world(), "arithmetic": arithmetic,
-            "arithmetic_kernels": kernels, "dataset_digest": data.digest}  # fmt: skip
+            **parts, "dataset_digest": data.digest}  # fmt: skip
     env = dist.broadcast_object(record_env(run_dir, here, resume, state["step"]) if dist.is_main() else None)
 
     profile = model_profile(model, data.num_classes, image_size) if cfg.quant.enabled else None
