@@ -126,14 +126,15 @@ def residual_fingerprint(device: torch.device, precision: str, w_bits: int = 2, 
     `vaqkd.quant.residual`), which the tiny step (float residual) never runs: a CIFAR ResNet-14 made W`w_bits`A`a_bits`
     with a `bits`-bit stream, calibrated, one forward and backward in training mode under the run's autocast and
     memory format, on images large enough that its first two stages take the fused quantizer kernels (the last
-    stays eager, as a real run's smaller tensors do); hashed with its output and every gradient. Recorded as
-    `arithmetic_residual` by integer-residual runs only, so it never stands between an integer run and its
-    float-residual partner; a resume is refused when it differs. Leaves the global RNG alone."""
+    stays eager, as a real run's smaller tensors do); hashed with its output and every gradient, computed as one
+    process whatever the torchrun world size. Recorded as `arithmetic_residual` by integer-residual runs only, so
+    it never stands between an integer run and its float-residual partner; a resume is refused when it differs.
+    Leaves the global RNG alone."""
     from vaqkd.engine.setup import autocast
     from vaqkd.quant import quantize_student
 
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), dist.alone():
         torch.manual_seed(4321)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model = quantize_student(CifarResNet(14, 10), w_bits, a_bits, residual="int", residual_bits=bits)
