@@ -3,8 +3,9 @@
 Reads the committed run records of each preset (results/<preset>/runs; the same lookup as `vaqkd table
 --report-only`), and plots top-1 (last epoch) against the images a student saw (epochs x training images), mean
 with its 95 % t-interval over seeds, n beside each point; the paired VA-QKD - QKD difference per budget goes
-in the table. Writes results/budget/{budget.png, budget.md, budget.json}. A preset without records is left
-out and said so.
+in the table. Runs are averaged only within one kind (training arithmetic and machine, as the reports group
+them): the largest kind of each row is plotted, every kind is a line of the table. Writes
+results/budget/{budget.png, budget.md, budget.json}. A preset without records is left out and said so.
 
     python benchmarks/budget_plot.py --data-root ../shared/data/cifar100
 """
@@ -16,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from vaqkd.analysis.report import paired_rows
+from vaqkd.analysis.report import group_label, paired_rows, run_groups
 from vaqkd.analysis.stats import mean_std, t975
 from vaqkd.runner import MAX_SEEDS, load_preset, meta, row_result
 
@@ -30,7 +31,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/budget")
     args = ap.parse_args()
     sets = [("data.root", args.data_root)]
-    points, lines = [], ["| preset | images seen | row | n | top-1 (95 % CI) |", "|---|---|---|---|---|"]
+    lines = ["| preset | images seen | row | kind of run | n | top-1 (95 % CI) |", "|---|---|---|---|---|---|"]
+    points = []
     pairs, missing = [], []
     for preset in PRESETS:
         p, records = load_preset(preset), Path("results") / preset / "runs"
@@ -43,25 +45,29 @@ def main() -> None:
             missing.append(preset)
             continue
         for row, by_seed in found.items():
-            if not by_seed:
-                continue
-            acc = [f["top1_last"] for f in by_seed.values()]
-            m, sd = mean_std(acc)
-            half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
-            f0 = next(iter(by_seed.values()))
-            budget = f0["epochs"] * f0["train_images"]
-            points.append({"preset": preset, "row": row, "images_seen": budget, "n": len(acc), "mean": m,
-                           "half_ci": half, "seeds": sorted(by_seed)})  # fmt: skip
-            ci = f"± {half:.2f}" if half == half else "(one seed)"
-            lines.append(f"| {preset} | {budget:,} | {row} | {len(acc)} | {m:.2f} {ci} |")
+            # one point per kind of run (`run_groups`: one arithmetic and machine): runs never average across
+            # two; the largest group is the one plotted, the others are table lines of their own
+            groups = run_groups(list(by_seed.values()))
+            for i, finals in enumerate(groups):
+                acc = [f["top1_last"] for f in finals]
+                m, sd = mean_std(acc)
+                half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+                budget = finals[0]["epochs"] * finals[0]["train_images"]
+                kind = group_label(finals[0])
+                points.append({"preset": preset, "row": row, "images_seen": budget, "n": len(acc), "mean": m,
+                               "half_ci": half, "seeds": sorted(f["seed"] for f in finals), "kind": kind,
+                               "plotted": i == 0})  # fmt: skip
+                ci = f"± {half:.2f}" if half == half else "(one seed)"
+                lines.append(f"| {preset} | {budget:,} | {row} | {kind} | {len(acc)} | {m:.2f} {ci} |")
         # the report's own pairing (same machine kind; cross-machine pairs counted)
         pairs += [{"preset": preset, **pr} for pr in paired_rows({r: list(found[r].values()) for r in ROWS})]
     doc = ["# Accuracy against training budget — QKD vs VA-QKD, logit setting (reduced scale, CPU)", "", *lines, ""]
-    doc += ["| preset | VA-QKD − QKD (pts) | n | 95 % interval | same-seed pairs from different machines, left out |",
-            "|---|---|---|---|---|"]  # fmt: skip
+    doc += ["| preset | comparison | VA-QKD − QKD (pts) | n | 95 % interval | same-seed pairs from different machines, "
+            "left out |", "|---|---|---|---|---|---|"]  # fmt: skip
     for pr in pairs:
         ci = f"[{pr['lo']:+.2f}, {pr['hi']:+.2f}]" if pr["lo"] is not None else f"— ({pr['verdict']})"
-        doc.append(f"| {pr['preset']} | {pr['mean']:+.2f} | {pr['n']} | {ci} | {pr['cross_machine_pairs_left_out']} |")
+        doc.append(f"| {pr['preset']} | {pr['comparison']} | {pr['mean']:+.2f} | {pr['n']} | {ci} | "
+                   f"{pr['cross_machine_pairs_left_out']} |")
     if missing:
         doc += ["", f"No records yet for: {', '.join(missing)}."]
     out = Path(args.out)
@@ -77,7 +83,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for row, colour in zip(ROWS, ("tab:blue", "tab:orange")):
-        pts = sorted((p for p in points if p["row"] == row), key=lambda p: p["images_seen"])
+        pts = sorted((p for p in points if p["row"] == row and p["plotted"]), key=lambda p: p["images_seen"])
         if not pts:
             continue
         xs = [p["images_seen"] * (1.03 if row == "vaqkd_logit" else 1) for p in pts]  # side by side
