@@ -25,6 +25,20 @@ ROWS = ("qkd_logit", "vaqkd_logit")
 PRESETS = ("quick", "full")
 
 
+def row_points(preset: str, row: str, finals: list[dict]) -> list[dict]:
+    """One point per kind of run (`run_groups`: one arithmetic and machine) of a row's records: runs never average
+    across two kinds; the largest group is the one plotted (`plotted`), the others are table lines of their own."""
+    points = []
+    for i, group in enumerate(run_groups(finals)):
+        acc = [f["top1_last"] for f in group]
+        m, sd = mean_std(acc)
+        half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+        points.append({"preset": preset, "row": row, "images_seen": group[0]["epochs"] * group[0]["train_images"],
+                       "n": len(acc), "mean": m, "half_ci": half, "seeds": sorted(f["seed"] for f in group),
+                       "kind": group_label(group[0]), "plotted": i == 0})  # fmt: skip
+    return points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", required=True)
@@ -45,20 +59,11 @@ def main() -> None:
             missing.append(preset)
             continue
         for row, by_seed in found.items():
-            # one point per kind of run (`run_groups`: one arithmetic and machine): runs never average across
-            # two; the largest group is the one plotted, the others are table lines of their own
-            groups = run_groups(list(by_seed.values()))
-            for i, finals in enumerate(groups):
-                acc = [f["top1_last"] for f in finals]
-                m, sd = mean_std(acc)
-                half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
-                budget = finals[0]["epochs"] * finals[0]["train_images"]
-                kind = group_label(finals[0])
-                points.append({"preset": preset, "row": row, "images_seen": budget, "n": len(acc), "mean": m,
-                               "half_ci": half, "seeds": sorted(f["seed"] for f in finals), "kind": kind,
-                               "plotted": i == 0})  # fmt: skip
-                ci = f"± {half:.2f}" if half == half else "(one seed)"
-                lines.append(f"| {preset} | {budget:,} | {row} | {kind} | {len(acc)} | {m:.2f} {ci} |")
+            for pt in row_points(preset, row, list(by_seed.values())):
+                points.append(pt)
+                ci = f"± {pt['half_ci']:.2f}" if pt["half_ci"] == pt["half_ci"] else "(one seed)"
+                lines.append(f"| {preset} | {pt['images_seen']:,} | {row} | {pt['kind']} | {pt['n']} | "
+                             f"{pt['mean']:.2f} {ci} |")
         # the report's own pairing (same machine kind; cross-machine pairs counted)
         pairs += [{"preset": preset, **pr} for pr in paired_rows({r: list(found[r].values()) for r in ROWS})]
     doc = ["# Accuracy against training budget — QKD vs VA-QKD, logit setting (reduced scale, CPU)", "", *lines, ""]

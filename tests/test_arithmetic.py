@@ -237,3 +237,17 @@ def test_reports_pair_an_integer_run_with_its_float_partner_but_hold_two_streams
     assert all(p["pairs_with_unknown_machine_fields"] == 0 for p in pairs)
     assert sorted(len(g) for g in run_groups(ints)) == [1, 2]
     assert len({r["row"] for r in summary_rows({"vaqkd_logit": ints})}) == 2  # two labelled lines
+
+
+def test_the_budget_plot_averages_a_row_only_within_one_kind_of_run():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from budget_plot import row_points
+
+    finals = [_rec(0, 62.98, "a"), _rec(1, 62.5, "b"), _rec(2, 63.0, "b"), _rec(3, 63.5, "b")]
+    finals[0]["device"] = "cpu y"
+    points = row_points("full", "qkd_logit", finals)
+    assert sorted((p["n"], p["mean"], p["seeds"]) for p in points) == [(1, 62.98, [0]), (3, 63.0, [1, 2, 3])]
+    assert [p["n"] for p in points if p["plotted"]] == [3] and len({p["kind"] for p in points}) == 2
