@@ -125,6 +125,7 @@ def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
         (["profile", "--a-bits", "17"], "argument --a-bits: must be in [2, 16], got 17"),
         (["table", "--seeds", "0"], "argument --seeds: must be in [1, 100], got 0"),
         (["table", "--jobs", "0"], "argument --jobs: must be >= 1, got 0"),
+        (["table", "--first-seed", "-1"], "argument --first-seed: must be in [0, 99], got -1"),
     ],
 )
 def test_out_of_range_arguments_are_one_line_errors_before_any_work(argv, culprit, capsys):
@@ -185,3 +186,12 @@ def test_eval_with_bn_reestimate_on_a_run_and_a_one_line_error_elsewhere(tiny_te
     one_line_error(capsys, ["eval", str(artifact), "--bn-reestimate", "3"], "--bn-reestimate", "a file")
     one_line_error(capsys, ["eval", str(tiny_teacher), "--backend", "onnxruntime", "--bn-reestimate", "3"],
                    "--backend onnxruntime")  # fmt: skip
+
+
+def test_first_seed_beyond_the_seeds_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    code = main(["table", "--seeds", "2", "--first-seed", "2", "--runs-dir", str(tmp_path / "runs"),
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("--first-seed 2: must be below --seeds 2 (the seeds trained are "
+                                      "first_seed..seeds-1)")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

@@ -181,3 +181,23 @@ def test_takd_chain_and_unknown_rows(shared_cifar_root, tiny_teacher, tmp_path):
     assert w4.distill.teacher == stages[0]["run_dir"] and w4.quant.w_bits == 4
     with pytest.raises(FileNotFoundError, match="unknown rows"):
         run_table("demo", rows=["nope"], teacher=str(tiny_teacher))
+
+
+def test_first_seed_trains_only_the_later_seeds(shared_cifar_root, tiny_teacher, tmp_path, monkeypatch):
+    import vaqkd.runner as runner
+
+    trained = []
+    real = runner.row_result
+
+    def watched(row, seed, *a, train=True, **k):
+        if train:
+            trained.append((row, seed))
+            return None  # as a failed cell: nothing is trained here
+        return real(row, seed, *a, train=train, **k)
+
+    monkeypatch.setattr(runner, "row_result", watched)
+    sets = [("data.root", str(shared_cifar_root)), "model.arch=resnet20", "distill.teacher_arch=resnet20"]
+    with pytest.raises(runner.TableIncomplete, match="4 cell"):  # the stand-in trains nothing: four failed cells
+        run_table("demo", rows=["qkd_logit", "vaqkd_logit"], seeds=3, first_seed=1, runs_dir=str(tmp_path / "runs"),
+                  out=str(tmp_path / "out"), overrides=sets, teacher=str(tiny_teacher), log=lambda s: None)  # fmt: skip
+    assert trained == [("qkd_logit", 1), ("vaqkd_logit", 1), ("qkd_logit", 2), ("vaqkd_logit", 2)]

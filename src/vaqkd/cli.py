@@ -215,6 +215,7 @@ def cmd_table(args) -> int:
     run_table(
         args.preset,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         out=args.out,
         rows=args.rows,
         runs_dir=args.runs_dir,
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="train (or reuse) every row of the paper's table; write results/<preset>/")
     tb.add_argument("--preset", choices=preset_names(), default="demo")
     tb.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=1, help="seeds 0..N-1")
+    tb.add_argument("--first-seed", type=_int_in(0, MAX_SEEDS - 1), default=0, metavar="K",
+                    help="train seeds K..N-1 only (the others' runs are neither trained nor resumed; the report "
+                    "still shows every finished seed)")  # fmt: skip
     tb.add_argument("--rows", nargs="*", help="subset of rows (default: all of the preset)")
     tb.add_argument("--out", help="results folder (default: results/<preset>)")
     tb.add_argument("--runs-dir", help="where run directories go (default: runs/<preset>)")

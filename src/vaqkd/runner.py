@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vaqkd.config import Config, Override, apply_override, from_dict, identity, load_dict, merge, override_key, to_toml
-from vaqkd.errors import RunLockedError, TrainingDiverged, VaqkdError
+from vaqkd.errors import ConfigError, RunLockedError, TrainingDiverged, VaqkdError
 from vaqkd.rundir import has_checkpoint, read_json
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
@@ -226,6 +226,7 @@ def run_table(
     seeds: int = 1,
     out: str | None = None,
     rows: list[str] | None = None,
+    first_seed: int = 0,
     runs_dir: str | None = None,
     overrides: Sequence[Override] = (),  # --set text or (key, value) pairs
     teacher: str | None = None,
@@ -240,6 +241,7 @@ def run_table(
 ) -> dict:
     """Train (or reuse / resume) `rows` x `seeds`, then report every finished run of the preset's rows (with the
     same teacher and overrides), so a later call with more seeds for some rows extends the same table.
+    `first_seed`: train seeds first_seed..seeds-1 only (e.g. a seed whose partner trains elsewhere).
     `report_only`: train nothing, report what the run directories and committed records hold. `records`: keep
     run records under <out>/runs (default: the preset's `records` setting). `teacher`: see `resolve_teacher`
     (default: the preset's `teacher.weights`, else "pretrained").
@@ -252,6 +254,9 @@ def run_table(
     directories must lie on a filesystem every worker sees. A failed cell is reported; the others go on."""
     from vaqkd.analysis.report import write_report
 
+    if not 0 <= first_seed < seeds:
+        raise ConfigError(f"--first-seed {first_seed}: must be below --seeds {seeds} (the seeds trained are "
+                          f"first_seed..seeds-1)")  # fmt: skip
     p = load_preset(preset)
     teacher = teacher or preset_teacher(p)
     rows = list(rows or p["rows"])
@@ -280,7 +285,7 @@ def run_table(
         write_report(out_dir, results, info)
         return results
 
-    cells = [] if report_only else [(row, seed) for seed in range(seeds) for row in rows]
+    cells = [] if report_only else [(row, seed) for seed in range(first_seed, seeds) for row in rows]
     if launcher == "local" and jobs <= 1:
         for row, seed in cells:
             if row_result(row, seed, p, teacher_spec, overrides, runs, log, records=records_dir) is None:
