@@ -4,8 +4,9 @@ Reads the committed run records of each preset (results/<preset>/runs; the same 
 --report-only`), and plots top-1 (last epoch) against the images a student saw (epochs x training images), mean
 with its 95 % t-interval over seeds, n beside each point; the paired VA-QKD - QKD difference per budget goes
 in the table. Runs are averaged only within one kind (training arithmetic and machine, as the reports group
-them): the largest kind of each row is plotted, every kind is a line of the table. Writes
-results/budget/{budget.png, budget.md, budget.json}. A preset without records is left out and said so.
+them): one kind is plotted for both rows (the one they share with the most runs), every kind is a line of the
+table. Writes results/budget/{budget.png, budget.md, budget.json}. A preset without records is left out and
+said so.
 
     python benchmarks/budget_plot.py --data-root ../shared/data/cifar100
 """
@@ -25,17 +26,32 @@ ROWS = ("qkd_logit", "vaqkd_logit")
 PRESETS = ("quick", "full")
 
 
-def row_points(preset: str, row: str, finals: list[dict]) -> list[dict]:
-    """One point per kind of run (`run_groups`: one arithmetic and machine) of a row's records: runs never average
-    across two kinds; the largest group is the one plotted (`plotted`), the others are table lines of their own."""
+def preset_points(preset: str, by_row: dict[str, list[dict]]) -> list[dict]:
+    """One point per row and kind of run (`run_groups`: one arithmetic and machine): runs never average across
+    two kinds. One kind is plotted for every row of the preset (`plotted`), so the rows' points beside each other
+    are of one kind: the kind the rows share with the most runs (else each row's largest); the others are table
+    lines of their own."""
     points = []
-    for i, group in enumerate(run_groups(finals)):
-        acc = [f["top1_last"] for f in group]
-        m, sd = mean_std(acc)
-        half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
-        points.append({"preset": preset, "row": row, "images_seen": group[0]["epochs"] * group[0]["train_images"],
-                       "n": len(acc), "mean": m, "half_ci": half, "seeds": sorted(f["seed"] for f in group),
-                       "kind": group_label(group[0]), "plotted": i == 0})  # fmt: skip
+    for row, finals in by_row.items():
+        for group in run_groups(finals):
+            acc = [f["top1_last"] for f in group]
+            m, sd = mean_std(acc)
+            half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+            points.append({"preset": preset, "row": row, "n": len(acc), "mean": m, "half_ci": half,
+                           "images_seen": group[0]["epochs"] * group[0]["train_images"],
+                           "seeds": sorted(f["seed"] for f in group), "kind": group_label(group[0])})  # fmt: skip
+    rows = [r for r in by_row if by_row[r]]
+    shared = {p["kind"] for p in points if all(any(q["kind"] == p["kind"] and q["row"] == r for q in points)
+                                               for r in rows)}  # fmt: skip
+    if shared:
+        best = max(sorted(shared), key=lambda k: sum(p["n"] for p in points if p["kind"] == k))
+        for p in points:
+            p["plotted"] = p["kind"] == best
+    else:
+        for r in rows:
+            mine = [p for p in points if p["row"] == r]
+            for p in mine:
+                p["plotted"] = p is max(mine, key=lambda q: q["n"])
     return points
 
 
@@ -58,12 +74,11 @@ def main() -> None:
         if not any(found.values()):
             missing.append(preset)
             continue
-        for row, by_seed in found.items():
-            for pt in row_points(preset, row, list(by_seed.values())):
-                points.append(pt)
-                ci = f"± {pt['half_ci']:.2f}" if pt["half_ci"] == pt["half_ci"] else "(one seed)"
-                lines.append(f"| {preset} | {pt['images_seen']:,} | {row} | {pt['kind']} | {pt['n']} | "
-                             f"{pt['mean']:.2f} {ci} |")
+        for pt in preset_points(preset, {row: list(by_seed.values()) for row, by_seed in found.items()}):
+            points.append(pt)
+            ci = f"± {pt['half_ci']:.2f}" if pt["half_ci"] == pt["half_ci"] else "(one seed)"
+            lines.append(f"| {preset} | {pt['images_seen']:,} | {pt['row']} | {pt['kind']} | {pt['n']} | "
+                         f"{pt['mean']:.2f} {ci} |")
         # the report's own pairing (same machine kind; cross-machine pairs counted)
         pairs += [{"preset": preset, **pr} for pr in paired_rows({r: list(found[r].values()) for r in ROWS})]
     doc = ["# Accuracy against training budget — QKD vs VA-QKD, logit setting (reduced scale, CPU)", "", *lines, ""]

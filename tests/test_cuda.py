@@ -54,6 +54,19 @@ def test_compiled_quantizer_kernels_on_cuda_match_eager(monkeypatch):
         assert torch.equal(dx, dx_e) and torch.allclose(ds, ds_e, rtol=1e-4)
 
 
+def test_the_arithmetic_fingerprints_are_repeatable_on_cuda():
+    """A record's keys must name the arithmetic, not a run: cuDNN's algorithm choice or atomics that moved the
+    bits between two calls would make every resume refused and no two runs pair."""
+    from vaqkd.engine import arithmetic
+
+    for precision in ("bf16", "fp32"):
+        first = (arithmetic.fingerprint(DEV, precision), arithmetic.kernels_fingerprint(DEV, precision, "lsq"),
+                 arithmetic.residual_fingerprint(DEV, precision))  # fmt: skip
+        again = (arithmetic.fingerprint(DEV, precision), arithmetic.kernels_fingerprint(DEV, precision, "lsq"),
+                 arithmetic.residual_fingerprint(DEV, precision))  # fmt: skip
+        assert first == again, precision
+
+
 def test_first_compile_inside_autograds_backward_thread(monkeypatch):
     """On CUDA the backward runs on autograd's own thread: the first compile of the backward kernel happens
     there."""

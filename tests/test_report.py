@@ -3,7 +3,7 @@ figure and the difference to it; rows the paper does not have, or at other bits,
 
 import json
 
-from vaqkd.analysis.report import PAPER_TOP1, write_report
+from vaqkd.analysis.report import PAPER_TOP1, group_label, write_report
 
 PROFILE = {"w_bits": 2, "a_bits": 2, "quant_mib": 0.136, "paper_quant_mib": 0.112, "bops_reduction": 96.2,
            "paper_bops_reduction": 256.0}  # fmt: skip
@@ -32,3 +32,30 @@ def test_rows_carry_the_papers_figure_and_the_difference(tmp_path):
     rows = {r["row"]: r for r in json.loads((tmp_path / "table.json").read_text())["rows"]}
     assert rows["vaqkd_logit"]["paper_top1"] == PAPER_TOP1["vaqkd_logit"] == 65.06
     assert rows["takd_logit"]["paper_top1"] is None
+
+
+def _kind(seed, acc, device, arithmetic="a"):
+    return {"seed": seed, "top1_last": acc, "device": device, "cpu_capability": "AVX2", "precision": "fp32",
+            "threads": 1, "world_size": 1, "arithmetic": arithmetic, "epochs": 36, "train_images": 50_000}  # fmt: skip
+
+
+def test_the_budget_plot_averages_a_row_within_one_kind_and_plots_one_kind_for_both_rows(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from budget_plot import preset_points
+
+    # QKD: one run on machine x, three on y; VA-QKD: three on x, one on y. Each row's largest kind differs: the
+    # plotted kind must be one for both (x: 4 runs between the rows, y: 4 too, so the tie goes by name: x)
+    qkd = [_kind(0, 62.98, "x"), _kind(1, 62.5, "y"), _kind(2, 63.0, "y"), _kind(3, 63.5, "y")]
+    va = [_kind(0, 61.0, "x"), _kind(1, 62.0, "x"), _kind(2, 63.0, "x"), _kind(3, 64.0, "y")]
+    points = preset_points("full", {"qkd_logit": qkd, "vaqkd_logit": va})
+    got = sorted((p["row"], p["n"], p["mean"], p["seeds"]) for p in points)
+    assert got == [("qkd_logit", 1, 62.98, [0]), ("qkd_logit", 3, 63.0, [1, 2, 3]),
+                   ("vaqkd_logit", 1, 64.0, [3]), ("vaqkd_logit", 3, 62.0, [0, 1, 2])]  # never one mean of 4
+    x = group_label(qkd[0])
+    assert {(p["row"], p["kind"]) for p in points if p["plotted"]} == {("qkd_logit", x), ("vaqkd_logit", x)}
+    qkd[0]["device"], va[3]["device"] = "w", "z"  # no kind in common: each row's largest
+    points = preset_points("full", {"qkd_logit": qkd, "vaqkd_logit": va})
+    plotted = {(p["row"], p["n"]) for p in points if p["plotted"]}
+    assert plotted == {("qkd_logit", 3), ("vaqkd_logit", 3)}

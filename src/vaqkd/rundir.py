@@ -296,11 +296,15 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+# the fingerprints of what the tiny step does not run (engine.arithmetic), by env.json key: (a short name for
+# reports, what it names in a refused resume). Held by only some runs: compared on a resume and in reports where
+# both records have one, never counted as missing (analysis.report.OPTIONAL_FIELDS)
+PART_FINGERPRINTS = {"arithmetic_kernels": ("kernels", "its fused quantizer kernels"),
+                     "arithmetic_residual": ("residual", "its integer residual stream")}  # fmt: skip
 # final.json's machine fields and where env.json holds them
 MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
                     "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic",
-                    "arithmetic_kernels": "arithmetic_kernels",
-                    "arithmetic_residual": "arithmetic_residual"}  # fmt: skip
+                    **{k: k for k in PART_FINGERPRINTS}}  # fmt: skip
 
 
 def run_machine(env: dict) -> dict:

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.rundir import MACHINE_ENV_KEYS, run_machine
+from vaqkd.rundir import MACHINE_ENV_KEYS, PART_FINGERPRINTS, run_machine
 
 SETTINGS = ("logit", "feature", "contrastive", "feature_wrn")
 
@@ -79,8 +79,8 @@ def _summary(row: str, finals: list[dict], left_out: int) -> dict:
 MACHINE_FIELDS = tuple(MACHINE_ENV_KEYS)  # device, cpu_capability, precision, threads, world_size, arithmetic(s)
 # compared where both records hold them, never counted as missing: the fused kernels' fingerprint, which FP32 runs
 # and records older than it do not have, and the integer residual stream's, which only such runs have
-# (engine.arithmetic)
-OPTIONAL_FIELDS = ("arithmetic_kernels", "arithmetic_residual")
+# (engine.arithmetic, rundir.PART_FINGERPRINTS)
+OPTIONAL_FIELDS = tuple(PART_FINGERPRINTS)
 
 
 def machine_kind(final: dict) -> tuple:
@@ -138,10 +138,10 @@ def run_groups(finals: list[dict]) -> list[list[dict]]:
 def group_label(final: dict) -> str:
     """A short name for a group of runs: its arithmetic and machine (device name, precision, threads)."""
     kind = dict(zip(MACHINE_FIELDS, machine_kind(final)))
-    for field, name in (("arithmetic_kernels", "kernels"), ("arithmetic_residual", "residual")):
+    for field, (name, _) in PART_FINGERPRINTS.items():
         if kind[field] is not None:
             kind[field] = f"{name} {str(kind[field])[:8]}"
-    fields = ("arithmetic", "arithmetic_kernels", "arithmetic_residual", "device", "precision", "threads")
+    fields = ("arithmetic", *PART_FINGERPRINTS, "device", "precision", "threads")
     return ", ".join(str(kind[k]) for k in fields if kind[k] is not None)
 
 

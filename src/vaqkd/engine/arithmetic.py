@@ -120,36 +120,37 @@ def kernels_fingerprint(device: torch.device, precision: str, act: str = "lsq", 
     return digest.hexdigest()[:16]
 
 
-def residual_fingerprint(device: torch.device, precision: str, w_bits: int = 2, a_bits: int = 2, bits: int = 2,
-                         channels_last: bool = False) -> str:  # fmt: skip
+def residual_fingerprint(device: torch.device, precision: str) -> str:
     """16 hex digits naming the arithmetic of the integer residual stream (`quant.residual = "int"`,
-    `vaqkd.quant.residual`), which the tiny step (float residual) never runs: a CIFAR ResNet-14 made W`w_bits`A`a_bits`
-    with a `bits`-bit stream, calibrated, one forward and backward in training mode under the run's autocast and
-    memory format, on images large enough that its first two stages take the fused quantizer kernels (the last
-    stays eager, as a real run's smaller tensors do); hashed with its output and every gradient, computed as one
-    process whatever the torchrun world size. Recorded as `arithmetic_residual` by integer-residual runs only, so
-    it never stands between an integer run and its float-residual partner; a resume is refused when it differs.
-    Leaves the global RNG alone."""
+    `vaqkd.quant.residual`), which the tiny step (float residual) never runs: a W2A2 CIFAR ResNet-14 with each of
+    the two stream paths — a 2-bit stream (the convs' own input quantizer serves the shortcut) and an 8-bit one (a
+    stream quantizer of its own, requantized to 2 bits by each conv) — calibrated, one forward and backward each in
+    training mode under the run's autocast, on images large enough that its first two stages take the fused
+    quantizer kernels (the last stays below `FUSE_MIN_NUMEL`: the eager path, as a process's slice of a batch
+    under 16 takes); hashed with the outputs and every gradient, computed as one process whatever the torchrun
+    world size. Like `fingerprint` it names code and machine, not the run's config (the same value for every
+    stream width), so integer runs of two widths still pair. Recorded as `arithmetic_residual` by integer-residual
+    runs only, so it never stands between an integer run and its float-residual partner; a resume is refused when
+    it differs. Leaves the global RNG alone."""
     from vaqkd.engine.setup import autocast
     from vaqkd.quant import quantize_student
 
     devices = [device] if device.type == "cuda" else []
+    digest = hashlib.sha256(f"{device.type}|{precision}".encode())
     with torch.random.fork_rng(devices=devices), dist.alone():
-        torch.manual_seed(4321)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = quantize_student(CifarResNet(14, 10), w_bits, a_bits, residual="int", residual_bits=bits)
-        model = model.to(device).to(memory_format=fmt).train()
-        x = torch.randn(32, 3, 16, 16).to(device).contiguous(memory_format=fmt)  # layer1: 32·16·16·16 elements
-        calibrate(model, [x])
-        with autocast(device, precision):
-            out = model(x)
-        out.float().square().mean().backward()
-        digest = hashlib.sha256(f"{device.type}|{precision}|{w_bits}|{a_bits}|{bits}|{channels_last}".encode())
-        digest.update(out.detach().float().cpu().contiguous().numpy().tobytes())
-        for name, p in sorted(model.named_parameters()):
-            digest.update(name.encode())
-            if p.grad is not None:
-                digest.update(p.grad.detach().float().cpu().contiguous().numpy().tobytes())
+        for bits in (2, 8):
+            torch.manual_seed(4321)
+            model = quantize_student(CifarResNet(14, 10), 2, 2, residual="int", residual_bits=bits).to(device).train()
+            x = torch.randn(32, 3, 16, 16).to(device)  # layer1: 32·16·16·16 elements, layer2 32·32·8·8
+            calibrate(model, [x])
+            with autocast(device, precision):
+                out = model(x)
+            out.float().square().mean().backward()
+            digest.update(out.detach().float().cpu().contiguous().numpy().tobytes())
+            for name, p in sorted(model.named_parameters()):
+                digest.update(name.encode())
+                if p.grad is not None:
+                    digest.update(p.grad.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

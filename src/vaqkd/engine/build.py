@@ -25,6 +25,7 @@ from vaqkd.metrics.size import model_profile
 from vaqkd.models import stage_channels
 from vaqkd.quant import calibrate, set_grad_batch
 from vaqkd.rundir import (
+    PART_FINGERPRINTS,
     build_student,
     has_checkpoint,
     load_checkpoint,
@@ -42,16 +43,12 @@ def check_same_config(config_text: str, run_dir: Path) -> None:
         raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
 
 
-# the fingerprints of what the tiny step does not run (engine.arithmetic), by env.json key: compared on a resume
-# where the record has them, and held by only some runs
-PART_FINGERPRINTS = {"arithmetic_kernels": "its fused quantizer kernels",
-                     "arithmetic_residual": "its integer residual stream"}  # fmt: skip
-
 
 def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: dict[str, str | None] | None = None
               ) -> None:  # fmt: skip
     """Check that run_dir can take this run (fresh, or resumable with the same config on the same arithmetic,
-    and the same `PART_FINGERPRINTS` where the record has them; `parts`: this run's, by key); write config.toml."""
+    and the same `rundir.PART_FINGERPRINTS` where the record has them; `parts`: this run's, by key); write
+    config.toml."""
     config_text = to_toml(cfg)
     if resume:
         if not has_checkpoint(run_dir):
@@ -67,7 +64,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: 
         for key, now in (parts or {}).items():
             before = ([None] + [p[key] for p in recorded if p.get(key)])[-1]
             if before is not None and now is not None and before != now:
-                msg = f"{PART_FINGERPRINTS[key]} computed {before}, here they compute {now} (engine.arithmetic)"
+                msg = f"{PART_FINGERPRINTS[key][1]} computed {before}, here {now} (engine.arithmetic)"
                 raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
     elif has_checkpoint(run_dir) or (run_dir / "final.json").exists():
         raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
@@ -149,8 +146,7 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     # and the fused kernels the tiny model is too small for (a quantized run's activation quantizers)
     q, cl = cfg.quant, cfg.train.channels_last
     parts = {"arithmetic_kernels": kernels_fingerprint(device, precision, q.act, cl) if q.enabled else None,
-             "arithmetic_residual": residual_fingerprint(device, precision, q.w_bits, q.a_bits,
-                                                         q.residual_bits or q.a_bits, cl)
+             "arithmetic_residual": residual_fingerprint(device, precision)
              if q.enabled and q.residual == "int" else None}  # fmt: skip
     if dist.is_main():
         start_run(cfg, run_dir, resume, arithmetic, parts)
