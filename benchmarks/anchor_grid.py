@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vaqkd.analysis.report import same_machine
+from vaqkd.analysis.report import pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.rundir import read_json
 from vaqkd.runner import MAX_SEEDS, config_hash, load_preset, meta, row_config, run_or_reuse, save_record
@@ -96,8 +96,11 @@ def main() -> None:
     for cell, by_seed in found.items():
         if not by_seed:
             continue
-        m, sd = mean_std([f["top1_last"] for f in by_seed.values()])
+        kinds = run_groups(list(by_seed.values()))  # a cell's mean within one kind of run (the largest)
+        m, sd = mean_std([f["top1_last"] for f in kinds[0]])
         acc = f"{m:.2f}" if sd != sd else f"{m:.2f} ± {sd:.2f}"
+        if len(kinds) > 1:
+            acc += f" (n = {len(kinds[0])}; {len(by_seed) - len(kinds[0])} of other kinds apart)"
         entry = {"cell": cell, "sets": cells[cell][1], "seeds": sorted(by_seed), "top1_mean": m, "top1_std": sd,
                  "top1": {s: f["top1_last"] for s, f in by_seed.items()}}  # fmt: skip
         bits, share = ("—", "0") if cell == "qkd_logit" else (cell[1:].split("_share")[0], cell.split("share")[1])
@@ -105,6 +108,8 @@ def main() -> None:
             diff = ("—", "—", "reference")
         else:
             seeds = [s for s in sorted(by_seed) if s in base and same_machine(by_seed[s], base[s])[0]]
+            if seeds:  # one interval from pairs of one kind (the largest group), never pooled across kinds
+                seeds = [r["seed"] for r in run_groups([pair_kind(by_seed[s], base[s]) for s in seeds])[0]]
             if len(seeds) >= 1:
                 stat = paired_interval([by_seed[s]["top1_last"] for s in seeds], [base[s]["top1_last"] for s in seeds])
                 entry["paired"] = {**stat, "seeds": seeds}

@@ -1,6 +1,6 @@
 """Pair two presets' records of one row by seed (e.g. the same recipe from two starting weights) and print each
 side's mean ± sd and the paired difference with its 95 % t-interval; pairs only runs of one arithmetic and
-machine kind (the report's rule).
+machine kind (the report's rule): pairs of two kinds are two lines, never one interval.
 
     python benchmarks/start_pairs.py results/quick_t64 results/quick_t64_s30 --row qkd_logit
 """
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vaqkd.analysis.report import same_machine
+from vaqkd.analysis.report import group_label, pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
 
 
@@ -34,6 +34,16 @@ def main() -> None:
     if not seeds:
         print(f"no pairs: {len(set(a) & set(b))} common seed(s), none of one arithmetic and machine kind")
         return
+    left_out = len(set(a) & set(b)) - len(seeds)
+    groups = run_groups([pair_kind(a[s], b[s]) for s in seeds])  # one line per kind of pair, largest first
+    for g in groups:
+        kind = [r["seed"] for r in g]
+        if len(groups) > 1:
+            print(f"-- pairs of {group_label(g[0])}:")
+        report(args, a, b, kind, left_out)
+
+
+def report(args, a: dict, b: dict, seeds: list[int], left_out: int) -> None:
     for name, side in ((args.a, a), (args.b, b)):
         m, sd = mean_std([side[s]["top1_last"] for s in seeds])
         print(f"{name}: {m:.2f} ± {sd:.2f} % (n = {len(seeds)}; {[side[s]['top1_last'] for s in seeds]})")
@@ -42,7 +52,7 @@ def main() -> None:
         print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} points from {len(seeds)} pair(s): no interval")
         return
     print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] points, sd of the "
-          f"differences {p['sd']:.2f}; {p['verdict']}; {len(set(a) & set(b)) - len(seeds)} pair(s) left out")
+          f"differences {p['sd']:.2f}; {p['verdict']}; {left_out} pair(s) of two kinds left out")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def group_label(final: dict) -> str:
     return ", ".join(str(kind[k]) for k in fields if kind[k] is not None)
 
 
-def _pair_kind(a: dict, b: dict) -> dict:
+def pair_kind(a: dict, b: dict) -> dict:
     """A pair's record for grouping pairs: `a`, with the optional fields it lacks taken from `b` (a pair whose
     QKD run has kernels k2 is a k2 pair even when its VA-QKD record predates the field)."""
     ka, kb = dict(zip(MACHINE_FIELDS, machine_kind(a))), dict(zip(MACHINE_FIELDS, machine_kind(b)))
@@ -169,7 +169,7 @@ def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
             cross_arith = sum(arithmetic_of(va[s]) != arithmetic_of(ref[s]) or arithmetic_of(va[s]) == "unknown"
                               for s in both)  # fmt: skip
             # pairs of one kind only: never two in one interval
-            groups = run_groups([_pair_kind(va[s], ref[s]) for s in pairable])
+            groups = run_groups([pair_kind(va[s], ref[s]) for s in pairable])
             for g in groups:
                 seeds = sorted(f["seed"] for f in g)
                 stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
