@@ -59,3 +59,21 @@ def test_the_budget_plot_averages_a_row_within_one_kind_and_plots_one_kind_for_b
     points = preset_points("full", {"qkd_logit": qkd, "vaqkd_logit": va})
     plotted = {(p["row"], p["n"]) for p in points if p["plotted"]}
     assert plotted == {("qkd_logit", 3), ("vaqkd_logit", 3)}
+
+
+def test_start_pairs_gives_one_interval_per_kind_of_pair(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import start_pairs
+
+    for side, accs in (("a", [40.0, 41.0, 42.0, 50.0, 51.5]), ("b", [39.0, 40.5, 41.0, 52.0, 52.0])):
+        for seed, acc in enumerate(accs):
+            run = tmp_path / side / "runs" / f"qkd_logit-s{seed}-0000"
+            run.mkdir(parents=True)
+            (run / "final.json").write_text(json.dumps(_kind(seed, acc, "x" if seed < 3 else "y")))
+    monkeypatch.setattr("sys.argv", ["start_pairs.py", str(tmp_path / "a"), str(tmp_path / "b")])
+    start_pairs.main()
+    out = capsys.readouterr().out
+    assert out.count("-- pairs of") == 2 and "(n = 3;" in out and "(n = 2;" in out  # never one pool of 5
+    assert "a - b: +0.83" in out and "a - b: -1.25" in out
