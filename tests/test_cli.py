@@ -195,3 +195,35 @@ def test_first_seed_beyond_the_seeds_is_a_one_line_error_before_any_work(tmp_pat
     assert code == 2 and err.endswith("--first-seed 2: must be below --seeds 2 (the seeds trained are "
                                       "first_seed..seeds-1)")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_export_never_overwrites_its_source_and_an_existing_file_only_with_force(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "ckpt-000000100").mkdir(parents=True)
+    weights = run / "ckpt-000000100" / "model.safetensors"
+    weights.write_bytes(b"weights")
+    art = tmp_path / "a.vaqkd.safetensors"
+    art.write_bytes(b"artifact")
+    other = tmp_path / "notes.toml"
+    other.write_text("kept = true\n")
+    for argv, culprit in [
+        (["export", str(run), "--out", str(weights), "--force"], "is the source's own file"),
+        (["export", str(art), "--format", "onnx", "--out", str(art), "--force"], "is the source's own file"),
+        (["export", str(run), "--out", str(other)], "exists; remove it, choose another --out, or pass --force"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and culprit in err, err
+    assert weights.read_bytes() == b"weights" and art.read_bytes() == b"artifact"
+    assert other.read_text() == "kept = true\n"
+
+
+def test_a_file_where_a_folder_is_needed_is_named_as_such(shared_cifar_root, tmp_path, capsys):
+    from pathlib import Path
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    config = Path(__file__).resolve().parents[1] / "configs" / "cifar100" / "qkd_logit.toml"
+    assert main(["train", str(config), "--out", str(afile), "--data-root", str(shared_cifar_root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{afile}: is a file, not a directory" in err, err

@@ -531,3 +531,38 @@ def test_ort_backend_requantizes_in_codes(bits, tmp_path):
 
     backend = onnx.load_from_string(channels_last_graph(graph))  # what compile_graph loads: both passes
     assert [n.op_type for n in backend.graph.node].count("QLinearMul") == pairs
+
+
+def _tiny_graph(path, fixed_batch: bool = False, rank2_out: bool = True, meta: dict | None = None):
+    from onnx import TensorProto, helper
+
+    n = 1 if fixed_batch else "N"
+    nodes = [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT)]
+    if rank2_out:
+        nodes += [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])]
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, 3])
+    else:
+        nodes += [helper.make_node("Identity", ["x"], ["logits"])]
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, 3, "H", "W"])
+    inp = helper.make_tensor_value_info("input", TensorProto.UINT8, [n, 3, "H", "W"])
+    model = helper.make_model(helper.make_graph(nodes, "g", [inp], [out]), opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    for k, v in (meta or {}).items():
+        model.metadata_props.add(key=k, value=v)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("kind,culprit", [
+    ("fixed batch", "not an image classifier graph of vaqkd export"),
+    ("rank-4 output", "not an image classifier graph of vaqkd export"),
+    ("image_size", "metadata image_size='abc' is not an integer"),
+    ("dataset", "metadata dataset='bogus' unknown"),
+])  # fmt: skip
+def test_a_foreign_or_edited_onnx_graph_is_one_line_naming_what_does_not_fit(kind, culprit, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    meta = {"image_size": {"image_size": "abc"}, "dataset": {"dataset": "bogus"}}.get(kind)
+    graph = _tiny_graph(tmp_path / "g.onnx", kind == "fixed batch", kind != "rank-4 output", meta)
+    assert main(["eval", str(graph), "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and culprit in err, err

@@ -89,6 +89,8 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     """Time every step case in interleaved rounds, the loader, an epoch against its steps and evaluation; the
     ratios that matter and whether each target was met (see the module docstring)."""
     dev = resolve_device(device, "--device")
+    if out:  # a path that cannot be written fails now, not after minutes of timing
+        _check_out(Path(out))
     if quick:
         batch, warmup, rounds, per_round, n_train = min(batch, 8), 1, 2, 1, 64
     else:
@@ -113,11 +115,21 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
 
     report["env"] = environment(dev, 0, prec)
     text = json.dumps(report, indent=2)
+    print(text) if as_json else _print_report(report)  # the figures first: a failed write loses nothing
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
-    print(text) if as_json else _print_report(report)
     return report
+
+
+def _check_out(out: Path) -> None:
+    from vaqkd.errors import ConfigError
+
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give a file name (e.g. {out / 'bench.json'})")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a directory")
 
 
 def _frozen(model: nn.Module) -> nn.Module:

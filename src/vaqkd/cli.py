@@ -136,6 +136,26 @@ def _print_graph_result(args, backend: str, res: dict) -> int:
     return 0
 
 
+def _classifier_graph(path, sess) -> dict:
+    """The graph's metadata, once the graph is checked to be an image classifier of the kind `vaqkd export`
+    writes (one input (N, C, H, W) with a free batch, one output (N, classes); metadata image_size an integer
+    and dataset a known one): a foreign or edited graph is one line naming what does not fit."""
+    from vaqkd.deploy import ExportError
+
+    ins, outs = sess.get_inputs(), sess.get_outputs()
+    if (len(ins) != 1 or len(ins[0].shape) != 4 or isinstance(ins[0].shape[0], int) or len(outs) != 1
+            or len(outs[0].shape) != 2):  # fmt: skip
+        shapes = f"inputs {[list(i.shape) for i in ins]}, outputs {[list(o.shape) for o in outs]}"
+        raise ExportError(f"{path}: not an image classifier graph of vaqkd export (one input (N, C, H, W) with a "
+                          f"free batch, one output (N, classes)); it has {shapes}")  # fmt: skip
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    if not str(meta.get("image_size", "32")).isdigit():
+        raise ExportError(f"{path}: metadata image_size={meta['image_size']!r} is not an integer")
+    if meta.get("dataset", "cifar100") not in ("cifar100", "cifar10", "folder"):
+        raise ExportError(f"{path}: metadata dataset={meta['dataset']!r} unknown (cifar100, cifar10 or folder)")
+    return meta
+
+
 def _eval_onnx(args) -> int:
     """An ONNX file in ONNX Runtime (default) or OpenVINO, on the uint8 test images (or, for a graph exported with
     float input, the loader's normalised batches)."""
@@ -146,7 +166,8 @@ def _eval_onnx(args) -> int:
     backend = args.backend or "onnxruntime"
     if backend in ("torch", "torch-int8"):
         raise ExportError(f"{args.run_dir}: an ONNX file runs with --backend onnxruntime or openvino")
-    meta = session(args.run_dir).get_modelmeta().custom_metadata_map  # also checks the file is an ONNX model
+    sess = session(args.run_dir)  # also checks the file is an ONNX model
+    meta = _classifier_graph(args.run_dir, sess)
     test = _graph_data(args, meta)
     run = compile_graph(backend, args.run_dir)
     res = evaluate_graph(run, test.images, test.labels, normalise=(test.mean, test.std))
@@ -172,9 +193,22 @@ def _eval_exported(args) -> int:
     return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
 
 
+def _export_target(source: str, out: str, force: bool) -> None:
+    """Refuse, before any work, an --out that would destroy a file: one that exists (unless --force), and never
+    the source itself or a file inside a source run directory (its weights, its checkpoint)."""
+    from vaqkd.deploy import ExportError
+
+    target, src = Path(out).resolve(), Path(source).resolve()
+    if Path(source).exists() and (target == src or (src.is_dir() and target.is_relative_to(src))):
+        raise ExportError(f"--out {out}: is the source's own file ({source}); choose another --out")
+    if Path(out).is_file() and not force:
+        raise ExportError(f"--out {out}: exists; remove it, choose another --out, or pass --force")
+
+
 def cmd_export(args) -> int:
     from vaqkd.deploy import ExportError, export_packed
 
+    _export_target(args.run_dir, args.out, args.force)
     if args.format == "onnx":
         from vaqkd.deploy.onnx_export import export_source_onnx
 
@@ -307,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--arch", default="resnet32", help="FP32 weights: the architecture (default resnet32)")
     x.add_argument("--dataset", default="cifar100", help="FP32 weights: the dataset (its statistics, classes)")
     x.add_argument("--format", choices=list(EXPORT_FORMATS), default="packed")
-    x.add_argument("--out", required=True, help="e.g. model.vaqkd.safetensors")
+    x.add_argument("--out", required=True, help="e.g. model.vaqkd.safetensors (an existing file: only with --force)")
+    x.add_argument("--force", action="store_true", help="replace an existing --out (never the source's own file)")
     _add_data_root(x)
     x.set_defaults(fn=cmd_export)
 
@@ -384,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f" (rank {dist.rank()} of {dist.world()})" if dist.active() else ""
+        if isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_file():  # mkdir over a file
+            e = f"{e.filename}: is a file, not a directory (a folder was needed there)"
         print(f"vaqkd {args.command}{where}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
     except OSError as e:
