@@ -43,7 +43,6 @@ def check_same_config(config_text: str, run_dir: Path) -> None:
         raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
 
 
-
 def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: dict[str, str | None] | None = None
               ) -> None:  # fmt: skip
     """Check that run_dir can take this run (fresh, or resumable with the same config on the same arithmetic,
