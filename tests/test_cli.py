@@ -126,6 +126,9 @@ def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
         (["table", "--seeds", "0"], "argument --seeds: must be in [1, 100], got 0"),
         (["table", "--jobs", "0"], "argument --jobs: must be >= 1, got 0"),
         (["table", "--first-seed", "-1"], "argument --first-seed: must be in [0, 99], got -1"),
+        (["table", "--gpus-per-run", "-1"], "argument --gpus-per-run: must be >= 0, got -1"),
+        (["table", "--cpus-per-run", "0"], "argument --cpus-per-run: must be > 0, got 0"),
+        (["table", "--cpus-per-run", "nan"], "argument --cpus-per-run: must be > 0, got nan"),
     ],
 )
 def test_out_of_range_arguments_are_one_line_errors_before_any_work(argv, culprit, capsys):
@@ -227,3 +230,8 @@ def test_a_file_where_a_folder_is_needed_is_named_as_such(shared_cifar_root, tmp
     assert main(["train", str(config), "--out", str(afile), "--data-root", str(shared_cifar_root)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{afile}: is a file, not a directory" in err, err
+
+
+def test_an_fp32_profile_says_fp32_activations_in_its_header_as_in_its_layers():
+    p = profile("resnet20", 10, 32, 2, "same")
+    assert p["a_bits"] == 32 and {r["a_bits"] for r in p["layers"]} == {32}

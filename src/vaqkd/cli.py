@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,6 +17,18 @@ EPILOG = """examples:
   vaqkd table --preset quick --seeds 3
   vaqkd bench --quick
 """
+
+
+def _fraction(positive: bool):
+    """argparse type: a finite float > 0 (positive) or >= 0; anything else is argparse's one-line error."""
+
+    def parse(text: str) -> float:
+        v = float(text)  # not a number: argparse says "invalid ... value"
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise argparse.ArgumentTypeError(f"must be {'> 0' if positive else '>= 0'}, got {text}")
+        return v
+
+    return parse
 
 
 def _int_in(lo: int, hi: int | None = None, also: tuple[int, ...] = ()):
@@ -372,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--launcher", choices=["local", "ray"], default="local",
                     help="ray: every (row, seed) cell as a Ray task (pip install 'vaqkd[cluster]')")  # fmt: skip
     tb.add_argument("--address", help="Ray cluster address (default: start a local Ray for this call)")
-    tb.add_argument("--cpus-per-run", type=float, help="Ray: CPUs per cell (default 1)")
-    tb.add_argument("--gpus-per-run", type=float, default=0.0, help="Ray: GPUs per cell (fractions pack runs)")
+    tb.add_argument("--cpus-per-run", type=_fraction(True), help="Ray: CPUs per cell (default 1)")
+    tb.add_argument("--gpus-per-run", type=_fraction(False), default=0.0,
+                    help="Ray: GPUs per cell (fractions pack runs)")  # fmt: skip
     _add_data_root(tb)
     tb.set_defaults(fn=cmd_table)
 

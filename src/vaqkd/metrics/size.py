@@ -85,7 +85,11 @@ def model_profile(model: nn.Module, num_classes: int, image_size: int = 32) -> d
 
 
 def profile(arch: str, num_classes: int, w_bits: int, a_bits: int, first_last: str) -> dict:
+    """Per-layer bits, params and MACs, size and BOPs. w_bits 32: the FP32 model (activations FP32 too, whatever
+    a_bits says: the header reports what the layers are)."""
     model = create_model(arch, num_classes)
+    if w_bits >= 32:
+        a_bits = 32
     if w_bits < 32:
         quantize(model, w_bits, a_bits, first_last=first_last)
     rows = layer_table(model)
