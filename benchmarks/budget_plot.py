@@ -41,8 +41,7 @@ def preset_points(preset: str, by_row: dict[str, list[dict]]) -> list[dict]:
                            "images_seen": group[0]["epochs"] * group[0]["train_images"],
                            "seeds": sorted(f["seed"] for f in group), "kind": group_label(group[0])})  # fmt: skip
     rows = [r for r in by_row if by_row[r]]
-    shared = {p["kind"] for p in points if all(any(q["kind"] == p["kind"] and q["row"] == r for q in points)
-                                               for r in rows)}  # fmt: skip
+    shared = set.intersection(*({p["kind"] for p in points if p["row"] == r} for r in rows)) if rows else set()
     if shared:
         best = max(sorted(shared), key=lambda k: sum(p["n"] for p in points if p["kind"] == k))
         for p in points:
