@@ -174,6 +174,56 @@ def test_a_second_writer_is_told_who_holds_the_run(shared_cifar_root, tmp_path):
     fit(cfg_for(shared_cifar_root), run, progress=False, log=quiet)  # released: now it runs
 
 
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_found_it(shared_cifar_root, tmp_path):
+    from vaqkd.errors import ConfigError
+
+    bad = cfg_for(shared_cifar_root, "train.sync_bn=true")  # refused on CPUs after config.toml and env are written
+    with pytest.raises(ConfigError, match="sync_bn"):
+        fit(bad, tmp_path / "new" / "r", progress=False, log=quiet)
+    assert not (tmp_path / "new" / "r").exists()  # made by the attempt: gone (its parent, made too, stays)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(ConfigError, match="sync_bn"):
+        fit(bad, mine, progress=False, log=quiet)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # no config.toml, env.json or .lock left
+    with pytest.raises(RunFileError, match="no checkpoint to resume from"):
+        fit(cfg_for(shared_cifar_root), mine, resume=True, progress=False, log=quiet)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(RunFileError, match="no such run directory to resume"):
+        fit(cfg_for(shared_cifar_root), tmp_path / "absent", resume=True, progress=False, log=quiet)
+    assert not (tmp_path / "absent").exists()
+    fit(cfg_for(shared_cifar_root), mine, progress=False, log=quiet)  # the folder takes a run afterwards
+    assert (mine / "final.json").exists() and (mine / "notes.txt").exists()
+
+
+def test_the_lock_is_taken_on_the_file_in_the_folder_not_on_one_a_failed_start_removed(tmp_path, monkeypatch):
+    """Between opening `.lock` and locking it, a failed start may remove the file (`RunLock._tidy_failed_start`):
+    a lock on the removed file would guard nothing, so the lock is taken again on the file now in the folder."""
+    import fcntl
+    import os
+
+    import vaqkd.rundir as rundir
+
+    run = tmp_path / "r"
+    run.mkdir()
+    real, calls = fcntl.flock, []
+
+    def flock_after_a_removal(fd, op):
+        calls.append(op)
+        if len(calls) == 1:
+            (run / ".lock").unlink()  # the other start's tidy-up, just before this lock
+        return real(fd, op)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", flock_after_a_removal)
+    with RunLock(run) as lock:
+        assert os.stat(run / ".lock").st_ino == os.fstat(lock.fd).st_ino
+        monkeypatch.setattr(rundir.fcntl, "flock", real)
+        with pytest.raises(RunLockedError):
+            RunLock(run).__enter__()
+    assert calls[:2] == [fcntl.LOCK_EX | fcntl.LOCK_NB] * 2  # locked twice: the removed file, then the new one
+
+
 def test_resume_keeps_the_environment_that_started_the_run(shared_cifar_root, tmp_path):
     cfg = cfg_for(shared_cifar_root, "optim.epochs=2")
     fit(cfg, tmp_path / "r", progress=False, log=quiet, stop_after_steps=3)

@@ -258,17 +258,29 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
+        self.created = False  # the directory did not exist before
+        self.before: set[str] = set()  # what it held before
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        run_dir = self.path.parent
+        self.created = not run_dir.exists()
+        self.before = set() if self.created or not run_dir.is_dir() else {p.name for p in run_dir.iterdir()}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                msg = f"{run_dir}: in use by {holder}; wait for it or choose another --out"
+                raise RunLockedError(msg) from None
+            try:  # still the directory's lock file? (a failed start removes its lock file, see __exit__)
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            msg = f"{self.path.parent}: in use by {holder}; wait for it or choose another --out"
-            raise RunLockedError(msg) from None
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         try:
             os.ftruncate(fd, 0)
@@ -281,8 +293,10 @@ class RunLock:
             shutil.rmtree(p, ignore_errors=True)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.fd is not None:
+            if exc_type is not None:
+                self._tidy_failed_start()
             try:
                 os.ftruncate(self.fd, 0)
             except OSError:
@@ -290,6 +304,22 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+    def _tidy_failed_start(self) -> None:
+        """A run that failed before it held anything (no checkpoint, metrics, final.json or failed.json) leaves
+        the directory as it found it: what this attempt wrote there (config.toml, env.json, the lock file) goes,
+        and the directory too if the attempt made it. Runs while the lock is held."""
+        run_dir = self.path.parent
+        if any((run_dir / f).exists() for f in ("metrics.jsonl", "final.json", "failed.json")) or checkpoints(run_dir):
+            return
+        try:
+            for p in run_dir.iterdir():
+                if p.name not in self.before:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if self.created:
+                run_dir.rmdir()
+        except OSError:  # tidying is a courtesy: the error that stopped the run is the one to report
+            pass
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -27,7 +27,7 @@ from vaqkd.engine.curves import Curves
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.step import evaluate, lr_at, reestimate_bn, train_step
-from vaqkd.errors import TrainingDiverged
+from vaqkd.errors import RunFileError, TrainingDiverged
 from vaqkd.rundir import RunLock, read_json, read_jsonl, run_machine, write_json
 
 
@@ -45,14 +45,16 @@ def fit(
     `resume`: continue from the checkpoint in run_dir (an error if there is none, or if its config differs).
     `stop_after_steps`: stop (after checkpointing) once this many global steps are done; for tests and for
     splitting a run into pieces. `tensorboard`: also write each epoch's line as TensorBoard curves (rank 0,
-    `engine.curves`). Holds the run directory's lock for the whole run.
+    `engine.curves`). Holds the run directory's lock for the whole run; a start that fails before the first
+    checkpoint leaves the directory as it found it (`rundir.RunLock`).
     """
     run_dir = Path(run_dir)
+    if resume and not run_dir.exists():
+        raise RunFileError(f"{run_dir}: no such run directory to resume")
     dist.init(resolve_device(cfg.train.device))  # under torchrun: join the job (a no-op otherwise)
     if not dist.is_main():  # rank 0 alone writes the run directory, logs and draws the progress bar
         log, progress = (lambda _: None), False
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # rank 0 makes the directory; a start that fails before the run holds anything leaves it as it was
     with RunLock(run_dir) if dist.is_main() else nullcontext():
         return _fit(cfg, run_dir, resume, log, progress, stop_after_steps, tensorboard)
 
