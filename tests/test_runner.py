@@ -59,8 +59,10 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     logs.clear()
     res = run_table(**kw, seeds=2, log=logs.append)
     assert sum(line.startswith("reuse ") for line in logs) == 3  # seed 0 untouched
-    records = sorted(p.name for p in (tmp_path / "results" / "runs").iterdir())
+    records = sorted(p.name for p in (tmp_path / "results" / "runs").iterdir() if p.is_dir())
     assert len(records) == 6 and all(r.split("-s")[0] in kw["rows"] for r in records)
+    kept = list((tmp_path / "results" / "runs").glob("teacher_eval-*.json"))  # the teacher's row, kept beside
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["top1_last"] > 0
     assert {f.name for f in (tmp_path / "results" / "runs" / records[0]).iterdir()} == {
         "config.toml",
         "env.json",
@@ -95,6 +97,18 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     logs.clear()
     only = run_table(**kw, seeds=5, log=logs.append, report_only=True)  # nothing for seeds 2-4: nothing trained
     assert not any(line.startswith(("train ", "resume ")) for line in logs) and len(only["qkd_logit"]) == 2
+    # a report where the data is not: the teacher's row from its kept evaluation; without one, no teacher row
+    # (said in one line) and nothing downloaded
+    no_data = {**kw, "overrides": [("data.root", str(tmp_path / "nowhere")), *sets[1:]]}
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+    only = run_table(**no_data, seeds=2, log=logs.append, report_only=True)
+    assert only["teacher"][0]["top1_last"] == again["teacher"][0]["top1_last"] and len(only["qkd_logit"]) == 2
+    kept[0].unlink()
+    logs.clear()
+    only = run_table(**no_data, seeds=2, log=logs.append, report_only=True)
+    assert "teacher" not in only and len(only["qkd_logit"]) == 2
+    assert any("no evaluation kept" in line and "no teacher row" in line for line in logs)
+    assert not (tmp_path / "nowhere").exists() and "| teacher |" not in (tmp_path / "results" / "table.md").read_text()
 
 
 def test_pairs_from_different_machines_are_left_out():

@@ -70,22 +70,36 @@ def preset_config(path: str | Path, preset: str | None, overrides: Sequence[Over
     return from_dict(Config, d).validate()
 
 
-def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log) -> dict:
-    """The teacher's row: its top-1 on this preset's test split (evaluated once, cached), and how it was
-    trained (final.json of its run, or the recipe shipped beside the pretrained weights)."""
+def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log,
+                  records: Path | None = None, evaluate_now: bool = True) -> dict | None:  # fmt: skip
+    """The teacher's row: its top-1 on this preset's test split (evaluated once, cached in `runs` and kept
+    beside the run records in `records`), and how it was trained (final.json of its run, or the recipe shipped
+    beside the pretrained weights). Without `evaluate_now` (a report only) it is evaluated only if the data is
+    here already (nothing downloaded); else None: the report has no teacher row."""
     import torch
 
-    from vaqkd.data.build import build_data
+    from vaqkd.data.build import build_data, data_present
     from vaqkd.engine.setup import build_teacher, resolve_device, resolve_precision
     from vaqkd.engine.step import evaluate
     from vaqkd.rundir import resolve_weights
 
     cfg = row_config("qkd_logit", preset, 0, teacher, overrides)
-    cache = runs / f"teacher_eval-{config_hash(cfg)}.json"
-    if cache.exists():
-        cached = read_json(cache)
-        if "fp32_mib" in cached:  # older caches lack the size
-            return cached
+    name = f"teacher_eval-{config_hash(cfg)}.json"
+    cache = runs / name
+    for place in (cache, records / name if records else None):
+        if place is None or not place.exists():
+            continue
+        cached = read_json(place)
+        if "fp32_mib" not in cached:  # older caches lack the size
+            continue
+        if records is not None and not (records / name).exists():  # kept beside the records it heads
+            records.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(place, records / name)
+        return cached
+    if not evaluate_now and not data_present(cfg.data):
+        kept = f"{runs} or {records}" if records else f"{runs}"
+        log(f"teacher {teacher}: no evaluation kept in {kept} and no data to make one; the report has no teacher row")
+        return None
     device = resolve_device(cfg.train.device)
     data = build_data(cfg, device)
     model = build_teacher(cfg, data.num_classes, device)
@@ -104,8 +118,10 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
              "train_images": info.get("train_images", 0), "train_seconds": info.get("train_seconds", 0.0),
              "teacher": teacher, "fp32_mib": count_weights(model) * 4 / 2**20}  # fmt: skip
     log(f"teacher {teacher}: test top-1 {top1:.2f}%")
-    runs.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(entry, indent=2) + "\n")
+    for place in (runs, records):
+        if place is not None:
+            place.mkdir(parents=True, exist_ok=True)
+            (place / name).write_text(json.dumps(entry, indent=2) + "\n")
     return entry
 
 
@@ -270,12 +286,12 @@ def run_table(
     keep = p.get("records", False) if records is None else records
     records_dir = out_dir / "runs" if keep else None
     teacher_spec = resolve_teacher(teacher, p, runs, overrides, log)
-    teacher_row = teacher_entry(teacher_spec, p, runs, overrides, log)
+    teacher_row = teacher_entry(teacher_spec, p, runs, overrides, log, records_dir, evaluate_now=not report_only)
 
     failed: list[str] = []
 
     def report() -> dict:
-        results: dict[str, list[dict]] = {"teacher": [teacher_row]}
+        results: dict[str, list[dict]] = {"teacher": [teacher_row]} if teacher_row else {}
         for row in dict.fromkeys([*p["rows"], *rows]):
             found = [row_result(row, s, p, teacher_spec, overrides, runs, log, train=False, records=records_dir)
                      for s in range(MAX_SEEDS)]  # fmt: skip

@@ -18,6 +18,15 @@ def data_root(cfg: DataConfig) -> Path:
     return Path(cfg.root or os.environ.get("VAQKD_DATA", "data")).expanduser()
 
 
+def data_present(cfg: DataConfig) -> bool:
+    """Whether the config's dataset is on this machine already (nothing downloaded, nothing read)."""
+    root = data_root(cfg)
+    if cfg.dataset == "folder":
+        return root.is_dir()
+    spec = SPECS.get(cfg.dataset)
+    return spec is not None and all((root / spec.folder / f).exists() for f in spec.train_files + spec.test_files)
+
+
 @dataclass
 class Data:
     train: DeviceLoader
