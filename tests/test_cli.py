@@ -137,6 +137,21 @@ def test_out_of_range_arguments_are_one_line_errors_before_any_work(argv, culpri
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(culprit)
 
 
+@pytest.mark.parametrize(
+    "argv,culprit",
+    [
+        (["--launcher", "ray", "--jobs", "3"], "--jobs 3: counts the local launcher's processes"),
+        (["--jobs", "2", "--cpus-per-run", "2"], "--cpus-per-run: Ray's options; pass --launcher ray"),
+        (["--address", "head:6379", "--gpus-per-run", "0.5"], "--address / --gpus-per-run: Ray's options"),
+    ],
+)
+def test_options_of_the_other_launcher_are_refused_not_ignored(argv, culprit, capsys, tmp_path):
+    assert main(["table", "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and culprit in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()  # refused before any work
+
+
 def test_a_data_path_with_a_quote_a_backslash_t_and_a_space_is_read_as_it_is(tiny_teacher, tmp_path, capsys):
     """`--data-root` and the library's `data_root=` pass the path itself, never pasted into TOML text (where
     `\\t` became a TAB and a quote ended the string)."""

@@ -257,8 +257,19 @@ def cmd_profile(args) -> int:
 
 
 def cmd_table(args) -> int:
+    from vaqkd.config import ConfigError
     from vaqkd.runner import run_table
 
+    # options of the other launcher would be ignored: refused before any work
+    if args.launcher == "ray" and args.jobs != 1:
+        raise ConfigError(f"--jobs {args.jobs}: counts the local launcher's processes; with --launcher ray, the "
+                          "cluster's free CPUs/GPUs and --cpus-per-run / --gpus-per-run decide how many cells "
+                          "run")  # fmt: skip
+    ray_only = [o for o, v in (("--address", args.address), ("--cpus-per-run", args.cpus_per_run),
+                               ("--gpus-per-run", args.gpus_per_run or None)) if v is not None]  # fmt: skip
+    if args.launcher == "local" and ray_only:
+        raise ConfigError(f"{' / '.join(ray_only)}: Ray's options; pass --launcher ray (the local launcher runs "
+                          "--jobs processes here)")  # fmt: skip
     run_table(
         args.preset,
         seeds=args.seeds,
@@ -380,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--teacher", help="'pretrained', 'pretrained:NAME', 'train', or a run dir / .safetensors "
                     "(default: the preset's teacher.weights, else 'pretrained')")  # fmt: skip
     tb.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
-    tb.add_argument("--report-only", action="store_true", help="train nothing: report the runs and records there are")
+    tb.add_argument("--report-only", action="store_true",
+                    help="train and download nothing: report the runs and records there are (the teacher from its "
+                    "kept evaluation, or evaluated if the data is here)")  # fmt: skip
     tb.add_argument("--jobs", type=_int_in(1), default=1, help="local launcher: cells run at once (processes)")
     tb.add_argument("--launcher", choices=["local", "ray"], default="local",
                     help="ray: every (row, seed) cell as a Ray task (pip install 'vaqkd[cluster]')")  # fmt: skip
