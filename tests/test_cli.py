@@ -123,6 +123,7 @@ def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
     [
         (["profile", "--w-bits", "1"], "argument --w-bits: must be in [2, 16] or 32, got 1"),
         (["profile", "--a-bits", "17"], "argument --a-bits: must be in [2, 16], got 17"),
+        (["profile", "--num-classes", "100000000"], "argument --num-classes: must be in [1, 100000], got 100000000"),
         (["table", "--seeds", "0"], "argument --seeds: must be in [1, 100], got 0"),
         (["table", "--jobs", "0"], "argument --jobs: must be >= 1, got 0"),
         (["table", "--first-seed", "-1"], "argument --first-seed: must be in [0, 99], got -1"),

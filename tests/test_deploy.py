@@ -322,4 +322,25 @@ def test_export_over_a_directory_is_one_line_and_writes_nothing(w2a2_run, shared
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"{tmp_path}: is a directory; give a file name" in err, err
+        suggested = "model.onnx" if fmt == "onnx" else "model.vaqkd.safetensors"  # a name of the format asked for
+        assert err.endswith(f"(e.g. {tmp_path / suggested})"), err
         assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_files_get_the_usual_mode_not_safetensors_0600(w2a2_run, shared_cifar_root, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        for fmt in ("packed", "onnx"):
+            if fmt == "onnx":
+                pytest.importorskip("onnx")
+            out = tmp_path / f"m.{fmt}"
+            args = ["export", str(w2a2_run), "--format", fmt, "--out", str(out), "--data-root", str(shared_cifar_root)]
+            assert main(args) == 0
+            assert out.stat().st_mode & 0o777 == 0o644, (fmt, oct(out.stat().st_mode))
+        os.umask(0o077)  # a user's stricter mask holds
+        assert main([*args[:-3], str(tmp_path / "strict"), *args[-2:]]) == 0
+        assert (tmp_path / "strict").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -1,14 +1,17 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vaqkd.config import ConfigError, OptimConfig, load_config
+from vaqkd.config import ConfigError, OptimConfig, load_config, to_toml
 from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.train import fit, lr_at
 from vaqkd.errors import RunFileError
 from vaqkd.rundir import checkpoints, run_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "data.batch_size=100",
@@ -77,8 +80,22 @@ def test_resume_mid_epoch_continues_the_same_run(shared_cifar_root, tmp_path):
 def test_resume_refuses_a_changed_config(shared_cifar_root, tmp_path):
     cfg = tiny_cfg(shared_cifar_root, "optim.epochs=1")
     fit(cfg, tmp_path / "r", progress=False, log=lambda s: None)
-    with pytest.raises(RunFileError, match="config differs"):
+    with pytest.raises(RunFileError, match=r"config differs .* \(optim\.epochs 1 -> 2, run -> here\)"):
         fit(tiny_cfg(shared_cifar_root, "optim.epochs=2"), tmp_path / "r", resume=True, progress=False)
+
+
+def test_a_refused_resume_names_the_keys_that_changed():
+    from vaqkd.config import differences
+
+    base = load_config(ROOT / "configs/cifar100/vaqkd_logit.toml")
+    changed = load_config(ROOT / "configs/cifar100/vaqkd_logit.toml",
+                          ["distill.terms.1.weight=0.5", "quant.w_bits=4", "train.seed=2", "optim.lr=0.5"])  # fmt: skip
+    assert differences(to_toml(base), to_toml(base)) == ""
+    said = differences(to_toml(base), to_toml(changed))
+    assert said == "quant.w_bits 2 -> 4, optim.lr 0.05 -> 0.5, distill.terms.1.weight 0.45 -> 0.5 and 1 more"
+    said = differences(to_toml(base), to_toml(changed), limit=9)
+    assert said.endswith(", train.seed 0 -> 2")
+    assert differences('a = 1\n', 'a = 1\nb = "x"\n') == "b '(none)' -> 'x'"
 
 
 def test_schedules():

@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="per-layer bits, params, MACs; model size and BOPs")
     pr.add_argument("--model", default="resnet32")
-    pr.add_argument("--num-classes", type=_int_in(1), default=100)
+    pr.add_argument("--num-classes", type=_int_in(1, 100_000), default=100,
+                    help="classes of the last layer (at most 100,000: the profile builds the model)")  # fmt: skip
     pr.add_argument("--w-bits", type=_int_in(2, 16, also=(32,)), default=2, help="32: FP32")
     pr.add_argument("--a-bits", type=_int_in(2, 16), default=2)
     pr.add_argument("--first-last", choices=["fp32", "8", "same"], default="same")

@@ -472,6 +472,23 @@ def identity(toml_text: str) -> str:
     return "".join(out)
 
 
+def differences(a_text: str, b_text: str, limit: int = 3) -> str:
+    """Where two config texts differ, key by key: "optim.lr 0.05 -> 0.02" (a key one lacks: "(none)"); the first
+    `limit`, then how many more."""
+
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            return {k: v for key, val in obj.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):  # [[distill.terms]]
+            return {k: v for i, val in enumerate(obj) for k, v in flat(val, f"{prefix}{i}.").items()}
+        return {prefix[:-1]: obj}
+
+    a, b = flat(tomllib.loads(a_text)), flat(tomllib.loads(b_text))
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(none)") != b.get(k, "(none)")]
+    said = [f"{k} {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in keys[:limit]]
+    return ", ".join(said) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML (loads back with `load_config` to an equal Config)."""
     return tomli_w.dumps(to_dict(cfg))

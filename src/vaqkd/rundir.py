@@ -78,16 +78,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+def _umask() -> int:
+    """The process's file-creation mask (read, not changed, where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], example: str = "model.vaqkd.safetensors") -> Path:
     """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a reader (or a kill) never sees
-    a half-written file, and an existing file is replaced whole or not at all."""
+    a half-written file, and an existing file is replaced whole or not at all. The file gets the usual mode (0666
+    less the umask) whatever `write` made it (safetensors writes 0600). `example`: a file name the error for a
+    directory suggests."""
     path = Path(path)
     if path.is_dir():
-        raise RunFileError(f"{path}: is a directory; give a file name (e.g. {path / 'model.vaqkd.safetensors'})")
+        raise RunFileError(f"{path}: is a directory; give a file name (e.g. {path / example})")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         tmp.replace(path)
     except Exception as e:
         err = write_failure(path.parent, e)

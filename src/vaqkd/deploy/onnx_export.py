@@ -513,7 +513,7 @@ def export_onnx(model: nn.Module, out: str | Path, normalise: tuple | None = Non
 
     proto = build_onnx(model.eval(), normalise=normalise)
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in (metadata or {}).items()})
-    return atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)))
+    return atomic_write(out, lambda tmp: onnx.save(proto, str(tmp)), example="model.onnx")
 
 
 def source_model(source: str, data_root: str | None = None, arch: str = "resnet32",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vaqkd import dist
-from vaqkd.config import Config, ConfigError, identity, to_toml
+from vaqkd.config import Config, ConfigError, differences, identity, to_toml
 from vaqkd.data.build import Data, build_data, data_root
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint, residual_fingerprint
@@ -39,8 +39,12 @@ from vaqkd.rundir import (
 def check_same_config(config_text: str, run_dir: Path) -> None:
     """A resume continues the run it names: the config must be the one the run started with."""
     old = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else None
-    if old is None or identity(old) != identity(config_text):
-        raise RunFileError(f"{run_dir}: config differs from the one the run started with; refusing to resume")
+    if old is None:
+        raise RunFileError(f"{run_dir}: holds no config.toml; refusing to resume")
+    if identity(old) != identity(config_text):
+        what = differences(identity(old), identity(config_text))
+        raise RunFileError(f"{run_dir}: config differs from the one the run started with ({what}, run -> here); "
+                           "refusing to resume")  # fmt: skip
 
 
 def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: dict[str, str | None] | None = None
