@@ -45,6 +45,13 @@ def test_malformed_toml(capsys, tmp_path):
     one_line_error(capsys, ["train", str(bad)], "bad.toml: invalid TOML")
 
 
+def test_a_path_that_does_not_exist_is_named_so_not_called_a_folder_without_a_config(capsys, tmp_path):
+    gone = str(tmp_path / "gone.vaqkd.safetensors")
+    one_line_error(capsys, ["eval", gone], f"{gone}: no such run directory (or file)")
+    one_line_error(capsys, ["gradcam", gone, gone], f"{gone}: no such run directory (or file)")
+    one_line_error(capsys, ["eval", str(tmp_path)], f"{tmp_path}: not a run directory (no config.toml)")
+
+
 def test_batch_larger_than_the_data(capsys, cifar_root, tmp_path):
     args = ["train", "configs/cifar100/w2a2_qat.toml", "--out", str(tmp_path / "r"), "--data-root", str(cifar_root),
             "--set", "data.batch_size=1000", "--set", 'model.init=""']  # fmt: skip

@@ -139,6 +139,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 def run_weights(run_dir: Path) -> Path:
     """model.safetensors of a run's latest checkpoint (the final weights of a finished run)."""
     ck = latest_checkpoint(run_dir)
+    if ck is None and not Path(run_dir).exists():
+        raise RunFileError(f"{run_dir}: no such run directory")
     if ck is None:
         raise RunFileError(f"{run_dir}: not a run directory with weights (no {PREFIX}<step>/ checkpoint)")
     return ck / "model.safetensors"
@@ -222,6 +224,8 @@ def load_module(module: nn.Module, path: Path, device: str = "cpu", strict: bool
 
 def load_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, device: torch.device) -> dict:
     ck = latest_checkpoint(run_dir)
+    if ck is None and not Path(run_dir).exists():
+        raise RunFileError(f"{run_dir}: no such run directory")
     if ck is None:
         raise RunFileError(f"{run_dir}: no checkpoint to resume from")
     step = int(ck.name[len(PREFIX) :])
@@ -439,6 +443,8 @@ def load_run(run_dir: str | Path, device: torch.device, overrides: Sequence[Over
 def run_config(run: Path, overrides: Sequence[Override] = ()) -> Config:
     """A run directory's config (with `overrides` applied), built without `model.init`: its own weights replace
     it."""
+    if not Path(run).exists():
+        raise RunFileError(f"{run}: no such run directory (or file)")
     if not (run / "config.toml").exists():
         raise RunFileError(f"{run}: not a run directory (no config.toml)")
     return load_config(run / "config.toml", [*overrides, ("model.init", "")])
