@@ -242,3 +242,54 @@ def test_reports_pair_an_integer_run_with_its_float_partner_but_hold_two_streams
     assert all(p["pairs_with_unknown_machine_fields"] == 0 for p in pairs)
     assert sorted(len(g) for g in run_groups(ints)) == [1, 2]
     assert len({r["row"] for r in summary_rows({"vaqkd_logit": ints})}) == 2  # two labelled lines
+
+
+def test_the_quantizers_fingerprint_sees_the_non_lsq_quantizers_that_the_others_cannot(monkeypatch):
+    """The tiny step's quantizers are LSQ, and `kernels_fingerprint` runs activation kernels only: EWGS's fused
+    kernel on weights (a WRN's widest convs) and DoReFa's weights moved no key. A one-ulp change of either moves
+    `quantizers_fingerprint` for runs that use them, and nothing else; LSQ runs have none."""
+    from vaqkd.quant import ste
+    from vaqkd.quant.quantizers import DoReFaQuantizer
+
+    assert arithmetic.quantizers_fingerprint(CPU, "fp32", "lsq", "lsq") is None
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    kinds = {(w, a): arithmetic.quantizers_fingerprint(CPU, "fp32", w, a)
+             for w, a in (("ewgs", "lsq"), ("dorefa", "lsq"), ("lsq", "pact"))}  # fmt: skip
+    assert torch.equal(torch.rand(3), expected)  # the run's own random draws are not moved by it
+    assert len(set(kinds.values())) == 3
+    assert arithmetic.quantizers_fingerprint(CPU, "fp32", "ewgs") == kinds["ewgs", "lsq"]  # repeatable
+    tiny, kernels = arithmetic.fingerprint(CPU, "fp32"), arithmetic.kernels_fingerprint(CPU, "fp32", "lsq")
+
+    def one_ulp_off(*args):
+        dx, d_lo, d_hi = ste._ewgs_backward(*args)
+        return dx, torch.nextafter(d_lo, d_lo + 1), d_hi
+
+    monkeypatch.setattr(ste, "ewgs_backward", ste.Fused(one_ulp_off))  # the fused kernel only: weights above 64k
+    assert arithmetic.quantizers_fingerprint(CPU, "fp32", "ewgs", "lsq") != kinds["ewgs", "lsq"]
+    assert arithmetic.quantizers_fingerprint(CPU, "fp32", "dorefa", "lsq") == kinds["dorefa", "lsq"]
+    real = DoReFaQuantizer.forward
+    def dorefa_one_ulp_off(self, x):
+        y = real(self, x)
+        return torch.nextafter(y, y + 1)
+
+    monkeypatch.setattr(DoReFaQuantizer, "forward", dorefa_one_ulp_off)
+    assert arithmetic.quantizers_fingerprint(CPU, "fp32", "dorefa", "lsq") != kinds["dorefa", "lsq"]
+    assert arithmetic.quantizers_fingerprint(CPU, "fp32", "lsq", "pact") == kinds["lsq", "pact"]
+    assert arithmetic.fingerprint(CPU, "fp32") == tiny and arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") == kernels
+
+
+def test_runs_with_other_quantizers_record_them_and_refuse_to_resume_on_another(shared_cifar_root, tmp_path):
+    lsq = tmp_path / "lsq"
+    fit(_tiny(shared_cifar_root), lsq, progress=False, log=lambda s: None, stop_after_steps=1)
+    assert json.loads((lsq / "env.json").read_text())["arithmetic_quantizers"] is None
+    cfg = load_config(None, [*_tiny_sets(shared_cifar_root), "quant.weight=dorefa"])
+    run = tmp_path / "dorefa"
+    fit(cfg, run, progress=False, log=lambda s: None, stop_after_steps=1)
+    env = json.loads((run / "env.json").read_text())
+    assert env["arithmetic_quantizers"] == arithmetic.quantizers_fingerprint(CPU, "fp32", "dorefa", "lsq")
+    env["arithmetic_quantizers"] = "00112233aabbccdd"
+    (run / "env.json").write_text(json.dumps(env))
+    with pytest.raises(RunFileError, match="its non-LSQ quantizers computed 00112233aabbccdd"):
+        fit(cfg, run, resume=True, progress=False, log=lambda s: None)

@@ -350,7 +350,8 @@ def write_json(path: Path, obj: dict) -> None:
 # reports, what it names in a refused resume). Held by only some runs: compared on a resume and in reports where
 # both records have one, never counted as missing (analysis.report.OPTIONAL_FIELDS)
 PART_FINGERPRINTS = {"arithmetic_kernels": ("kernels", "its fused quantizer kernels"),
-                     "arithmetic_residual": ("residual", "its integer residual stream")}  # fmt: skip
+                     "arithmetic_residual": ("residual", "its integer residual stream"),
+                     "arithmetic_quantizers": ("quantizers", "its non-LSQ quantizers")}  # fmt: skip
 # final.json's machine fields and where env.json holds them
 MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability", "precision": "precision",
                     "threads": "threads", "world_size": "world_size", "arithmetic": "arithmetic",

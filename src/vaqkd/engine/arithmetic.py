@@ -17,7 +17,9 @@ enough, forward and backward; env.json records it beside the first as `arithmeti
 It is a field of its own rather than a part of `arithmetic` so that the records made before it keep pairing by
 `arithmetic` alone (a field one record lacks is not held against a pair, `analysis.report.same_machine`); a
 resume is refused when either differs. The integer residual stream (`quant.residual = "int"`), which the tiny
-step does not run either, has a third, `residual_fingerprint`, recorded as `arithmetic_residual` by those runs.
+step does not run either, has a third, `residual_fingerprint`, recorded as `arithmetic_residual` by those runs;
+and quantizers other than LSQ (EWGS or DoReFa weights, PACT or EWGS activations: the tiny step's are LSQ) a
+fourth, `quantizers_fingerprint`, recorded as `arithmetic_quantizers` by runs that use them.
 
 Records made before the fingerprint existed carry a reconstructed value instead (`LEGACY`): the era of their
 git SHA against the measured boundary a20de37 (the fused stages moved into `quant.fusion`, which changed
@@ -91,7 +93,8 @@ def kernels_fingerprint(device: torch.device, precision: str, act: str = "lsq", 
     or "ewgs"; compiled, or eager where compilation is off or failed) in the dtype `precision` trains activations
     in and the run's memory format: forward and backward through autograd on activation-sized tensors — the
     quantizer alone and, for LSQ and PACT, fused with the add and ReLU that end a residual block (`ReluLSQQuant`).
-    Not covered: EWGS's fused kernel on weights (only WRN weights are large enough). Leaves the global RNG alone."""
+    EWGS's fused kernel on weights (only WRN weights are large enough) is `quantizers_fingerprint`'s. Leaves the
+    global RNG alone."""
     from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSQuant, LSQQuant, ReluLSQQuant
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -151,6 +154,45 @@ def residual_fingerprint(device: torch.device, precision: str) -> str:
                 digest.update(name.encode())
                 if p.grad is not None:
                     digest.update(p.grad.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def quantizers_fingerprint(device: torch.device, precision: str, weight: str = "lsq", act: str = "lsq",
+                           channels_last: bool = False) -> str | None:  # fmt: skip
+    """16 hex digits naming the arithmetic of a run's weight and activation quantizers where they are not the
+    tiny step's LSQ (`quant.weight` EWGS or DoReFa, `quant.act` PACT or EWGS); None for LSQ on both, which the
+    tiny step and `kernels_fingerprint` cover already. The weight quantizer is calibrated on a conv weight and run
+    forward and backward on one small enough for its composite path and one large enough for its fused kernel (a
+    WRN's widest convs: EWGS), in float32 as weights are; the activation quantizer on an activation below
+    `FUSE_MIN_NUMEL` (its eager path: the fused one is `kernels_fingerprint`'s), in the run's training dtype and
+    memory format. Recorded as `arithmetic_quantizers` by such runs only. Leaves the global RNG alone."""
+    from vaqkd.quant import ACT_QUANTIZERS, WEIGHT_QUANTIZERS
+    from vaqkd.quant.ste import FUSE_MIN_NUMEL
+
+    if weight == "lsq" and act == "lsq":
+        return None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(2468)
+    digest = hashlib.sha256(f"{device.type}|{precision}|{weight}|{act}|{channels_last}".encode())
+    act_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    wide = -(-FUSE_MIN_NUMEL // (64 * 9))  # output channels of a conv weight (., 64, 3, 3) above the threshold
+    cases = [(WEIGHT_QUANTIZERS[weight], True, (32, 16, 3, 3), torch.float32),
+             (WEIGHT_QUANTIZERS[weight], True, (wide, 64, 3, 3), torch.float32),
+             (ACT_QUANTIZERS[act], False, (8, 16, 8, 8), act_dtype)]  # fmt: skip
+    for cls, signed, shape, dtype in cases:
+        x = torch.randn(shape, generator=g)
+        x = (x * 0.1 if signed else x.relu()).to(device, dtype).contiguous(memory_format=fmt).requires_grad_(True)
+        dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+        q = (cls.for_weight(2, x.detach()) if signed else cls(2, False)).to(device)
+        q.calibrating = True
+        q(x.detach())
+        q.calibrating = False
+        q.finish_calibration()
+        y = q(x)
+        y.backward(dy)
+        for t in (y, x.grad, *(p.grad for _, p in sorted(q.named_parameters()))):
+            if t is not None:
+                digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -16,7 +16,7 @@ from vaqkd import dist
 from vaqkd.config import Config, ConfigError, differences, identity, to_toml
 from vaqkd.data.build import Data, build_data, data_root
 from vaqkd.distill.objective import Objective, build_term, stages_of
-from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint, residual_fingerprint
+from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint, quantizers_fingerprint, residual_fingerprint
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.setup import build_teacher, environment, resolve_device, resolve_precision
 from vaqkd.engine.step import StudentLoss, make_optimizer
@@ -150,7 +150,9 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     q, cl = cfg.quant, cfg.train.channels_last
     parts = {"arithmetic_kernels": kernels_fingerprint(device, precision, q.act, cl) if q.enabled else None,
              "arithmetic_residual": residual_fingerprint(device, precision)
-             if q.enabled and q.residual == "int" else None}  # fmt: skip
+             if q.enabled and q.residual == "int" else None,
+             "arithmetic_quantizers": quantizers_fingerprint(device, precision, q.weight, q.act, cl)
+             if q.enabled else None}  # fmt: skip
     if dist.is_main():
         start_run(cfg, run_dir, resume, arithmetic, parts)
     dist.barrier()
