@@ -95,7 +95,8 @@ def test_a_refused_resume_names_the_keys_that_changed():
     assert said == "quant.w_bits 2 -> 4, optim.lr 0.05 -> 0.5, distill.terms.1.weight 0.45 -> 0.5 and 1 more"
     said = differences(to_toml(base), to_toml(changed), limit=9)
     assert said.endswith(", train.seed 0 -> 2")
-    assert differences('a = 1\n', 'a = 1\nb = "x"\n') == "b '(none)' -> 'x'"
+    assert differences('a = 1\n', 'a = 1\nb = "x"\n') == "b '(absent)' -> 'x'"
+    assert differences("a = 1\n", "a = 1 # one\n") == "the same values, written another way"
 
 
 def test_schedules():

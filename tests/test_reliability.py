@@ -174,10 +174,12 @@ def test_a_second_writer_is_told_who_holds_the_run(shared_cifar_root, tmp_path):
     fit(cfg_for(shared_cifar_root), run, progress=False, log=quiet)  # released: now it runs
 
 
-def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_found_it(shared_cifar_root, tmp_path):
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_found_it(shared_cifar_root, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    import vaqkd.engine.train as train_mod
     from vaqkd.errors import ConfigError
 
-    bad = cfg_for(shared_cifar_root, "train.sync_bn=true")  # refused on CPUs after config.toml and env are written
+    bad = cfg_for(shared_cifar_root, "train.sync_bn=true")  # refused on CPUs after config.toml is written
     with pytest.raises(ConfigError, match="sync_bn"):
         fit(bad, tmp_path / "new" / "r", progress=False, log=quiet)
     assert not (tmp_path / "new" / "r").exists()  # made by the attempt: gone (its parent, made too, stays)
@@ -186,7 +188,19 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_
     (mine / "notes.txt").write_text("kept")
     with pytest.raises(ConfigError, match="sync_bn"):
         fit(bad, mine, progress=False, log=quiet)
-    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # no config.toml, env.json or .lock left
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # no config.toml or .lock left
+
+    def fails_in_the_first_epoch(run, *args):  # after env.json; meanwhile someone else writes beside the run
+        assert (run.run_dir / "env.json").exists() and (run.run_dir / "config.toml").exists()
+        (run.run_dir / "theirs.txt").write_text("not the run's")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train_mod, "_loop", fails_in_the_first_epoch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit(cfg_for(shared_cifar_root), mine, progress=False, log=quiet)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "theirs.txt"]  # only what a start writes goes
+    (mine / "theirs.txt").unlink()
+    monkeypatch.undo()
     with pytest.raises(RunFileError, match="no checkpoint to resume from"):
         fit(cfg_for(shared_cifar_root), mine, resume=True, progress=False, log=quiet)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -5,6 +5,7 @@ import pytest
 from vaqkd.analysis.stats import mean_std, paired_interval, t975
 from vaqkd.config import load_config
 from vaqkd.engine.train import fit
+from vaqkd.errors import RunFileError
 from vaqkd.runner import config_hash, load_preset, row_config, run_table
 
 
@@ -97,18 +98,22 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     logs.clear()
     only = run_table(**kw, seeds=5, log=logs.append, report_only=True)  # nothing for seeds 2-4: nothing trained
     assert not any(line.startswith(("train ", "resume ")) for line in logs) and len(only["qkd_logit"]) == 2
-    # a report where the data is not: the teacher's row from its kept evaluation; without one, no teacher row
-    # (said in one line) and nothing downloaded
+    # a report where the data is not: the teacher's row from its kept evaluation; without one, a one-line refusal
+    # before anything is written (nothing downloaded, the report not rewritten without its teacher)
     no_data = {**kw, "overrides": [("data.root", str(tmp_path / "nowhere")), *sets[1:]]}
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
     only = run_table(**no_data, seeds=2, log=logs.append, report_only=True)
     assert only["teacher"][0]["top1_last"] == again["teacher"][0]["top1_last"] and len(only["qkd_logit"]) == 2
     kept[0].unlink()
+    table = (tmp_path / "results" / "table.md").read_text()
+    with pytest.raises(RunFileError, match=r"no evaluation kept in .* and no data under .*nowhere to make one"):
+        run_table(**no_data, seeds=2, log=logs.append, report_only=True)
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "results" / "table.md").read_text() == table
+    # --teacher train in a report only: the teacher's run is named, never trained
     logs.clear()
-    only = run_table(**no_data, seeds=2, log=logs.append, report_only=True)
-    assert "teacher" not in only and len(only["qkd_logit"]) == 2
-    assert any("no evaluation kept" in line and "no teacher row" in line for line in logs)
-    assert not (tmp_path / "nowhere").exists() and "| teacher |" not in (tmp_path / "results" / "table.md").read_text()
+    with pytest.raises(RunFileError, match="no evaluation kept"):
+        run_table(**{**no_data, "teacher": "train"}, seeds=1, log=logs.append, report_only=True)
+    assert not any(line.startswith(("train ", "resume ")) for line in logs) and not (tmp_path / "runs").exists()
 
 
 def test_pairs_from_different_machines_are_left_out():

@@ -473,8 +473,8 @@ def identity(toml_text: str) -> str:
 
 
 def differences(a_text: str, b_text: str, limit: int = 3) -> str:
-    """Where two config texts differ, key by key: "optim.lr 0.05 -> 0.02" (a key one lacks: "(none)"); the first
-    `limit`, then how many more."""
+    """Where two config texts differ, key by key: "optim.lr 0.05 -> 0.02" (a key one lacks: "(absent)"); the
+    first `limit`, then how many more."""
 
     def flat(obj, prefix=""):
         if isinstance(obj, dict):
@@ -484,8 +484,10 @@ def differences(a_text: str, b_text: str, limit: int = 3) -> str:
         return {prefix[:-1]: obj}
 
     a, b = flat(tomllib.loads(a_text)), flat(tomllib.loads(b_text))
-    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(none)") != b.get(k, "(none)")]
-    said = [f"{k} {a.get(k, '(none)')!r} -> {b.get(k, '(none)')!r}" for k in keys[:limit]]
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+    if not keys and a_text != b_text:
+        return "the same values, written another way"
+    said = [f"{k} {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys[:limit]]
     return ", ".join(said) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 

@@ -103,7 +103,10 @@ def atomic_write(path: Path, write: Callable[[Path], object], example: str = "mo
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError:  # a file system without modes (some network or FUSE mounts): the file as written
+            pass
         tmp.replace(path)
     except Exception as e:
         err = write_failure(path.parent, e)
@@ -273,21 +276,29 @@ def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
 
 class RunLock:
     """An exclusive lock on a run directory (flock on `.lock`, released when the process ends, even by a kill).
-    The lock file says who holds it: pid, host and start time."""
+    The lock file says who holds it: pid, host and start time. A start that fails (an exception) before the run
+    holds anything — no checkpoint, metrics.jsonl, final.json or failed.json — takes back what a start writes
+    there (`STARTED`, and the lock file) where the folder did not hold it before, and the folder if this lock made
+    it (not its parents)."""
+
+    STARTED = ("config.toml", "env.json", "tensorboard")  # what a start writes before its first checkpoint
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self.fd: int | None = None
-        self.created = False  # the directory did not exist before
+        self.created = False  # this lock made the directory
         self.before: set[str] = set()  # what it held before
 
     def __enter__(self) -> RunLock:
         run_dir = self.path.parent
-        self.created = not run_dir.exists()
-        self.before = set() if self.created or not run_dir.is_dir() else {p.name for p in run_dir.iterdir()}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.before = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+        for _ in range(100):
+            self.created |= not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a failed start took its folder back between the mkdir and the open
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -301,6 +312,8 @@ class RunLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
+        else:
+            raise RunLockedError(f"{run_dir}: its lock file keeps being replaced by other processes; try again")
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         try:
             os.ftruncate(fd, 0)
@@ -314,32 +327,42 @@ class RunLock:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if self.fd is not None:
-            if exc_type is not None:
-                self._tidy_failed_start()
-            try:
-                os.ftruncate(self.fd, 0)
+        if self.fd is None:
+            return
+        tidied = exc_type is not None and self._tidy_failed_start()
+        if tidied and self.path.name not in self.before:
+            try:  # while held: a process that opened it meanwhile finds it replaced and opens the new one
+                self.path.unlink()
             except OSError:
                 pass
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+        if tidied and self.created:
+            try:
+                self.path.parent.rmdir()  # only if empty: another start may have begun in it meanwhile
+            except OSError:
+                pass
 
-    def _tidy_failed_start(self) -> None:
-        """A run that failed before it held anything (no checkpoint, metrics, final.json or failed.json) leaves
-        the directory as it found it: what this attempt wrote there (config.toml, env.json, the lock file) goes,
-        and the directory too if the attempt made it. Runs while the lock is held."""
+    def _tidy_failed_start(self) -> bool:
+        """Remove what a start wrote (`STARTED`, not held before) if the run holds nothing yet; whether it did.
+        Runs while the lock is held."""
         run_dir = self.path.parent
         if any((run_dir / f).exists() for f in ("metrics.jsonl", "final.json", "failed.json")) or checkpoints(run_dir):
-            return
-        try:
-            for p in run_dir.iterdir():
-                if p.name not in self.before:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            if self.created:
-                run_dir.rmdir()
-        except OSError:  # tidying is a courtesy: the error that stopped the run is the one to report
-            pass
+            return False
+        for name in self.STARTED:
+            p = run_dir / name
+            if name in self.before or not (p.exists() or p.is_symlink()):
+                continue
+            try:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            except OSError:  # tidying is a courtesy: the error that stopped the run is the one to report
+                pass
+        return True
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vaqkd.config import Config, Override, apply_override, from_dict, identity, load_dict, merge, override_key, to_toml
-from vaqkd.errors import ConfigError, RunLockedError, TrainingDiverged, VaqkdError
+from vaqkd.errors import ConfigError, RunFileError, RunLockedError, TrainingDiverged, VaqkdError
 from vaqkd.rundir import has_checkpoint, read_json
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
@@ -71,14 +71,14 @@ def preset_config(path: str | Path, preset: str | None, overrides: Sequence[Over
 
 
 def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log,
-                  records: Path | None = None, evaluate_now: bool = True) -> dict | None:  # fmt: skip
+                  records: Path | None = None, evaluate_now: bool = True) -> dict:  # fmt: skip
     """The teacher's row: its top-1 on this preset's test split (evaluated once, cached in `runs` and kept
     beside the run records in `records`), and how it was trained (final.json of its run, or the recipe shipped
     beside the pretrained weights). Without `evaluate_now` (a report only) it is evaluated only if the data is
-    here already (nothing downloaded); else None: the report has no teacher row."""
+    here already (nothing downloaded); else a RunFileError (a report is not rewritten without its teacher)."""
     import torch
 
-    from vaqkd.data.build import build_data, data_present
+    from vaqkd.data.build import build_data, data_present, data_root
     from vaqkd.engine.setup import build_teacher, resolve_device, resolve_precision
     from vaqkd.engine.step import evaluate
     from vaqkd.rundir import resolve_weights
@@ -96,10 +96,11 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
             records.mkdir(parents=True, exist_ok=True)
             shutil.copy2(place, records / name)
         return cached
-    if not evaluate_now and not data_present(cfg.data):
+    if not evaluate_now and not data_present(cfg.data):  # refused rather than a report without its teacher row
         kept = f"{runs} or {records}" if records else f"{runs}"
-        log(f"teacher {teacher}: no evaluation kept in {kept} and no data to make one; the report has no teacher row")
-        return None
+        raise RunFileError(f"teacher {teacher}: no evaluation kept in {kept} and no data under "
+                           f"{data_root(cfg.data)} to make one; give --data-root (a report only trains nothing "
+                           "and downloads nothing)")  # fmt: skip
     device = resolve_device(cfg.train.device)
     data = build_data(cfg, device)
     model = build_teacher(cfg, data.num_classes, device)
@@ -158,9 +159,10 @@ def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict
         return None
 
 
-def resolve_teacher(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log) -> str:
+def resolve_teacher(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log,
+                    train: bool = True) -> str:  # fmt: skip
     """'pretrained', 'pretrained:NAME' or a path are used as they are; 'train' trains the preset's teacher config
-    first."""
+    first (with train=False, a report only: names its run directory, trained or not)."""
     if teacher != "train":
         return teacher
     from vaqkd.config import load_config
@@ -169,7 +171,8 @@ def resolve_teacher(teacher: str, preset: dict, runs: Path, overrides: Sequence[
     data_overrides = [o for o in overrides if override_key(o) == "data.root"]
     cfg = load_config(configs_dir() / t["config"], list(t.get("set", [])) + data_overrides)
     run_dir = runs / f"teacher-{config_hash(cfg)}"
-    run_or_reuse(cfg, run_dir, log)
+    if train:
+        run_or_reuse(cfg, run_dir, log)
     return str(run_dir)
 
 
@@ -285,13 +288,13 @@ def run_table(
     # trains every time (it is the small real run a fresh checkout makes)
     keep = p.get("records", False) if records is None else records
     records_dir = out_dir / "runs" if keep else None
-    teacher_spec = resolve_teacher(teacher, p, runs, overrides, log)
+    teacher_spec = resolve_teacher(teacher, p, runs, overrides, log, train=not report_only)
     teacher_row = teacher_entry(teacher_spec, p, runs, overrides, log, records_dir, evaluate_now=not report_only)
 
     failed: list[str] = []
 
     def report() -> dict:
-        results: dict[str, list[dict]] = {"teacher": [teacher_row]} if teacher_row else {}
+        results: dict[str, list[dict]] = {"teacher": [teacher_row]}
         for row in dict.fromkeys([*p["rows"], *rows]):
             found = [row_result(row, s, p, teacher_spec, overrides, runs, log, train=False, records=records_dir)
                      for s in range(MAX_SEEDS)]  # fmt: skip

@@ -22,7 +22,7 @@ def data_present(cfg: DataConfig) -> bool:
     """Whether the config's dataset is on this machine already (nothing downloaded, nothing read)."""
     root = data_root(cfg)
     if cfg.dataset == "folder":
-        return root.is_dir()
+        return (root / "train").is_dir() and (root / "test").is_dir()
     spec = SPECS.get(cfg.dataset)
     return spec is not None and all((root / spec.folder / f).exists() for f in spec.train_files + spec.test_files)
 
