@@ -153,6 +153,17 @@ def test_options_of_the_other_launcher_are_refused_not_ignored(argv, culprit, ca
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()  # refused before any work
 
 
+def test_the_library_refuses_the_other_launchers_options_too(tmp_path):
+    from vaqkd.errors import ConfigError
+    from vaqkd.runner import run_table
+
+    with pytest.raises(ConfigError, match="--jobs 2: counts the local launcher's processes"):
+        run_table("demo", launcher="ray", jobs=2, runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="--cpus-per-run: Ray's options"):
+        run_table("demo", cpus_per_run=2.0, runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_data_path_with_a_quote_a_backslash_t_and_a_space_is_read_as_it_is(tiny_teacher, tmp_path, capsys):
     """`--data-root` and the library's `data_root=` pass the path itself, never pasted into TOML text (where
     `\\t` became a TAB and a quote ended the string)."""

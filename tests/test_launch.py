@@ -55,8 +55,8 @@ def test_cells_run_side_by_side_are_reused_and_one_failed_cell_does_not_stop_the
     failed = _fail(tmp_path, teacher, sets, "qkd_logit", 1)
     logs = []
     kw = dict(preset="demo", rows=["w2a2_qat", "qkd_logit"], runs_dir=str(tmp_path / "runs"),
-              out=str(tmp_path / "results"), overrides=sets, teacher=teacher, records=False, jobs=2,
-              launcher=launcher, cpus_per_run=1)  # fmt: skip
+              out=str(tmp_path / "results"), overrides=sets, teacher=teacher, records=False, launcher=launcher,
+              **({"cpus_per_run": 1} if launcher == "ray" else {"jobs": 2}))  # fmt: skip
     with pytest.raises(TableIncomplete, match="qkd_logit seed 1"):
         run_table(**kw, seeds=2, log=logs.append)
     table = (tmp_path / "results" / "table.md").read_text()

@@ -257,19 +257,8 @@ def cmd_profile(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from vaqkd.config import ConfigError
     from vaqkd.runner import run_table
 
-    # options of the other launcher would be ignored: refused before any work
-    if args.launcher == "ray" and args.jobs != 1:
-        raise ConfigError(f"--jobs {args.jobs}: counts the local launcher's processes; with --launcher ray, the "
-                          "cluster's free CPUs/GPUs and --cpus-per-run / --gpus-per-run decide how many cells "
-                          "run")  # fmt: skip
-    ray_only = [o for o, v in (("--address", args.address), ("--cpus-per-run", args.cpus_per_run),
-                               ("--gpus-per-run", args.gpus_per_run or None)) if v is not None]  # fmt: skip
-    if args.launcher == "local" and ray_only:
-        raise ConfigError(f"{' / '.join(ray_only)}: Ray's options; pass --launcher ray (the local launcher runs "
-                          "--jobs processes here)")  # fmt: skip
     run_table(
         args.preset,
         seeds=args.seeds,

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from vaqkd.errors import ConfigError
+
 Cell = tuple[str, int]
 
 
@@ -43,6 +45,20 @@ def run_cell(row: str, seed: int, task: tuple, threads: int | None = None) -> tu
         print(f"{tag}FAILED {type(e).__name__}: {e}\n{traceback.format_exc()}", flush=True)
         final = None
     return final, {"start": t0, "end": time.time(), "pid": os.getpid()}
+
+
+def check_options(launcher: str, jobs: int, address: str | None, cpus_per_run: float | None,
+                  gpus_per_run: float) -> None:  # fmt: skip
+    """Options of the other launcher would be ignored: a ConfigError naming them (before any work)."""
+    if launcher == "ray" and jobs != 1:
+        raise ConfigError(f"--jobs {jobs}: counts the local launcher's processes; with --launcher ray, the "
+                          "cluster's free CPUs/GPUs and --cpus-per-run / --gpus-per-run decide how many cells "
+                          "run")  # fmt: skip
+    ray_only = [o for o, v in (("--address", address), ("--cpus-per-run", cpus_per_run),
+                               ("--gpus-per-run", gpus_per_run or None)) if v is not None]  # fmt: skip
+    if launcher == "local" and ray_only:
+        raise ConfigError(f"{' / '.join(ray_only)}: Ray's options; pass --launcher ray (the local launcher runs "
+                          "--jobs processes here)")  # fmt: skip
 
 
 def run_cells(cells: list[Cell], task: tuple, launcher: str, jobs: int, address: str | None,

@@ -272,7 +272,9 @@ def run_table(
     `cpus_per_run` CPUs and `gpus_per_run` GPUs (fractions pack several small runs onto one GPU). Run
     directories must lie on a filesystem every worker sees. A failed cell is reported; the others go on."""
     from vaqkd.analysis.report import write_report
+    from vaqkd.launch import check_options
 
+    check_options(launcher, jobs, address, cpus_per_run, gpus_per_run)
     if not 0 <= first_seed < seeds:
         raise ConfigError(f"--first-seed {first_seed}: must be below --seeds {seeds} (the seeds trained are "
                           f"first_seed..seeds-1)")  # fmt: skip
