@@ -235,7 +235,13 @@ def test_the_lock_is_taken_on_the_file_in_the_folder_not_on_one_a_failed_start_r
         monkeypatch.setattr(rundir.fcntl, "flock", real)
         with pytest.raises(RunLockedError):
             RunLock(run).__enter__()
-    assert calls[:2] == [fcntl.LOCK_EX | fcntl.LOCK_NB] * 2  # locked twice: the removed file, then the new one
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / ".lock").symlink_to(tmp_path / "nowhere" / "lock")  # in the way, not a vanishing folder: said at once
+    with pytest.raises(FileNotFoundError):
+        RunLock(odd).__enter__()
+    locks = [c for c in calls if c != fcntl.LOCK_UN]
+    assert locks[:2] == [fcntl.LOCK_EX | fcntl.LOCK_NB] * 2  # locked twice: the removed file, then the new one
 
 
 def test_resume_keeps_the_environment_that_started_the_run(shared_cifar_root, tmp_path):

@@ -109,9 +109,9 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     with pytest.raises(RunFileError, match=r"no evaluation kept in .* and no data under .*nowhere to make one"):
         run_table(**no_data, seeds=2, log=logs.append, report_only=True)
     assert not (tmp_path / "nowhere").exists() and (tmp_path / "results" / "table.md").read_text() == table
-    # --teacher train in a report only: the teacher's run is named, never trained
+    # --teacher train in a report only: the teacher's run is never trained, and an unfinished one never reported
     logs.clear()
-    with pytest.raises(RunFileError, match="no evaluation kept"):
+    with pytest.raises(RunFileError, match="the teacher's run has not finished; run the table without --report"):
         run_table(**{**no_data, "teacher": "train"}, seeds=1, log=logs.append, report_only=True)
     assert not any(line.startswith(("train ", "resume ")) for line in logs) and not (tmp_path / "runs").exists()
 

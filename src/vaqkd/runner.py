@@ -171,8 +171,11 @@ def resolve_teacher(teacher: str, preset: dict, runs: Path, overrides: Sequence[
     data_overrides = [o for o in overrides if override_key(o) == "data.root"]
     cfg = load_config(configs_dir() / t["config"], list(t.get("set", [])) + data_overrides)
     run_dir = runs / f"teacher-{config_hash(cfg)}"
-    if train:
-        run_or_reuse(cfg, run_dir, log)
+    if train and run_or_reuse(cfg, run_dir, log) is None:
+        raise RunFileError(f"{run_dir}: the teacher's run failed or is in use (see above); its students need it "
+                           "finished")  # fmt: skip
+    if not (run_dir / "final.json").exists():  # a report only: never a half-trained teacher's row
+        raise RunFileError(f"{run_dir}: the teacher's run has not finished; run the table without --report-only")
     return str(run_dir)
 
 
