@@ -154,3 +154,40 @@ def test_fuzz_cifar_reader_gives_data_or_a_data_error(payload, tmp_path):
     except DataError:
         return
     assert x.dtype.is_floating_point is False and len(x) == len(y) > 0
+
+
+def test_more_bad_input_is_one_line_before_any_work(capsys, tmp_path):
+    import torch
+
+    from vaqkd.models import create_model
+    from vaqkd.rundir import load_weights
+
+    one_line_error(capsys, ["gradcam", "a", "b", "--out", str(tmp_path / "g.txt")],
+                   ".txt is not an image format matplotlib writes")  # fmt: skip
+    one_line_error(capsys, ["gradcam", "a", "b", "--out", str(tmp_path / "no" / "g.png")], "is not a folder")
+    x = str(tmp_path / "x")
+    one_line_error(capsys, ["export", "pretrained", "--out", x], "pretrained: FP32 weights; --format packed takes")
+    one_line_error(capsys, ["export", "pretrained", "--format", "onnx", "--out", x + ".vaqkd.safetensors"],
+                   "a .safetensors name for --format onnx")  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    one_line_error(capsys, ["export", str(run), "--out", x + ".onnx"], "a .onnx name for --format packed")
+    one_line_error(capsys, ["export", str(run), "--format", "onnx", "--dataset", "cifar10", "--out", x + ".onnx"],
+                   "--arch / --dataset: for FP32 weights only")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    for key in ("quant.w_bits=4", "model.arch=resnet20", "distill.terms.0.weight=1"):  # evaluated silently before
+        name = key.split("=")[0]
+        one_line_error(capsys, ["eval", str(tmp_path), "--set", key], f"--set {name}: would change the model")
+    args = ["train", "configs/cifar100/w2a2_qat.toml", "--out", str(tmp_path / "r"),
+            "--set", "train.threads=99999999999"]  # fmt: skip
+    one_line_error(capsys, args, "train.threads: must be in [0, 4096]")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        from vaqkd.cli import main
+
+        main(["bench", "--batch", "50001"])
+    assert "argument --batch: must be in [1, 50000], got 50001" in capsys.readouterr().err
+    from vaqkd.errors import RunFileError
+
+    with pytest.raises(RunFileError, match=r"resnet32_cifar100.safetensors: does not fit resnet32 here \(size mis"):
+        load_weights(create_model("resnet32", 10).to(torch.device("cpu")), "pretrained", "resnet32")  # 100 classes

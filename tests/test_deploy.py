@@ -344,3 +344,29 @@ def test_exported_files_get_the_usual_mode_not_safetensors_0600(w2a2_run, shared
         assert (tmp_path / "strict").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_export_never_replaces_a_pipe_and_never_writes_what_its_loader_refuses(w2a2_run, shared_cifar_root, tmp_path,
+                                                                               capsys):  # fmt: skip
+    import json
+    import os
+    import shutil
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for fmt in ("packed", "onnx"):
+        args = ["export", str(w2a2_run), "--format", fmt, "--out", str(fifo), "--data-root", str(shared_cifar_root)]
+        assert main([*args, "--force"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "exists and is not a regular file" in err, err
+        assert fifo.is_fifo()
+    run = tmp_path / "run"
+    shutil.copytree(w2a2_run, run)
+    final = json.loads((run / "final.json").read_text())
+    (run / "final.json").write_text(json.dumps({**final, "top1_last": "NaN"}))
+    with pytest.raises(ExportError, match=r"would write an artifact its loader refuses \(top1_last: must be a perc"):
+        export_packed(run, tmp_path / "m.vaqkd.safetensors", data_root=str(shared_cifar_root))
+    (run / "final.json").write_text("[1, 2]")  # JSON, not an object
+    assert main(["export", str(run), "--out", str(tmp_path / "m.vaqkd.safetensors")]) == 2
+    assert "final.json: damaged (a JSON list, not an object)" in capsys.readouterr().err
+    assert not (tmp_path / "m.vaqkd.safetensors").exists()

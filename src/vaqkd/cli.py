@@ -75,6 +75,9 @@ def cmd_train(args) -> int:
     return 0
 
 
+EVAL_TRAIN_KEYS = ("train.device", "train.precision", "train.threads", "train.channels_last")
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -82,7 +85,15 @@ def cmd_eval(args) -> int:
     from vaqkd.engine.step import evaluate, reestimate_bn
 
     device = resolve_device(args.device or "auto", "--device")
+    from vaqkd.config import ConfigError, override_key
     from vaqkd.deploy import backend_for
+
+    # what an evaluation may change: where and how it reads the test split, not the model the run trained
+    for o in args.set or []:
+        key = override_key(o)
+        if not (key.startswith("data.") or key in EVAL_TRAIN_KEYS):
+            raise ConfigError(f"--set {key}: would change the model the run trained; eval takes data.* and "
+                              f"{', '.join(EVAL_TRAIN_KEYS)}")  # fmt: skip
 
     other_backend = args.backend not in (None, "torch")
     if args.bn_reestimate and (Path(args.run_dir).is_file() or other_backend):
@@ -214,6 +225,8 @@ def _export_target(source: str, out: str, force: bool) -> None:
     target, src = Path(out).resolve(), Path(source).resolve()
     if Path(source).exists() and (target == src or (src.is_dir() and target.is_relative_to(src))):
         raise ExportError(f"--out {out}: is the source's own file ({source}); choose another --out")
+    if Path(out).exists() and not Path(out).is_file() and not Path(out).is_dir():
+        raise ExportError(f"--out {out}: exists and is not a regular file (a device, a pipe); choose a file path")
     if Path(out).is_file() and not force:
         raise ExportError(f"--out {out}: exists; remove it, choose another --out, or pass --force")
 
@@ -222,10 +235,21 @@ def cmd_export(args) -> int:
     from vaqkd.deploy import ExportError, export_packed
 
     _export_target(args.run_dir, args.out, args.force)
+    src, suffix = Path(args.run_dir), Path(args.out).suffix.lower()
+    if (args.format == "onnx") != (suffix == ".onnx") and suffix in (".onnx", ".safetensors"):
+        want = "*.onnx" if args.format == "onnx" else "*.vaqkd.safetensors"
+        raise ExportError(f"--out {args.out}: a {suffix} name for --format {args.format} (name it {want}, or "
+                          "change --format)")  # fmt: skip
+    if src.is_dir() and (args.arch or args.dataset):
+        raise ExportError(f"--arch / --dataset: for FP32 weights only; the run {args.run_dir} has its own")
+    if args.format == "packed" and not src.is_dir():
+        what = "a file" if src.is_file() else "FP32 weights"
+        raise ExportError(f"{args.run_dir}: {what}; --format packed takes a finished quantized run directory "
+                          "(--format onnx converts artifacts and FP32 weights)")  # fmt: skip
     if args.format == "onnx":
         from vaqkd.deploy.onnx_export import export_source_onnx
 
-        export_source_onnx(args.run_dir, args.out, args.data_root, args.arch, args.dataset)
+        export_source_onnx(args.run_dir, args.out, args.data_root, args.arch or "resnet32", args.dataset or "cifar100")
         print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes; input uint8 images, normalised inside)")
         return 0
     if args.format != "packed":
@@ -351,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "deployable file")  # fmt: skip
     x.add_argument("run_dir", metavar="SOURCE", help="a run directory; for --format onnx also a packed artifact or "
                    "FP32 weights ('pretrained', 'pretrained:NAME', a .safetensors file)")  # fmt: skip
-    x.add_argument("--arch", default="resnet32", help="FP32 weights: the architecture (default resnet32)")
-    x.add_argument("--dataset", default="cifar100", help="FP32 weights: the dataset (its statistics, classes)")
+    x.add_argument("--arch", help="FP32 weights only: the architecture (default resnet32)")
+    x.add_argument("--dataset", help="FP32 weights only: the dataset, its statistics and classes (default cifar100)")
     x.add_argument("--format", choices=list(EXPORT_FORMATS), default="packed")
     x.add_argument("--out", required=True, help="e.g. model.vaqkd.safetensors (an existing file: only with --force)")
     x.add_argument("--force", action="store_true", help="replace an existing --out (never the source's own file)")
@@ -405,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="throughput of train steps, loader, epoch and eval; ratios in one process")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--batch", type=_int_in(1), default=128)
+    b.add_argument("--batch", type=_int_in(1, 50_000), default=128,
+                   help="images a step (at most the 50,000 it times on)")  # fmt: skip
     b.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs, not speed")
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", help="also write the JSON here")

@@ -248,7 +248,7 @@ class TrainConfig:
         )
         _check(f"{p}.eval_every", self.eval_every >= 1, "must be >= 1")
         _check(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0")
-        _check(f"{p}.threads", self.threads >= 0, "must be >= 0")
+        _check(f"{p}.threads", 0 <= self.threads <= 4096, "must be in [0, 4096] (0: torch's default)")
         _check(f"{p}.micro_batches", self.micro_batches >= 1, "must be >= 1")
         _check(f"{p}.bn_reestimate_batches", self.bn_reestimate_batches >= 0, "must be >= 0")
 

@@ -99,6 +99,8 @@ def atomic_write(path: Path, write: Callable[[Path], object], example: str = "mo
     path = Path(path)
     if path.is_dir():
         raise RunFileError(f"{path}: is a directory; give a file name (e.g. {path / example})")
+    if path.exists() and not path.is_file():  # a device, a pipe, a socket: never replaced by a file
+        raise RunFileError(f"{path}: exists and is not a regular file; give a file name")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,11 +254,14 @@ def load_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, devic
 def read_json(path: Path) -> dict:
     """A run directory's JSON file (final.json, env.json, ...), with a one-line error naming a damaged one."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise RunFileError(f"{path}: file missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunFileError(f"{path}: damaged (not JSON: {e})") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"{path}: damaged (a JSON {type(obj).__name__}, not an object)")
+    return obj
 
 
 def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
@@ -459,7 +464,12 @@ def resolve_weights(spec: str, arch: str) -> Path:
 def load_weights(model: nn.Module, spec: str, arch: str) -> None:
     path = resolve_weights(spec, arch)
     state, _ = read_safetensors(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ (another class count, another width)
+        lines = str(e).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip() if lines else ""
+        raise RunFileError(f"{path}: does not fit {arch} here ({first[:200]})") from None
     # a quantized run's file holds quantizer parameters too; an FP32 model simply ignores them
     unexpected = [k for k in unexpected if "_quant." not in k]
     if missing or unexpected:

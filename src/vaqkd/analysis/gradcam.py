@@ -51,6 +51,13 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
         raise GradcamError(f"--out {out}: is a directory; give a file name (e.g. {out_path / 'gradcam.png'})")
     if not out_path.suffix:  # matplotlib would add .png itself: name the file it writes
         out_path = out_path.with_name(out_path.name + ".png")
+    formats = plt.gcf().canvas.get_supported_filetypes()
+    plt.close("all")
+    if out_path.suffix[1:].lower() not in formats:  # said before the models are loaded, not after the figure
+        raise GradcamError(f"--out {out}: {out_path.suffix} is not an image format matplotlib writes "
+                           f"({', '.join(sorted(formats))})")  # fmt: skip
+    if not out_path.parent.is_dir():
+        raise GradcamError(f"--out {out}: {out_path.parent} is not a folder")
     device = torch.device("cpu")
     model_a, data, cfg = load_run_model(run_a, device, data_root)
     model_b, data_b, cfg_b = load_run_model(run_b, device, data_root)

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vaqkd.deploy.integrity import FORMAT, VERSION, seal, verify
+from vaqkd.deploy.integrity import FORMAT, TENSORS, VERSION, check_header, seal, verify
 from vaqkd.deploy.pack import pack_codes, packed_size, unpack_codes
 from vaqkd.errors import RunFileError, VaqkdError
 
@@ -130,6 +130,9 @@ def export_packed(run_dir: str | Path, out: str | Path, data_root: str | None = 
                   "residual": cfg.quant.residual, "residual_bits": cfg.quant.residual_bits},
         **summary, "source_run": str(run), "git_sha": final.get("git_sha"), "top1_last": final.get("top1_last"),
     }  # fmt: skip
+    problem = check_header({**header, "sha256": {k: "0" * 64 for k in TENSORS}})  # as the loader will check it
+    if problem:  # e.g. a final.json whose top1_last is not a percentage: never a file the loader refuses
+        raise ExportError(f"{run}: would write an artifact its loader refuses ({problem}; from final.json)")
     save_artifact(out, tensors, header)
     return header
 
