@@ -191,3 +191,21 @@ def test_more_bad_input_is_one_line_before_any_work(capsys, tmp_path):
 
     with pytest.raises(RunFileError, match=r"resnet32_cifar100.safetensors: does not fit resnet32 here \(size mis"):
         load_weights(create_model("resnet32", 10).to(torch.device("cpu")), "pretrained", "resnet32")  # 100 classes
+
+
+def test_config_text_edges(capsys, tmp_path, monkeypatch):
+    from vaqkd.data.build import data_root
+
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbfname = 'bom'\n")  # an editor's byte-order mark: read, not "invalid TOML"
+    assert load_config(bom).name == "bom"
+    listed = tmp_path / "listed.toml"
+    listed.write_text('[[data]]\ndataset = "cifar100"\n')
+    with pytest.raises(ConfigError, match=r"listed.toml: \[data\] must be a table, got a list"):
+        load_config(listed, [("data.root", "x")])  # was "data.root: no list item 'root'", a key the user never wrote
+    with pytest.raises(ConfigError, match="optim.milestones: must be epochs > 0"):
+        load_config(None, ["optim.milestones=[-5]"])
+    with pytest.raises(ConfigError, match="name: must be a plain folder name"):
+        load_config(None, ['name="a\\nb"'])
+    monkeypatch.setenv("VAQKD_DATA", "")  # set but empty: the default ./data, as the help says (was the cwd)
+    assert str(data_root(load_config(None).data)) == "data"

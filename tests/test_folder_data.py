@@ -119,3 +119,27 @@ def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(folder.torch, "save", read_only)
     x, y, _ = load_folder_split(tmp_path, True, size=8)
     assert x.shape == (2, 3, 8, 8) and not list(tmp_path.glob(".vaqkd_cache*"))
+
+
+def test_flat_images_are_refused_and_a_constant_channel_normalises_to_zero_not_nan(tmp_path):
+    from vaqkd.config import load_config
+    from vaqkd.data.build import build_data
+
+    for split, n in (("train", 3), ("test", 1)):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    cfg = load_config(None, ["data.dataset=folder", ("data.root", str(tmp_path)), "data.batch_size=2",
+                             "data.image_size=8", "train.device=cpu"])  # fmt: skip
+    with pytest.raises(DataError, match="every image is one flat colour"):
+        build_data(cfg, torch.device("cpu"))
+    for c in ("a", "b"):  # red varies, green and blue stay constant
+        for i in range(3):
+            Image.new("RGB", (8, 8), (80 * i, 60, 90)).save(tmp_path / "train" / c / f"{i}.png")
+        Image.new("RGB", (8, 8), (200, 60, 90)).save(tmp_path / "test" / c / "0.png")
+    data = build_data(cfg, torch.device("cpu"))
+    x, _, _ = next(iter(data.train.batches(0)))  # augmented: zero padding at the borders stays small
+    assert torch.isfinite(x).all() and x.abs().max() < 10
+    x, _, _ = next(iter(data.test))  # the test split: green and blue centred to 0, red scaled
+    assert x[:, 1:].abs().max() < 0.02 and x[:, 0].abs().max() > 0.5

@@ -137,10 +137,14 @@ def cmd_eval(args) -> int:
 
 def _test_data(args, dataset: str, image_size: int, device):
     """The config and data an artifact (which carries no run directory) is evaluated on."""
-    from vaqkd.config import load_config
+    from vaqkd.config import ConfigError, load_config
     from vaqkd.engine.setup import build_data
 
     # data.batch_size=1: the training split is read (for class names and folder labels), never batched here
+    try:
+        cfg = load_config(None, [("data.dataset", dataset), ("data.image_size", image_size), ("data.batch_size", 1)])
+    except ConfigError as e:  # a value the artifact's header gave
+        raise ConfigError(f"{args.run_dir}: its header does not make a config ({e})") from None
     cfg = load_config(None, [("data.dataset", dataset), ("data.image_size", image_size), ("data.batch_size", 1),
                              *_overrides(args)])  # fmt: skip
     return cfg, build_data(cfg, device)

@@ -141,6 +141,7 @@ class OptimConfig:
         _check(f"{p}.gamma", 0 < self.gamma <= 1, "must be in (0, 1]")
         _check(f"{p}.warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "must be in [0, epochs)")
         _check(f"{p}.milestones", list(self.milestones) == sorted(self.milestones), "must be increasing")
+        _check(f"{p}.milestones", all(m > 0 for m in self.milestones), "must be epochs > 0")
         _check(f"{p}.quant_lr_scale", self.quant_lr_scale > 0, "must be > 0")
         _check(f"{p}.freeze_weights_epochs", 0 <= self.freeze_weights_epochs < self.epochs, "must be in [0, epochs)")
 
@@ -265,8 +266,10 @@ class Config:
 
     def validate(self) -> Config:
         # the run directory is runs/<name>: a name that is empty, a path or '..' would put it elsewhere
-        plain = self.name.strip() and self.name not in (".", "..") and not any(c in self.name for c in "/\\\0")
-        _check("name", bool(plain), f"must be a plain folder name (no '/', '\\' or '..'), got {self.name!r}")
+        plain = (self.name.strip() and self.name not in (".", "..")
+                 and not any(c in self.name for c in "/\\\0") and self.name.isprintable())  # fmt: skip
+        _check("name", bool(plain),
+               f"must be a plain folder name (no '/', '\\', '..' or control characters), got {self.name!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):
@@ -385,7 +388,7 @@ def load_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: base files form a loop ({chain})")
     try:
         with open(path, "rb") as f:
-            d = tomllib.loads(f.read().decode("utf-8"))
+            d = tomllib.loads(f.read().decode("utf-8").removeprefix("\ufeff"))  # an editor's byte-order mark
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -396,6 +399,9 @@ def load_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    for f in dataclasses.fields(Config):  # a section written as [[data]] (a list) or `data = 1`: said as such
+        if f.name in d and f.name != "name" and not isinstance(d[f.name], dict):
+            raise ConfigError(f"{path}: [{f.name}] must be a table, got a {type(d[f.name]).__name__}")
     base = d.pop("base", None)
     if base is not None:  # a preset names the file it refines: its keys override the base's
         _check(f"{path}: base", isinstance(base, str) and bool(base), f"must name a file, got {base!r}")

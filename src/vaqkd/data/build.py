@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from vaqkd.config import Config, ConfigError, DataConfig
-from vaqkd.data.cifar import SPECS, load_split
+from vaqkd.data.cifar import SPECS, DataError, load_split
 from vaqkd.data.identity import tensor_digest
 from vaqkd.data.loader import DeviceLoader, subset_per_class
 
 
 def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root or os.environ.get("VAQKD_DATA", "data")).expanduser()
+    return Path(cfg.root or os.environ.get("VAQKD_DATA") or "data").expanduser()  # VAQKD_DATA="": unset
 
 
 def data_present(cfg: DataConfig) -> bool:
@@ -48,6 +48,10 @@ def build_data(cfg: Config, device: torch.device, shard: tuple[int, int] = (0, 1
         xte, yte, _ = load_folder_split(root, False, d.image_size, classes=classes)
         x = xtr.float() / 255
         mean, std = tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
+        if max(std) < 1e-3:  # every pixel the same value: nothing to learn from (normalising would divide by 0)
+            raise DataError(f"{root / 'train'}: every image is one flat colour (pixel std {max(std):.2g}); nothing "
+                            "to learn from")  # fmt: skip
+        std = tuple(s if s >= 1e-3 else 1.0 for s in std)  # a channel constant over the set: centred, not NaN
         num_classes = len(classes)
     else:
         xtr, ytr = load_split(d.dataset, root, train=True)
