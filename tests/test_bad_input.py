@@ -175,6 +175,9 @@ def test_more_bad_input_is_one_line_before_any_work(capsys, tmp_path):
     one_line_error(capsys, ["export", str(run), "--format", "onnx", "--dataset", "cifar10", "--out", x + ".onnx"],
                    "--arch / --dataset: for FP32 weights only")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    one_line_error(capsys, ["eval", x + ".onnx", "--precision", "bf16"], "--precision bf16: the torch backend's")
+    one_line_error(capsys, ["eval", str(run), "--backend", "onnxruntime", "--precision", "bf16"], "torch backend's")
+    one_line_error(capsys, ["eval", str(run), "--device", ""], "--device")  # was taken as "auto"
     for key in ("quant.w_bits=4", "model.arch=resnet20", "distill.terms.0.weight=1"):  # evaluated silently before
         name = key.split("=")[0]
         one_line_error(capsys, ["eval", str(tmp_path), "--set", key], f"--set {name}: would change the model")

@@ -84,7 +84,7 @@ def cmd_eval(args) -> int:
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
     from vaqkd.engine.step import evaluate, reestimate_bn
 
-    device = resolve_device(args.device or "auto", "--device")
+    device = resolve_device("auto" if args.device is None else args.device, "--device")
     from vaqkd.config import ConfigError, override_key
     from vaqkd.deploy import backend_for
 
@@ -97,11 +97,12 @@ def cmd_eval(args) -> int:
 
     other_backend = args.backend not in (None, "torch")
     if args.bn_reestimate and (Path(args.run_dir).is_file() or other_backend):
-        from vaqkd.errors import ConfigError
-
         what = f"--backend {args.backend}" if other_backend else f"{args.run_dir} (a file)"
         raise ConfigError(f"--bn-reestimate: needs a run directory evaluated in torch (its training data), not {what}")
 
+    if args.precision and (other_backend or backend_for(args.run_dir) == "onnxruntime"):
+        raise ConfigError(f"--precision {args.precision}: the torch backend's; an exported graph computes what it "
+                          "holds (float32 and integer kernels)")  # fmt: skip
     if backend_for(args.run_dir) == "onnxruntime":  # an ONNX graph (vaqkd export --format onnx)
         return _eval_onnx(args)
     if other_backend:  # a run or an artifact, exported in memory and run in that runtime
