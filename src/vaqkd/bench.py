@@ -26,6 +26,7 @@ from vaqkd.engine.step import StudentLoss, evaluate, train_step
 from vaqkd.metrics.size import layer_table
 from vaqkd.models import create_model, stage_channels
 from vaqkd.quant import calibrate, quantize_student
+from vaqkd.rundir import check_file_target
 
 TAKD_STAGES = ("takd_w8a8_from_fp32", "takd_w4a4_from_w8a8", "takd_w2a2_from_w4a4")
 # the project's speed targets, as (ratio, "min" or "max", bound); checked in the report, never in a test
@@ -90,7 +91,7 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
     ratios that matter and whether each target was met (see the module docstring)."""
     dev = resolve_device(device, "--device")
     if out:  # a path that cannot be written fails now, not after minutes of timing
-        _check_out(Path(out))
+        check_file_target(Path(out), "bench.json")
     if quick:
         batch, warmup, rounds, per_round, n_train = min(batch, 8), 1, 2, 1, 64
     else:
@@ -120,16 +121,6 @@ def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_jso
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     return report
-
-
-def _check_out(out: Path) -> None:
-    from vaqkd.errors import ConfigError
-
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a directory; give a file name (e.g. {out / 'bench.json'})")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ConfigError(f"--out {out}: {parent} is a file, not a directory")
 
 
 def _frozen(model: nn.Module) -> nn.Module:

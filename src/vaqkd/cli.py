@@ -81,13 +81,12 @@ EVAL_TRAIN_KEYS = ("train.device", "train.precision", "train.threads", "train.ch
 def cmd_eval(args) -> int:
     import torch
 
+    from vaqkd.config import ConfigError, override_key
+    from vaqkd.deploy import backend_for
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
     from vaqkd.engine.step import evaluate, reestimate_bn
 
     device = resolve_device("auto" if args.device is None else args.device, "--device")
-    from vaqkd.config import ConfigError, override_key
-    from vaqkd.deploy import backend_for
-
     # what an evaluation may change: where and how it reads the test split, not the model the run trained
     for o in args.set or []:
         key = override_key(o)
@@ -142,12 +141,12 @@ def _test_data(args, dataset: str, image_size: int, device):
     from vaqkd.engine.setup import build_data
 
     # data.batch_size=1: the training split is read (for class names and folder labels), never batched here
+    header = [("data.dataset", dataset), ("data.image_size", image_size), ("data.batch_size", 1)]
     try:
-        cfg = load_config(None, [("data.dataset", dataset), ("data.image_size", image_size), ("data.batch_size", 1)])
-    except ConfigError as e:  # a value the artifact's header gave
+        load_config(None, header)
+    except ConfigError as e:  # a value the artifact's header gave, named as such
         raise ConfigError(f"{args.run_dir}: its header does not make a config ({e})") from None
-    cfg = load_config(None, [("data.dataset", dataset), ("data.image_size", image_size), ("data.batch_size", 1),
-                             *_overrides(args)])  # fmt: skip
+    cfg = load_config(None, [*header, *_overrides(args)])
     return cfg, build_data(cfg, device)
 
 
@@ -222,16 +221,17 @@ def _eval_exported(args) -> int:
     return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
 
 
-def _export_target(source: str, out: str, force: bool) -> None:
-    """Refuse, before any work, an --out that would destroy a file: one that exists (unless --force), and never
-    the source itself or a file inside a source run directory (its weights, its checkpoint)."""
+def _export_target(source: str, out: str, force: bool, fmt: str) -> None:
+    """Refuse, before any work, an --out that would destroy a file: one that exists (unless --force), never the
+    source itself or a file inside a source run directory (its weights, its checkpoint), nor what cannot become a
+    file (`rundir.check_file_target`)."""
     from vaqkd.deploy import ExportError
+    from vaqkd.rundir import check_file_target
 
     target, src = Path(out).resolve(), Path(source).resolve()
     if Path(source).exists() and (target == src or (src.is_dir() and target.is_relative_to(src))):
         raise ExportError(f"--out {out}: is the source's own file ({source}); choose another --out")
-    if Path(out).exists() and not Path(out).is_file() and not Path(out).is_dir():
-        raise ExportError(f"--out {out}: exists and is not a regular file (a device, a pipe); choose a file path")
+    check_file_target(Path(out), "model.onnx" if fmt == "onnx" else "model.vaqkd.safetensors")
     if Path(out).is_file() and not force:
         raise ExportError(f"--out {out}: exists; remove it, choose another --out, or pass --force")
 
@@ -239,7 +239,7 @@ def _export_target(source: str, out: str, force: bool) -> None:
 def cmd_export(args) -> int:
     from vaqkd.deploy import ExportError, export_packed
 
-    _export_target(args.run_dir, args.out, args.force)
+    _export_target(args.run_dir, args.out, args.force, args.format)
     src, suffix = Path(args.run_dir), Path(args.out).suffix.lower()
     if (args.format == "onnx") != (suffix == ".onnx") and suffix in (".onnx", ".safetensors"):
         want = "*.onnx" if args.format == "onnx" else "*.vaqkd.safetensors"

@@ -91,16 +91,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], object], example: str = "model.vaqkd.safetensors") -> Path:
-    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a reader (or a kill) never sees
-    a half-written file, and an existing file is replaced whole or not at all. The file gets the usual mode (0666
-    less the umask) whatever `write` made it (safetensors writes 0600). `example`: a file name the error for a
-    directory suggests."""
+def check_file_target(path: Path, example: str = "model.vaqkd.safetensors") -> None:
+    """Refuse, in one line, a path that cannot become a regular file: a directory (`example`: the file name the
+    error suggests in it), a device, pipe or socket (never replaced by a file), a path below a file."""
     path = Path(path)
     if path.is_dir():
         raise RunFileError(f"{path}: is a directory; give a file name (e.g. {path / example})")
-    if path.exists() and not path.is_file():  # a device, a pipe, a socket: never replaced by a file
-        raise RunFileError(f"{path}: exists and is not a regular file; give a file name")
+    if path.exists() and not path.is_file():
+        raise RunFileError(f"{path}: exists and is not a regular file (a device, a pipe); give a file path")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise RunFileError(f"{path}: {parent} is a file, not a directory")
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], example: str = "model.vaqkd.safetensors") -> Path:
+    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a reader (or a kill) never sees
+    a half-written file, and an existing file is replaced whole or not at all. The file gets the usual mode (0666
+    less the umask) whatever `write` made it (safetensors writes 0600). A path that cannot become a file is refused
+    first (`check_file_target`, `example` a file name to suggest)."""
+    path = Path(path)
+    check_file_target(path, example)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,12 +229,19 @@ def read_safetensors(path: Path, device: str = "cpu") -> tuple[dict[str, torch.T
 def load_module(module: nn.Module, path: Path, device: str = "cpu", strict: bool = True) -> dict[str, str]:
     """Load weights into `module`; a file that belongs to another model is a RunFileError. Returns metadata."""
     tensors, meta = read_safetensors(path, device)
-    try:
-        module.load_state_dict(tensors, strict=strict)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise RunFileError(f"{path}: does not fit this model ({first[:200]})") from None
+    _load_state(module, tensors, path, strict, "this model")
     return meta
+
+
+def _load_state(module: nn.Module, state: dict, path: Path, strict: bool, what: str):
+    """`module.load_state_dict`; weights of other shapes (another class count, another width) are a RunFileError
+    naming the file and the first mismatch."""
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        first = (lines[1] if len(lines) > 1 else str(e)).strip()
+        raise RunFileError(f"{path}: does not fit {what} ({first[:200]})") from None
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, device: torch.device) -> dict:
@@ -300,20 +317,14 @@ class RunLock:
             self.created |= not run_dir.exists()
             run_dir.mkdir(parents=True, exist_ok=True)
             try:
-                fd, had_lock = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), False
-            except FileExistsError:
-                fd, had_lock = None, True
+                try:  # whether the lock file was there before: O_EXCL
+                    fd, had_lock = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), False
+                except FileExistsError:
+                    fd, had_lock = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), True
             except FileNotFoundError:
                 if run_dir.is_dir():  # not the folder vanishing: something in the way (a dangling link)
                     raise
                 continue  # a failed start took its folder back between the mkdir and the open
-            if fd is None:
-                try:
-                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                except FileNotFoundError:
-                    if run_dir.is_dir():  # a dangling link in the lock file's place
-                        raise
-                    continue  # the folder vanished again
             try:
                 locked = self._lock(fd)
             except BaseException:
@@ -464,12 +475,7 @@ def resolve_weights(spec: str, arch: str) -> Path:
 def load_weights(model: nn.Module, spec: str, arch: str) -> None:
     path = resolve_weights(spec, arch)
     state, _ = read_safetensors(path)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that differ (another class count, another width)
-        lines = str(e).splitlines()
-        first = (lines[1] if len(lines) > 1 else lines[0]).strip() if lines else ""
-        raise RunFileError(f"{path}: does not fit {arch} here ({first[:200]})") from None
+    missing, unexpected = _load_state(model, state, path, False, f"{arch} here")
     # a quantized run's file holds quantizer parameters too; an FP32 model simply ignores them
     unexpected = [k for k in unexpected if "_quant." not in k]
     if missing or unexpected:

@@ -42,6 +42,7 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
     from vaqkd.data.build import data_root as root_of
     from vaqkd.data.cifar import UnsafePickleError, class_names
@@ -51,8 +52,7 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
         raise GradcamError(f"--out {out}: is a directory; give a file name (e.g. {out_path / 'gradcam.png'})")
     if not out_path.suffix:  # matplotlib would add .png itself: name the file it writes
         out_path = out_path.with_name(out_path.name + ".png")
-    formats = plt.gcf().canvas.get_supported_filetypes()
-    plt.close("all")
+    formats = FigureCanvasBase.get_supported_filetypes()
     if out_path.suffix[1:].lower() not in formats:  # said before the models are loaded, not after the figure
         raise GradcamError(f"--out {out}: {out_path.suffix} is not an image format matplotlib writes "
                            f"({', '.join(sorted(formats))})")  # fmt: skip

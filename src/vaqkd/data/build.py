@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vaqkd.config import Config, ConfigError, DataConfig
-from vaqkd.data.cifar import SPECS, DataError, load_split
+from vaqkd.data.cifar import SPECS, DataError, load_split, split_present
 from vaqkd.data.identity import tensor_digest
 from vaqkd.data.loader import DeviceLoader, subset_per_class
 
@@ -23,8 +23,7 @@ def data_present(cfg: DataConfig) -> bool:
     root = data_root(cfg)
     if cfg.dataset == "folder":
         return (root / "train").is_dir() and (root / "test").is_dir()
-    spec = SPECS.get(cfg.dataset)
-    return spec is not None and all((root / spec.folder / f).exists() for f in spec.train_files + spec.test_files)
+    return cfg.dataset in SPECS and split_present(cfg.dataset, root, True) and split_present(cfg.dataset, root, False)
 
 
 @dataclass

@@ -242,6 +242,13 @@ def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.n
     return data, labels
 
 
+def split_present(name: str, root: str | Path, train: bool) -> bool:
+    """Whether a split's files are under `root` (nothing read, nothing downloaded)."""
+    spec = get_spec(name)
+    folder = Path(root).expanduser() / spec.folder
+    return all((folder / f).exists() for f in (spec.train_files if train else spec.test_files))
+
+
 def load_split(
     name: str, root: str | Path, train: bool, download_missing: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +261,7 @@ def load_split(
     root = Path(root).expanduser()
     folder = root / spec.folder
     files = spec.train_files if train else spec.test_files
-    if not all((folder / f).exists() for f in files):
+    if not split_present(name, root, train):
         if not download_missing:
             raise DataError(f"{name}: {folder} is missing {list(files)}; put the official '{spec.folder}' folder there")
         download(name, root)
