@@ -50,6 +50,14 @@ def test_profile_policies_give_smaller_true_reductions():
     assert fp32["layers"][-1]["macs"] == 6400
 
 
+def test_profile_of_binary_weights_counts_one_bit_a_weight():
+    # 1 bit is what DoReFa trains (quant.weight = "dorefa", w_bits = 1): the profile reports it, not refuses it
+    one, two = profile("resnet32", 100, 1, 2, "same"), profile("resnet32", 100, 2, 2, "same")
+    assert {r["w_bits"] for r in one["layers"]} == {1} and {r["a_bits"] for r in one["layers"]} == {2}
+    assert one["params"] == two["params"] and one["quant_mib"] == pytest.approx(two["quant_mib"] / 2)
+    assert one["bops_reduction"] == pytest.approx(2 * two["bops_reduction"])  # 32 x 32 / (1 x 2) = 512
+
+
 def test_cli_errors_are_one_line_naming_the_culprit(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[optim]\nlr_typo = 1\n")
@@ -121,7 +129,7 @@ def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,culprit",
     [
-        (["profile", "--w-bits", "1"], "argument --w-bits: must be in [2, 16] or 32, got 1"),
+        (["profile", "--w-bits", "0"], "argument --w-bits: must be in [1, 16] or 32, got 0"),
         (["profile", "--a-bits", "17"], "argument --a-bits: must be in [2, 16], got 17"),
         (["profile", "--num-classes", "100000000"], "argument --num-classes: must be in [1, 100000], got 100000000"),
         (["table", "--seeds", "0"], "argument --seeds: must be in [1, 100], got 0"),

@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default="resnet32")
     pr.add_argument("--num-classes", type=_int_in(1, 100_000), default=100,
                     help="classes of the last layer (at most 100,000: the profile builds the model)")  # fmt: skip
-    pr.add_argument("--w-bits", type=_int_in(2, 16, also=(32,)), default=2, help="32: FP32")
+    pr.add_argument("--w-bits", type=_int_in(1, 16, also=(32,)), default=2, help="1: DoReFa's binary weights; 32: FP32")
     pr.add_argument("--a-bits", type=_int_in(2, 16), default=2)
     pr.add_argument("--first-last", choices=["fp32", "8", "same"], default="same")
     pr.add_argument("--json", action="store_true")

@@ -12,6 +12,7 @@ from torch import nn
 
 from vaqkd.models import create_model
 from vaqkd.quant import quantize
+from vaqkd.quant.quantizers import WEIGHT_QUANTIZERS
 
 
 def layer_table(model: nn.Module, image_size: int = 32) -> list[dict]:
@@ -86,12 +87,14 @@ def model_profile(model: nn.Module, num_classes: int, image_size: int = 32) -> d
 
 def profile(arch: str, num_classes: int, w_bits: int, a_bits: int, first_last: str) -> dict:
     """Per-layer bits, params and MACs, size and BOPs. w_bits 32: the FP32 model (activations FP32 too, whatever
-    a_bits says: the header reports what the layers are)."""
+    a_bits says: the header reports what the layers are). The counts depend on the bits alone; the model is built
+    with the first weight quantizer that trains at `w_bits` (LSQ from 2 bits, DoReFa at 1)."""
     model = create_model(arch, num_classes)
     if w_bits >= 32:
         a_bits = 32
     if w_bits < 32:
-        quantize(model, w_bits, a_bits, first_last=first_last)
+        weight = next(k for k, q in WEIGHT_QUANTIZERS.items() if q.min_bits <= w_bits)
+        quantize(model, w_bits, a_bits, weight=weight, first_last=first_last)
     rows = layer_table(model)
     return {
         "model": arch,
