@@ -185,10 +185,10 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_
     assert not (tmp_path / "new" / "r").exists()  # made by the attempt: gone (its parent, made too, stays)
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "notes.txt").write_text("kept")
+    (mine / ".notes").write_text("kept")  # a hidden file (an editor's, a sync tool's): not in a run's way
     with pytest.raises(ConfigError, match="sync_bn"):
         fit(bad, mine, progress=False, log=quiet)
-    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # no config.toml or .lock left
+    assert [p.name for p in mine.iterdir()] == [".notes"]  # no config.toml or .lock left
 
     def fails_in_the_first_epoch(run, *args):  # after env.json; meanwhile someone else writes beside the run
         assert (run.run_dir / "env.json").exists() and (run.run_dir / "config.toml").exists()
@@ -198,17 +198,45 @@ def test_a_start_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_
     monkeypatch.setattr(train_mod, "_loop", fails_in_the_first_epoch)
     with pytest.raises(RuntimeError, match="out of memory"):
         fit(cfg_for(shared_cifar_root), mine, progress=False, log=quiet)
-    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "theirs.txt"]  # only what a start writes goes
+    assert sorted(p.name for p in mine.iterdir()) == [".notes", "theirs.txt"]  # only what a start writes goes
     (mine / "theirs.txt").unlink()
     monkeypatch.undo()
     with pytest.raises(RunFileError, match="no checkpoint to resume from"):
         fit(cfg_for(shared_cifar_root), mine, resume=True, progress=False, log=quiet)
-    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert [p.name for p in mine.iterdir()] == [".notes"]
     with pytest.raises(RunFileError, match="no such run directory to resume"):
         fit(cfg_for(shared_cifar_root), tmp_path / "absent", resume=True, progress=False, log=quiet)
     assert not (tmp_path / "absent").exists()
     fit(cfg_for(shared_cifar_root), mine, progress=False, log=quiet)  # the folder takes a run afterwards
-    assert (mine / "final.json").exists() and (mine / "notes.txt").exists()
+    assert (mine / "final.json").exists() and (mine / ".notes").exists()
+
+
+def test_a_fresh_run_is_not_started_among_files_no_run_writes(shared_cifar_root, tmp_path, capsys):
+    """An --out that names a dataset or a project folder is refused before any work, nothing written there; a
+    folder holding only a run's own files (a start killed before its first checkpoint) takes the run."""
+    data = tmp_path / "images"
+    data.mkdir()
+    for name in ("a.png", "b.png", "c.png", "labels.csv"):
+        (data / name).write_text("theirs")
+    with pytest.raises(RunFileError, match=r"images: not empty and not a run directory \(holds a.png, b.png, c.png "
+                                           r"and 1 more\); choose a new or empty --out"):  # fmt: skip
+        fit(cfg_for(shared_cifar_root), data, progress=False, log=quiet)
+    assert sorted(p.name for p in data.iterdir()) == ["a.png", "b.png", "c.png", "labels.csv"]
+    config = Path(__file__).resolve().parents[1] / "configs" / "cifar100" / "w2a2_qat.toml"
+    assert main(["train", str(config), "--out", str(data), "--data-root", str(shared_cifar_root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty and not a run directory" in err and "\n" not in err
+    a_file = tmp_path / "model.onnx"
+    a_file.write_text("x")
+    with pytest.raises(RunFileError, match="exists and is not a folder"):
+        fit(cfg_for(shared_cifar_root), a_file, progress=False, log=quiet)
+    killed = tmp_path / "killed"  # what a start killed before its first checkpoint leaves
+    killed.mkdir()
+    for name in ("config.toml", "env.json", ".lock", "metrics.jsonl"):
+        (killed / name).write_text("")
+    (killed / "tensorboard").mkdir()
+    fit(cfg_for(shared_cifar_root), killed, progress=False, log=quiet)
+    assert (killed / "final.json").exists()
 
 
 def test_the_lock_is_taken_on_the_file_in_the_folder_not_on_one_a_failed_start_removed(tmp_path, monkeypatch):

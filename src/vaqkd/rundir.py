@@ -37,6 +37,7 @@ from vaqkd.quant import quantize_student
 
 FORMAT = "vaqkd-checkpoint-1"
 PREFIX = "ckpt-"
+RUN_FILES = ("config.toml", "env.json", "tensorboard", "metrics.jsonl", "final.json", "failed.json", ".lock")
 
 
 class DiskFullError(RunFileError):
@@ -140,6 +141,16 @@ def checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What a folder holds that no run writes (a run's files, its checkpoints and hidden temporaries aside): a
+    fresh run is not started among them (an --out naming a dataset or a project folder)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    names = sorted(p.name for p in run_dir.iterdir())
+    return [n for n in names if n not in RUN_FILES and not n.startswith((".", PREFIX))]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
