@@ -66,6 +66,28 @@ def test_a_torn_metrics_line_does_not_block_resume_and_a_finished_run_is_not_red
     assert "already finished" in capsys.readouterr().out and (run / "final.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("damage,culprit", [
+    ('{"epoch": 1, "loss": 4.6\n{"epoch": 2}', "metrics.jsonl:1: damaged line (not JSON)"),  # torn, but not last
+    ('[1, 2]', "metrics.jsonl:1: damaged line (a JSON list, not an object)"),
+    ('{"loss": 4.6}', "metrics.jsonl:1: damaged line ('epoch' missing or not int)"),
+    ('{"epoch": "1"}', "metrics.jsonl:1: damaged line ('epoch' missing or not int)"),
+    (b'{"epoch": 1}\xff', "metrics.jsonl: damaged (not UTF-8 text)"),
+])  # fmt: skip
+def test_damaged_metrics_lines_before_the_last_are_named_on_a_resume_and_the_checkpoint_kept(
+        damage, culprit, shared_cifar_root, tmp_path, capsys):  # fmt: skip
+    sets = [f'data.root="{shared_cifar_root}"', "data.subset_per_class=2", "data.batch_size=100", "optim.epochs=2",
+            "model.arch=resnet20", "train.precision=fp32"]  # fmt: skip
+    cfg, run = load_config(None, sets), tmp_path / "r"
+    fit(cfg, run, progress=False, log=lambda s: None, stop_after_steps=2)  # epoch 1 of 2 done
+    metrics = run / "metrics.jsonl"
+    metrics.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    ckpt = sorted(p.name for p in run.iterdir())
+    args = ["train", str(run / "config.toml"), "--out", str(run), "--resume", "--no-progress"]
+    one_line(capsys, args, culprit)
+    assert sorted(p.name for p in run.iterdir()) == ckpt and not (run / "final.json").exists()
+    assert metrics.read_bytes() == (damage if isinstance(damage, bytes) else damage.encode())  # left to be mended
+
+
 def test_gradcam_impossible_requests_are_one_line(tmp_path, capsys):
     a, data2 = _folder_run(tmp_path, "a", 2)
     b, _ = _folder_run(tmp_path, "b", 3)

@@ -292,18 +292,28 @@ def read_json(path: Path) -> dict:
     return obj
 
 
-def read_jsonl(path: Path, torn_tail_ok: bool = False) -> list[dict]:
-    """The rows of a JSON-lines file; a damaged line is a RunFileError, except (with `torn_tail_ok`) a last line
-    that a kill or a full disk cut short, which is dropped."""
-    lines = Path(path).read_text().splitlines()
+def read_jsonl(path: Path, torn_tail_ok: bool = False, require: dict[str, type] | None = None) -> list[dict]:
+    """The rows (JSON objects) of a JSON-lines file; a damaged line is a RunFileError naming it — not JSON, not an
+    object, or without a `require`d key of its type — except (with `torn_tail_ok`) a last line that a kill or a full
+    disk cut short (not JSON), which is dropped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path}: damaged (not UTF-8 text)") from None
     rows = []
     for i, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if torn_tail_ok and i == len(lines):
                 break
             raise RunFileError(f"{path}:{i}: damaged line (not JSON)") from None
+        if not isinstance(row, dict):
+            raise RunFileError(f"{path}:{i}: damaged line (a JSON {type(row).__name__}, not an object)")
+        for key, kind in (require or {}).items():
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                raise RunFileError(f"{path}:{i}: damaged line ({key!r} missing or not {kind.__name__})")
+        rows.append(row)
     return rows
 
 

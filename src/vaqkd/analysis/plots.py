@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from vaqkd.rundir import read_jsonl  # noqa: E402
 
 
 def accuracy_bars(rows: list[dict], path: Path) -> None:
@@ -32,7 +33,7 @@ def accuracy_bars(rows: list[dict], path: Path) -> None:
 
 
 def _metrics(run_dir: str) -> list[dict]:
-    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl", require={"epoch": int})
 
 
 def training_curves(results: dict[str, list[dict]], path: Path, paper: dict[str, float] | None = None) -> None:

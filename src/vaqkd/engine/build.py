@@ -185,7 +185,8 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists() and dist.is_main():
             done = state["step"] // len(data.train)
-            lines = [json.dumps(r) for r in read_jsonl(metrics, torn_tail_ok=True) if r["epoch"] <= done]
+            lines = [json.dumps(r) for r in read_jsonl(metrics, torn_tail_ok=True, require={"epoch": int})
+                     if r["epoch"] <= done]  # fmt: skip
             metrics.write_text("".join(ln + "\n" for ln in lines))
         log(f"resumed {run_dir} at step {state['step']}/{cfg.optim.epochs * len(data.train)}")
     if resume and dist.is_main():

@@ -212,7 +212,7 @@ def finish(run: Run) -> dict:
     """final.json from the metrics of every epoch and the run's state (rank 0 writes it; every rank returns it)."""
     if not dist.is_main():
         return dist.broadcast_object(None)
-    rows = read_jsonl(run.run_dir / "metrics.jsonl")
+    rows = read_jsonl(run.run_dir / "metrics.jsonl", require={"epoch": int})
     env = run.env
     final = {
         "name": run.cfg.name,
