@@ -85,7 +85,8 @@ def main() -> None:
             "left out |", "|---|---|---|---|---|---|"]  # fmt: skip
     for pr in pairs:
         ci = f"[{pr['lo']:+.2f}, {pr['hi']:+.2f}]" if pr["lo"] is not None else f"— ({pr['verdict']})"
-        doc.append(f"| {pr['preset']} | {pr['comparison']} | {pr['mean']:+.2f} | {pr['n']} | {ci} | "
+        mean = f"{pr['mean']:+.2f}" if pr["mean"] is not None else "—"  # n = 0: no seed pairs
+        doc.append(f"| {pr['preset']} | {pr['comparison']} | {mean} | {pr['n']} | {ci} | "
                    f"{pr['cross_machine_pairs_left_out']} |")
     if missing:
         doc += ["", f"No records yet for: {', '.join(missing)}."]

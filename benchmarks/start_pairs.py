@@ -16,9 +16,15 @@ from vaqkd.analysis.stats import mean_std, paired_interval
 
 
 def records(folder: Path, row: str) -> dict[int, dict]:
-    out = {}
+    """The finished runs of `row` in folder/runs by seed; two records of one seed (two configs of the row in one
+    folder) are refused by name: which one pairs must not depend on the folders' order."""
+    out: dict[int, dict] = {}
     for final in sorted((folder / "runs").glob(f"{row}-s*/final.json")):
         rec = {**json.loads(final.read_text()), "run_dir": str(final.parent)}
+        if rec["seed"] in out:
+            first = Path(out[rec["seed"]]["run_dir"]).name
+            raise SystemExit(f"{folder}: two records of {row} seed {rec['seed']} ({first}, {final.parent.name}); "
+                             "keep one config of the row in a folder")  # fmt: skip
         out[rec["seed"]] = rec
     return out
 

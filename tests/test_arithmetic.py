@@ -191,6 +191,58 @@ def test_reports_hold_apart_two_kernel_arithmetics_and_pair_records_without_one(
     assert sorted(p["n"] for p in pairs) == [1, 2]
 
 
+def test_a_pair_is_of_the_machine_either_record_names_and_no_comparison_is_dropped():
+    qkd = [_rec(0, 40.0, "a"), *(dict(_rec(s, 40.0 + s, "a"), cpu_capability="AVX512") for s in (1, 2))]
+    va = [_rec(s, 41.0 + s, "a") for s in range(3)]
+    va[0].pop("cpu_capability")  # seed 0: AVX2 by its QKD record; seeds 1-2: AVX512 on both sides
+    for r in va[1:]:
+        r["cpu_capability"] = "AVX512"
+    pairs = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va})
+    assert sorted((p["n"], p["seeds"]) for p in pairs) == [(1, [0]), (2, [1, 2])]  # never one interval of three
+    assert {p["comparison"].split("[")[1] for p in pairs} == {
+        "a, cpu x, AVX2, fp32, 1 thread]", "a, cpu x, AVX512, fp32, 1 thread]"}
+    other = [_rec(s, 41.0, "b") for s in range(3)]  # common seeds, none pairable: a line that says so
+    (none,) = paired_rows({"qkd_logit": qkd, "vaqkd_logit": other})
+    assert none["n"] == 0 and none["verdict"] == "no pair of one arithmetic and machine kind"
+    assert none["cross_arithmetic_pairs_left_out"] == 3
+
+
+def test_groups_that_differ_in_any_machine_field_have_labels_that_say_so_and_unknowns_do_not_mix():
+    runs = [_rec(0, 40.0, "a"), _rec(1, 41.0, "a"), dict(_rec(2, 50.0, "a"), world_size=2)]
+    labels = sorted(r["row"] for r in summary_rows({"qkd_logit": runs}))
+    assert labels == ["qkd_logit [a, cpu x, AVX2, fp32, 1 thread, 2 processes]",
+                      "qkd_logit [a, cpu x, AVX2, fp32, 1 thread]"]  # fmt: skip
+    unknown = [_rec(0, 40.0, "unknown"), dict(_rec(1, 60.0, "unknown"), device="NVIDIA H100")]
+    rows = summary_rows({"qkd_logit": unknown})
+    assert sorted((r["seeds"], r["top1_last_mean"]) for r in rows) == [(1, 40.0), (1, 60.0)]
+    assert all(r["row"].startswith("qkd_logit [unknown arithmetic, ") for r in rows)
+
+
+def test_a_chain_is_of_the_kind_of_all_its_stages(tmp_path):
+    """TAKD's row record is its student's final.json with `stages`: an assistant trained on other arithmetic
+    makes the chain of neither kind."""
+    chains = []
+    for seed in range(3):
+        stages = []
+        for stage, arith in (("w8a8", "OTHER" if seed == 1 else "a"), ("w2a2", "a")):
+            d = tmp_path / f"{stage}-s{seed}"
+            d.mkdir()
+            (d / "env.json").write_text(json.dumps({"device_name": "cpu x", "arithmetic": arith}))
+            stages.append({"run_dir": str(d)})
+        chains.append(dict(_rec(seed, 41.0, "a"), run_dir=stages[-1]["run_dir"], stages=stages))
+    assert sorted(len(g) for g in run_groups(chains)) == [1, 2]
+    (odd,) = [r for r in summary_rows({"takd": chains}) if r["seeds"] == 1]
+    assert odd["arithmetic"] == "OTHER + a" and odd["records_of_other_kinds"] == 2
+
+
+def test_pairs_resting_on_a_record_without_a_part_fingerprint_are_counted():
+    qkd, va = [_rec(s, 40.0 + s, "a") for s in range(2)], [_rec(s, 41.0 + s, "a") for s in range(2)]
+    for r in (*qkd, va[1]):
+        r["arithmetic_kernels"] = "k1"  # VA-QKD seed 0 predates the key
+    (p,) = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va})
+    assert p["n"] == 2 and p["pairs_lacking_a_part_fingerprint"] == 1 and p["pairs_with_unknown_machine_fields"] == 0
+
+
 def test_the_residual_fingerprint_sees_the_integer_stream_that_the_others_cannot(monkeypatch):
     """An integer-residual run's block path (its 8-bit requantization, the stream's codes on the shortcut) is not
     in the tiny step nor in the kernels' fingerprint: a one-ulp change there moves only `residual_fingerprint`."""

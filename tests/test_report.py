@@ -3,6 +3,8 @@ figure and the difference to it; rows the paper does not have, or at other bits,
 
 import json
 
+import pytest
+
 from vaqkd.analysis.report import PAPER_TOP1, group_label, write_report
 
 PROFILE = {"w_bits": 2, "a_bits": 2, "quant_mib": 0.136, "paper_quant_mib": 0.112, "bops_reduction": 96.2,
@@ -77,3 +79,19 @@ def test_start_pairs_gives_one_interval_per_kind_of_pair(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert out.count("-- pairs of") == 2 and "(n = 3;" in out and "(n = 2;" in out  # never one pool of 5
     assert "a - b: +0.83" in out and "a - b: -1.25" in out
+
+
+def test_start_pairs_refuses_two_records_of_one_seed(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import start_pairs
+
+    for side, configs in (("a", ("0000", "1111")), ("b", ("2222",))):
+        for h in configs:
+            run = tmp_path / side / "runs" / f"qkd_logit-s0-{h}"
+            run.mkdir(parents=True)
+            (run / "final.json").write_text(json.dumps(_kind(0, 40.0, "x")))
+    monkeypatch.setattr("sys.argv", ["start_pairs.py", str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match=r"two records of qkd_logit seed 0 \(qkd_logit-s0-0000, qkd_logit-s0-1111\)"):
+        start_pairs.main()

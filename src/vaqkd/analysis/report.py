@@ -81,17 +81,27 @@ MACHINE_FIELDS = tuple(MACHINE_ENV_KEYS)  # device, cpu_capability, precision, t
 # and records older than it do not have, and the integer residual stream's, which only such runs have
 # (engine.arithmetic, rundir.PART_FINGERPRINTS)
 OPTIONAL_FIELDS = tuple(PART_FINGERPRINTS)
+# of those, the one a pair may hold on one side by design: the integer residual stream's (an integer run and its
+# float-residual partner); the others on one side of a pair of two quantized runs mean a record older than the key
+ONE_SIDED_BY_DESIGN = ("arithmetic_residual",)
 
 
 def machine_kind(final: dict) -> tuple:
     """What must match for two runs to be bit-comparable: CPU/GPU name, its capability, precision, threads and
     the number of processes (torchrun world size). Read from the run's env.json where the record says where it
     lies (the start and every resume: a run resumed on another machine is of a mixed kind, `run_machine`), else
-    from final.json; a field neither records (written before the field existed) is None."""
+    from final.json; a field neither records (written before the field existed) is None. A chain of runs (TAKD's
+    assistants and student, `final["stages"]`) is of the kind of all its stages: a field that differs between
+    them holds each value, " + "-joined, as for a resume."""
     kind = {k: final.get(k) for k in MACHINE_FIELDS}
-    env = Path(final["run_dir"]) / "env.json" if final.get("run_dir") else None
-    if env is not None and env.exists():
-        kind.update({k: v for k, v in run_machine(json.loads(env.read_text())).items() if v is not None})
+    dirs = [s["run_dir"] for s in final.get("stages", []) if s.get("run_dir")] or [final.get("run_dir")]
+    parts = []
+    for d in filter(None, dirs):
+        if (Path(d) / "env.json").exists():
+            env = json.loads((Path(d) / "env.json").read_text())
+            parts += [env, *env.get("resumes", [])]
+    if parts:
+        kind.update({k: v for k, v in run_machine({**parts[0], "resumes": parts[1:]}).items() if v is not None})
     return tuple(kind[k] for k in MACHINE_FIELDS)
 
 
@@ -106,24 +116,36 @@ def same_machine(a: dict, b: dict) -> tuple[bool, bool]:
     machine field both records know is equal; a machine field one of them lacks (records older than the field)
     is not held against the pair, but the pair is counted as resting on it (except `OPTIONAL_FIELDS`, which only
     some records can have). An unknown arithmetic pairs with nothing."""
-    ka, kb = machine_kind(a), machine_kind(b)
     if arithmetic_of(a) == "unknown" or arithmetic_of(a) != arithmetic_of(b):
         return False, False
-    known = [(x, y) for x, y in zip(ka, kb) if x is not None and y is not None]
+    ka, kb = machine_kind(a), machine_kind(b)
     lacking = [f for f, x, y in zip(MACHINE_FIELDS, ka, kb) if (x is None or y is None) and f not in OPTIONAL_FIELDS]
-    return all(x == y for x, y in known), bool(lacking)
+    return _known_agree(ka, kb), bool(lacking)
+
+
+def _known_agree(ka: tuple, kb: tuple) -> bool:
+    """Every machine field both kinds know is equal."""
+    return all(x == y for x, y in zip(ka, kb) if x is not None and y is not None)
+
+
+def lacks_part_fingerprint(a: dict, b: dict) -> bool:
+    """One run of the pair records a part fingerprint that the other lacks where both should hold it (a record
+    older than the key: it may have computed with other kernels); such pairs are kept and counted."""
+    ka, kb = dict(zip(MACHINE_FIELDS, machine_kind(a))), dict(zip(MACHINE_FIELDS, machine_kind(b)))
+    return any((ka[f] is None) != (kb[f] is None) for f in OPTIONAL_FIELDS if f not in ONE_SIDED_BY_DESIGN)
 
 
 def run_groups(finals: list[dict]) -> list[list[dict]]:
     """A row's records in groups that may be averaged: each run joins the first group with every run of which it
     pairs (`same_machine`; every run, not the first alone: a record that lacks a field pairs with two runs that
-    differ in it, which must not end up together); largest group first. Runs of unknown arithmetic form one group
-    of their own."""
+    differ in it, which must not end up together); largest group first. Runs of unknown arithmetic group only
+    with each other, and only where every machine field they both record agrees."""
     groups: list[list[dict]] = []
 
     def fits(g: list[dict], f: dict) -> bool:
-        if {arithmetic_of(g[0]), arithmetic_of(f)} == {"unknown"}:
-            return True
+        if "unknown" in (arithmetic_of(g[0]), arithmetic_of(f)):
+            return arithmetic_of(g[0]) == arithmetic_of(f) and all(
+                _known_agree(machine_kind(m), machine_kind(f)) for m in g)
         return all(same_machine(m, f)[0] for m in g)
 
     for f in finals:
@@ -136,20 +158,27 @@ def run_groups(finals: list[dict]) -> list[list[dict]]:
 
 
 def group_label(final: dict) -> str:
-    """A short name for a group of runs: its arithmetic and machine (device name, precision, threads)."""
+    """A short name for a group of runs: its arithmetic and every machine field that can set groups apart (device
+    name, CPU capability, precision, threads, processes where more than one)."""
     kind = dict(zip(MACHINE_FIELDS, machine_kind(final)))
+    kind["arithmetic"] = "unknown arithmetic" if kind["arithmetic"] in (None, "unknown") else kind["arithmetic"]
     for field, (name, _) in PART_FINGERPRINTS.items():
         if kind[field] is not None:
             kind[field] = f"{name} {str(kind[field])[:8]}"
-    fields = ("arithmetic", *PART_FINGERPRINTS, "device", "precision", "threads")
+    if kind["threads"] is not None:
+        kind["threads"] = f"{kind['threads']} thread{'s' if kind['threads'] != 1 else ''}"
+    kind["world_size"] = None if kind["world_size"] in (None, 1) else f"{kind['world_size']} processes"
+    fields = ("arithmetic", *PART_FINGERPRINTS, "device", "cpu_capability", "precision", "threads", "world_size")
     return ", ".join(str(kind[k]) for k in fields if kind[k] is not None)
 
 
 def pair_kind(a: dict, b: dict) -> dict:
-    """A pair's record for grouping pairs: `a`, with the optional fields it lacks taken from `b` (a pair whose
-    QKD run has kernels k2 is a k2 pair even when its VA-QKD record predates the field)."""
+    """A pair's record for grouping pairs: `a`'s machine kind, with every field it lacks taken from `b` (a pair
+    whose QKD run has kernels k2 is a k2 pair even when its VA-QKD record predates the field; one whose QKD run
+    says AVX2 is an AVX2 pair even when its VA-QKD record does not say)."""
     ka, kb = dict(zip(MACHINE_FIELDS, machine_kind(a))), dict(zip(MACHINE_FIELDS, machine_kind(b)))
-    return {**a, **{f: kb[f] for f in OPTIONAL_FIELDS if ka[f] is None and kb[f] is not None}}
+    kind = {f: ka[f] if ka[f] is not None else kb[f] for f in MACHINE_FIELDS}
+    return {**{k: v for k, v in a.items() if k not in ("run_dir", "stages")}, **kind}
 
 
 def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
@@ -170,6 +199,12 @@ def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
                               for s in both)  # fmt: skip
             # pairs of one kind only: never two in one interval
             groups = run_groups([pair_kind(va[s], ref[s]) for s in pairable])
+            if both and not groups:  # common seeds, none pairable: said, not dropped
+                out.append({"comparison": f"vaqkd_{setting} - {base}", "n": 0, "mean": None, "lo": None, "hi": None,
+                            "verdict": "no pair of one arithmetic and machine kind", "seeds": [], "arithmetic": None,
+                            "cross_arithmetic_pairs_left_out": cross_arith,
+                            "cross_machine_pairs_left_out": len(both) - cross_arith, "pairs_of_other_kinds": 0,
+                            "pairs_with_unknown_machine_fields": 0, "pairs_lacking_a_part_fingerprint": 0})
             for g in groups:
                 seeds = sorted(f["seed"] for f in g)
                 stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
@@ -179,7 +214,9 @@ def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
                             "cross_arithmetic_pairs_left_out": cross_arith,
                             "cross_machine_pairs_left_out": len(both) - len(pairable) - cross_arith,
                             "pairs_of_other_kinds": len(pairable) - len(seeds),
-                            "pairs_with_unknown_machine_fields": sum(match[s][1] for s in seeds)})  # fmt: skip
+                            "pairs_with_unknown_machine_fields": sum(match[s][1] for s in seeds),
+                            "pairs_lacking_a_part_fingerprint": sum(lacks_part_fingerprint(va[s], ref[s])
+                                                                    for s in seeds)})  # fmt: skip
     return out
 
 
@@ -237,8 +274,10 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
                   "A pair counts only when both runs share one training arithmetic (`arithmetic` in env.json; records "
                   "older than it carry the era of their git SHA, `legacy:*`) and one kind of machine (device, CPU "
                   "capability, precision, threads, processes); other pairs are left out and counted, and pairs of "
-                  "two kinds are two lines, never one interval. A machine field that one record lacks (written "
-                  "before the field existed) does not break a pair; such pairs are counted.", ""]  # fmt: skip
+                  "two kinds are two lines, never one interval. A machine field or part fingerprint (kernels, "
+                  "quantizers) that one record lacks (written before the field existed) does not break a pair; such "
+                  "pairs are counted. The integer residual stream's fingerprint is held by integer runs alone: "
+                  "an integer run pairs with its float-residual partner.", ""]  # fmt: skip
         lines += ["| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
         for p in pairs:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
@@ -248,7 +287,10 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
             note = f" ({left} cross-machine pair(s) left out)" if left else ""
             note += f" ({arith} cross-arithmetic pair(s) left out)" if arith else ""
             note += f" ({unknown} pair(s) with a record lacking a machine field)" if unknown else ""
-            lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']}{note} |")
+            part = p.get("pairs_lacking_a_part_fingerprint", 0)
+            note += f" ({part} pair(s) with a record lacking a part fingerprint)" if part else ""
+            mean = f"{p['mean']:+.2f}" if p["mean"] is not None else "—"
+            lines.append(f"| {p['comparison']} | {p['n']} | {mean} | {ci} | {p['verdict']}{note} |")
     if meta.get("failed"):
         lines += ["", f"**Failed cells** (not in the table): {', '.join(meta['failed'])}."]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-# two-sided 95 % critical values t_{0.975, df} (df = 1..30), then 40, 60, 120 and the normal limit, to 3 decimals;
-# tests/test_stats.py pins them to scipy.stats.t.ppf (scipy is in the analysis extra; the core does not need it)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]  # fmt: skip
-_T975_TAIL = [(40, 2.021), (60, 2.000), (120, 1.980)]
+# two-sided 95 % critical values t_{0.975, df} (df = 1..30), then 40, 60, 120, each rounded *up* at the third decimal
+# (so an interval is never narrower than the exact one); tests/test_stats.py pins them to scipy.stats.t.ppf (scipy
+# is in the analysis extra; the core does not need it)
+_T975 = [12.707, 4.303, 3.183, 2.777, 2.571, 2.447, 2.365, 2.307, 2.263, 2.229, 2.201, 2.179, 2.161, 2.145,
+         2.132, 2.120, 2.110, 2.101, 2.094, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.049,
+         2.046, 2.043]  # fmt: skip
+_T975_TAIL = [(40, 2.022), (60, 2.001), (120, 1.980)]
 
 
 def t975(df: int) -> float:
@@ -43,6 +44,8 @@ def paired_interval(a: Sequence[float], b: Sequence[float]) -> dict:
     d = [x - y for x, y in zip(a, b)]
     m, sd = mean_std(d)
     n = len(d)
+    if not all(math.isfinite(v) for v in d):  # a damaged record: no comparison can say anything
+        return {"n": n, "mean": m, "lo": None, "hi": None, "verdict": "no verdict: a top-1 is not a finite number"}
     if n == 1:
         return {"n": 1, "mean": m, "lo": None, "hi": None, "verdict": "n = 1: no interval, one seed cannot tell"}
     if max(d) - min(d) <= 1e-9 * max(1.0, abs(m)):  # equal up to float noise (top-1 moves in steps of one image)
