@@ -34,6 +34,8 @@ def test_rows_carry_the_papers_figure_and_the_difference(tmp_path):
     rows = {r["row"]: r for r in json.loads((tmp_path / "table.json").read_text())["rows"]}
     assert rows["vaqkd_logit"]["paper_top1"] == PAPER_TOP1["vaqkd_logit"] == 65.06
     assert rows["takd_logit"]["paper_top1"] is None
+    # each row says where its runs trained (the header's machine is the one that wrote the report)
+    assert table.count("| a, cpu x, AVX2, fp32, 1 thread |") == 4 and rows["qkd_logit"]["trained_on"].startswith("a, ")
 
 
 def _kind(seed, acc, device, arithmetic="a"):

@@ -72,6 +72,8 @@ def _summary(row: str, finals: list[dict], left_out: int) -> dict:
         "config": _config_text(finals[0]),
         "fp32_mib": finals[0].get("fp32_mib") or (prof.get("fp32_mib") if prof else None),
         "arithmetic": arithmetic_of(finals[0]), "records_of_other_kinds": left_out,
+        "trained_on": group_label(finals[0]) if row.split(" [")[0] != "teacher" else None,
+        "runs": [Path(f["run_dir"]).name for f in finals if f.get("run_dir")],
         "paper_top1": PAPER_TOP1.get(row.split(" [")[0]),
     }  # fmt: skip
 
@@ -227,7 +229,7 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
     doc = _no_nan({"rows": rows, "paired": pairs, "meta": meta})
     (out_dir / "table.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     with open(out_dir / "table.csv", "w", newline="") as f:
-        keys = [k for k in rows[0] if k not in ("top1_last", "seeds_list", "config")]
+        keys = [k for k in rows[0] if k not in ("top1_last", "seeds_list", "config", "runs")]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
@@ -235,8 +237,9 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         f"# vaqkd table — preset `{meta['preset']}`",
         "",
         f"Command: `{meta['command']}`  ",
-        f"git {meta['git_sha']}, torch {meta['torch']}, {meta['device_name']} ({meta['device']}, CPU capability "
-        f"{meta.get('cpu_capability', 'unknown')}), teacher `{meta['teacher']}`.  ",
+        f"Report written at git {meta['git_sha']}, torch {meta['torch']}, on {meta['device_name']} ({meta['device']}, "
+        f"CPU capability {meta.get('cpu_capability', 'unknown')}); teacher `{meta['teacher']}`. Where each row's "
+        "runs trained: its *trained on* column.  ",
         *(
             [f"Runs trained at git {', '.join(f'{k[:12]} ({n})' for k, n in meta['runs_git_sha'].items())}.  "]
             if meta.get("runs_git_sha")
@@ -253,8 +256,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
         "paper's table (240 epochs; the teacher's row is the paper's teacher), *Δ paper* = top-1 last − paper.",
         "",
         "| row | bits | seeds | top-1 last | top-1 best | paper top-1 | Δ paper | size MiB (paper / run) | "
-        "BOPs ↓ (paper / run) | train s / seed | epochs × images |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "BOPs ↓ (paper / run) | train s / seed | epochs × images | trained on |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fp32 = f"{r['fp32_mib']:.3f} (FP32)" if r.get("fp32_mib") else "FP32"
@@ -267,7 +270,7 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
             f"| {r['row']} | {r['bits']} | {r['seeds']} | {_fmt(r['top1_last_mean'], r['top1_last_std'])} | "
             f"{_fmt(r['top1_best_mean'], r['top1_best_std'])} | {vs} | {size} | {bops} | "
             f"{r['train_seconds_mean']:.0f} | "
-            f"{r['epochs']} × {r['train_images']} |"
+            f"{r['epochs']} × {r['train_images']} | {r['trained_on'] or '—'} |"
         )
     if pairs:
         lines += ["", "## Paired differences (top-1 last, same seed), 95 % t-interval", "",
