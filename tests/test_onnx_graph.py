@@ -566,3 +566,41 @@ def test_a_foreign_or_edited_onnx_graph_is_one_line_naming_what_does_not_fit(kin
     assert main(["eval", str(graph), "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and culprit in err, err
+
+
+def _graph_of(path, nodes, inits=()):
+    """A graph that declares what `vaqkd export` writes (uint8 images in, (N, 100) logits out) and computes `nodes`."""
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("input", TensorProto.UINT8, ["N", 3, "H", "W"])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 100])
+    model = helper.make_model(helper.make_graph(nodes, "g", [inp], [out], initializer=list(inits)),
+                              opset_imports=[helper.make_opsetid("", 21)])  # fmt: skip
+    model.ir_version = 10
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("kind,culprit", [
+    ("one row for the batch", "gives logits of shape (1, 100) for a batch of 200 images"),
+    ("fails while running", "the runtime failed running it"),
+])  # fmt: skip
+def test_a_graph_that_misbehaves_while_running_is_one_line_naming_it(kind, culprit, cifar_root, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    cast = helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT)
+    pool = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"])]
+    widen = numpy_helper.from_array(np.ones((3, 100), np.float32), "w")
+    if kind == "one row for the batch":  # the mean over the batch: (1, 100), once broadcast against every label
+        nodes = [cast, *pool, helper.make_node("MatMul", ["f", "w"], ["m"]),
+                 helper.make_node("ReduceMean", ["m", "ax"], ["logits"], keepdims=1)]  # fmt: skip
+        inits = [widen, numpy_helper.from_array(np.array([0], np.int64), "ax")]
+    else:  # 3·32·32 values an image do not reshape into rows of 7
+        nodes = [cast, helper.make_node("Reshape", ["x", "shape"], ["r"]),
+                 helper.make_node("Identity", ["r"], ["logits"])]  # fmt: skip
+        inits = [numpy_helper.from_array(np.array([-1, 7], np.int64), "shape")]
+    graph = _graph_of(tmp_path / "g.onnx", nodes, inits)
+    assert main(["eval", str(graph), "--data-root", str(cifar_root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and str(graph) in err and culprit in err, err

@@ -26,9 +26,10 @@ needs_vnni = pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="meas
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
-def _student(bits: int):
+def _student(bits: int, per_channel: bool = False):
     torch.manual_seed(0)
-    model = quantize_student(create_model("resnet20", 10), residual="int", residual_bits=bits)
+    model = quantize_student(create_model("resnet20", 10), per_channel=per_channel, residual="int",
+                             residual_bits=bits)  # fmt: skip
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     m255, s255 = normalisation(MEAN, STD)
     x = (images.float() - torch.from_numpy(m255).view(1, 3, 1, 1)) / torch.from_numpy(s255).view(1, 3, 1, 1)
@@ -36,9 +37,9 @@ def _student(bits: int):
     return _trained_bn(model).eval(), images, x, (m255, s255)
 
 
-@pytest.mark.parametrize("bits", [2, 8])
-def test_the_program_computes_the_trained_arithmetic(bits):
-    model, images, x, norm = _student(bits)
+@pytest.mark.parametrize("bits,per_channel", [(2, False), (8, False), (2, True)])
+def test_the_program_computes_the_trained_arithmetic(bits, per_channel):
+    model, images, x, norm = _student(bits, per_channel)  # per channel: one weight step per output channel
     with torch.no_grad():
         ref, got = model(x), Int8Program(model, *norm)(images)
     assert (got.argmax(1) == ref.argmax(1)).all()

@@ -198,7 +198,7 @@ def _eval_onnx(args) -> int:
     meta = _classifier_graph(args.run_dir, sess)
     test = _graph_data(args, meta)
     run = compile_graph(backend, args.run_dir)
-    res = evaluate_graph(run, test.images, test.labels, normalise=(test.mean, test.std))
+    res = evaluate_graph(run, test.images, test.labels, normalise=(test.mean, test.std), source=args.run_dir)
     return _print_graph_result(args, backend, {**res, "test_images": len(test.labels)})
 
 

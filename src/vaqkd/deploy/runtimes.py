@@ -131,7 +131,11 @@ def _openvino(graph, threads: int, precision: str, streams: int):
         config.update(PERFORMANCE_HINT="THROUGHPUT", NUM_STREAMS=streams)
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(model, "CPU", config)
+    try:
+        compiled = core.compile_model(model, "CPU", config)
+    except Exception as e:  # a graph it reads but cannot build (an op or a shape it refuses)
+        where = "graph" if isinstance(graph, bytes) else graph
+        raise RunFileError(f"{where}: OpenVINO cannot compile it ({_reason(e)})") from None
     kind = model.inputs[0].get_element_type().get_type_name()
     runs = []
     for _ in range(streams):
@@ -191,10 +195,13 @@ def _layout(runs) -> str | None:
 
 
 def evaluate_graph(run, images: torch.Tensor, labels: torch.Tensor, batch: int = 500,
-                   normalise: tuple | None = None) -> dict[str, float]:  # fmt: skip
+                   normalise: tuple | None = None, source: str | Path | None = None) -> dict[str, float]:  # fmt: skip
     """Top-1 of a compiled graph over uint8 images; `normalise` = (mean255, std255) where the graph takes
-    normalised floats (a graph exported before the input moved inside), computed as the loader does."""
-    correct = 0
+    normalised floats (a graph exported before the input moved inside), computed as the loader does. `source`: the
+    file the graph came from (a file from outside): a runtime failure while it runs is a RunFileError naming it.
+    Logits must be (batch, classes) for every batch (a graph that gives one row for the batch is refused, not
+    broadcast against the labels)."""
+    correct, where = 0, source if source is not None else "the graph"
     for i in range(0, len(labels), batch):
         x = images[i : i + batch].cpu()
         if run.input_type != "uint8":
@@ -202,6 +209,14 @@ def evaluate_graph(run, images: torch.Tensor, labels: torch.Tensor, batch: int =
                 raise RunFileError("the graph takes normalised floats: give the normalisation")
             m, s = (torch.as_tensor(v).view(1, -1, 1, 1) for v in normalise)
             x = (x.float() - m) / s
-        logits = run(x.numpy())
-        correct += int((torch.from_numpy(logits).argmax(1) == labels[i : i + batch].cpu()).sum())
+        try:
+            logits = run(x.numpy())
+        except Exception as e:
+            if source is None:  # a graph this vaqkd built: a failure is a bug, with its traceback
+                raise
+            raise RunFileError(f"{source}: the runtime failed running it ({_reason(e)})") from None
+        if np.ndim(logits) != 2 or np.shape(logits)[0] != len(x):
+            raise RunFileError(f"{where}: gives logits of shape {tuple(np.shape(logits))} for a batch of {len(x)} "
+                               "images (wanted (images, classes))")  # fmt: skip
+        correct += int((torch.from_numpy(np.asarray(logits)).argmax(1) == labels[i : i + batch].cpu()).sum())
     return {"top1": 100.0 * correct / len(labels)}

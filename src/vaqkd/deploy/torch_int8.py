@@ -65,7 +65,7 @@ class _QConv(nn.Module):
         shift = bn.bias.detach().double() - mean * scale
         codes, qn = weight_codes(conv)
         q = (codes + qn).to(torch.int64)
-        ch = float(conv.w_quant.step.detach()) * scale
+        ch = conv.w_quant.step.detach().double().reshape(-1) * scale  # one step, or one per channel
         sign = torch.where(ch < 0, -1, 1).to(torch.int64)
         self.register_buffer("w", (q * sign.view(-1, 1, 1, 1)).to(torch.int8))
         self.register_buffer("w_scale", (ch * sign).float())
