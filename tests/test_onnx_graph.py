@@ -109,6 +109,37 @@ def test_an_integer_residual_student_has_no_float_conv_but_the_stem(bits, tmp_pa
     assert (ort_logits(session(build_onnx(model).SerializeToString()), x).argmax(1) == logits.argmax(1)).all()
 
 
+@pytest.mark.parametrize("first_last", ["8", "same"])
+def test_eight_bit_edge_layers_and_a_switched_off_channel_keep_the_answers_after_orts_optimiser(first_last, tmp_path):
+    """W8A8 stem and classifier (`first_last = "8"`): their 8-bit x 8-bit products do not fit ORT's int16 pairs,
+    and ORT's optimiser made them integer kernels even from float weights (argmax agreement 52-81 %); they stay
+    float behind a sealed input. A channel whose BatchNorm γ is ~0 has a shift no int32 holds on its grid (it
+    wrapped to -2^31): its conv stays float too. The reference graph (`integer=False`) survives the optimiser."""
+    torch.manual_seed(0)
+    model = quantize_student(create_model("resnet20", 10), first_last=first_last, residual="int", residual_bits=2)
+    x = torch.randn(128, 3, 32, 32)
+    calibrate(model, [x])
+    _trained_bn(model).eval()
+    off = model.layer2[0].bn1
+    off.weight.data[:2] = torch.tensor([1e-6, 0.0])
+    off.bias.data[:2] = 0.3
+    with torch.no_grad():
+        ref = model(x)
+    for integer in (True, False):
+        got = ort_logits(session(build_onnx(model, integer=integer).SerializeToString()), x)  # every optimisation
+        assert (got - ref).abs().max() < 1e-4, (integer, (got - ref).abs().max())
+    ops = _optimized_ops(build_onnx(model), tmp_path)
+    float_convs = ops.count("Conv") + ops.count("FusedConv")
+    want = (2, 17) if first_last == "8" else (1, 18)  # float convs: the switched-off one (and the W8A8 stem)
+    assert (float_convs, ops.count("QLinearConv")) == want, ops
+    out = {}
+    model.layer1.register_forward_hook(lambda m, i, o: out.__setitem__("ref", o))
+    with torch.no_grad():
+        model(x)
+    stage = ort_logits(session(build_onnx(model, stop_after="layer1").SerializeToString()), x)
+    assert stage.min() >= 0 and (stage - out["ref"]).abs().max() < 1e-4  # a stage's output after its ReLU
+
+
 @pytest.mark.parametrize("bits", [2, 8])
 def test_openvino_computes_the_integer_residual_graph_as_pytorch(bits):
     """OpenVINO fuses conv, requantization, add and the next quantizer into one integer conv; with the

@@ -22,7 +22,11 @@ agreement (every output of a channel moves by the same error, codes near a bound
 `benchmarks/onnx_bias_grid.py` measured 88.1 % agreement on one coarse grid), so the grid is made fine: the input
 codes are spread over 8 bits (code·k at step/k, k = 43 for 2 bits) and the weight codes scaled by an m in 1..63
 chosen per channel to hold the shift most closely (`_bias_multipliers`), with k·m small enough that no u8·s8 pair
-overflows int16 (x86 without VNNI sums pairs with vpmaddubsw, which saturates). Two adds of codes followed by a
+overflows int16 (x86 without VNNI sums pairs with vpmaddubsw, which saturates; a signed input's uint8 operand is
+128 + code·k, so the signed stem of `first_last = "same"` gets k = 1). A layer no integer kernel computes exactly
+(8-bit inputs times 8-bit weights: a W8A8 stem or classifier), or whose BatchNorm shift no int32 holds (γ ≈ 0),
+stays float on a sealed input (Cast, Sub, Mul in place of DequantizeLinear), which ORT's optimiser cannot make
+integer behind our back. Two adds of codes followed by a
 quantizer (DQ, DQ -> Add -> Q) are fused by ORT into QLinearAdd.
 
 The residual stream decides how much is integer. A float-residual student (`quant.residual = "float"`, the
@@ -101,7 +105,21 @@ def _input_spread(q: nn.Module, w_span: int) -> int:
     product with the weight codes (scaled by up to 127 // w_span) stays within `INT16_PAIR`."""
     a_max = q.qp if not q.signed else max(-q.qn, q.qp)
     w_max = w_span * max(127 // w_span, 1)
-    return max(1, min((255 if not q.signed else 127) // a_max, INT16_PAIR // (a_max * w_max)))
+    if q.signed:  # the uint8 operand is 128 + code·k (zero point 128): its magnitude reaches 128 + a_max·k
+        return max(1, min(127 // a_max, (INT16_PAIR // w_max - 128) // a_max))
+    return max(1, min(255 // a_max, INT16_PAIR // (a_max * w_max)))
+
+
+def _exact_in_int16(layer: nn.Module) -> bool:
+    """Whether an integer kernel computes the layer exactly: every u8·s8 product pair of its input codes (uint8,
+    at zero point 128 where signed) and weight codes fits `INT16_PAIR`. 8-bit inputs times 8-bit weights (a W8A8
+    stem or classifier, `first_last = "8"`) do not: ORT's optimiser, given DQ -> Conv -> Q, makes such a layer an
+    integer kernel (quantizing its float weights itself where they are float), and its codes moved on this x86
+    without VNNI (agreement with PyTorch fell to 52-81 % on a test ResNet-20). Such layers stay float, sealed
+    (`_Builder.float_sealed`)."""
+    a, w = layer.a_quant, layer.w_quant
+    a_top = a.qp if not a.signed else 128 + max(-a.qn, a.qp)
+    return a_top * max(-w.qn, w.qp) <= INT16_PAIR
 
 
 def _bias_multipliers(shift: np.ndarray, unit: np.ndarray, m_max: int) -> np.ndarray:
@@ -110,8 +128,9 @@ def _bias_multipliers(shift: np.ndarray, unit: np.ndarray, m_max: int) -> np.nda
     every output of the channel, and at 2 bits it moves codes that lie near a rounding boundary."""
     ms = np.arange(1, m_max + 1)
     grid = (unit[:, None] / ms[None, :]).astype(np.float32).astype(np.float64)  # as b_scale below
-    err = np.abs(shift[:, None] - np.round(shift[:, None] / grid) * grid)
-    return ms[np.argmin(err, axis=1)]
+    with np.errstate(divide="ignore", invalid="ignore"):  # a channel of scale 0 (γ = 0): no grid, any m
+        err = np.abs(shift[:, None] - np.round(shift[:, None] / grid) * grid)
+    return ms[np.argmin(np.nan_to_num(err, nan=np.inf), axis=1)]
 
 
 class _Tracer(fx.Tracer):
@@ -183,6 +202,7 @@ def _consumer_quants(n: fx.Node, modules) -> list:
 class _Builder:
     def __init__(self, gm: fx.GraphModule, integer: bool):
         self.g, self.gm, self.integer = _Graph(), gm, integer
+        self.stop: fx.Node | None = None  # build_onnx(stop_after=...): the node whose output the graph gives
         self.modules = dict(gm.named_modules())
         self.env: dict[fx.Node, _Value] = {}
         self.folded: set[fx.Node] = set()  # BatchNorm nodes folded into the conv before them
@@ -195,9 +215,24 @@ class _Builder:
                                                g.const("a_zp", np.array(v.zp, np.uint8))], "a_hat")  # fmt: skip
         return v.name
 
+    def float_sealed(self, v: _Value) -> str:
+        """v's values as floats computed as DequantizeLinear does, (code − zp)·step, but by Cast, Sub and Mul: no
+        runtime's QDQ pass sees a DQ there to fuse the layer after it into an integer kernel (for the layers whose
+        8-bit products an integer kernel would not keep exactly: `_exact_in_int16`)."""
+        if v.codes is None:
+            return self.float(v)
+        from onnx import TensorProto
+
+        g = self.g
+        x = g.op("Cast", [v.codes], "a_float", to=TensorProto.FLOAT)
+        x = g.op("Sub", [x, g.const("a_zp_f", np.array(v.zp, np.float32))], "a_centred")
+        return g.op("Mul", [x, g.const("a_scale", np.array(v.step, np.float32))], "a_hat")
+
     def quant(self, v: _Value, q) -> _Value:
-        """Q -> Clip(Qn, Qp) of the quantizer q: its codes and clamp, exactly (a signed quantizer's codes as uint8
-        at zero point 128). Codes of q already are q's codes."""
+        """Q -> Clip(Qn, Qp) of the quantizer q: its codes and clamp (a signed quantizer's codes as uint8 at zero
+        point 128). Codes of q already are q's codes. QuantizeLinear computes x / s where PyTorch computes
+        x · (1/s): a value within an ulp of a rounding boundary can land on the neighbouring code (ties themselves
+        round half to even in both)."""
         if v.q is q:
             return v
         s, zp = _act_step(q), (128 if q.signed else 0)
@@ -251,32 +286,40 @@ class _Builder:
         q = (codes + qn).numpy().astype(np.int64)  # (C_out, C_in, k, k), in [Qn, Qp]
         span = max(-qn, conv.w_quant.qp)
         readers = _consumer_quants(out_node, self.modules)
-        fused = self.integer and len(readers) > 0 and all(r is readers[0] and r is not None for r in readers)
-        x, s_in = self.float(v), v.step
-        if fused:  # input codes spread over 8 bits (code·k at step/k): a k times finer int32 bias grid
-            k = _input_spread(conv.a_quant, span)
-            if k > 1:
-                s2 = np.float32(v.step) / np.float32(k)
-                sc, zp = g.const("a_scale", np.array(s2, np.float32)), g.const("a_zp", np.array(v.zp, np.uint8))
-                x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, sc, zp], "a_codes"), sc, zp], "a_hat")
-                s_in = float(s2)
+        exact = _exact_in_int16(conv)
+        fused = (self.integer and exact and len(readers) > 0
+                 and all(r is readers[0] and r is not None for r in readers))  # fmt: skip
+        # input codes spread over 8 bits (code·k at step/k): a k times finer int32 bias grid
+        k = _input_spread(conv.a_quant, span) if fused else 1
+        s_in = float(np.float32(v.step) / np.float32(k)) if k > 1 else v.step
         s_w = conv.w_quant.step.detach().double().reshape(-1).numpy() * np.ones(c_out)
         ch_scale = s_w * scale
         # codes x m at scale/m: the same weights, and the int32 bias m times finer; per channel the m in 1..m_max
-        # whose grid holds the BN shift best (`_bias_multipliers`). Codes are negated where γ < 0 (every scale
-        # positive); 8-bit codes cannot be negated in int8: they keep a negative scale.
-        m_max = max(127 // span, 1)
+        # whose grid holds the BN shift best (`_bias_multipliers`), with every u8·s8 pair within `INT16_PAIR`.
+        # Codes are negated where γ < 0 (every scale positive); 8-bit codes cannot be negated in int8: they keep a
+        # negative scale.
+        a = conv.a_quant
+        u8_top = (128 if a.signed else 0) + k * (max(-a.qn, a.qp) if a.signed else a.qp)  # the uint8 operand's top
+        m_max = max(min(127 // span, INT16_PAIR // (u8_top * span)), 1) if fused else max(127 // span, 1)
         sign = np.where(ch_scale < 0, -1, 1) if span * m_max <= 127 else np.ones(c_out, np.int64)
         m = _bias_multipliers(shift, s_in * np.abs(ch_scale), m_max) if fused else np.full(c_out, m_max, np.int64)
         q = q * (sign * m)[:, None, None, None]
         ch_scale = ch_scale * sign / m
+        b_scale = (s_in * ch_scale).astype(np.float32)  # int32 bias at scale s_in·s_w, as QLinearConv requires
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b_int = np.round(shift / b_scale.astype(np.float64))
+        overflow = fused and not (np.isfinite(b_int).all() and np.abs(b_int).max() <= 2**31 - 1)
+        if overflow:  # a channel whose γ is ~0 (a channel training switched off): its shift is no int32 on that
+            fused = False  # grid (it wrapped to −2³¹); the layer stays float, sealed so no optimiser makes it integer
+        x = self.float(v) if fused or (exact and self.integer and not overflow) else self.float_sealed(v)
+        if k > 1 and fused:
+            sc, zp = g.const("a_scale", np.array(s_in, np.float32)), g.const("a_zp", np.array(v.zp, np.uint8))
+            x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, sc, zp], "a_codes"), sc, zp], "a_hat")
         if fused:
             w = g.op("DequantizeLinear", [g.const("w_codes", q.astype(np.int8)),
                                           g.const("w_scale", ch_scale.astype(np.float32)),
                                           g.const("w_zp", np.zeros(c_out, np.int8))], "w_hat", axis=0)  # fmt: skip
-            b_scale = (s_in * ch_scale).astype(np.float32)  # int32 bias at scale s_in·s_w, as QLinearConv requires
-            b_int = np.round(shift / b_scale.astype(np.float64)).astype(np.int32)
-            bias = g.op("DequantizeLinear", [g.const("b_codes", b_int), g.const("b_scale", b_scale),
+            bias = g.op("DequantizeLinear", [g.const("b_codes", b_int.astype(np.int32)), g.const("b_scale", b_scale),
                                              g.const("b_zp", np.zeros(c_out, np.int32))], "b_hat", axis=0)  # fmt: skip
         else:  # a float conv on the exact codes: dequantized weights as a constant ORT can prepack
             w = g.const("w_hat", q.astype(np.float32) * ch_scale.astype(np.float32)[:, None, None, None])
@@ -287,17 +330,22 @@ class _Builder:
         from vaqkd.quant import QLinear
 
         g = self.g
+        x = None
         if isinstance(fc, QLinear):
             v = self.quant(v, fc.a_quant)
             codes, qn = weight_codes(fc)
             s_w = fc.w_quant.step.detach().float().reshape(-1).numpy() * np.ones(fc.out_features, np.float32)
-            zp = g.const("w_zp", np.zeros(fc.out_features, np.int8))
-            w = g.op("DequantizeLinear", [g.const("w_codes", (codes + qn).numpy().astype(np.int8)),
-                                          g.const("w_scale", s_w.astype(np.float32)), zp], "w_hat", axis=0)  # fmt: skip
+            if _exact_in_int16(fc):
+                zp, scale = g.const("w_zp", np.zeros(fc.out_features, np.int8)), g.const("w_scale", s_w)
+                w = g.op("DequantizeLinear", [g.const("w_codes", (codes + qn).numpy().astype(np.int8)), scale, zp],
+                         "w_hat", axis=0)  # fmt: skip
+            else:  # 8-bit x 8-bit: float weights of the exact codes, on a sealed float input
+                w = g.const("w_hat", (codes + qn).numpy().astype(np.float32) * s_w[:, None])
+                x = self.float_sealed(v)
         else:
             w = g.const("w", fc.weight.detach().float().numpy())
         b = fc.bias.detach().float().numpy() if fc.bias is not None else np.zeros(fc.out_features, np.float32)
-        return _Value(g.op("Gemm", [self.float(v), w, g.const("b", b)], "gemm", transB=1))
+        return _Value(g.op("Gemm", [x or self.float(v), w, g.const("b", b)], "gemm", transB=1))
 
     def batchnorm(self, bn: nn.BatchNorm2d, v: _Value) -> _Value:
         scale, shift = _bn_fold(bn)
@@ -404,7 +452,8 @@ class _Builder:
         """ReLU; left out where every reader is an unsigned quantizer (its clamp at 0 is the ReLU), so the add
         or conv before it meets QuantizeLinear directly and ORT fuses the pair into an integer kernel."""
         qs = _consumer_quants(n, self.modules)
-        if self.integer and qs and all(q is not None and q.clamps_at_zero for q in qs) and v.codes is None:
+        absorbed = qs and all(q is not None and q.clamps_at_zero for q in qs)
+        if self.integer and absorbed and v.codes is None and n is not self.stop:  # a stage's output: as it is
             return v
         if v.codes is not None and v.zp == 0:
             return v  # codes of an unsigned quantizer are >= 0 already
@@ -464,7 +513,7 @@ def build_onnx(model: nn.Module, batch: int | None = None, normalise: tuple | No
     stop = outputs.get(stop_after) if stop_after else None
     if stop_after and stop is None:
         raise ExportError(f"stop_after={stop_after!r}: no module of that path in the traced graph")
-    result = None
+    result, b.stop = None, stop
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             x = "input"
