@@ -141,6 +141,37 @@ def test_bad_exports_and_tampered_files(w2a2_run, shared_cifar_root, tmp_path, c
             load(bad)
 
 
+def test_a_header_naming_a_huge_model_allocates_nothing_before_its_layout_is_refused(w2a2_run, shared_cifar_root,
+                                                                                    tmp_path, monkeypatch):  # fmt: skip
+    """An 81 KB file whose (sealed) header names a WRN-40-2 of a million classes built that model, 1.26 GB, before
+    its layout check refused it: the check now runs on a model of shapes only (the meta device)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import vaqkd.models
+    from vaqkd.deploy.integrity import seal
+
+    out = tmp_path / "m.vaqkd.safetensors"
+    export_packed(w2a2_run, out, data_root=str(shared_cifar_root))
+    header = json.loads(safe_open(str(out), "pt").metadata()["vaqkd"])
+    tensors = load_file(out)
+    header.update(arch="wrn_40_2", num_classes=1_000_000)
+    bad = tmp_path / "huge.safetensors"
+    save_file(tensors, str(bad), metadata=seal(tensors, {k: v for k, v in header.items() if k != "sha256"}))
+    built, real = [], vaqkd.models.create_model
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(vaqkd.models, "create_model", recording)
+    with pytest.raises(RunFileError, match="layout does not match wrn_40_2"):
+        load(bad)
+    assert built == ["meta"]
+    assert load(out)[1]["arch"] == "resnet20" and built == ["meta", "meta", "cpu"]  # a good file: checked, then built
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ONNX
 

@@ -153,12 +153,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
 
     header, tensors = read_header(path)
     q = header["quant"]
-    model = quantize_student(create_model(header["arch"], header["num_classes"]), q["w_bits"], q["a_bits"],
-                             q["weight"], q["act"], q["per_channel"], q["first_last"], q.get("residual", "float"),
-                             q.get("residual_bits", 0))  # as the run's student was built  # fmt: skip
-    layout = _layout(model)
+
+    def student() -> nn.Module:  # as the run's student was built
+        return quantize_student(create_model(header["arch"], header["num_classes"]), q["w_bits"], q["a_bits"],
+                                q["weight"], q["act"], q["per_channel"], q["first_last"], q.get("residual", "float"),
+                                q.get("residual_bits", 0))  # fmt: skip
+
+    with torch.device("meta"):  # shapes only: a header that names a huge model allocates nothing before the check
+        layout = _layout(student())
     if header.get("layout_sha1") != _layout_hash(layout):
         raise RunFileError(f"{path}: its layout does not match {header['arch']} as this vaqkd builds it (tampered?)")
+    model = student()
     layers, params = layout
     codes, flat = tensors.get("codes"), tensors.get("params")
     need_codes = sum(packed_size(math.prod(shape), bits) for _, bits, _, shape in layers)
