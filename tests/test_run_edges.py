@@ -134,3 +134,6 @@ def test_eval_of_an_artifact_is_fp32_with_the_headers_normalisation(tmp_path, mo
     assert main(["eval", str(art), "--data-root", str(data)]) == 0
     assert asked == ["fp32"] and seen["precision"] == "fp32"
     assert torch.allclose(seen["mean"], torch.tensor(mean)) and torch.allclose(seen["std"], torch.tensor(std))
+    # a folder of other classes at --data-root: named, not a top-1 over labels the model has no logit for
+    one_line(capsys, ["eval", str(art), "--data-root", str(_folder(tmp_path / "data3", 3))],
+             "m.vaqkd.safetensors: a model of 2 classes; the folder test split here has 3")  # fmt: skip

@@ -85,6 +85,7 @@ def cmd_eval(args) -> int:
     from vaqkd.deploy import backend_for
     from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
     from vaqkd.engine.step import evaluate, reestimate_bn
+    from vaqkd.errors import RunFileError
 
     device = resolve_device("auto" if args.device is None else args.device, "--device")
     # what an evaluation may change: where and how it reads the test split, not the model the run trained
@@ -111,6 +112,9 @@ def cmd_eval(args) -> int:
 
         model, header = load(args.run_dir, device)
         _, data = _test_data(args, header["dataset"], header["image_size"], device)
+        if header["num_classes"] != data.num_classes:  # a folder dataset of other classes at --data-root
+            raise RunFileError(f"{args.run_dir}: a model of {header['num_classes']} classes; the {header['dataset']} "
+                               f"test split here has {data.num_classes}")  # fmt: skip
         # the run's logits, bit for bit: its own normalisation (folder data would recompute it from whatever
         # training images sit at --data-root) and fp32 unless --precision says otherwise
         data.test.mean, data.test.std = (torch.tensor(header[k], device=device).view(1, -1, 1, 1) * 255
@@ -154,6 +158,7 @@ def _graph_data(args, meta: dict):
     import torch
 
     _, data = _test_data(args, meta.get("dataset", "cifar100"), int(meta.get("image_size", 32)), torch.device("cpu"))
+    data.test.num_classes = data.num_classes  # what every batch's logits must cover (`evaluate_graph`)
     return data.test
 
 
@@ -198,7 +203,8 @@ def _eval_onnx(args) -> int:
     meta = _classifier_graph(args.run_dir, sess)
     test = _graph_data(args, meta)
     run = compile_graph(backend, args.run_dir)
-    res = evaluate_graph(run, test.images, test.labels, normalise=(test.mean, test.std), source=args.run_dir)
+    res = evaluate_graph(run, test.images, test.labels, normalise=(test.mean, test.std), source=args.run_dir,
+                         num_classes=test.num_classes)  # fmt: skip
     return _print_graph_result(args, backend, {**res, "test_images": len(test.labels)})
 
 
@@ -214,10 +220,10 @@ def _eval_exported(args) -> int:
 
         batch = 500
         run = compile_int8(model, *normalisation(mean, std), example=test.images[:batch].cpu())
-        res = evaluate_graph(run, test.images, test.labels, batch=batch)
+        res = evaluate_graph(run, test.images, test.labels, batch=batch, num_classes=test.num_classes)
         return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
     graph = build_onnx(model, normalise=normalisation(mean, std)).SerializeToString()
-    res = evaluate_graph(compile_graph(args.backend, graph), test.images, test.labels)
+    res = evaluate_graph(compile_graph(args.backend, graph), test.images, test.labels, num_classes=test.num_classes)
     return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
 
 

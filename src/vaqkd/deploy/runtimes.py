@@ -195,12 +195,13 @@ def _layout(runs) -> str | None:
 
 
 def evaluate_graph(run, images: torch.Tensor, labels: torch.Tensor, batch: int = 500,
-                   normalise: tuple | None = None, source: str | Path | None = None) -> dict[str, float]:  # fmt: skip
+                   normalise: tuple | None = None, source: str | Path | None = None,
+                   num_classes: int | None = None) -> dict[str, float]:  # fmt: skip
     """Top-1 of a compiled graph over uint8 images; `normalise` = (mean255, std255) where the graph takes
     normalised floats (a graph exported before the input moved inside), computed as the loader does. `source`: the
     file the graph came from (a file from outside): a runtime failure while it runs is a RunFileError naming it.
     Logits must be (batch, classes) for every batch (a graph that gives one row for the batch is refused, not
-    broadcast against the labels)."""
+    broadcast against the labels), with `num_classes` classes where given (the dataset's)."""
     correct, where = 0, source if source is not None else "the graph"
     for i in range(0, len(labels), batch):
         x = images[i : i + batch].cpu()
@@ -218,5 +219,7 @@ def evaluate_graph(run, images: torch.Tensor, labels: torch.Tensor, batch: int =
         if np.ndim(logits) != 2 or np.shape(logits)[0] != len(x):
             raise RunFileError(f"{where}: gives logits of shape {tuple(np.shape(logits))} for a batch of {len(x)} "
                                "images (wanted (images, classes))")  # fmt: skip
+        if num_classes is not None and np.shape(logits)[1] != num_classes:
+            raise RunFileError(f"{where}: gives {np.shape(logits)[1]} classes; the test split has {num_classes}")
         correct += int((torch.from_numpy(np.asarray(logits)).argmax(1) == labels[i : i + batch].cpu()).sum())
     return {"top1": 100.0 * correct / len(labels)}
