@@ -39,7 +39,7 @@ def preset_points(preset: str, by_row: dict[str, list[dict]]) -> list[dict]:
             half = t975(len(acc) - 1) * sd / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
             points.append({"preset": preset, "row": row, "n": len(acc), "mean": m, "half_ci": half,
                            "images_seen": group[0]["epochs"] * group[0]["train_images"],
-                           "seeds": sorted(f["seed"] for f in group), "kind": group_label(group[0])})  # fmt: skip
+                           "seeds": sorted(f["seed"] for f in group), "kind": group_label(group)})  # fmt: skip
     rows = [r for r in by_row if by_row[r]]
     shared = set.intersection(*({p["kind"] for p in points if p["row"] == r} for r in rows)) if rows else set()
     if shared:

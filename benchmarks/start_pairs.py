@@ -45,7 +45,7 @@ def main() -> None:
     for g in groups:
         kind = [r["seed"] for r in g]
         if len(groups) > 1:
-            print(f"-- pairs of {group_label(g[0])}:")
+            print(f"-- pairs of {group_label(g)}:")
         report(args, a, b, kind, left_out)
 
 

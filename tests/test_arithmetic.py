@@ -212,6 +212,9 @@ def test_groups_that_differ_in_any_machine_field_have_labels_that_say_so_and_unk
     labels = sorted(r["row"] for r in summary_rows({"qkd_logit": runs}))
     assert labels == ["qkd_logit [a, cpu x, AVX2, fp32, 1 thread, 2 processes]",
                       "qkd_logit [a, cpu x, AVX2, fp32, 1 thread]"]  # fmt: skip
+    old = {k: v for k, v in _rec(3, 42.0, "a").items() if k not in ("cpu_capability", "threads")}  # older record
+    (row,) = summary_rows({"qkd_logit": [old, _rec(4, 43.0, "a")]})
+    assert row["trained_on"] == "a, cpu x, AVX2, fp32, 1 thread"  # what either record knows, in any order
     unknown = [_rec(0, 40.0, "unknown"), dict(_rec(1, 60.0, "unknown"), device="NVIDIA H100")]
     rows = summary_rows({"qkd_logit": unknown})
     assert sorted((r["seeds"], r["top1_last_mean"]) for r in rows) == [(1, 40.0), (1, 60.0)]

@@ -230,6 +230,9 @@ def test_a_fresh_run_is_not_started_among_files_no_run_writes(shared_cifar_root,
     a_file.write_text("x")
     with pytest.raises(RunFileError, match="exists and is not a folder"):
         fit(cfg_for(shared_cifar_root), a_file, progress=False, log=quiet)
+    (data / "ckpt-notes.txt").write_text("theirs")  # named like a checkpoint, but not one
+    with pytest.raises(RunFileError, match=r"holds a.png, b.png, c.png and 2 more"):
+        fit(cfg_for(shared_cifar_root), data, progress=False, log=quiet)
     killed = tmp_path / "killed"  # what a start killed before its first checkpoint leaves
     killed.mkdir()
     for name in ("config.toml", "env.json", ".lock", "metrics.jsonl"):
@@ -237,6 +240,9 @@ def test_a_fresh_run_is_not_started_among_files_no_run_writes(shared_cifar_root,
     (killed / "tensorboard").mkdir()
     fit(cfg_for(shared_cifar_root), killed, progress=False, log=quiet)
     assert (killed / "final.json").exists()
+    (killed / "model.onnx").write_text("an export beside the run")  # a run's folder: said to hold a run
+    with pytest.raises(FileExistsError, match="holds a run already; pass --resume or choose another --out"):
+        fit(cfg_for(shared_cifar_root), killed, progress=False, log=quiet)
 
 
 def test_the_lock_is_taken_on_the_file_in_the_folder_not_on_one_a_failed_start_removed(tmp_path, monkeypatch):

@@ -137,3 +137,6 @@ def test_eval_of_an_artifact_is_fp32_with_the_headers_normalisation(tmp_path, mo
     # a folder of other classes at --data-root: named, not a top-1 over labels the model has no logit for
     one_line(capsys, ["eval", str(art), "--data-root", str(_folder(tmp_path / "data3", 3))],
              "m.vaqkd.safetensors: a model of 2 classes; the folder test split here has 3")  # fmt: skip
+    pytest.importorskip("onnxruntime")
+    one_line(capsys, ["eval", str(art), "--backend", "onnxruntime", "--data-root", str(tmp_path / "data3")],
+             "m.vaqkd.safetensors (exported for onnxruntime): gives 2 classes; the test split has 3")  # fmt: skip

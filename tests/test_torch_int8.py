@@ -26,9 +26,9 @@ needs_vnni = pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="meas
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
-def _student(bits: int, per_channel: bool = False):
+def _student(bits: int, per_channel: bool = False, w_bits: int = 2):
     torch.manual_seed(0)
-    model = quantize_student(create_model("resnet20", 10), per_channel=per_channel, residual="int",
+    model = quantize_student(create_model("resnet20", 10), w_bits=w_bits, per_channel=per_channel, residual="int",
                              residual_bits=bits)  # fmt: skip
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     m255, s255 = normalisation(MEAN, STD)
@@ -37,9 +37,13 @@ def _student(bits: int, per_channel: bool = False):
     return _trained_bn(model).eval(), images, x, (m255, s255)
 
 
-@pytest.mark.parametrize("bits,per_channel", [(2, False), (8, False), (2, True)])
-def test_the_program_computes_the_trained_arithmetic(bits, per_channel):
-    model, images, x, norm = _student(bits, per_channel)  # per channel: one weight step per output channel
+@pytest.mark.parametrize("bits,per_channel,w_bits", [(2, False, 2), (8, False, 2), (2, True, 2), (2, False, 8)])
+def test_the_program_computes_the_trained_arithmetic(bits, per_channel, w_bits):
+    model, images, x, norm = _student(bits, per_channel, w_bits)  # per channel: one weight step per output channel
+    if w_bits == 8:  # a code of -128 in a channel whose γ < 0: int8 has no +128 to negate it to
+        conv, bn = model.layer1[0].conv1, model.layer1[0].bn1
+        conv.weight.data[0, 0, 0, 0] = -128 * float(conv.w_quant.step)
+        bn.weight.data[0] = -bn.weight.data[0].abs()
     with torch.no_grad():
         ref, got = model(x), Int8Program(model, *norm)(images)
     assert (got.argmax(1) == ref.argmax(1)).all()

@@ -220,10 +220,12 @@ def _eval_exported(args) -> int:
 
         batch = 500
         run = compile_int8(model, *normalisation(mean, std), example=test.images[:batch].cpu())
-        res = evaluate_graph(run, test.images, test.labels, batch=batch, num_classes=test.num_classes)
+        res = evaluate_graph(run, test.images, test.labels, batch=batch, num_classes=test.num_classes,
+                             name=args.run_dir)  # fmt: skip
         return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
     graph = build_onnx(model, normalise=normalisation(mean, std)).SerializeToString()
-    res = evaluate_graph(compile_graph(args.backend, graph), test.images, test.labels, num_classes=test.num_classes)
+    res = evaluate_graph(compile_graph(args.backend, graph), test.images, test.labels, num_classes=test.num_classes,
+                         name=f"{args.run_dir} (exported for {args.backend})")  # fmt: skip
     return _print_graph_result(args, args.backend, {**res, "test_images": len(test.labels)})
 
 

@@ -150,7 +150,8 @@ def foreign_entries(run_dir: Path) -> list[str]:
     if not run_dir.is_dir():
         return []
     names = sorted(p.name for p in run_dir.iterdir())
-    return [n for n in names if n not in RUN_FILES and not n.startswith((".", PREFIX))]
+    ckpt = [n for n in names if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()]
+    return [n for n in names if n not in RUN_FILES and not n.startswith(".") and n not in ckpt]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -49,7 +49,7 @@ def summary_rows(results: dict[str, list[dict]]) -> list[dict]:
     for row, all_finals in results.items():
         groups = run_groups(all_finals) if row != "teacher" else [all_finals]
         for finals in groups:
-            rows.append(_summary(row if len(groups) == 1 else f"{row} [{group_label(finals[0])}]", finals,
+            rows.append(_summary(row if len(groups) == 1 else f"{row} [{group_label(finals)}]", finals,
                                  len(all_finals) - len(finals)))  # fmt: skip
     return rows
 
@@ -72,7 +72,7 @@ def _summary(row: str, finals: list[dict], left_out: int) -> dict:
         "config": _config_text(finals[0]),
         "fp32_mib": finals[0].get("fp32_mib") or (prof.get("fp32_mib") if prof else None),
         "arithmetic": arithmetic_of(finals[0]), "records_of_other_kinds": left_out,
-        "trained_on": group_label(finals[0]) if row.split(" [")[0] != "teacher" else None,
+        "trained_on": group_label(finals) if row.split(" [")[0] != "teacher" else None,
         "runs": [Path(f["run_dir"]).name for f in finals if f.get("run_dir")],
         "paper_top1": PAPER_TOP1.get(row.split(" [")[0]),
     }  # fmt: skip
@@ -159,10 +159,12 @@ def run_groups(finals: list[dict]) -> list[list[dict]]:
     return sorted(groups, key=len, reverse=True)
 
 
-def group_label(final: dict) -> str:
-    """A short name for a group of runs: its arithmetic and every machine field that can set groups apart (device
-    name, CPU capability, precision, threads, processes where more than one)."""
-    kind = dict(zip(MACHINE_FIELDS, machine_kind(final)))
+def group_label(group: dict | list[dict]) -> str:
+    """A short name for a group of runs (or one run): its arithmetic and every machine field that can set groups
+    apart (device name, CPU capability, precision, threads, processes where more than one), each field as the
+    first record of the group that knows it says (a record older than the field leaves it to the others)."""
+    kinds = [machine_kind(f) for f in (group if isinstance(group, list) else [group])]
+    kind = {k: next((v for v in values if v is not None), None) for k, values in zip(MACHINE_FIELDS, zip(*kinds))}
     kind["arithmetic"] = "unknown arithmetic" if kind["arithmetic"] in (None, "unknown") else kind["arithmetic"]
     for field, (name, _) in PART_FINGERPRINTS.items():
         if kind[field] is not None:
@@ -210,7 +212,7 @@ def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
             for g in groups:
                 seeds = sorted(f["seed"] for f in g)
                 stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
-                label = f" [{group_label(g[0])}]" if len(groups) > 1 else ""
+                label = f" [{group_label(g)}]" if len(groups) > 1 else ""
                 out.append({"comparison": f"vaqkd_{setting} - {base}{label}", **stat, "seeds": seeds,
                             "arithmetic": arithmetic_of(g[0]),
                             "cross_arithmetic_pairs_left_out": cross_arith,

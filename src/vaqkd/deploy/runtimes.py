@@ -133,9 +133,10 @@ def _openvino(graph, threads: int, precision: str, streams: int):
         config["INFERENCE_NUM_THREADS"] = threads
     try:
         compiled = core.compile_model(model, "CPU", config)
-    except Exception as e:  # a graph it reads but cannot build (an op or a shape it refuses)
-        where = "graph" if isinstance(graph, bytes) else graph
-        raise RunFileError(f"{where}: OpenVINO cannot compile it ({_reason(e)})") from None
+    except Exception as e:  # a file from outside that it reads but cannot build (an op or a shape it refuses)
+        if isinstance(graph, bytes):  # a graph this vaqkd built: a bug, with its traceback
+            raise
+        raise RunFileError(f"{graph}: OpenVINO cannot compile it ({_reason(e)})") from None
     kind = model.inputs[0].get_element_type().get_type_name()
     runs = []
     for _ in range(streams):
@@ -196,13 +197,14 @@ def _layout(runs) -> str | None:
 
 def evaluate_graph(run, images: torch.Tensor, labels: torch.Tensor, batch: int = 500,
                    normalise: tuple | None = None, source: str | Path | None = None,
-                   num_classes: int | None = None) -> dict[str, float]:  # fmt: skip
+                   num_classes: int | None = None, name: str | Path | None = None) -> dict[str, float]:  # fmt: skip
     """Top-1 of a compiled graph over uint8 images; `normalise` = (mean255, std255) where the graph takes
     normalised floats (a graph exported before the input moved inside), computed as the loader does. `source`: the
     file the graph came from (a file from outside): a runtime failure while it runs is a RunFileError naming it.
     Logits must be (batch, classes) for every batch (a graph that gives one row for the batch is refused, not
-    broadcast against the labels), with `num_classes` classes where given (the dataset's)."""
-    correct, where = 0, source if source is not None else "the graph"
+    broadcast against the labels), with `num_classes` classes where given (the dataset's). `name`: what the
+    messages call the graph (the file it was exported from), where `source` is not given."""
+    correct, where = 0, source if source is not None else name if name is not None else "the graph"
     for i in range(0, len(labels), batch):
         x = images[i : i + batch].cpu()
         if run.input_type != "uint8":

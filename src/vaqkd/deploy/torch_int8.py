@@ -66,7 +66,9 @@ class _QConv(nn.Module):
         codes, qn = weight_codes(conv)
         q = (codes + qn).to(torch.int64)
         ch = conv.w_quant.step.detach().double().reshape(-1) * scale  # one step, or one per channel
-        sign = torch.where(ch < 0, -1, 1).to(torch.int64)
+        # 8-bit codes cannot be negated in int8 (−128 has no +128): they keep the negative scale
+        negatable = conv.w_quant.qn > -128
+        sign = torch.where((ch < 0) & negatable, -1, 1).to(torch.int64)
         self.register_buffer("w", (q * sign.view(-1, 1, 1, 1)).to(torch.int8))
         self.register_buffer("w_scale", (ch * sign).float())
         self.register_buffer("w_zp", torch.zeros(conv.out_channels, dtype=torch.int64))
