@@ -228,7 +228,7 @@ def test_a_fresh_run_is_not_started_among_files_no_run_writes(shared_cifar_root,
     assert "not empty and not a run directory" in err and "\n" not in err
     a_file = tmp_path / "model.onnx"
     a_file.write_text("x")
-    with pytest.raises(RunFileError, match="exists and is not a folder"):
+    with pytest.raises(RunFileError, match="model.onnx: is a file, not a directory"):
         fit(cfg_for(shared_cifar_root), a_file, progress=False, log=quiet)
     (data / "ckpt-notes.txt").write_text("theirs")  # named like a checkpoint, but not one
     with pytest.raises(RunFileError, match=r"holds a.png, b.png, c.png and 2 more"):

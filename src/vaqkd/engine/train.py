@@ -52,7 +52,7 @@ def fit(
     if resume and not run_dir.exists():
         raise RunFileError(f"{run_dir}: no such run directory to resume")
     if not resume and run_dir.exists() and not run_dir.is_dir():
-        raise RunFileError(f"{run_dir}: exists and is not a folder; choose another --out")
+        raise RunFileError(f"{run_dir}: is a file, not a directory (a folder was needed there)")
     started = has_checkpoint(run_dir) or (run_dir / "final.json").exists()  # a run's: start_run says so
     # on every rank: none waits for a start that cannot be
     if not resume and not started and (foreign := foreign_entries(run_dir)):
