@@ -564,6 +564,22 @@ def test_ort_backend_requantizes_in_codes(bits, tmp_path):
     assert [n.op_type for n in backend.graph.node].count("QLinearMul") == pairs
 
 
+def _graph_of(path, nodes, inits=(), batch="N", out=("N", 100), meta: dict | None = None):
+    """A graph of uint8 images (batch, 3, H, W) in and float logits of shape `out` out, computing `nodes`; by
+    default it declares what `vaqkd export` writes (a free batch, (N, 100) logits)."""
+    from onnx import TensorProto, helper
+
+    inp = helper.make_tensor_value_info("input", TensorProto.UINT8, [batch, 3, "H", "W"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(out))
+    model = helper.make_model(helper.make_graph(nodes, "g", [inp], [logits], initializer=list(inits)),
+                              opset_imports=[helper.make_opsetid("", 21)])  # fmt: skip
+    model.ir_version = 10
+    for k, v in (meta or {}).items():
+        model.metadata_props.add(key=k, value=v)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def _tiny_graph(path, fixed_batch: bool = False, rank2_out: bool = True, meta: dict | None = None):
     from onnx import TensorProto, helper
 
@@ -571,17 +587,9 @@ def _tiny_graph(path, fixed_batch: bool = False, rank2_out: bool = True, meta: d
     nodes = [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT)]
     if rank2_out:
         nodes += [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])]
-        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, 3])
-    else:
-        nodes += [helper.make_node("Identity", ["x"], ["logits"])]
-        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, 3, "H", "W"])
-    inp = helper.make_tensor_value_info("input", TensorProto.UINT8, [n, 3, "H", "W"])
-    model = helper.make_model(helper.make_graph(nodes, "g", [inp], [out]), opset_imports=[helper.make_opsetid("", 21)])
-    model.ir_version = 10
-    for k, v in (meta or {}).items():
-        model.metadata_props.add(key=k, value=v)
-    path.write_bytes(model.SerializeToString())
-    return path
+        return _graph_of(path, nodes, batch=n, out=(n, 3), meta=meta)
+    nodes += [helper.make_node("Identity", ["x"], ["logits"])]
+    return _graph_of(path, nodes, batch=n, out=(n, 3, "H", "W"), meta=meta)
 
 
 @pytest.mark.parametrize("kind,culprit", [
@@ -597,19 +605,6 @@ def test_a_foreign_or_edited_onnx_graph_is_one_line_naming_what_does_not_fit(kin
     assert main(["eval", str(graph), "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and culprit in err, err
-
-
-def _graph_of(path, nodes, inits=()):
-    """A graph that declares what `vaqkd export` writes (uint8 images in, (N, 100) logits out) and computes `nodes`."""
-    from onnx import TensorProto, helper
-
-    inp = helper.make_tensor_value_info("input", TensorProto.UINT8, ["N", 3, "H", "W"])
-    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 100])
-    model = helper.make_model(helper.make_graph(nodes, "g", [inp], [out], initializer=list(inits)),
-                              opset_imports=[helper.make_opsetid("", 21)])  # fmt: skip
-    model.ir_version = 10
-    path.write_bytes(model.SerializeToString())
-    return path
 
 
 @pytest.mark.parametrize("kind,culprit", [

@@ -163,6 +163,11 @@ def has_checkpoint(run_dir: Path) -> bool:
     return latest_checkpoint(run_dir) is not None
 
 
+def holds_run(run_dir: Path) -> bool:
+    """A run started here: it has a checkpoint or has finished (a fresh start is refused, a resume continues it)."""
+    return has_checkpoint(run_dir) or (Path(run_dir) / "final.json").exists()
+
+
 def run_weights(run_dir: Path) -> Path:
     """model.safetensors of a run's latest checkpoint (the final weights of a finished run)."""
     ck = latest_checkpoint(run_dir)

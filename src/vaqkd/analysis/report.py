@@ -163,8 +163,7 @@ def group_label(group: dict | list[dict]) -> str:
     """A short name for a group of runs (or one run): its arithmetic and every machine field that can set groups
     apart (device name, CPU capability, precision, threads, processes where more than one), each field as the
     first record of the group that knows it says (a record older than the field leaves it to the others)."""
-    kinds = [machine_kind(f) for f in (group if isinstance(group, list) else [group])]
-    kind = {k: next((v for v in values if v is not None), None) for k, values in zip(MACHINE_FIELDS, zip(*kinds))}
+    kind = merged_kind(group if isinstance(group, list) else [group])
     kind["arithmetic"] = "unknown arithmetic" if kind["arithmetic"] in (None, "unknown") else kind["arithmetic"]
     for field, (name, _) in PART_FINGERPRINTS.items():
         if kind[field] is not None:
@@ -176,13 +175,18 @@ def group_label(group: dict | list[dict]) -> str:
     return ", ".join(str(kind[k]) for k in fields if kind[k] is not None)
 
 
+def merged_kind(records: list[dict]) -> dict:
+    """Each machine field as the first of `records` that knows it says (a record older than a field leaves it to
+    the others): the kind of a group of runs, or of a pair."""
+    kinds = [machine_kind(f) for f in records]
+    return {k: next((v for v in values if v is not None), None) for k, values in zip(MACHINE_FIELDS, zip(*kinds))}
+
+
 def pair_kind(a: dict, b: dict) -> dict:
     """A pair's record for grouping pairs: `a`'s machine kind, with every field it lacks taken from `b` (a pair
     whose QKD run has kernels k2 is a k2 pair even when its VA-QKD record predates the field; one whose QKD run
     says AVX2 is an AVX2 pair even when its VA-QKD record does not say)."""
-    ka, kb = dict(zip(MACHINE_FIELDS, machine_kind(a))), dict(zip(MACHINE_FIELDS, machine_kind(b)))
-    kind = {f: ka[f] if ka[f] is not None else kb[f] for f in MACHINE_FIELDS}
-    return {**{k: v for k, v in a.items() if k not in ("run_dir", "stages")}, **kind}
+    return {**{k: v for k, v in a.items() if k not in ("run_dir", "stages")}, **merged_kind([a, b])}
 
 
 def paired_rows(results: dict[str, list[dict]]) -> list[dict]:

@@ -311,7 +311,7 @@ class _Builder:
         overflow = fused and not (np.isfinite(b_int).all() and np.abs(b_int).max() <= 2**31 - 1)
         if overflow:  # a channel whose γ is ~0 (a channel training switched off): its shift is no int32 on that
             fused = False  # grid (it wrapped to −2³¹); the layer stays float, sealed so no optimiser makes it integer
-        x = self.float(v) if fused or (exact and self.integer and not overflow) else self.float_sealed(v)
+        x = self.float_sealed(v) if overflow or not (exact and self.integer) else self.float(v)
         if k > 1 and fused:
             sc, zp = g.const("a_scale", np.array(s_in, np.float32)), g.const("a_zp", np.array(v.zp, np.uint8))
             x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, sc, zp], "a_codes"), sc, zp], "a_hat")

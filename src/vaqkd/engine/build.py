@@ -28,6 +28,7 @@ from vaqkd.rundir import (
     PART_FINGERPRINTS,
     build_student,
     has_checkpoint,
+    holds_run,
     load_checkpoint,
     read_json,
     read_jsonl,
@@ -69,7 +70,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: 
             if before is not None and now is not None and before != now:
                 msg = f"{PART_FINGERPRINTS[key][1]} computed {before}, here {now} (engine.arithmetic)"
                 raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
-    elif has_checkpoint(run_dir) or (run_dir / "final.json").exists():
+    elif holds_run(run_dir):
         raise FileExistsError(f"{run_dir}: holds a run already; pass --resume or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "failed.json").unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.step import evaluate, lr_at, reestimate_bn, train_step
 from vaqkd.errors import RunFileError, TrainingDiverged
-from vaqkd.rundir import RunLock, foreign_entries, has_checkpoint, read_json, read_jsonl, run_machine, write_json
+from vaqkd.rundir import RunLock, foreign_entries, holds_run, read_json, read_jsonl, run_machine, write_json
 
 
 def fit(
@@ -53,9 +53,8 @@ def fit(
         raise RunFileError(f"{run_dir}: no such run directory to resume")
     if not resume and run_dir.exists() and not run_dir.is_dir():
         raise RunFileError(f"{run_dir}: is a file, not a directory (a folder was needed there)")
-    started = has_checkpoint(run_dir) or (run_dir / "final.json").exists()  # a run's: start_run says so
-    # on every rank: none waits for a start that cannot be
-    if not resume and not started and (foreign := foreign_entries(run_dir)):
+    # on every rank: none waits for a start that cannot be (a folder holding a run: start_run says so)
+    if not resume and not holds_run(run_dir) and (foreign := foreign_entries(run_dir)):
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise RunFileError(f"{run_dir}: not empty and not a run directory (holds {shown}); choose a new or empty --out")
     dist.init(resolve_device(cfg.train.device))  # under torchrun: join the job (a no-op otherwise)
