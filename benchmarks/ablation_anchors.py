@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std
+from vaqkd.data.build import env_data_root
 from vaqkd.runner import config_hash, load_preset, meta, row_config, run_or_reuse
 
 VARIANTS = {
@@ -58,7 +59,7 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--teacher", default="pretrained")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vaqkd.analysis.report import pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
+from vaqkd.data.build import env_data_root
 from vaqkd.rundir import read_json
 from vaqkd.runner import MAX_SEEDS, config_hash, load_preset, meta, row_config, run_or_reuse, save_record
 
@@ -47,7 +48,7 @@ def find(name: str, places: list[Path]) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--seeds", type=int, default=3, help="train seeds 0..N-1 of every cell that lacks them")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--teacher", default="pretrained")

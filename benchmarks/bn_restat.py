@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vaqkd.analysis.stats import paired_interval
+from vaqkd.data.build import env_data_root
 from vaqkd.engine.setup import environment, resolve_precision
 from vaqkd.engine.step import evaluate, reestimate_bn
 from vaqkd.rundir import latest_checkpoint, load_run, read_jsonl
@@ -29,7 +30,7 @@ from vaqkd.rundir import latest_checkpoint, load_run, read_jsonl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--data-root", default="../shared/data/cifar100")
+    ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
     ap.add_argument("--batches", type=int, default=50, help="training batches for the re-estimation")
     ap.add_argument("--precision", choices=["fp32", "bf16"], help="default: each run's own (as its training evaluated)")
     ap.add_argument("--layers", action="store_true",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vaqkd.analysis.report import group_label, paired_rows, run_groups
 from vaqkd.analysis.stats import mean_std, t975
+from vaqkd.data.build import env_data_root
 from vaqkd.runner import MAX_SEEDS, load_preset, meta, row_result
 
 ROWS = ("qkd_logit", "vaqkd_logit")
@@ -56,7 +57,7 @@ def preset_points(preset: str, by_row: dict[str, list[dict]]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--out", default="results/budget")
     args = ap.parse_args()
     sets = [("data.root", args.data_root)]

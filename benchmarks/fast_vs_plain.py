@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
+from vaqkd.data.build import env_data_root
 from vaqkd.rundir import has_checkpoint
 from vaqkd.runner import command_line, config_hash, meta, preset_config, run_or_reuse
 
@@ -53,7 +54,7 @@ def _train_cli(config: str, out: Path, data_root: str, sets: list[str], env: dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--teacher", default="pretrained")
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()

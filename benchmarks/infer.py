@@ -38,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vaqkd.data.build import env_data_root  # noqa: E402
 from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
 from vaqkd.deploy.runtimes import compile_graph  # noqa: E402
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", required=True, help="a packed artifact or a finished run directory")
     ap.add_argument("--teacher", default="pretrained:resnet32_cifar100_e64", help="FP32 weights spec")
-    ap.add_argument("--data-root", default="../shared/data/cifar100")
+    ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])

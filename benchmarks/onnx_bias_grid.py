@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import vaqkd.deploy.onnx_export as ox
+from vaqkd.data.build import env_data_root
 from vaqkd.data.cifar import load_split
 from vaqkd.deploy import load
 from vaqkd.quant import QConv2d
@@ -66,7 +67,7 @@ def _predict_ort(proto, x):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--artifact", default="results/deploy/qkd_feature-s0-deploy.vaqkd.safetensors")
     ap.add_argument("--out", type=Path, default=Path("results/deploy"))
     args = ap.parse_args()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from infer import _cpu_name, _git_sha  # noqa: E402
 
+from vaqkd.data.build import env_data_root  # noqa: E402
 from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
 
 
@@ -73,7 +74,7 @@ def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", required=True)
-    ap.add_argument("--data-root", default="../shared/data/cifar100")
+    ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=10)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaqkd.data.build import env_data_root
 from vaqkd.data.cifar import get_spec, load_split
 
 
@@ -44,7 +45,7 @@ def part(data_root: str, train_per_class: int, test_per_class: int, out: Path) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", default="../shared/data/cifar100")
+    ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
     ap.add_argument("--train-per-class", type=int, default=100)
     ap.add_argument("--test-per-class", type=int, default=20)
     ap.add_argument("--out", type=Path, required=True)

@@ -14,8 +14,13 @@ from vaqkd.data.identity import tensor_digest
 from vaqkd.data.loader import DeviceLoader, subset_per_class
 
 
+def env_data_root() -> str | None:
+    """$VAQKD_DATA, the datasets' folder when no --data-root is given (VAQKD_DATA="": unset)."""
+    return os.environ.get("VAQKD_DATA") or None
+
+
 def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root or os.environ.get("VAQKD_DATA") or "data").expanduser()  # VAQKD_DATA="": unset
+    return Path(cfg.root or env_data_root() or "data").expanduser()
 
 
 def data_present(cfg: DataConfig) -> bool:
