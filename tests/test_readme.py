@@ -13,3 +13,13 @@ def test_readme_own_model_example_runs_verbatim(capsys):
     out = capsys.readouterr().out
     for part in ("'ce'", "'kd'", "'kd@va2'", "'hint'", "'hint@va2'"):
         assert part in out
+
+
+def test_every_python_block_of_the_readme_runs_as_written():
+    """The first block (the anchors, quantize) once named `teacher_logits` and `create_model` without defining or
+    importing them: every block must run on its own."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        ns = {"__name__": f"readme_block_{i}"}
+        exec(compile(block, f"README.md python block {i}", "exec"), ns)  # raises where a name is missing
