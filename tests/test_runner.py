@@ -225,3 +225,25 @@ def test_first_seed_trains_only_the_later_seeds(shared_cifar_root, tiny_teacher,
         run_table("demo", rows=["qkd_logit", "vaqkd_logit"], seeds=3, first_seed=1, runs_dir=str(tmp_path / "runs"),
                   out=str(tmp_path / "out"), overrides=sets, teacher=str(tiny_teacher), log=lambda s: None)  # fmt: skip
     assert trained == [("qkd_logit", 1), ("vaqkd_logit", 1), ("qkd_logit", 2), ("vaqkd_logit", 2)]
+
+
+def test_one_gpus_runs_pair_whatever_host_threads_and_cpu_they_had(tmp_path):
+    from vaqkd.analysis.report import group_label, paired_rows, run_groups
+
+    def run(name, seed, acc, threads, cap, device="cuda:0"):
+        d = tmp_path / name
+        d.mkdir()
+        env = {"device": device, "device_name": "NVIDIA H200" if device != "cpu" else "cpu x", "threads": threads,
+               "cpu_capability": cap, "precision": "bf16", "world_size": 1, "arithmetic": "g1"}  # fmt: skip
+        (d / "env.json").write_text(json.dumps(env))
+        return {"seed": seed, "top1_last": acc, "run_dir": str(d), "threads": threads, "cpu_capability": cap}
+
+    # the same GPU, one run at a time (16 host threads) and four runs packed on it (4 threads): one kind
+    qkd = [run("q0", 0, 40.0, 16, "AVX512"), run("q1", 1, 41.0, 4, "AVX512")]
+    va = [run("v0", 0, 40.5, 4, "AVX512"), run("v1", 1, 41.7, 16, "AVX2")]
+    (p,) = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va})
+    assert p["n"] == 2 and p["cross_machine_pairs_left_out"] == 0 and p["pairs_with_unknown_machine_fields"] == 0
+    assert len(run_groups(qkd)) == 1 and group_label(qkd) == "g1, NVIDIA H200, bf16"
+    # on the CPU the host's threads are its arithmetic: 16 and 4 threads never average
+    cpu = [run("c0", 0, 40.0, 16, "AVX512", "cpu"), run("c1", 1, 41.0, 4, "AVX512", "cpu")]
+    assert len(run_groups(cpu)) == 2

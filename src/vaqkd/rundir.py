@@ -454,17 +454,26 @@ MACHINE_ENV_KEYS = {"device": "device_name", "cpu_capability": "cpu_capability",
                     **{k: k for k in PART_FINGERPRINTS}}  # fmt: skip
 
 
+# the host CPU's fields: no part of a GPU run's arithmetic (its kernels run on the GPU; the fingerprint says which),
+# so a GPU part of a run holds NOT_APPLICABLE there and one GPU's runs pair whatever host threads they had
+HOST_FIELDS = ("cpu_capability", "threads")
+NOT_APPLICABLE = "n/a"
+
+
 def run_machine(env: dict) -> dict:
     """The machine a run trained on, from its env.json: the start and every resume. A field that changed on a
     resume (a run resumed on another kind of machine) holds each value in order of first use joined by " + "
     (e.g. "Intel(R) Xeon(R) Processor + AMD EPYC"), so the run is of neither kind and pairs only with a run of
-    the same sequence. A field env.json lacks (older records) is None."""
+    the same sequence. A field env.json lacks (older records) is None; the host CPU's fields of a part that trained
+    on a GPU are NOT_APPLICABLE."""
     out = {}
     for field, key in MACHINE_ENV_KEYS.items():
         seen = []
         for part in (env, *env.get("resumes", [])):
-            if part.get(key) is not None and part[key] not in seen:
-                seen.append(part[key])
+            gpu = str(part.get("device", "")).startswith("cuda")
+            value = NOT_APPLICABLE if gpu and field in HOST_FIELDS else part.get(key)
+            if value is not None and value not in seen:
+                seen.append(value)
         out[field] = None if not seen else seen[0] if len(seen) == 1 else " + ".join(map(str, seen))
     return out
 

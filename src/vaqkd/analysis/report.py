@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
-from vaqkd.rundir import MACHINE_ENV_KEYS, PART_FINGERPRINTS, run_machine
+from vaqkd.rundir import MACHINE_ENV_KEYS, NOT_APPLICABLE, PART_FINGERPRINTS, run_machine
 
 SETTINGS = ("logit", "feature", "contrastive", "feature_wrn")
 
@@ -168,11 +168,11 @@ def group_label(group: dict | list[dict]) -> str:
     for field, (name, _) in PART_FINGERPRINTS.items():
         if kind[field] is not None:
             kind[field] = f"{name} {str(kind[field])[:8]}"
-    if kind["threads"] is not None:
+    if kind["threads"] not in (None, NOT_APPLICABLE):
         kind["threads"] = f"{kind['threads']} thread{'s' if kind['threads'] != 1 else ''}"
     kind["world_size"] = None if kind["world_size"] in (None, 1) else f"{kind['world_size']} processes"
     fields = ("arithmetic", *PART_FINGERPRINTS, "device", "cpu_capability", "precision", "threads", "world_size")
-    return ", ".join(str(kind[k]) for k in fields if kind[k] is not None)
+    return ", ".join(str(kind[k]) for k in fields if kind[k] not in (None, NOT_APPLICABLE))
 
 
 def merged_kind(records: list[dict]) -> dict:
