@@ -16,7 +16,7 @@
 # runs with PYTHONPATH=src.
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
-DATA=${DATA:-data}
+DATA=${DATA:-${VAQKD_DATA:-data}}
 OUT_DIR=${OUT_DIR:-results/gpu}
 PYTHON=${PYTHON:-python3}
 VAQKD=${VAQKD:-$PYTHON -m vaqkd}

@@ -160,7 +160,7 @@ def test_a_run_resumed_on_another_machine_pairs_with_neither(shared_cifar_root, 
 
     tiny = ["optim.epochs=1", "data.subset_per_class=2", "data.batch_size=50", "data.test_subset_per_class=1"]
     sets = [("data.root", str(shared_cifar_root)), "model.arch=resnet20", "distill.teacher_arch=resnet20",
-            "train.precision=fp32", *tiny]  # fmt: skip
+            "train.precision=fp32", "train.device=cpu", *tiny]  # fmt: skip  (a CPU run: the host fields are its)
     cfg = row_config("qkd_logit", load_preset("demo"), 0, str(tiny_teacher), sets)
     run_dir = tmp_path / "run"
     fit(cfg, run_dir, progress=False, log=lambda s: None, stop_after_steps=2)

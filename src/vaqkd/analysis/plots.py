@@ -17,14 +17,14 @@ def _tick_label(name: str, width: int = 22) -> str:
     """A row name for an axis, wrapped: a row split by machine ("qkd_logit [<arithmetic>, AMD EPYC, AVX2, fp32,
     1 thread]") keeps every field legible instead of running off the figure."""
     row, _, kind = name.partition(" [")
-    return "\n".join([row, *textwrap.wrap("[" + kind, width)]) if kind else row
+    return "\n".join([row, *textwrap.wrap("[" + kind, width, break_on_hyphens=False)]) if kind else row
 
 
 def accuracy_bars(rows: list[dict], path: Path) -> None:
     names = [r["row"] for r in rows]
     labels = [_tick_label(n) for n in names]
-    lines = max(label.count("\n") for label in labels) + 1
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) + 2), 3.6 + 0.2 * lines))
+    lines = max(label.count("\n") for label in labels) + 1  # one: names only, rotated as they always were
+    fig, ax = plt.subplots(figsize=(max(6, (1.5 if lines > 1 else 0.7) * len(rows) + 2), 3.6 + 0.2 * lines))
     means = [r["top1_last_mean"] for r in rows]
     errs = [0 if r["top1_last_std"] != r["top1_last_std"] else r["top1_last_std"] for r in rows]
     colours = ["tab:green" if n.startswith("vaqkd") else "tab:blue" if n.startswith("qkd") else "tab:grey"
@@ -34,7 +34,10 @@ def accuracy_bars(rows: list[dict], path: Path) -> None:
         ax.plot([i] * len(r["top1_last"]), r["top1_last"], "k.", ms=4)
     lo = min(min(r["top1_last"]) for r in rows)
     ax.set_ylim(max(0, lo - 5), max(max(r["top1_last"]) for r in rows) + 2)
-    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    if lines > 1:
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    else:
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right")
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title("mean ± std over seeds (dots: seeds)")
     fig.tight_layout()

@@ -94,7 +94,9 @@ def machine_kind(final: dict) -> tuple:
     lies (the start and every resume: a run resumed on another machine is of a mixed kind, `run_machine`), else
     from final.json; a field neither records (written before the field existed) is None. A chain of runs (TAKD's
     assistants and student, `final["stages"]`) is of the kind of all its stages: a field that differs between
-    them holds each value, " + "-joined, as for a resume."""
+    them holds each value, " + "-joined, as for a resume. A GPU run's host fields are "n/a" (`rundir.run_machine`);
+    a GPU record from before that rule with no env.json beside it keeps its host CPU's fields from final.json and
+    pairs only with GPU runs of the same host threads (every committed GPU record has its env.json)."""
     kind = {k: final.get(k) for k in MACHINE_FIELDS}
     dirs = [s["run_dir"] for s in final.get("stages", []) if s.get("run_dir")] or [final.get("run_dir")]
     parts = []
