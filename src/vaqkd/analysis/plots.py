@@ -17,7 +17,9 @@ def _tick_label(name: str, width: int = 22) -> str:
     """A row name for an axis, wrapped: a row split by machine ("qkd_logit [<arithmetic>, AMD EPYC, AVX2, fp32,
     1 thread]") keeps every field legible instead of running off the figure."""
     row, _, kind = name.partition(" [")
-    return "\n".join([row, *textwrap.wrap("[" + kind, width, break_on_hyphens=False)]) if kind else row
+    if not kind:
+        return row
+    return "\n".join([row, *textwrap.wrap("[" + kind, width, break_on_hyphens=False, break_long_words=False)])
 
 
 def accuracy_bars(rows: list[dict], path: Path) -> None:
