@@ -52,7 +52,8 @@ def main() -> None:
 def report(args, a: dict, b: dict, seeds: list[int], left_out: int) -> None:
     for name, side in ((args.a, a), (args.b, b)):
         m, sd = mean_std([side[s]["top1_last"] for s in seeds])
-        print(f"{name}: {m:.2f} ± {sd:.2f} % (n = {len(seeds)}; {[side[s]['top1_last'] for s in seeds]})")
+        spread = f" ± {sd:.2f}" if len(seeds) > 1 else ""  # one seed has no sd
+        print(f"{name}: {m:.2f}{spread} % (n = {len(seeds)}; {[side[s]['top1_last'] for s in seeds]})")
     p = paired_interval([a[s]["top1_last"] for s in seeds], [b[s]["top1_last"] for s in seeds])
     if p["lo"] is None:
         print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} points from {len(seeds)} pair(s): no interval")
