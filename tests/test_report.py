@@ -100,7 +100,6 @@ def test_start_pairs_refuses_two_records_of_one_seed(tmp_path, monkeypatch):
         start_pairs.main()
 
 
-
 def test_bar_labels_of_rows_split_by_machine_fit_the_figure(tmp_path):
     """A row split by machine carries its kind in its name; the bars' labels must fit (matplotlib gave up its
     layout, "Tight layout not applied", and cut them off)."""
