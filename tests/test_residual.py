@@ -114,3 +114,67 @@ def test_config_dataclass_default_is_float_and_the_stream_width_follows_a_bits()
     w4 = load_config("configs/cifar100/takd_w4a4.toml", [("quant.residual", "int")])  # a table's --set reaches it
     m = quantize_student(create_model("resnet20", 10), 4, 4, residual="int", residual_bits=w4.quant.residual_bits)
     assert residual_mode(m) == ("int", 4) and not hasattr(m.layer1[0], "stream_quant")
+
+
+def _fast_and_plain(bits: int, batch: int = 8):
+    """A training-mode student on the fast path (`IntStage`) and a copy whose stages run block by block."""
+    import copy
+
+    from vaqkd.quant import remove_fusions
+    from vaqkd.quant.residual import IntStage
+
+    torch.manual_seed(0)
+    m = quantize_student(create_model("resnet20", 10), residual="int", residual_bits=bits).train()
+    x = torch.randn(batch, 3, 32, 32)
+    calibrate(m, [x])
+    plain = copy.deepcopy(m)
+    remove_fusions(plain)
+    assert sum(type(s) is IntStage for s in m.modules()) == 3
+    assert not any(type(s) is IntStage for s in plain.modules())
+    return m, plain, x
+
+
+def _step_and_grads(model, x, dtype):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        out = model(x)
+    out.float().square().mean().backward()
+    return out.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("bits", [2, 8])
+def test_the_fast_path_computes_what_the_blocks_compute_one_by_one(bits, dtype, monkeypatch):
+    """The fused block ends (`IntEndQuant`, `IntAddQuant`) run, and outputs and every gradient equal the plain
+    blocks' exactly; the steps' gradient sums only up to summation order."""
+    from vaqkd.quant import ste
+
+    calls = []
+    for cls in (ste.IntEndQuant, ste.IntAddQuant):
+        monkeypatch.setattr(cls, "apply", (lambda f: lambda *a: calls.append(f) or f(*a))(cls.apply))
+    fast, plain, x = _fast_and_plain(bits)
+    out, grads = _step_and_grads(fast, x, dtype)
+    # layer1 and layer2 (8·16·32·32, 8·32·16·16 elements) take the fused kernels, layer3 (8·64·8·8) the eager path
+    assert len(calls) == 6
+    calls.clear()
+    ref, ref_grads = _step_and_grads(plain, x, dtype)
+    assert not calls and torch.equal(out, ref) and grads.keys() == ref_grads.keys()
+    for k, g in ref_grads.items():
+        if k.endswith(".step"):
+            torch.testing.assert_close(grads[k], g, rtol=1e-5 if dtype == "fp32" else 1e-3, atol=0, msg=k)
+        else:
+            assert torch.equal(grads[k], g), k
+
+
+def test_a_hook_inside_a_stage_or_calibration_runs_it_block_by_block(monkeypatch):
+    from vaqkd.quant import ste
+
+    calls, apply = [], ste.IntEndQuant.apply
+    monkeypatch.setattr(ste.IntEndQuant, "apply", lambda *a: calls.append(1) or apply(*a))
+    fast, _, x = _fast_and_plain(2)
+    seen = []
+    fast.layer1[2].register_forward_hook(lambda mod, inp, out: seen.append(out))
+    fast(x)
+    assert len(seen) == 1 and calls == [1, 1]  # layer1 watched: block by block; layer2 still fused (two ends)
+    calls.clear()
+    calibrate(fast, [x])
+    assert not calls

@@ -83,9 +83,12 @@ def install_fusions(model: nn.Module) -> nn.Module:
 
 
 def remove_fusions(model: nn.Module) -> None:
-    """Back to plain nn.Sequential stages of plain BasicBlocks (the same computation, without the fast path)."""
+    """Back to plain nn.Sequential stages of plain BasicBlocks (the same computation, without the fast path); an
+    integer-residual stage (`quant.residual.IntStage`) back to an nn.Sequential of its blocks."""
+    from vaqkd.quant.residual import IntStage
+
     for m in model.modules():
-        if type(m) is FusedStage:
+        if type(m) in (FusedStage, IntStage):
             m.__class__ = nn.Sequential
         elif type(m) is QuantBasicBlock:
             m.__class__ = BasicBlock

@@ -19,10 +19,15 @@ to the average pool unquantized (the FC is FP32 by the default policy).
 
 `install_int_residual(model, bits)` after `quantize()` turns every quantized BasicBlock of a CIFAR ResNet into
 an `IntResidualBlock` (in place; new quantizers `mid_quant` and, for a wide stream, `stream_quant`; the existing
-state-dict keys unchanged); they need `calibrate` like every other quantizer.
+state-dict keys unchanged); they need `calibrate` like every other quantizer. Each stage becomes an `IntStage`,
+the fast path: within a stage a block hands the next one its stream codes, made together with its own end
+(Q_mid, add, ReLU, the next Q_stream: `quant.ste.IntEndQuant`, one pass each way); the same numbers as the blocks
+run one by one, which is what a stage with hooks, a traced one and a calibrating one do.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +35,10 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from vaqkd.models.resnet_cifar import BasicBlock
-from vaqkd.quant.fusion import _hooked
+from vaqkd.quant.fusion import FusedStage, _hooked
 from vaqkd.quant.layers import QConv2d
 from vaqkd.quant.quantizers import LSQQuantizer, Quantizer
+from vaqkd.quant.ste import FUSE_MIN_NUMEL, IntAddQuant, IntEndQuant
 
 MID_BITS = 8  # the requantization of conv2's output before the add: signed 8-bit codes (uint8 at zero point 128)
 RESIDUAL_MODES = ("float", "int")
@@ -53,17 +59,59 @@ class IntResidualBlock(BasicBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_s = self.stream(x)  # (B, C, H, W): codes·step
-        # conv1 requantizes a wide stream to its own codes; traced for export or watched by hooks (the size/BOPs dry
-        # run, features by module path), conv1 runs as one layer (its quantizer is idempotent on its own codes)
-        if hasattr(self, "stream_quant") or is_fx_symbolic_tracing() or _hooked(self):
+        # traced for export or watched by hooks (the size/BOPs dry run, features by module path), conv1 runs as one
+        # layer (its quantizer is idempotent on its own codes)
+        y = self._body(x_s, is_fx_symbolic_tracing() or _hooked(self))
+        return F.relu(self.mid_quant(y) + self.shortcut(x_s))
+
+    def _body(self, x_s: torch.Tensor, whole_conv1: bool = False) -> torch.Tensor:
+        """bn2(conv2(...(conv1(x_s)))): the conv branch before Q_mid. conv1 requantizes a wide stream to its own
+        codes; a 2-bit stream is its input already."""
+        if hasattr(self, "stream_quant") or whole_conv1:
             a = self.conv1(x_s)
         else:
             a = self.conv1.forward_quantized(x_s)
         out = self.bn1(a)
         if not self.conv2.input_clamps_at_zero:
             out = F.relu(out)
-        m = self.mid_quant(self.bn2(self.conv2(out)))
-        return F.relu(m + self.shortcut(x_s))
+        return self.bn2(self.conv2(out))
+
+    def forward_codes(self, x_s: torch.Tensor, nxt: Quantizer | None) -> torch.Tensor:
+        """From this block's stream codes `x_s` (`IntStage`): the next block's, nxt(relu(Q_mid(y) + shortcut)), or
+        with `nxt` None the block's output itself; the block's end (and `nxt`) in one fused pass where the
+        quantizers have the kernel, else one by one."""
+        y, sc = self._body(x_s), self.shortcut(x_s)
+        mid = self.mid_quant
+        if not (_fusable(mid) and y.numel() >= FUSE_MIN_NUMEL):
+            h = F.relu(mid(y) + sc)
+            return h if nxt is None else nxt(h)
+        g_mid = 1.0 / math.sqrt(y.numel() * mid.grad_batch * mid.qp)
+        if nxt is None:
+            return IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid)
+        if _fusable(nxt) and not nxt.signed:
+            g_next = 1.0 / math.sqrt(y.numel() * nxt.grad_batch * nxt.qp)
+            return IntEndQuant.apply(y, sc, mid.step, nxt.step, mid.qn, mid.qp, nxt.qp, g_mid, g_next)
+        return nxt(IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid))
+
+
+def _fusable(q: Quantizer) -> bool:
+    return isinstance(q, LSQQuantizer) and not q.calibrating and not q.per_channel
+
+
+class IntStage(nn.Sequential):
+    """A stage of `IntResidualBlock`s run on the fast path (see the module docstring); state-dict keys are the
+    nn.Sequential's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        if is_fx_symbolic_tracing() or _hooked(self) or any(b.stream.calibrating for b in blocks):
+            for b in blocks:  # hooks must see every module's output, a trace every layer: block by block
+                x = b(x)
+            return x
+        x_s = blocks[0].stream(x)
+        for b, nxt in zip(blocks, [*blocks[1:], None]):
+            x_s = b.forward_codes(x_s, nxt.stream if nxt is not None else None)
+        return x_s  # the last block's output
 
 
 def _blocks(model: nn.Module) -> list[BasicBlock]:
@@ -92,6 +140,9 @@ def install_int_residual(model: nn.Module, bits: int = 2) -> nn.Module:
         b.mid_quant = LSQQuantizer(MID_BITS, signed=True).to(device)
         if bits != a_bits:
             b.stream_quant = LSQQuantizer(bits, signed=False).to(device)
+    for m in list(model.modules()):
+        if type(m) in (nn.Sequential, FusedStage) and len(m) and all(isinstance(b, IntResidualBlock) for b in m):
+            m.__class__ = IntStage
     return model
 
 

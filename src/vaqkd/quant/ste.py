@@ -65,15 +65,16 @@ class Fused:
     kernel that has run before (out of memory, a device assert) propagates. VAQKD_COMPILE=0 turns
     compilation off."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, options: dict | None = None):
         self.eager = fn
+        self.options = options  # inductor settings for this kernel
         self.fn = None
         self.ran = False  # the compiled kernel has run at least once
 
     def __call__(self, *args):
         if self.fn is None:
             use = os.environ.get("VAQKD_COMPILE", "1") != "0" and hasattr(torch, "compile")
-            self.fn = torch.compile(self.eager, dynamic=True) if use else self.eager
+            self.fn = torch.compile(self.eager, dynamic=True, options=self.options) if use else self.eager
         try:
             out = self.fn(*args)
         except Exception as e:
@@ -175,6 +176,86 @@ class ReluLSQQuant(torch.autograd.Function):
             dh = None if dh is None else dh.contiguous(memory_format=fmt)
             da, ds = relu_lsq_backward(dy.contiguous(memory_format=fmt), dh, h, s, ctx.qp, ctx.grad_scale, ctx.err)
         return da, (da if ctx.has_b else None), ds, None, None, None
+
+
+def _int_end_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor, qn_mid: int,
+                     qp_mid: int, qp: int) -> torch.Tensor:  # fmt: skip
+    """q(h) with h = relu(Q_mid(y) + sc): an integer-residual block's requantized conv output (signed LSQ), added to
+    its shortcut, and the next block's stream quantizer (unsigned LSQ), in one pass; h itself is not kept."""
+    h = torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
+    return _lsq_forward(h, s_next, 0, qp)
+
+
+def _int_end_backward(dy: torch.Tensor, y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor,
+                      qn_mid: int, qp_mid: int, qp: int, g_mid: float, g_next: float):  # fmt: skip
+    """(d y, d sc, d s_mid, d s_next) of `_int_end_forward`, h recomputed from y and sc exactly as the forward made
+    it: the stream quantizer's straight-through gradient, the ReLU's mask, then Q_mid's (as `_lsq_backward`)."""
+    h = torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
+    dh, t_next = _lsq_grads(dy, h, s_next, 0, qp, True, None)
+    dm = torch.where(h > 0, dh, 0)
+    dx, t_mid = _lsq_grads(dm, y, s_mid, qn_mid, qp_mid, True, None)
+    return dx, dm, (t_mid * g_mid).to(s_mid.dtype), (t_next * g_next).to(s_next.dtype)
+
+
+def _int_add_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, qn_mid: int, qp_mid: int) -> torch.Tensor:
+    """h = relu(Q_mid(y) + sc): the end of a stage's last integer-residual block (no next block to quantize for)."""
+    return torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
+
+
+def _int_add_backward(dh: torch.Tensor, h: torch.Tensor, y: torch.Tensor, s_mid: torch.Tensor, qn_mid: int,
+                      qp_mid: int, g_mid: float):  # fmt: skip
+    """(d y, d sc, d s_mid) of `_int_add_forward` (h: its output)."""
+    dm = torch.where(h > 0, dh, 0)
+    dx, t_mid = _lsq_grads(dm, y, s_mid, qn_mid, qp_mid, True, None)
+    return dx, dm, (t_mid * g_mid).to(s_mid.dtype)
+
+
+# bf16 tensors round where the eager ops between the separate kernels store them (Q_mid's output, the sum), so
+# the fused kernels compute the composite's values in every dtype
+_EMULATE = {"emulate_precision_casts": True}
+int_end_forward = Fused(_int_end_forward, _EMULATE)
+int_end_backward = Fused(_int_end_backward, _EMULATE)
+int_add_forward = Fused(_int_add_forward, _EMULATE)
+int_add_backward = Fused(_int_add_backward, _EMULATE)
+
+
+class IntEndQuant(torch.autograd.Function):
+    """x_next = LSQ_next(relu(LSQ_mid(y) + sc)) fused: the end of an integer-residual block (`quant.residual`)
+    and the next block's stream quantizer, which would otherwise be four passes forward (quantize, add, ReLU,
+    quantize) and five backward. Saves y and sc (h is recomputed); gradients equal those of the composite
+    `LSQQuant` -> add -> ReLU -> `LSQQuant` (the step-gradient sums up to summation order)."""
+
+    @staticmethod
+    def forward(ctx, y, sc, s_mid, s_next, qn_mid: int, qp_mid: int, qp: int, g_mid: float, g_next: float):
+        ctx.save_for_backward(y, sc, s_mid, s_next)
+        ctx.consts = (qn_mid, qp_mid, qp, g_mid, g_next)
+        return int_end_forward(y, sc, s_mid, s_next, qn_mid, qp_mid, qp)
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, sc, s_mid, s_next = ctx.saved_tensors
+        fmt = _memory_format(y)
+        dy, sc = dy.contiguous(memory_format=fmt), sc.contiguous(memory_format=fmt)
+        dx, dsc, ds_mid, ds_next = int_end_backward(dy, y, sc, s_mid, s_next, *ctx.consts)
+        return dx, dsc, ds_mid, ds_next, None, None, None, None, None
+
+
+class IntAddQuant(torch.autograd.Function):
+    """h = relu(LSQ_mid(y) + sc) fused (the last block of a stage, whose output leaves the stage as a tensor):
+    one pass each way instead of three forward and three backward. Saves y and h."""
+
+    @staticmethod
+    def forward(ctx, y, sc, s_mid, qn_mid: int, qp_mid: int, g_mid: float):
+        h = int_add_forward(y, sc, s_mid, qn_mid, qp_mid)
+        ctx.save_for_backward(h, y, s_mid)
+        ctx.consts = (qn_mid, qp_mid, g_mid)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        h, y, s_mid = ctx.saved_tensors
+        dx, dsc, ds_mid = int_add_backward(dh.contiguous(memory_format=_memory_format(y)), h, y, s_mid, *ctx.consts)
+        return dx, dsc, ds_mid, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
