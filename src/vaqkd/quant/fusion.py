@@ -45,7 +45,12 @@ class QuantBasicBlock(BasicBlock):
         return fused if fused is not None else (F.relu(out + sc), None)
 
 
-class FusedStage(nn.Sequential):
+class FastStage(nn.Sequential):
+    """A stage of residual blocks that runs a fast path of its own (`FusedStage`; the integer residual's
+    `quant.residual.IntStage`); `remove_fusions` turns it back into a plain nn.Sequential."""
+
+
+class FusedStage(FastStage):
     """Residual blocks run with the block-boundary fusion (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,10 +90,8 @@ def install_fusions(model: nn.Module) -> nn.Module:
 def remove_fusions(model: nn.Module) -> None:
     """Back to plain nn.Sequential stages of plain BasicBlocks (the same computation, without the fast path); an
     integer-residual stage (`quant.residual.IntStage`) back to an nn.Sequential of its blocks."""
-    from vaqkd.quant.residual import IntStage
-
     for m in model.modules():
-        if type(m) in (FusedStage, IntStage):
+        if isinstance(m, FastStage):
             m.__class__ = nn.Sequential
         elif type(m) is QuantBasicBlock:
             m.__class__ = BasicBlock

@@ -35,7 +35,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from vaqkd.models.resnet_cifar import BasicBlock
-from vaqkd.quant.fusion import FusedStage, _hooked
+from vaqkd.quant.fusion import FastStage, FusedStage, _hooked
 from vaqkd.quant.layers import QConv2d
 from vaqkd.quant.quantizers import LSQQuantizer, Quantizer
 from vaqkd.quant.ste import FUSE_MIN_NUMEL, IntAddQuant, IntEndQuant
@@ -98,7 +98,7 @@ def _fusable(q: Quantizer) -> bool:
     return isinstance(q, LSQQuantizer) and not q.calibrating and not q.per_channel
 
 
-class IntStage(nn.Sequential):
+class IntStage(FastStage):
     """A stage of `IntResidualBlock`s run on the fast path (see the module docstring); state-dict keys are the
     nn.Sequential's."""
 

@@ -74,7 +74,7 @@ class Fused:
     def __call__(self, *args):
         if self.fn is None:
             use = os.environ.get("VAQKD_COMPILE", "1") != "0" and hasattr(torch, "compile")
-            self.fn = torch.compile(self.eager, dynamic=True, options=self.options) if use else self.eager
+            self.fn = torch.compile(self.eager, dynamic=True, options=_known(self.options)) if use else self.eager
         try:
             out = self.fn(*args)
         except Exception as e:
@@ -88,6 +88,15 @@ class Fused:
             return self.fn(*args)
         self.ran = True
         return out
+
+
+def _known(options: dict | None) -> dict | None:
+    """The inductor settings this torch has (an older one lacks some: its kernels then compile without them)."""
+    if not options:
+        return None
+    from torch._inductor import config
+
+    return {k: v for k, v in options.items() if hasattr(config, k)} or None
 
 
 FUSE_MIN_NUMEL = 1 << 16
