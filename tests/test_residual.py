@@ -159,11 +159,11 @@ def test_the_fast_path_computes_what_the_blocks_compute_one_by_one(bits, dtype, 
 
     monkeypatch.setenv("VAQKD_COMPILE", compiled)
     for name in ("lsq_forward", "lsq_backward", "int_end_forward", "int_end_backward", "int_add_forward",
-                 "int_add_backward", "int_end_wide_forward", "int_end_wide_backward"):  # fmt: skip
+                 "int_add_backward"):  # fmt: skip
         f = getattr(ste, name)
         monkeypatch.setattr(ste, name, ste.Fused(f.eager, f.options))  # fresh: compiled per VAQKD_COMPILE
     calls = []
-    for cls in (ste.IntEndQuant, ste.IntEndWideQuant, ste.IntAddQuant):
+    for cls in (ste.IntEndQuant, ste.IntAddQuant):
         monkeypatch.setattr(cls, "apply", (lambda f: lambda *a: calls.append(f) or f(*a))(cls.apply))
     fast, plain, x = _fast_and_plain(bits)
     out, grads = _step_and_grads(fast, x, dtype)

@@ -38,7 +38,7 @@ from vaqkd.models.resnet_cifar import BasicBlock
 from vaqkd.quant.fusion import FastStage, FusedStage, _hooked
 from vaqkd.quant.layers import QConv2d
 from vaqkd.quant.quantizers import LSQQuantizer, Quantizer
-from vaqkd.quant.ste import FUSE_MIN_NUMEL, IntAddQuant, IntEndQuant, IntEndWideQuant
+from vaqkd.quant.ste import FUSE_MIN_NUMEL, IntAddQuant, IntEndQuant
 
 MID_BITS = 8  # the requantization of conv2's output before the add: signed 8-bit codes (uint8 at zero point 128)
 RESIDUAL_MODES = ("float", "int")
@@ -64,12 +64,10 @@ class IntResidualBlock(BasicBlock):
         y = self._body(x_s, is_fx_symbolic_tracing() or _hooked(self))
         return F.relu(self.mid_quant(y) + self.shortcut(x_s))
 
-    def _body(self, x_s: torch.Tensor, whole_conv1: bool = False, x_c: torch.Tensor | None = None) -> torch.Tensor:
+    def _body(self, x_s: torch.Tensor, whole_conv1: bool = False) -> torch.Tensor:
         """bn2(conv2(...(conv1(x_s)))): the conv branch before Q_mid. conv1 requantizes a wide stream to its own
-        codes (`x_c`: made already); a 2-bit stream is its input already."""
-        if x_c is not None:
-            a = self.conv1.forward_quantized(x_c)
-        elif hasattr(self, "stream_quant") or whole_conv1:
+        codes; a 2-bit stream is its input already."""
+        if hasattr(self, "stream_quant") or whole_conv1:
             a = self.conv1(x_s)
         else:
             a = self.conv1.forward_quantized(x_s)
@@ -78,27 +76,22 @@ class IntResidualBlock(BasicBlock):
             out = F.relu(out)
         return self.bn2(self.conv2(out))
 
-    def forward_codes(self, x_s: torch.Tensor, x_c: torch.Tensor | None, nxt: IntResidualBlock | None):
-        """From this block's stream codes `x_s` (and, for a wide stream, conv1's own codes `x_c` or None)
-        (`IntStage`): the next block's (x_s, x_c), or with `nxt` None the block's output itself; the block's end and
-        the next block's quantizers in one fused pass where they have the kernel, else one by one."""
-        y, sc = self._body(x_s, x_c=x_c), self.shortcut(x_s)
+    def forward_codes(self, x_s: torch.Tensor, nxt: Quantizer | None) -> torch.Tensor:
+        """From this block's stream codes `x_s` (`IntStage`): the next block's, nxt(relu(Q_mid(y) + shortcut)), or
+        with `nxt` None the block's output itself; the block's end (and `nxt`) in one fused pass where the
+        quantizers have the kernel, else one by one."""
+        y, sc = self._body(x_s), self.shortcut(x_s)
         mid = self.mid_quant
         if not (_fusable(mid) and y.numel() >= FUSE_MIN_NUMEL):
             h = F.relu(mid(y) + sc)
-            return h if nxt is None else (nxt.stream(h), None)
+            return h if nxt is None else nxt(h)
         g_mid = 1.0 / math.sqrt(y.numel() * mid.grad_batch * mid.qp)
         if nxt is None:
             return IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid)
-        q, conv_q = nxt.stream, nxt.conv1.a_quant
-        if not (_fusable(q) and not q.signed):
-            return nxt.stream(IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid)), None
-        g_next = 1.0 / math.sqrt(y.numel() * q.grad_batch * q.qp)
-        if q is not conv_q and _fusable(conv_q) and not conv_q.signed:  # a wide stream: conv1's codes too
-            g_conv = 1.0 / math.sqrt(y.numel() * conv_q.grad_batch * conv_q.qp)
-            return IntEndWideQuant.apply(y, sc, mid.step, q.step, conv_q.step, mid.qn, mid.qp, q.qp, conv_q.qp,
-                                         g_mid, g_next, g_conv)  # fmt: skip
-        return IntEndQuant.apply(y, sc, mid.step, q.step, mid.qn, mid.qp, q.qp, g_mid, g_next), None
+        if _fusable(nxt) and not nxt.signed:
+            g_next = 1.0 / math.sqrt(y.numel() * nxt.grad_batch * nxt.qp)
+            return IntEndQuant.apply(y, sc, mid.step, nxt.step, mid.qn, mid.qp, nxt.qp, g_mid, g_next)
+        return nxt(IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid))
 
 
 def _fusable(q: Quantizer) -> bool:
@@ -115,10 +108,10 @@ class IntStage(FastStage):
             for b in blocks:  # hooks must see every module's output, a trace every layer: block by block
                 x = b(x)
             return x
-        x_s, x_c = blocks[0].stream(x), None
-        for b, nxt in zip(blocks[:-1], blocks[1:]):
-            x_s, x_c = b.forward_codes(x_s, x_c, nxt)
-        return blocks[-1].forward_codes(x_s, x_c, None)
+        x_s = blocks[0].stream(x)
+        for b, nxt in zip(blocks, [*blocks[1:], None]):
+            x_s = b.forward_codes(x_s, nxt.stream if nxt is not None else None)
+        return x_s  # the last block's output
 
 
 def _blocks(model: nn.Module) -> list[BasicBlock]:

@@ -206,29 +206,6 @@ def _int_end_backward(dy: torch.Tensor, y: torch.Tensor, sc: torch.Tensor, s_mid
     return dx, dm, (t_mid * g_mid).to(s_mid.dtype), (t_next * g_next).to(s_next.dtype)
 
 
-def _int_end_wide_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor,
-                          s_conv: torch.Tensor, qn_mid: int, qp_mid: int, qp: int, qp_conv: int):  # fmt: skip
-    """(x, q_conv(x)) with x = `_int_end_forward`'s stream codes: a wide stream's codes (the next block's shortcut)
-    and their requantization to the next conv's own input codes, in the same pass."""
-    x = _int_end_forward(y, sc, s_mid, s_next, qn_mid, qp_mid, qp)
-    return x, _lsq_forward(x, s_conv, 0, qp_conv)
-
-
-def _int_end_wide_backward(dx: torch.Tensor, dc: torch.Tensor, y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor,
-                           s_next: torch.Tensor, s_conv: torch.Tensor, qn_mid: int, qp_mid: int, qp: int, qp_conv: int,
-                           g_mid: float, g_next: float, g_conv: float):  # fmt: skip
-    """(d y, d sc, d s_mid, d s_next, d s_conv) of `_int_end_wide_forward`: the conv's quantizer's straight-through
-    gradient joins the stream codes' own (the shortcut's), then as `_int_end_backward`."""
-    h = torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
-    x = _lsq_forward(h, s_next, 0, qp)
-    dxc, t_conv = _lsq_grads(dc, x, s_conv, 0, qp_conv, True, None)
-    dh, t_next = _lsq_grads(dx + dxc, h, s_next, 0, qp, True, None)
-    dm = torch.where(h > 0, dh, 0)
-    dy, t_mid = _lsq_grads(dm, y, s_mid, qn_mid, qp_mid, True, None)
-    steps = (t_mid * g_mid).to(s_mid.dtype), (t_next * g_next).to(s_next.dtype), (t_conv * g_conv).to(s_conv.dtype)
-    return dy, dm, *steps
-
-
 def _int_add_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, qn_mid: int, qp_mid: int) -> torch.Tensor:
     """h = relu(Q_mid(y) + sc): the end of a stage's last integer-residual block (no next block to quantize for)."""
     return torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
@@ -248,8 +225,6 @@ _EMULATE = {"emulate_precision_casts": True}
 int_end_forward = Fused(_int_end_forward, _EMULATE)
 int_end_backward = Fused(_int_end_backward, _EMULATE)
 int_add_forward = Fused(_int_add_forward, _EMULATE)
-int_end_wide_forward = Fused(_int_end_wide_forward, _EMULATE)
-int_end_wide_backward = Fused(_int_end_wide_backward, _EMULATE)
 int_add_backward = Fused(_int_add_backward, _EMULATE)
 
 
@@ -272,28 +247,6 @@ class IntEndQuant(torch.autograd.Function):
         dy, sc = dy.contiguous(memory_format=fmt), sc.contiguous(memory_format=fmt)
         dx, dsc, ds_mid, ds_next = int_end_backward(dy, y, sc, s_mid, s_next, *ctx.consts)
         return dx, dsc, ds_mid, ds_next, None, None, None, None, None
-
-
-class IntEndWideQuant(torch.autograd.Function):
-    """`IntEndQuant` for a wide stream (4 or 8 bits): returns the stream codes (the next block's shortcut) and their
-    requantization by the next conv's own input quantizer (unsigned LSQ), made in the same pass; gradients equal
-    those of the composite with that quantizer applied to the codes."""
-
-    @staticmethod
-    def forward(ctx, y, sc, s_mid, s_next, s_conv, qn_mid: int, qp_mid: int, qp: int, qp_conv: int, g_mid: float,
-                g_next: float, g_conv: float):  # fmt: skip
-        ctx.save_for_backward(y, sc, s_mid, s_next, s_conv)
-        ctx.consts = (qn_mid, qp_mid, qp, qp_conv, g_mid, g_next, g_conv)
-        return int_end_wide_forward(y, sc, s_mid, s_next, s_conv, qn_mid, qp_mid, qp, qp_conv)
-
-    @staticmethod
-    def backward(ctx, dx, dc):
-        y, sc, s_mid, s_next, s_conv = ctx.saved_tensors
-        fmt = _memory_format(y)
-        dx = torch.zeros_like(y) if dx is None else dx.contiguous(memory_format=fmt)
-        dc = torch.zeros_like(y) if dc is None else dc.contiguous(memory_format=fmt)
-        grads = int_end_wide_backward(dx, dc, y, sc.contiguous(memory_format=fmt), s_mid, s_next, s_conv, *ctx.consts)
-        return (*grads, None, None, None, None, None, None, None)
 
 
 class IntAddQuant(torch.autograd.Function):
