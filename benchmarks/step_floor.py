@@ -53,7 +53,9 @@ def _NO_FUSION(self, a, b=None):  # noqa: N802
     return None
 
 
-def _step(model, x, y, idx, labels, mode: str):
+def _step(model, x, y, idx, labels, mode: str | None):
+    """One CE training step of `model` on the batch, as a callable (`mode`: the quantizers' `_mode` first, or None
+    to leave them as they are)."""
     terms = [TermConfig("ce", 1.0)]
     ch = stage_channels(model, [])
     obj = Objective(terms, [build_term(t, ch, ch, labels, 0) for t in terms])
@@ -61,7 +63,8 @@ def _step(model, x, y, idx, labels, mode: str):
     student, count = StudentLoss(model, obj), [0]
 
     def fn():
-        _mode(mode)
+        if mode:
+            _mode(mode)
         count[0] += 1
         train_step(student, None, opt, x, y, idx, count[0], "fp32")
 
@@ -73,8 +76,9 @@ def _quartiles(v: list[float]) -> list[float]:
     return [q1, q2, q3]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The step benchmarks' options (--threads, --batch, --rounds, --out), the process set up for timing."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20)
@@ -82,11 +86,46 @@ def main() -> None:
     args = ap.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
-    dev = torch.device("cpu")
+    return args
+
+
+def synthetic_batch(batch: int):
+    """(x, y, idx, labels): one CIFAR-sized training batch of synthetic images, through the project's loader."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (4 * args.batch, 3, 32, 32), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.arange(len(images)) % 100
-    x, y, idx = next(iter(DeviceLoader(images, labels, args.batch, bench.MEAN, bench.STD, dev, train=True)))
+    x, y, idx = next(iter(DeviceLoader(images, labels, batch, bench.MEAN, bench.STD, torch.device("cpu"), train=True)))
+    return x, y, idx, labels
+
+
+def interleave(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step, the cases in turn, `rounds` times (after three warm-up steps each)."""
+    for fn in steps.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def over_fp32(times: dict[str, list[float]]) -> dict:
+    """Each case's median ms and its per-round throughput over the "fp32" case's (quartiles), printed and returned."""
+    cases = {}
+    for k, v in times.items():
+        q1, q2, q3 = _quartiles([a / b for a, b in zip(times["fp32"], v)])  # > 1: faster than the FP32 step
+        cases[k] = {"ms_per_step": 1e3 * statistics.median(v), "over_fp32_quartiles": [q1, q2, q3]}
+        print(f"{k:22s} {1e3 * statistics.median(v):7.1f} ms   throughput / FP32 {q2:.3f} [{q1:.3f}, {q3:.3f}]")
+    return cases
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    dev = torch.device("cpu")
+    x, y, idx, labels = synthetic_batch(args.batch)
 
     steps = {"fp32": _step(bench._student(None, "lsq", "lsq", x, dev, False), x, y, idx, labels, "compiled")}
     for mode in ("compiled", "eager", "none"):
@@ -94,21 +133,8 @@ def main() -> None:
     steps["w2a2_compiled"]()  # compile the kernels, then keep them aside for the "compiled" mode
     for f in FUSED:
         f.compiled = f.fn
-    for fn in steps.values():
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for k, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    report = {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": {}}
-    for k, v in times.items():
-        per_round = [a / b for a, b in zip(times["fp32"], v)]  # > 1: faster than the FP32 step
-        report["cases"][k] = {"ms_per_step": 1e3 * statistics.median(v), "over_fp32_quartiles": _quartiles(per_round)}
-        q1, q2, q3 = _quartiles(per_round)
-        print(f"{k:14s} {1e3 * statistics.median(v):7.1f} ms   throughput / FP32 {q2:.3f} [{q1:.3f}, {q3:.3f}]")
+    times = interleave(steps, args.rounds)
+    report = {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": over_fp32(times)}
 
     # each fused kernel inside the compiled step vs the same call repeated on its own
     _mode("compiled")

@@ -187,36 +187,35 @@ class ReluLSQQuant(torch.autograd.Function):
         return da, (da if ctx.has_b else None), ds, None, None, None
 
 
-def _int_end_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor, qn_mid: int,
-                     qp_mid: int, qp: int) -> torch.Tensor:  # fmt: skip
-    """q(h) with h = relu(Q_mid(y) + sc): an integer-residual block's requantized conv output (signed LSQ), added to
-    its shortcut, and the next block's stream quantizer (unsigned LSQ), in one pass; h itself is not kept."""
-    h = torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
-    return _lsq_forward(h, s_next, 0, qp)
-
-
-def _int_end_backward(dy: torch.Tensor, y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor,
-                      qn_mid: int, qp_mid: int, qp: int, g_mid: float, g_next: float):  # fmt: skip
-    """(d y, d sc, d s_mid, d s_next) of `_int_end_forward`, h recomputed from y and sc exactly as the forward made
-    it: the stream quantizer's straight-through gradient, the ReLU's mask, then Q_mid's (as `_lsq_backward`)."""
-    h = torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
-    dh, t_next = _lsq_grads(dy, h, s_next, 0, qp, True, None)
-    dm = torch.where(h > 0, dh, 0)
-    dx, t_mid = _lsq_grads(dm, y, s_mid, qn_mid, qp_mid, True, None)
-    return dx, dm, (t_mid * g_mid).to(s_mid.dtype), (t_next * g_next).to(s_next.dtype)
-
-
 def _int_add_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, qn_mid: int, qp_mid: int) -> torch.Tensor:
-    """h = relu(Q_mid(y) + sc): the end of a stage's last integer-residual block (no next block to quantize for)."""
+    """h = relu(Q_mid(y) + sc): an integer-residual block's requantized conv output (signed LSQ) added to its
+    shortcut, and the ReLU."""
     return torch.relu(_lsq_forward(y, s_mid, qn_mid, qp_mid) + sc)
 
 
 def _int_add_backward(dh: torch.Tensor, h: torch.Tensor, y: torch.Tensor, s_mid: torch.Tensor, qn_mid: int,
                       qp_mid: int, g_mid: float):  # fmt: skip
-    """(d y, d sc, d s_mid) of `_int_add_forward` (h: its output)."""
+    """(d y, d sc, d s_mid) of `_int_add_forward` (h: its output): the ReLU's mask, then Q_mid's (as
+    `_lsq_backward`)."""
     dm = torch.where(h > 0, dh, 0)
     dx, t_mid = _lsq_grads(dm, y, s_mid, qn_mid, qp_mid, True, None)
     return dx, dm, (t_mid * g_mid).to(s_mid.dtype)
+
+
+def _int_end_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor, qn_mid: int,
+                     qp_mid: int, qp: int) -> torch.Tensor:  # fmt: skip
+    """q(h), h = `_int_add_forward`: a block's end and the next block's stream quantizer (unsigned LSQ) in one
+    pass; h itself is not kept."""
+    return _lsq_forward(_int_add_forward(y, sc, s_mid, qn_mid, qp_mid), s_next, 0, qp)
+
+
+def _int_end_backward(dy: torch.Tensor, y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor,
+                      qn_mid: int, qp_mid: int, qp: int, g_mid: float, g_next: float):  # fmt: skip
+    """(d y, d sc, d s_mid, d s_next) of `_int_end_forward`, h recomputed from y and sc exactly as the forward made
+    it: the stream quantizer's straight-through gradient, then `_int_add_backward`."""
+    h = _int_add_forward(y, sc, s_mid, qn_mid, qp_mid)
+    dh, t_next = _lsq_grads(dy, h, s_next, 0, qp, True, None)
+    return *_int_add_backward(dh, h, y, s_mid, qn_mid, qp_mid, g_mid), (t_next * g_next).to(s_next.dtype)
 
 
 # bf16 tensors round where the eager ops between the separate kernels store them (Q_mid's output, the sum), so
