@@ -1,5 +1,6 @@
 """Where ONNX Runtime spends a W2A2 graph's time: ORT's own profiler, per op type and per node, for the graph as the
-backend runs it (integer body channels-last, `vaqkd.deploy.ort_layout`) and as ORT lays it out alone.
+backend runs it (integer body channels-last, `vaqkd.deploy.ort_layout`), as ORT lays it out alone, and (with
+`--teacher`) the FP32 teacher's graph beside them, each conv's multiply-adds per second of kernel time included.
 
     python benchmarks/ort_profile.py --student results/deploy/qkd_logit-int8stream-s0.vaqkd.safetensors \
         --out results/deploy/ort_profile.json
@@ -32,12 +33,14 @@ from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # 
 
 
 def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp: Path) -> dict:
-    """Per op type and per node: ms per batch and share of kernel time, and the graph's op counts."""
+    """Per op type and per node: ms per batch and share of kernel time, and the graph's op counts; the convs'
+    multiply-adds (per image) and their rate in G MAC/s of kernel time."""
     import onnx
     import onnxruntime as ort
 
     from vaqkd.deploy.ort_layout import channels_last_graph
 
+    graph_in = graph
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.enable_profiling = True
@@ -66,9 +69,33 @@ def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp:
         by_op[e["args"]["op_name"]] += e["dur"]
         by_node[e["name"].removesuffix("_kernel_time")] += e["dur"]
     total = sum(by_op.values())
+    macs = conv_macs(graph_in)
+    conv_us = sum(by_op[op] for op in ("Conv", "QLinearConv", "FusedConv")) / runs
     return {"ms_per_batch": total / runs / 1000, "op_counts": dict(ops),
+            "conv_macs_per_image": macs, "conv_gmac_per_s": macs * batch / conv_us / 1e3,
             "by_op": {k: {"ms": v / runs / 1000, "share": v / total} for k, v in by_op.most_common()},
             "top_nodes": {k: v / runs / 1000 for k, v in by_node.most_common(15)}}  # fmt: skip
+
+
+def conv_macs(graph: bytes, image: tuple = (1, 3, 32, 32)) -> int:
+    """Multiply-adds per image of every conv of an exported (not yet optimised) ONNX graph, from shape inference
+    on one image of the given shape."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    for d, n in zip(model.graph.input[0].type.tensor_type.shape.dim, image):
+        d.dim_value = n
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for v in [*model.graph.value_info, *model.graph.output]:
+        shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+    total = 0
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+            weight = n.input[3] if n.op_type == "QLinearConv" else n.input[1]
+            (_, c_in, kh, kw), (_, c_out, h, w) = shapes[weight], shapes[n.output[0]]
+            total += c_out * h * w * c_in * kh * kw
+    return total
 
 
 def main(argv=None) -> int:
@@ -78,23 +105,29 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--teacher", help="FP32 weights spec (pretrained:resnet32_cifar100_e64): profile its graph too")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
     import onnxruntime
 
     student, (mean, std), _ = source_model(args.student, args.data_root)
-    graph = build_onnx(student, normalise=normalisation(mean, std)).SerializeToString()
+    graphs = {layout: build_onnx(student, normalise=normalisation(mean, std)).SerializeToString()
+              for layout in ("channels-last", "ort-own")}  # fmt: skip
+    if args.teacher:
+        teacher, _, _ = source_model(args.teacher)
+        graphs["teacher"] = build_onnx(teacher, normalise=normalisation(mean, std)).SerializeToString()
     result = {"command": " ".join(["python", "benchmarks/ort_profile.py", *(argv or sys.argv[1:])]),
               "student": args.student, "batch": args.batch, "threads": args.threads, "runs": args.runs,
               "machine": platform.processor() or platform.machine(), "device_name": _cpu_name(),
               "onnxruntime": onnxruntime.__version__, "git_sha": _git_sha(), "layouts": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="vaqkd-prof-") as tmp:
-        for layout in ("channels-last", "ort-own"):
+        for layout, graph in graphs.items():
             p = profile(graph, layout, args.threads, args.batch, args.runs, Path(tmp))
             result["layouts"][layout] = p
             print(f"{layout}: {p['ms_per_batch']:.1f} ms of kernel time per batch of {args.batch}, "
-                  f"{sum(p['op_counts'].values())} nodes ({p['op_counts'].get('Transpose', 0)} Transpose)")
+                  f"{sum(p['op_counts'].values())} nodes ({p['op_counts'].get('Transpose', 0)} Transpose)"
+                  + (f", convs {p['conv_gmac_per_s']:.1f} G MAC/s" if p["conv_gmac_per_s"] else ""))
             for op, v in p["by_op"].items():
                 if v["share"] >= 0.005:
                     print(f"  {op:22s} {100 * v['share']:5.1f} %  {v['ms']:7.2f} ms")
