@@ -109,6 +109,28 @@ def test_an_integer_residual_student_has_no_float_conv_but_the_stem(bits, tmp_pa
     assert (ort_logits(session(build_onnx(model).SerializeToString()), x).argmax(1) == logits.argmax(1)).all()
 
 
+@pytest.mark.parametrize("kind", ["fp32", "w2a2", "int"])
+def test_the_profilers_conv_macs_from_the_graph_equal_the_models_layer_table(kind, monkeypatch):
+    """benchmarks/ort_profile.py counts multiply-adds from the exported graph's shapes (float Conv, and the
+    integer graph's convs behind their DequantizeLinear weights); `metrics.size.layer_table` counts them from a
+    dry run of the PyTorch model: the two agree for every conv."""
+    from pathlib import Path
+
+    from vaqkd.metrics.size import layer_table
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from ort_profile import conv_macs
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10)
+    if kind != "fp32":
+        model = quantize_student(model, residual="int" if kind == "int" else "float")
+        calibrate(model, [torch.randn(8, 3, 32, 32)])
+    expected = sum(r["macs"] for r in layer_table(model.eval()) if r["kind"] != "Linear" and "fc" not in r["name"])
+    assert expected > 40_000_000  # ResNet-20: 40.55 M multiply-adds in its convs
+    assert conv_macs(build_onnx(model, normalise=normalisation(MEAN, STD)).SerializeToString()) == expected
+
+
 @pytest.mark.parametrize("first_last", ["8", "same"])
 def test_eight_bit_edge_layers_and_a_switched_off_channel_keep_the_answers_after_orts_optimiser(first_last, tmp_path):
     """W8A8 stem and classifier (`first_last = "8"`): their 8-bit x 8-bit products do not fit ORT's int16 pairs,
