@@ -24,7 +24,9 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
         (["quant.a_bits=1"], "quant.a_bits: lsq needs at least 2 bits"),
         (["quant.weight=ewgs", "quant.per_channel=true"], "quant.per_channel: per-channel steps exist for lsq only"),
         (["optim.lr=-0.1"], "optim.lr: must be > 0"),
-        (["optim.epochs=0"], "optim.epochs: must be >= 1"),
+        (["optim.epochs=0"], "optim.epochs: must be in [1, 2^31 - 1], got 0"),
+        (["data.subset_per_class=99999999999999999999"], "data.subset_per_class: must be in [0, 2^31 - 1]"),
+        (["train.checkpoint_every_steps=-1"], "train.checkpoint_every_steps: must be in [0, 2^31 - 1], got -1"),
         (["optim.lr=fast"], "optim.lr: expected a number"),
         (["train.seed=1.5"], "train.seed: expected an integer"),
         (["distill.terms.1.anchor_bits=[]"], "distill.terms.1.anchor_weights: needs one weight per anchor"),
@@ -165,6 +167,11 @@ def test_more_bad_input_is_one_line_before_any_work(capsys, tmp_path):
     one_line_error(capsys, ["gradcam", "a", "b", "--out", str(tmp_path / "g.txt")],
                    ".txt is not an image format matplotlib writes")  # fmt: skip
     one_line_error(capsys, ["gradcam", "a", "b", "--out", str(tmp_path / "no" / "g.png")], "is not a folder")
+    (tmp_path / "kept.png").write_bytes(b"figure")
+    one_line_error(capsys, ["gradcam", "a", "b", "--out", str(tmp_path / "kept.png")],
+                   "kept.png: exists; remove it, choose another --out, or pass --force")  # fmt: skip
+    assert (tmp_path / "kept.png").read_bytes() == b"figure"
+    (tmp_path / "kept.png").unlink()
     x = str(tmp_path / "x")
     one_line_error(capsys, ["export", "pretrained", "--out", x], "pretrained: FP32 weights; --format packed takes")
     one_line_error(capsys, ["export", "pretrained", "--format", "onnx", "--out", x + ".vaqkd.safetensors"],

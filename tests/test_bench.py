@@ -33,3 +33,17 @@ def test_an_out_that_cannot_be_written_fails_before_any_timing(tmp_path, capsys,
         assert main(["bench", "--quick", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and culprit in err, err
+
+
+def test_an_existing_out_is_kept_unless_forced(tmp_path, capsys, monkeypatch):
+    import vaqkd.bench as bench
+
+    monkeypatch.setattr(bench, "_step_cases", lambda *a: (_ for _ in ()).throw(AssertionError("timed anyway")))
+    out = tmp_path / "kept.json"
+    out.write_text('{"precious": 1}')
+    assert main(["bench", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out" in err and "exists" in err and "--force" in err, err
+    assert out.read_text() == '{"precious": 1}'
+    with __import__("pytest").raises(AssertionError, match="timed anyway"):  # --force goes on to the timing
+        main(["bench", "--quick", "--out", str(out), "--force"])

@@ -138,6 +138,9 @@ def test_train_with_a_preset(shared_cifar_root, tmp_path, capsys):
         (["table", "--gpus-per-run", "-1"], "argument --gpus-per-run: must be >= 0, got -1"),
         (["table", "--cpus-per-run", "0"], "argument --cpus-per-run: must be > 0, got 0"),
         (["table", "--cpus-per-run", "nan"], "argument --cpus-per-run: must be > 0, got nan"),
+        (["train", "x.toml", "--stop-after-steps", "0"], "argument --stop-after-steps: must be >= 1, got 0"),
+        (["gradcam", "a", "b", "--seed", "99999999999999999999"],
+         "argument --seed: must be in [0, 9223372036854775807], got 99999999999999999999"),
     ],
 )
 def test_out_of_range_arguments_are_one_line_errors_before_any_work(argv, culprit, capsys):

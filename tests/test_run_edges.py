@@ -12,6 +12,7 @@ from conftest import one_line_error as one_line
 from vaqkd.cli import main
 from vaqkd.config import load_config
 from vaqkd.engine.train import fit
+from vaqkd.errors import ConfigError
 from vaqkd.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +65,25 @@ def test_a_torn_metrics_line_does_not_block_resume_and_a_finished_run_is_not_red
     args = ["train", str(run / "config.toml"), "--out", str(run), "--resume", "--no-progress"]
     assert main(args) == 0
     assert "already finished" in capsys.readouterr().out and (run / "final.json").read_bytes() == before
+
+
+def test_a_resume_already_at_its_stop_step_trains_nothing(shared_cifar_root, tmp_path):
+    """--stop-after-steps N on a run that is at step N or beyond stops at once (it used to train one more stretch
+    before looking); below 1 it is refused before any work."""
+    sets = [f'data.root="{shared_cifar_root}"', "data.subset_per_class=4", "data.batch_size=100", "optim.epochs=2",
+            "model.arch=resnet20", "train.precision=fp32", "train.checkpoint_every_steps=1"]  # fmt: skip
+    cfg, run = load_config(None, sets), tmp_path / "r"
+    fit(cfg, run, progress=False, log=lambda s: None, stop_after_steps=2)
+    state = sorted(run.glob("ckpt-*"))
+    assert [c.name for c in state] == ["ckpt-000000002"]
+    for n in (1, 2):
+        lines = []
+        assert fit(cfg, run, resume=True, progress=False, log=lines.append, stop_after_steps=n) == {}
+        assert sorted(c.name for c in run.glob("ckpt-*")) == ["ckpt-000000002"], n
+        assert any("stopped at step 2" in s for s in lines), lines
+    with pytest.raises(ConfigError, match="--stop-after-steps 0: must be >= 1"):
+        fit(cfg, tmp_path / "new", progress=False, log=lambda s: None, stop_after_steps=0)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("damage,culprit", [

@@ -86,12 +86,13 @@ def _student(w_bits: int | None, weight: str, act: str, x: torch.Tensor, device,
 
 
 def run_bench(device: str = "cpu", batch: int = 128, quick: bool = False, as_json: bool = False,
-              out: str | None = None, precision: str = "auto", channels_last: bool = False) -> dict:  # fmt: skip
+              out: str | None = None, precision: str = "auto", channels_last: bool = False,
+              force: bool = False) -> dict:  # fmt: skip
     """Time every step case in interleaved rounds, the loader, an epoch against its steps and evaluation; the
     ratios that matter and whether each target was met (see the module docstring)."""
     dev = resolve_device(device, "--device")
     if out:  # a path that cannot be written fails now, not after minutes of timing
-        check_file_target(Path(out), "bench.json")
+        check_file_target(Path(out), "bench.json", force=force)  # an existing file only with force
     if quick:
         batch, warmup, rounds, per_round, n_train = min(batch, 8), 1, 2, 1, 64
     else:

@@ -329,7 +329,8 @@ def table_summary(table: Path) -> str:
 def cmd_gradcam(args) -> int:
     from vaqkd.analysis.gradcam import gradcam_figure
 
-    out = gradcam_figure(args.run_a, args.run_b, args.images, args.out, data_root=args.data_root, seed=args.seed)
+    out = gradcam_figure(args.run_a, args.run_b, args.images, args.out, data_root=args.data_root, seed=args.seed,
+                         force=args.force)  # fmt: skip
     print(f"wrote {out}")
     return 0
 
@@ -337,7 +338,7 @@ def cmd_gradcam(args) -> int:
 def cmd_bench(args) -> int:
     from vaqkd.bench import run_bench
 
-    run_bench(device=args.device, batch=args.batch, quick=args.quick, as_json=args.json, out=args.out)
+    run_bench(device=args.device, batch=args.batch, quick=args.quick, as_json=args.json, out=args.out, force=args.force)
     return 0
 
 
@@ -361,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--preset", help="apply a preset's student settings (configs/presets/NAME.toml), e.g. quick")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--stop-after-steps", type=int, metavar="N",
+    t.add_argument("--stop-after-steps", type=_int_in(1), metavar="N",
                    help="stop (checkpointed) once N global steps are done; continue later with --resume")  # fmt: skip
     t.add_argument("--tensorboard", action="store_true",
                    help="also write each epoch's curves to OUT/tensorboard/ (pip install 'vaqkd[tensorboard]')")
@@ -435,8 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run_a")
     g.add_argument("run_b")
     g.add_argument("--images", type=_int_in(1), default=8)
-    g.add_argument("--out", default="gradcam.png")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="gradcam.png", help="the figure (an existing file: only with --force)")
+    g.add_argument("--force", action="store_true", help="replace an existing --out")
+    g.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="which test images (a random draw)")
     _add_data_root(g)
     g.set_defaults(fn=cmd_gradcam)
 
@@ -446,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images a step (at most the 50,000 it times on)")  # fmt: skip
     b.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs, not speed")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--out", help="also write the JSON here")
+    b.add_argument("--out", help="also write the JSON here (an existing file: only with --force)")
+    b.add_argument("--force", action="store_true", help="replace an existing --out")
     b.set_defaults(fn=cmd_bench)
     return p
 

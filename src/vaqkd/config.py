@@ -33,6 +33,14 @@ def _check(key: str, ok: bool, what: str) -> None:
         raise ConfigError(f"{key}: {what}")
 
 
+COUNT_MAX = 2**31 - 1  # a count beyond this is a typo, and would overflow the tensors it sizes or indexes
+
+
+def _count(key: str, value: int, lo: int) -> None:
+    """A count (epochs, batches, images): an int in [lo, COUNT_MAX]."""
+    _check(key, lo <= value <= COUNT_MAX, f"must be in [{lo}, 2^31 - 1], got {value}")
+
+
 def _check_arch(key: str, arch: str) -> None:
     from vaqkd.models import MODELS
 
@@ -51,10 +59,10 @@ class DataConfig:
 
     def validate(self, p: str) -> None:
         _check(f"{p}.dataset", self.dataset in ("cifar100", "cifar10", "folder"), "must be cifar100, cifar10 or folder")
-        _check(f"{p}.subset_per_class", self.subset_per_class >= 0, "must be >= 0")
-        _check(f"{p}.test_subset_per_class", self.test_subset_per_class >= 0, "must be >= 0")
-        _check(f"{p}.batch_size", self.batch_size >= 1, "must be >= 1")
-        _check(f"{p}.eval_batch_size", self.eval_batch_size >= 1, "must be >= 1")
+        _count(f"{p}.subset_per_class", self.subset_per_class, 0)
+        _count(f"{p}.test_subset_per_class", self.test_subset_per_class, 0)
+        _count(f"{p}.batch_size", self.batch_size, 1)
+        _count(f"{p}.eval_batch_size", self.eval_batch_size, 1)
         _check(f"{p}.image_size", 8 <= self.image_size <= 1024, "must be in [8, 1024]")
 
 
@@ -97,7 +105,7 @@ class QuantConfig:
         _check(f"{p}.a_bits", self.a_bits >= a_min, f"{self.act} needs at least {a_min} bits, got {self.a_bits}")
         _check(f"{p}.per_channel", not self.per_channel or self.weight == "lsq", "per-channel steps exist for lsq only")
         _check(f"{p}.first_last", self.first_last in ("fp32", "8", "same"), "must be fp32, 8 or same")
-        _check(f"{p}.calib_batches", self.calib_batches >= 1, "must be >= 1")
+        _count(f"{p}.calib_batches", self.calib_batches, 1)
         from vaqkd.quant.residual import RESIDUAL_MODES
 
         _check(f"{p}.residual", self.residual in RESIDUAL_MODES, "must be float or int")
@@ -129,7 +137,7 @@ class OptimConfig:
     freeze_weights_epochs: float = 0.0
 
     def validate(self, p: str) -> None:
-        _check(f"{p}.epochs", self.epochs >= 1, "must be >= 1")
+        _count(f"{p}.epochs", self.epochs, 1)
         _check(f"{p}.lr", self.lr > 0, "must be > 0")
         _check(f"{p}.momentum", 0 <= self.momentum < 1, "must be in [0, 1)")
         _check(f"{p}.weight_decay", self.weight_decay >= 0, "must be >= 0")
@@ -247,11 +255,11 @@ class TrainConfig:
             device_name_ok(self.device),
             "must be auto, cpu, cuda or cuda:N",
         )
-        _check(f"{p}.eval_every", self.eval_every >= 1, "must be >= 1")
-        _check(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0")
+        _count(f"{p}.eval_every", self.eval_every, 1)
+        _count(f"{p}.checkpoint_every_steps", self.checkpoint_every_steps, 0)
         _check(f"{p}.threads", 0 <= self.threads <= 4096, "must be in [0, 4096] (0: torch's default)")
-        _check(f"{p}.micro_batches", self.micro_batches >= 1, "must be >= 1")
-        _check(f"{p}.bn_reestimate_batches", self.bn_reestimate_batches >= 0, "must be >= 0")
+        _count(f"{p}.micro_batches", self.micro_batches, 1)
+        _count(f"{p}.bn_reestimate_batches", self.bn_reestimate_batches, 0)
 
 
 @dataclass(frozen=True)

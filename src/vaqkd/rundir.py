@@ -92,10 +92,14 @@ def _umask() -> int:
     return mask
 
 
-def check_file_target(path: Path, example: str = "model.vaqkd.safetensors") -> None:
+def check_file_target(path: Path, example: str = "model.vaqkd.safetensors", force: bool = True,
+                      flag: str = "--out") -> None:  # fmt: skip
     """Refuse, in one line, a path that cannot become a regular file: a directory (`example`: the file name the
-    error suggests in it), a device, pipe or socket (never replaced by a file), a path below a file."""
+    error suggests in it), a device, pipe or socket (never replaced by a file), a path below a file; and, unless
+    `force`, an existing file (`flag`: the option that named it)."""
     path = Path(path)
+    if not force and path.is_file():
+        raise RunFileError(f"{flag} {path}: exists; remove it, choose another {flag}, or pass --force")
     if path.is_dir():
         raise RunFileError(f"{path}: is a directory; give a file name (e.g. {path / example})")
     if path.exists() and not path.is_file():

@@ -37,7 +37,7 @@ def gradcam_maps(model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.png", data_root: str | None = None,
-                   seed: int = 0) -> Path:  # fmt: skip
+                   seed: int = 0, force: bool = False) -> Path:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,6 +58,8 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
                            f"({', '.join(sorted(formats))})")  # fmt: skip
     if not out_path.parent.is_dir():
         raise GradcamError(f"--out {out}: {out_path.parent} is not a folder")
+    if out_path.is_file() and not force:
+        raise GradcamError(f"--out {out_path}: exists; remove it, choose another --out, or pass --force")
     device = torch.device("cpu")
     model_a, data, cfg = load_run_model(run_a, device, data_root)
     model_b, data_b, cfg_b = load_run_model(run_b, device, data_root)

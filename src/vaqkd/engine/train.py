@@ -27,7 +27,7 @@ from vaqkd.engine.curves import Curves
 from vaqkd.engine.guard import NONFINITE_CHECK_EVERY, Guard, diverged, finite
 from vaqkd.engine.setup import resolve_device
 from vaqkd.engine.step import evaluate, lr_at, reestimate_bn, train_step
-from vaqkd.errors import RunFileError, TrainingDiverged
+from vaqkd.errors import ConfigError, RunFileError, TrainingDiverged
 from vaqkd.rundir import RunLock, foreign_entries, holds_run, read_json, read_jsonl, run_machine, write_json
 
 
@@ -49,6 +49,8 @@ def fit(
     checkpoint leaves the directory as it found it (`rundir.RunLock`).
     """
     run_dir = Path(run_dir)
+    if stop_after_steps is not None and stop_after_steps < 1:
+        raise ConfigError(f"--stop-after-steps {stop_after_steps}: must be >= 1")
     if resume and not run_dir.exists():
         raise RunFileError(f"{run_dir}: no such run directory to resume")
     if not resume and run_dir.exists() and not run_dir.is_dir():
@@ -82,15 +84,15 @@ def _fit(cfg: Config, run_dir: Path, resume: bool, log, progress: bool, stop_aft
 
 def _loop(run: Run, log, progress: bool, stop_after_steps: int | None) -> dict:
     while run.state["step"] < run.total_steps:
+        if stop_after_steps is not None and stop_after_steps <= run.state["step"]:  # also a resume already there
+            log(f"stopped at step {run.state['step']} (checkpointed)")
+            return {}
         stretch = train_stretch(run, progress, stop_after_steps)
         fold_stretch(run, stretch)  # stops here (TrainingDiverged) if the stretch went non-finite
         if run.state["step"] % run.steps_per_epoch:  # mid-epoch: the accumulators travel in the checkpoint
             run.checkpoint()
         else:
             end_epoch(run, log)
-        if stop_after_steps is not None and stop_after_steps <= run.state["step"] < run.total_steps:
-            log(f"stopped at step {run.state['step']} (checkpointed)")
-            return {}
     return finish(run)
 
 
