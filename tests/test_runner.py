@@ -103,6 +103,25 @@ def test_runner_reuses_finished_runs_and_resumes_interrupted_ones(shared_cifar_r
     logs.clear()
     only = run_table(**kw, seeds=5, log=logs.append, report_only=True)  # nothing for seeds 2-4: nothing trained
     assert not any(line.startswith(("train ", "resume ")) for line in logs) and len(only["qkd_logit"]) == 2
+    # a damaged record or kept teacher evaluation (valid JSON, a field missing or of another type): one error naming
+    # the file and the key, before the report is rewritten
+    table = (tmp_path / "results" / "table.md").read_text()
+    final = tmp_path / "results" / "runs" / records[0] / "final.json"
+    good, good_teacher = final.read_text(), kept[0].read_text()
+    gone = object()
+    cases = [(final, "top1_best", gone, "'top1_best' must be a number, got missing"),
+             (final, "top1_last", "42", "'top1_last' must be a number, got '42'"),
+             (final, "epochs", None, "'epochs' must be int, got None"),
+             (kept[0], "top1_last", "x", "'top1_last' must be a number, got 'x'")]  # fmt: skip
+    for path, key, value, culprit in cases:
+        record = json.loads(path.read_text())
+        record.pop(key) if value is gone else record.update({key: value})
+        path.write_text(json.dumps(record))
+        with pytest.raises(RunFileError, match=f"{path.name}: damaged \\({culprit}"):
+            run_table(**kw, seeds=2, log=logs.append, report_only=True)
+        assert (tmp_path / "results" / "table.md").read_text() == table
+        final.write_text(good)
+        kept[0].write_text(good_teacher)
     # a report where the data is not: the teacher's row from its kept evaluation; without one, a one-line refusal
     # before anything is written (nothing downloaded, the report not rewritten without its teacher)
     no_data = {**kw, "overrides": [("data.root", str(tmp_path / "nowhere")), *sets[1:]]}

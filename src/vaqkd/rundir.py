@@ -289,8 +289,23 @@ def load_checkpoint(run_dir: Path, model: nn.Module, objective: nn.Module, devic
     return state
 
 
-def read_json(path: Path) -> dict:
-    """A run directory's JSON file (final.json, env.json, ...), with a one-line error naming a damaged one."""
+NUMBER = (int, float)
+
+
+def check_fields(where: str, obj: dict, require: dict[str, type | tuple]) -> None:
+    """Each `require`d key present with a value of its type (int or float for `NUMBER`; never a bool): else a
+    RunFileError naming `where` and the key."""
+    for key, kind in require.items():
+        value = obj.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            what = "a number" if kind == NUMBER else getattr(kind, "__name__", str(kind))
+            got = "missing" if key not in obj else f"{value!r}"
+            raise RunFileError(f"{where}: damaged ({key!r} must be {what}, got {got})")
+
+
+def read_json(path: Path, require: dict[str, type | tuple] | None = None) -> dict:
+    """A run directory's JSON file (final.json, env.json, ...), with a one-line error naming a damaged one: not
+    JSON, not an object, or without a `require`d key of its type (`check_fields`)."""
     try:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -299,6 +314,7 @@ def read_json(path: Path) -> dict:
         raise RunFileError(f"{path}: damaged (not JSON: {e})") from None
     if not isinstance(obj, dict):
         raise RunFileError(f"{path}: damaged (a JSON {type(obj).__name__}, not an object)")
+    check_fields(str(path), obj, require or {})
     return obj
 
 

@@ -16,9 +16,14 @@ from pathlib import Path
 
 from vaqkd.config import Config, Override, apply_override, from_dict, identity, load_dict, merge, override_key, to_toml
 from vaqkd.errors import ConfigError, RunFileError, RunLockedError, TrainingDiverged, VaqkdError
-from vaqkd.rundir import has_checkpoint, read_json
+from vaqkd.rundir import NUMBER, check_fields, has_checkpoint, read_json
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
+
+# what the report reads of a record (final.json) and of a kept teacher evaluation: checked when read, so a damaged
+# one is a line naming it and the key, not a traceback from the report
+RECORD_FIELDS = {"top1_last": NUMBER, "top1_best": NUMBER, "epochs": int, "train_images": int,
+                 "train_seconds": NUMBER, "seed": int}  # fmt: skip
 
 
 def configs_dir() -> Path:
@@ -92,6 +97,7 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
         cached = read_json(place)
         if "fp32_mib" not in cached:  # older caches lack the size
             continue
+        check_fields(str(place), cached, {**RECORD_FIELDS, "fp32_mib": NUMBER})
         if records is not None and not (records / name).exists():  # kept beside the records it heads
             records.mkdir(parents=True, exist_ok=True)
             shutil.copy2(place, records / name)
@@ -113,6 +119,8 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
         else resolve_weights(teacher, "resnet32").with_suffix(".json")
     )
     info = read_json(info_path) if info_path.exists() else {}
+    used = ("seed", "epochs", "train_images", "train_seconds")  # those it has, of a record's types
+    check_fields(str(info_path), info, {k: RECORD_FIELDS[k] for k in used if k in info})
     from vaqkd.models import count_weights
 
     entry = {"seed": info.get("seed", 0), "top1_last": top1, "top1_best": top1, "epochs": info.get("epochs", 0),
@@ -146,7 +154,7 @@ def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict
     final = run_dir / "final.json"
     if final.exists():
         log(f"reuse  {run_dir}")
-        return read_json(final)
+        return read_json(final, RECORD_FIELDS)
     if (run_dir / "failed.json").exists():
         log(f"FAILED {run_dir} (earlier: {read_json(run_dir / 'failed.json').get('reason')}; remove it to retry)")
         return None
@@ -220,7 +228,7 @@ def row_result(row: str, seed: int, p: dict, teacher: str, overrides: Sequence[O
         t_spec = str(runs / names[-1][2])  # TAKD: the next stage learns from, and starts from, this one
     found = [_finished(name, runs, records) for _, _, name in names]
     if all(found):
-        stages = [{**read_json(f / "final.json"), "run_dir": str(f)} for f in found]
+        stages = [{**read_json(f / "final.json", RECORD_FIELDS), "run_dir": str(f)} for f in found]
         if train:
             log(f"reuse  {row} seed {seed} ({', '.join(str(f) for f in found)})")
     elif not train:
