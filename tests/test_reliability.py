@@ -329,6 +329,28 @@ def test_folder_cache_damaged_is_decoded_again_and_bad_images_are_named(tmp_path
         load_folder_split(tmp_path, True, 8)
 
 
+@pytest.mark.parametrize("edit,problem", [
+    (lambda x, y: (x, y + 50), "labels differ from the folders'"),  # out of range
+    (lambda x, y: (x, y.flip(0)), "labels differ from the folders'"),  # in range, in the wrong places
+    (lambda x, y: (x, y.float()), "labels differ from the folders'"),
+    (lambda x, y: (x.float(), y), "images torch.float32"),
+])  # fmt: skip
+def test_a_folder_cache_whose_contents_do_not_fit_the_folders_is_decoded_again(edit, problem, tmp_path):
+    """A cache of the right shape is still checked: uint8 images, and exactly the labels the folders give (a
+    damaged or edited cache must not train on wrong labels, nor end in a traceback)."""
+    from vaqkd.data.folder import load_folder_split
+
+    _folder(tmp_path, "train", {"a": 2, "b": 2})
+    x, y, _ = load_folder_split(tmp_path, True, 8)
+    (cache,) = tmp_path.glob(".vaqkd_cache_train_*.pt")
+    bad_x, bad_y = edit(x, y)
+    torch.save({"images": bad_x, "labels": bad_y}, cache)
+    with pytest.warns(UserWarning, match=f"damaged decoded-image cache \\({problem}"):
+        x2, y2, _ = load_folder_split(tmp_path, True, 8)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and y2.dtype == torch.int64
+    assert torch.equal(torch.load(cache, weights_only=True)["labels"], y)  # rewritten whole
+
+
 def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
     import vaqkd.metrics.size as size
 

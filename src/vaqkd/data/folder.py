@@ -93,12 +93,17 @@ def load_folder_split(
         st = f.stat()
         key.update(f"{f.relative_to(split_dir)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = split_dir.parent / f".vaqkd_cache_{split_dir.name}_{key.hexdigest()[:16]}.pt"
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)  # the listing's: the cache must agree
     if cache.exists():
         try:
             blob = torch.load(cache, weights_only=True)
-            if blob["images"].shape == (len(items), 3, size, size) and len(blob["labels"]) == len(items):
-                return blob["images"], blob["labels"], classes
-            problem = "wrong shape"
+            images = blob["images"]
+            if images.dtype != torch.uint8 or images.shape != (len(items), 3, size, size):
+                problem = f"images {images.dtype} {tuple(images.shape)}"
+            elif blob["labels"].dtype != torch.int64 or not torch.equal(blob["labels"], labels):  # as the folders
+                problem = "labels differ from the folders'"
+            else:
+                return images, labels, classes
         except Exception as e:  # truncated or damaged: decode again and rewrite it
             problem = type(e).__name__
         warnings.warn(f"{cache}: damaged decoded-image cache ({problem}); decoding the images again", stacklevel=2)
@@ -110,7 +115,6 @@ def load_folder_split(
         except Exception as e:
             raise DataError(f"{f}: cannot decode image ({e})") from None
     out = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
     tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
     try:  # written whole, then renamed: a kill mid-save leaves no truncated cache behind
         torch.save({"images": out, "labels": labels}, tmp)
