@@ -2,6 +2,7 @@
 fuzzing of the config loader and the CIFAR reader (hypothesis)."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,21 @@ def test_config_text_edges(capsys, tmp_path, monkeypatch):
         load_config(None, ['name="a\\nb"'])
     monkeypatch.setenv("VAQKD_DATA", "")  # set but empty: the default ./data, as the help says (was the cwd)
     assert str(data_root(load_config(None).data)) == "data"
+
+
+def test_paths_that_cannot_be_paths_are_one_line_naming_them(capsys, tmp_path, monkeypatch):
+    """An unknown ~user, a symlink loop (as a config, an --out file, an --out folder) and a source that does not
+    exist: each a line naming the path, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loopa").symlink_to("loopb")
+    (tmp_path / "loopb").symlink_to("loopa")
+    root = Path(__file__).resolve().parents[1]
+    art = str(root / "results/deploy/qkd_logit-int8stream-full-s1.vaqkd.safetensors")
+    one_line_error(capsys, ["eval", art, "--data-root", "~no_such_user_here/x"],
+                   "~no_such_user_here/x: ~no_such_user_here is no user's home directory")  # fmt: skip
+    one_line_error(capsys, ["train", "loopa"], "loopa: cannot be resolved")
+    one_line_error(capsys, ["export", art, "--format", "onnx", "--out", "loopa"], "loopa: cannot be resolved")
+    one_line_error(capsys, ["train", str(root / "configs/cifar100/w2a2_qat.toml"), "--out", "loopa"],
+                   "loopa: a symlink that leads to no folder")  # fmt: skip
+    one_line_error(capsys, ["export", "nope", "--out", "x.vaqkd.safetensors"], "nope: no such run directory (or file)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loopa", "loopb"]

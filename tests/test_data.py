@@ -163,6 +163,15 @@ def test_download_has_a_timeout(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="the download failed"):
         cifar.download("cifar100", tmp_path)
     assert seen["timeout"] == cifar.DOWNLOAD_TIMEOUT_S and not list(tmp_path.iterdir())
+    # a mistyped data root: the folders the download would have made are not left behind; a folder that was
+    # there before, or that holds something, stays
+    with pytest.raises(DataError, match="the download failed"):
+        cifar.download("cifar100", tmp_path / "typo" / "deeper")
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DataError, match="the download failed"):
+        cifar.download("cifar100", tmp_path / "kept" / "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not list((tmp_path / "kept").iterdir())
 
 
 def test_cifar_part_keeps_the_first_images_of_every_class(shared_cifar_root, tmp_path):

@@ -234,9 +234,10 @@ def _export_target(source: str, out: str, force: bool, fmt: str) -> None:
     source itself or a file inside a source run directory (its weights, its checkpoint), nor what cannot become a
     file (`rundir.check_file_target`)."""
     from vaqkd.deploy import ExportError
+    from vaqkd.errors import resolved
     from vaqkd.rundir import check_file_target
 
-    target, src = Path(out).resolve(), Path(source).resolve()
+    target, src = resolved(out), resolved(source)
     if Path(source).exists() and (target == src or (src.is_dir() and target.is_relative_to(src))):
         raise ExportError(f"--out {out}: is the source's own file ({source}); choose another --out")
     check_file_target(Path(out), "model.onnx" if fmt == "onnx" else "model.vaqkd.safetensors")
@@ -256,6 +257,8 @@ def cmd_export(args) -> int:
     if src.is_dir() and (args.arch or args.dataset):
         raise ExportError(f"--arch / --dataset: for FP32 weights only; the run {args.run_dir} has its own")
     if args.format == "packed" and not src.is_dir():
+        if not src.exists() and not args.run_dir.startswith("pretrained"):
+            raise ExportError(f"{args.run_dir}: no such run directory (or file)")
         what = "a file" if src.is_file() else "FP32 weights"
         raise ExportError(f"{args.run_dir}: {what}; --format packed takes a finished quantized run directory "
                           "(--format onnx converts artifacts and FP32 weights)")  # fmt: skip
@@ -479,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {dist.rank()} of {dist.world()})" if dist.active() else ""
         if isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_file():  # mkdir over a file
             e = f"{e.filename}: is a file, not a directory (a folder was needed there)"
+        elif isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_symlink():  # leads nowhere
+            e = f"{e.filename}: a symlink that leads to no folder (dangling, or a loop); a folder was needed there"
         print(f"vaqkd {args.command}{where}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
     except OSError as e:

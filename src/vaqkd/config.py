@@ -25,7 +25,7 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from vaqkd.errors import ConfigError
+from vaqkd.errors import ConfigError, resolved
 
 
 def _check(key: str, ok: bool, what: str) -> None:
@@ -391,8 +391,8 @@ def apply_override(d: dict, override: Override) -> None:
 def load_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A config file as a table; `base = "other.toml"` (relative to the file) names a file whose keys it refines."""
     path = Path(path)
-    if path.resolve() in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+    if resolved(path) in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved(path)))
         raise ConfigError(f"{path}: base files form a loop ({chain})")
     try:
         with open(path, "rb") as f:
@@ -413,7 +413,7 @@ def load_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     base = d.pop("base", None)
     if base is not None:  # a preset names the file it refines: its keys override the base's
         _check(f"{path}: base", isinstance(base, str) and bool(base), f"must name a file, got {base!r}")
-        parent = load_dict(path.parent / base, (*_seen, path.resolve()))
+        parent = load_dict(path.parent / base, (*_seen, resolved(path)))
         merge(parent, d)
         d = parent
     return d

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class VaqkdError(Exception):
     """Base of the errors whose message alone tells the user what is wrong and where."""
@@ -22,3 +24,24 @@ class TrainingDiverged(VaqkdError):
 
 class ConfigError(VaqkdError, ValueError):
     """A config key is unknown, of the wrong type, or out of range."""
+
+
+class PathError(VaqkdError):
+    """A path given cannot be used as one: an unknown `~user`, a symlink loop."""
+
+
+def user_path(text: str | Path) -> Path:
+    """`text` as a Path with `~` / `~user` expanded; an unknown user is a PathError naming the path."""
+    path = Path(text)
+    try:
+        return path.expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
+        raise PathError(f"{text}: {path.parts[0]} is no user's home directory") from None
+
+
+def resolved(path: str | Path) -> Path:
+    """Path(path).resolve(); a symlink loop is a PathError naming the path."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:  # 3.11: RuntimeError("Symlink loop from ..."); later: OSError ELOOP
+        raise PathError(f"{path}: cannot be resolved ({e})") from None

@@ -31,7 +31,7 @@ from torch import nn
 
 from vaqkd.config import Config, Override, load_config
 from vaqkd.data.build import Data, build_data
-from vaqkd.errors import RunFileError, RunLockedError
+from vaqkd.errors import RunFileError, RunLockedError, user_path
 from vaqkd.models import create_model
 from vaqkd.quant import quantize_student
 
@@ -520,7 +520,7 @@ def resolve_weights(spec: str, arch: str) -> Path:
             raise FileNotFoundError(f"{spec!r}: no such shipped weights (available: {pretrained_names()})")
         path = Path(str(resources.files("vaqkd") / "pretrained" / f"{name}.safetensors"))
     else:
-        path = Path(spec).expanduser()
+        path = user_path(spec)
         if path.is_dir():
             path = run_weights(path)
     if not path.exists():

@@ -12,6 +12,7 @@ from vaqkd.config import Config, ConfigError, DataConfig
 from vaqkd.data.cifar import SPECS, DataError, load_split, split_present
 from vaqkd.data.identity import tensor_digest
 from vaqkd.data.loader import DeviceLoader, subset_per_class
+from vaqkd.errors import user_path
 
 
 def env_data_root() -> str | None:
@@ -20,7 +21,7 @@ def env_data_root() -> str | None:
 
 
 def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root or env_data_root() or "data").expanduser()
+    return user_path(cfg.root or env_data_root() or "data")
 
 
 def data_present(cfg: DataConfig) -> bool:

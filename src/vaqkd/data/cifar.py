@@ -9,6 +9,7 @@ Two ways in:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaqkd.errors import VaqkdError
+from vaqkd.errors import VaqkdError, user_path
 
 DOWNLOAD_TIMEOUT_S = 60  # seconds without a byte from the server before the download counts as failed
 
@@ -92,16 +93,21 @@ def _md5(path: Path) -> str:
 def download(name: str, root: Path) -> None:
     """Download the official archive into `root`, verify its published MD5, and unpack it."""
     spec = get_spec(name)
-    root.mkdir(parents=True, exist_ok=True)
     archive = root / Path(spec.url).name
     if not archive.exists():
         tmp = archive.with_suffix(".part")
+        made = [p for p in (root, *root.parents) if not p.exists()]  # folders a failed download takes away again
         try:
             # a timeout on every read: a stalled server is an error, not a hang
-            with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(tmp, "wb") as f:  # noqa: S310
-                shutil.copyfileobj(r, f, 1 << 20)
+            with urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as r:  # noqa: S310
+                root.mkdir(parents=True, exist_ok=True)  # only once the server answers
+                with open(tmp, "wb") as f:
+                    shutil.copyfileobj(r, f, 1 << 20)
         except (urllib.error.URLError, OSError) as e:  # socket timeouts are OSErrors
             tmp.unlink(missing_ok=True)
+            for folder in made:  # innermost first; never one that holds anything
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise DataError(
                 f"{name} not found under {root / spec.folder} and the download failed ({e}); "
                 f"put the official '{spec.folder}' folder there or set --data-root / VAQKD_DATA"
@@ -245,7 +251,7 @@ def _check_split(path: Path, d: dict, spec: CifarSpec) -> tuple[np.ndarray, np.n
 def split_present(name: str, root: str | Path, train: bool) -> bool:
     """Whether a split's files are under `root` (nothing read, nothing downloaded)."""
     spec = get_spec(name)
-    folder = Path(root).expanduser() / spec.folder
+    folder = user_path(root) / spec.folder
     return all((folder / f).exists() for f in (spec.train_files if train else spec.test_files))
 
 
@@ -258,7 +264,7 @@ def load_split(
     `download_missing` and the machine is online; otherwise a one-line error says where to put them.
     """
     spec = get_spec(name)
-    root = Path(root).expanduser()
+    root = user_path(root)
     folder = root / spec.folder
     files = spec.train_files if train else spec.test_files
     if not split_present(name, root, train):
@@ -285,7 +291,7 @@ def load_split(
 
 def class_names(name: str, root: str | Path) -> list[str]:
     spec = get_spec(name)
-    path = Path(root).expanduser() / spec.folder / ("meta" if name == "cifar100" else "batches.meta")
+    path = user_path(root) / spec.folder / ("meta" if name == "cifar100" else "batches.meta")
     meta = _load_pickle(path)
     key = "fine_label_names" if name == "cifar100" else "label_names"
     if key not in meta or len(meta[key]) != spec.num_classes:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vaqkd.data.cifar import DataError
+from vaqkd.errors import user_path
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DECODE = 2  # in the cache key: caches decoded before 16-bit images were scaled (1) are not reused
@@ -78,7 +79,7 @@ def load_folder_split(
     have is an error."""
     from PIL import Image  # Pillow comes with matplotlib; imported here to keep the core light
 
-    split_dir = Path(root).expanduser() / ("train" if train else "test")
+    split_dir = user_path(root) / ("train" if train else "test")
     own, items = _list_files(split_dir)
     if classes is not None:
         unknown = [c for c in own if c not in classes]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from vaqkd.errors import user_path
+
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
     """16 hex digits of the bytes, shapes and dtypes of `tensors` (about 0.5 s for all of CIFAR-100)."""
@@ -29,7 +31,7 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 def folder_digest(root: str | Path) -> str:
     """16 hex digits of a class-folder dataset's file list and sizes under ROOT/train and ROOT/test (hidden
     entries skipped); symlinks are followed, so a linked folder counts by what it holds."""
-    root = Path(root).expanduser()
+    root = user_path(root)
     h = hashlib.sha256()
     for split in ("train", "test"):
         base = root / split

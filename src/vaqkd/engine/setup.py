@@ -17,6 +17,7 @@ from torch import nn
 import vaqkd
 from vaqkd.config import Config, ConfigError, device_name_ok
 from vaqkd.data.build import Data, build_data, data_root  # noqa: F401  (re-exported: engine.setup's old names)
+from vaqkd.errors import user_path
 from vaqkd.models import create_model
 from vaqkd.rundir import (  # noqa: F401  (re-exported: engine.setup's old names)
     MACHINE_ENV_KEYS,
@@ -76,7 +77,7 @@ def autocast(device: torch.device, precision: str):
 def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Module | None:
     if not cfg.distill.teacher:
         return None
-    run = Path(cfg.distill.teacher).expanduser()
+    run = user_path(cfg.distill.teacher)
     if (run / "config.toml").exists():  # a run directory: rebuild exactly that model, quantized or not
         teacher = run_model(run, run_config(run), num_classes, device)
     else:
