@@ -238,3 +238,46 @@ def test_paths_that_cannot_be_paths_are_one_line_naming_them(capsys, tmp_path, m
                    "loopa: a symlink that leads to no folder")  # fmt: skip
     one_line_error(capsys, ["export", "nope", "--out", "x.vaqkd.safetensors"], "nope: no such run directory (or file)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loopa", "loopb"]
+
+
+def test_messages_name_the_culprit_not_a_neighbour(capsys, cifar_root, tmp_path):
+    """Each error says what is wrong with the thing the user gave: a truncated split, a dataset folder that is a
+    file, a directory given as an ONNX file, a bad value in a config file (the file named), weights named by the
+    setting that names them, an unknown --arch or --preset, and a table whose --out or --teacher cannot be used
+    (said before the teacher is evaluated)."""
+    from vaqkd.data.cifar import load_split
+    from vaqkd.runner import load_preset
+
+    test = cifar_root / "cifar-100-python" / "test"
+    whole = test.read_bytes()
+    test.write_bytes(whole[:1000])
+    with pytest.raises(DataError, match=r"test: truncated \(the pickle ends early\)"):
+        load_split("cifar100", cifar_root, train=False, download_missing=False)
+    test.write_bytes(whole)
+    as_file = tmp_path / "as_file"
+    as_file.mkdir()
+    (as_file / "cifar-100-python").write_text("not a folder")
+    with pytest.raises(DataError, match=r"cifar-100-python: is a file, not the dataset's folder"):
+        load_split("cifar100", as_file, train=False)
+    (tmp_path / "d.onnx").mkdir()
+    one_line_error(capsys, ["eval", str(tmp_path / "d.onnx")], "d.onnx: is a directory, not an ONNX file")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nepochs = \"x\"\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: optim\.epochs: expected an integer"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"^optim\.epochs: must be in"):  # an override's own error: no file
+        load_config(bad, ["optim.epochs=0"])
+    gone = str(tmp_path / "gone")
+    one_line_error(capsys, ["train", "configs/cifar100/vaqkd_logit.toml", "--out", str(tmp_path / "r"),
+                            "--data-root", str(cifar_root), "--set", f'distill.teacher="{gone}"'],
+                   f"distill.teacher {gone}: weights not found")  # fmt: skip
+    one_line_error(capsys, ["export", "pretrained", "--arch", "nope", "--format", "onnx", "--out",
+                            str(tmp_path / "t.onnx")], "--arch nope: unknown model; registered: [")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"--preset \.\./cifar100/takd: unknown preset; available: demo"):
+        load_preset("../cifar100/takd")
+    (tmp_path / "afile").write_text("x")
+    one_line_error(capsys, ["table", "--out", str(tmp_path / "afile" / "t"), "--runs-dir", str(tmp_path / "runs"),
+                            "--data-root", str(cifar_root)], "--out", "afile is a file, not a folder")  # fmt: skip
+    one_line_error(capsys, ["table", "--report-only", "--teacher", gone, "--out", str(tmp_path / "o"),
+                            "--runs-dir", str(tmp_path / "runs")], f"--teacher {gone}: weights not found")  # fmt: skip
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()

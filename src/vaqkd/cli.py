@@ -133,8 +133,8 @@ def cmd_eval(args) -> int:
         "precision": precision,
         "test_images": len(data.test.labels),
     }
-    if args.bn_reestimate:
-        res["bn_reestimate_batches"] = args.bn_reestimate
+    if args.bn_reestimate:  # the batches used: at most one epoch's
+        res["bn_reestimate_batches"] = min(args.bn_reestimate, len(data.train))
     print(json.dumps(res) if args.json else f"{name}: test top-1 {res['top1']:.2f}% on {res['test_images']} images")
     return 0
 
@@ -256,6 +256,10 @@ def cmd_export(args) -> int:
                           "change --format)")  # fmt: skip
     if src.is_dir() and (args.arch or args.dataset):
         raise ExportError(f"--arch / --dataset: for FP32 weights only; the run {args.run_dir} has its own")
+    from vaqkd.models import MODELS
+
+    if args.arch and args.arch not in MODELS:
+        raise ExportError(f"--arch {args.arch}: unknown model; registered: {sorted(MODELS)}")
     if args.format == "packed" and not src.is_dir():
         if not src.exists() and not args.run_dir.startswith("pretrained"):
             raise ExportError(f"{args.run_dir}: no such run directory (or file)")
@@ -384,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "compiles an integer-residual run or artifact to oneDNN int8 convs")
     e.add_argument("--bn-reestimate", type=_int_in(0), default=0, metavar="N",
                    help="a run directory only: first re-estimate the BatchNorm running statistics over N training "
-                   "batches (epoch 0's order, the run's augmentation and batch size); the run is not changed")
+                   "batches (epoch 0's order, the run's augmentation and batch size; at most one epoch's); the run is "
+                   "not changed")
     _add_data_root(e)
     e.set_defaults(fn=cmd_eval)
 

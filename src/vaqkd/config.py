@@ -429,11 +429,17 @@ def merge(into: dict, new: dict) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> Config:
-    """A config file (or the defaults) with the overrides applied, checked."""
+    """A config file (or the defaults) with the overrides applied, checked. An error about a value the file
+    gave (not an override) names the file."""
     d = load_dict(path) if path else {}
     for o in overrides:
         apply_override(d, o)
-    return from_dict(Config, d).validate()
+    try:
+        return from_dict(Config, d).validate()
+    except ConfigError as e:
+        if path and not any(str(e).startswith(override_key(o)) for o in overrides):
+            raise ConfigError(f"{path}: {e}") from None
+        raise
 
 
 def _canonical_value(v: Any) -> str:

@@ -507,9 +507,10 @@ def pretrained_names() -> list[str]:
     return sorted(f.name.removesuffix(".safetensors") for f in folder.iterdir() if f.name.endswith(".safetensors"))
 
 
-def resolve_weights(spec: str, arch: str) -> Path:
+def resolve_weights(spec: str, arch: str, what: str = "") -> Path:
     """A weights spec -> a .safetensors path: 'pretrained' (the default shipped weights of `arch`),
-    'pretrained:NAME' (src/vaqkd/pretrained/NAME.safetensors), a run directory, or a file."""
+    'pretrained:NAME' (src/vaqkd/pretrained/NAME.safetensors), a run directory, or a file. `what`: the setting
+    that named it (e.g. distill.teacher), said in the error when the weights are not there."""
     if spec == "pretrained":
         if arch not in PRETRAINED:
             raise FileNotFoundError(f"no pretrained weights ship for {arch!r} (available: {sorted(PRETRAINED)})")
@@ -524,12 +525,12 @@ def resolve_weights(spec: str, arch: str) -> Path:
         if path.is_dir():
             path = run_weights(path)
     if not path.exists():
-        raise FileNotFoundError(f"weights not found: {path}")
+        raise FileNotFoundError(f"{what + ' ' if what else ''}{spec}: weights not found ({path})")
     return path
 
 
-def load_weights(model: nn.Module, spec: str, arch: str) -> None:
-    path = resolve_weights(spec, arch)
+def load_weights(model: nn.Module, spec: str, arch: str, what: str = "") -> None:
+    path = resolve_weights(spec, arch, what)
     state, _ = read_safetensors(path)
     missing, unexpected = _load_state(model, state, path, False, f"{arch} here")
     # a quantized run's file holds quantizer parameters too; an FP32 model simply ignores them
@@ -542,7 +543,7 @@ def build_student(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
     """The model a config trains: created, initialised from `model.init`, quantized, on the device."""
     model = create_model(cfg.model.arch, num_classes)
     if cfg.model.init:
-        load_weights(model, cfg.model.init, cfg.model.arch)
+        load_weights(model, cfg.model.init, cfg.model.arch, "model.init")
     if cfg.quant.enabled:
         q = cfg.quant
         quantize_student(model, q.w_bits, q.a_bits, q.weight, q.act, q.per_channel, q.first_last, q.residual,

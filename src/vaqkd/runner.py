@@ -37,10 +37,10 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict:
-    path = configs_dir() / "presets" / f"{name}.toml"
-    if not path.exists():
-        raise FileNotFoundError(f"preset {name!r} not found at {path}")
-    return load_dict(path)
+    """A preset by its name (configs/presets/NAME.toml); a path or an unknown name is one line naming the known."""
+    if name not in preset_names():
+        raise ConfigError(f"--preset {name}: unknown preset; available: {', '.join(preset_names())}")
+    return load_dict(configs_dir() / "presets" / f"{name}.toml")
 
 
 def preset_teacher(preset: dict) -> str:
@@ -102,6 +102,8 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
             records.mkdir(parents=True, exist_ok=True)
             shutil.copy2(place, records / name)
         return cached
+    # no kept evaluation: the teacher must be here to make one (a missing one named before the data is looked for)
+    resolve_weights(teacher, cfg.distill.teacher_arch, "--teacher")
     if not evaluate_now and not data_present(cfg.data):  # refused rather than a report without its teacher row
         kept = f"{runs} or {records}" if records else f"{runs}"
         raise RunFileError(f"teacher {teacher}: no evaluation kept in {kept} and no data under "
@@ -301,6 +303,10 @@ def run_table(
     # trains every time (it is the small real run a fresh checkout makes)
     keep = p.get("records", False) if records is None else records
     records_dir = out_dir / "runs" if keep else None
+    for flag, folder in (("--out", out_dir), ("--runs-dir", runs)):  # said before the teacher is evaluated
+        blocker = next((q for q in (folder, *folder.parents) if q.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise RunFileError(f"{flag} {folder}: {blocker} is a file, not a folder")
     teacher_spec = resolve_teacher(teacher, p, runs, overrides, log, train=not report_only)
     teacher_row = teacher_entry(teacher_spec, p, runs, overrides, log, records_dir, evaluate_now=not report_only)
 

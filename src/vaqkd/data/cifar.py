@@ -219,6 +219,8 @@ def _load_pickle(path: Path) -> dict:
         raise UnsafePickleError(
             f"{path}: refused, not a plain data pickle ({e}); datasets are data, never code"
         ) from None
+    except EOFError:  # a download or a copy cut short
+        raise DataError(f"{path}: truncated (the pickle ends early); replace it with the official file") from None
     except Exception as e:  # unpickling errors come in many types
         raise DataError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {str(e)[:160]})") from None
 
@@ -267,6 +269,8 @@ def load_split(
     root = user_path(root)
     folder = root / spec.folder
     files = spec.train_files if train else spec.test_files
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file, not the dataset's folder; put the official '{spec.folder}' folder there")
     if not split_present(name, root, train):
         if not download_missing:
             raise DataError(f"{name}: {folder} is missing {list(files)}; put the official '{spec.folder}' folder there")

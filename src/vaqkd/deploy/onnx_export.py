@@ -629,7 +629,8 @@ def session(path, threads: int = 0, optimize: bool | str = True, save_to: str | 
     if isinstance(path, bytes):
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     if not Path(path).is_file():
-        raise RunFileError(f"{path}: file missing")
+        what = "is a directory, not an ONNX file" if Path(path).is_dir() else "file missing"
+        raise RunFileError(f"{path}: {what}")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # InvalidProtobuf, Fail, InvalidGraph...: a file from outside, damaged or foreign

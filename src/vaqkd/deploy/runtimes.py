@@ -167,7 +167,8 @@ def compile_graph(runtime: str, graph: str | Path | bytes, threads: int = 0, pre
         raise ValueError(f"streams={streams} with threads={threads}: streams split the threads, so threads must be "
                          "a multiple of streams (and given)")
     if not isinstance(graph, bytes) and not Path(graph).is_file():
-        raise RunFileError(f"{graph}: file missing")
+        what = "is a directory, not an ONNX file" if Path(graph).is_dir() else "file missing"
+        raise RunFileError(f"{graph}: {what}")
     extra = {"channels_last": channels_last} if runtime == "onnxruntime" else {}
     runs = RUNTIMES[runtime](graph if isinstance(graph, bytes) else Path(graph), threads, precision, streams, **extra)
     return runs[0] if streams == 1 else _split(runs)

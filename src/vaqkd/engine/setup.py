@@ -82,7 +82,7 @@ def build_teacher(cfg: Config, num_classes: int, device: torch.device) -> nn.Mod
         teacher = run_model(run, run_config(run), num_classes, device)
     else:
         teacher = create_model(cfg.distill.teacher_arch, num_classes)
-        load_weights(teacher, cfg.distill.teacher, cfg.distill.teacher_arch)
+        load_weights(teacher, cfg.distill.teacher, cfg.distill.teacher_arch, "distill.teacher")
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
