@@ -32,7 +32,7 @@ quick: install
 	$(VENV)/bin/vaqkd table --preset quick --seeds 1 --data-root $(DATA)
 
 bench: install
-	$(VENV)/bin/vaqkd bench --json --out results/bench/cpu.json
+	$(VENV)/bin/vaqkd bench --json --force --out results/bench/cpu.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -70,16 +70,26 @@ def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp:
         by_node[e["name"].removesuffix("_kernel_time")] += e["dur"]
     total = sum(by_op.values())
     macs = conv_macs(graph_in)
-    conv_us = sum(by_op[op] for op in ("Conv", "QLinearConv", "FusedConv")) / runs
+    # integer convs run as QLinearConv / ConvInteger, float ones as Conv, FusedConv, NhwcFusedConv, ...
+    int_us = sum(v for op, v in by_op.items() if _is_conv(op) and ("QLinear" in op or "Integer" in op)) / runs
+    float_us = sum(v for op, v in by_op.items() if _is_conv(op)) / runs - int_us
+    rate = {kind: macs[kind] * batch / us / 1e3 if macs[kind] and us > 0 else None  # G MAC/s of kernel time
+            for kind, us in (("integer", int_us), ("float", float_us))}  # fmt: skip
     return {"ms_per_batch": total / runs / 1000, "op_counts": dict(ops),
-            "conv_macs_per_image": macs, "conv_gmac_per_s": macs * batch / conv_us / 1e3,
+            "conv_macs_per_image": macs, "conv_ms_per_batch": {"integer": int_us / 1e3, "float": float_us / 1e3},
+            "conv_gmac_per_s": rate,
             "by_op": {k: {"ms": v / runs / 1000, "share": v / total} for k, v in by_op.most_common()},
             "top_nodes": {k: v / runs / 1000 for k, v in by_node.most_common(15)}}  # fmt: skip
 
 
-def conv_macs(graph: bytes, image: tuple = (1, 3, 32, 32)) -> int:
-    """Multiply-adds per image of every conv of an exported (not yet optimised) ONNX graph, from shape inference
-    on one image of the given shape."""
+def _is_conv(op: str) -> bool:
+    return (op.endswith("Conv") or op.endswith("ConvInteger")) and "Transpose" not in op
+
+
+def conv_macs(graph: bytes, image: tuple = (1, 3, 32, 32)) -> dict[str, int]:
+    """Multiply-adds per image of the convs of an exported (not yet optimised) ONNX graph, from shape inference on
+    one image of the given shape: {"integer": the quantized convs' (QDQ: weights from a DequantizeLinear, or
+    QLinearConv / ConvInteger), "float": the others'}."""
     import onnx
 
     model = onnx.load_from_string(graph)
@@ -89,13 +99,15 @@ def conv_macs(graph: bytes, image: tuple = (1, 3, 32, 32)) -> int:
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     for v in [*model.graph.value_info, *model.graph.output]:
         shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
-    total = 0
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    macs = {"integer": 0, "float": 0}
     for n in model.graph.node:
         if n.op_type in ("Conv", "ConvInteger", "QLinearConv"):
             weight = n.input[3] if n.op_type == "QLinearConv" else n.input[1]
             (_, c_in, kh, kw), (_, c_out, h, w) = shapes[weight], shapes[n.output[0]]
-            total += c_out * h * w * c_in * kh * kw
-    return total
+            kind = "float" if n.op_type == "Conv" and weight not in dequantized else "integer"
+            macs[kind] += c_out * h * w * c_in * kh * kw
+    return macs
 
 
 def main(argv=None) -> int:
@@ -127,7 +139,8 @@ def main(argv=None) -> int:
             result["layouts"][layout] = p
             print(f"{layout}: {p['ms_per_batch']:.1f} ms of kernel time per batch of {args.batch}, "
                   f"{sum(p['op_counts'].values())} nodes ({p['op_counts'].get('Transpose', 0)} Transpose)"
-                  + (f", convs {p['conv_gmac_per_s']:.1f} G MAC/s" if p["conv_gmac_per_s"] else ""))
+                  + "".join(f", {kind} convs {p['conv_ms_per_batch'][kind]:.1f} ms ({rate:.1f} G MAC/s)"
+                            for kind, rate in p["conv_gmac_per_s"].items() if rate))  # fmt: skip
             for op, v in p["by_op"].items():
                 if v["share"] >= 0.005:
                     print(f"  {op:22s} {100 * v['share']:5.1f} %  {v['ms']:7.2f} ms")

@@ -267,6 +267,11 @@ def test_messages_name_the_culprit_not_a_neighbour(capsys, cifar_root, tmp_path)
         load_config(bad)
     with pytest.raises(ConfigError, match=r"^optim\.epochs: must be in"):  # an override's own error: no file
         load_config(bad, ["optim.epochs=0"])
+    one_line_error(capsys, ["train", str(bad), "--out", str(tmp_path / "r")],
+                   "bad.toml: optim.epochs: expected an integer")  # fmt: skip
+    bad.write_text("[quant]\nresidual_bits = 3\n")  # an override of a key that is a prefix of the culprit's
+    with pytest.raises(ConfigError, match=r"bad\.toml: quant\.residual_bits: must be 0"):
+        load_config(bad, ['quant.residual="int"'])
     gone = str(tmp_path / "gone")
     one_line_error(capsys, ["train", "configs/cifar100/vaqkd_logit.toml", "--out", str(tmp_path / "r"),
                             "--data-root", str(cifar_root), "--set", f'distill.teacher="{gone}"'],
@@ -279,5 +284,5 @@ def test_messages_name_the_culprit_not_a_neighbour(capsys, cifar_root, tmp_path)
     one_line_error(capsys, ["table", "--out", str(tmp_path / "afile" / "t"), "--runs-dir", str(tmp_path / "runs"),
                             "--data-root", str(cifar_root)], "--out", "afile is a file, not a folder")  # fmt: skip
     one_line_error(capsys, ["table", "--report-only", "--teacher", gone, "--out", str(tmp_path / "o"),
-                            "--runs-dir", str(tmp_path / "runs")], f"--teacher {gone}: weights not found")  # fmt: skip
+                            "--runs-dir", str(tmp_path / "runs")], f"teacher {gone}: weights not found")  # fmt: skip
     assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()

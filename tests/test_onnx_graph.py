@@ -113,7 +113,7 @@ def test_an_integer_residual_student_has_no_float_conv_but_the_stem(bits, tmp_pa
 def test_the_profilers_conv_macs_from_the_graph_equal_the_models_layer_table(kind, monkeypatch):
     """benchmarks/ort_profile.py counts multiply-adds from the exported graph's shapes (float Conv, and the
     integer graph's convs behind their DequantizeLinear weights); `metrics.size.layer_table` counts them from a
-    dry run of the PyTorch model: the two agree for every conv."""
+    dry run of the PyTorch model: the two agree, and of the integer residual only the FP32 stem counts as float."""
     from pathlib import Path
 
     from vaqkd.metrics.size import layer_table
@@ -126,9 +126,15 @@ def test_the_profilers_conv_macs_from_the_graph_equal_the_models_layer_table(kin
     if kind != "fp32":
         model = quantize_student(model, residual="int" if kind == "int" else "float")
         calibrate(model, [torch.randn(8, 3, 32, 32)])
-    expected = sum(r["macs"] for r in layer_table(model.eval()) if r["kind"] != "Linear" and "fc" not in r["name"])
+    convs = [r for r in layer_table(model.eval()) if r["kind"] != "Linear" and "fc" not in r["name"]]
+    expected = sum(r["macs"] for r in convs)
     assert expected > 40_000_000  # ResNet-20: 40.55 M multiply-adds in its convs
-    assert conv_macs(build_onnx(model, normalise=normalisation(MEAN, STD)).SerializeToString()) == expected
+    macs = conv_macs(build_onnx(model, normalise=normalisation(MEAN, STD)).SerializeToString())
+    assert macs["integer"] + macs["float"] == expected
+    stem = convs[0]["macs"]  # 3 -> 16 channels, 3x3, 32x32: the FP32 first conv of the quantized students
+    assert stem == 16 * 32 * 32 * 27
+    second = sum(r["macs"] for r in convs if r["name"].endswith("conv2"))  # float residual: they feed a float add
+    assert macs["float"] == {"fp32": expected, "w2a2": stem + second, "int": stem}[kind]
 
 
 @pytest.mark.parametrize("first_last", ["8", "same"])

@@ -261,7 +261,7 @@ def cmd_export(args) -> int:
     if args.arch and args.arch not in MODELS:
         raise ExportError(f"--arch {args.arch}: unknown model; registered: {sorted(MODELS)}")
     if args.format == "packed" and not src.is_dir():
-        if not src.exists() and not args.run_dir.startswith("pretrained"):
+        if not src.exists() and not (args.run_dir == "pretrained" or args.run_dir.startswith("pretrained:")):
             raise ExportError(f"{args.run_dir}: no such run directory (or file)")
         what = "a file" if src.is_file() else "FP32 weights"
         raise ExportError(f"{args.run_dir}: {what}; --format packed takes a finished quantized run directory "

@@ -7,6 +7,7 @@ directory (`to_toml`), and that file loads back to the same config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -429,16 +430,40 @@ def merge(into: dict, new: dict) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> Config:
-    """A config file (or the defaults) with the overrides applied, checked. An error about a value the file
-    gave (not an override) names the file."""
+    """A config file (or the defaults) with the overrides applied, checked (`validated`: an error about a value
+    the file gave names the file)."""
     d = load_dict(path) if path else {}
+    layers = [(str(path), copy.deepcopy(d))] if path else []
     for o in overrides:
         apply_override(d, o)
+    return validated(d, overrides, layers)
+
+
+def _sets(table: dict, key: str) -> bool:
+    """Whether a config table (as read, lists of terms included) holds the dotted `key`."""
+    node: Any = table
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def validated(d: dict, overrides: Sequence[Override] = (), layers: Sequence[tuple[str, dict]] = ()) -> Config:
+    """`from_dict(Config, d).validate()`. An error about a key no override set, whose value one of `layers`
+    ((name, its table as read): a config file, a preset's [student] section) gave, names the last such layer —
+    the key whose value is refused; a range that depends on another key (warmup_epochs < epochs) is said of it."""
     try:
         return from_dict(Config, d).validate()
     except ConfigError as e:
-        if path and not any(str(e).startswith(override_key(o)) for o in overrides):
-            raise ConfigError(f"{path}: {e}") from None
+        key = str(e).partition(":")[0]
+        overridden = any(key == k or key.startswith(k + ".") for k in map(override_key, overrides))
+        where = next((name for name, table in reversed(layers) if _sets(table, key)), None)
+        if where and not overridden:
+            raise ConfigError(f"{where}: {e}") from None
         raise
 
 

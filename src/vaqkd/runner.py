@@ -14,7 +14,18 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vaqkd.config import Config, Override, apply_override, from_dict, identity, load_dict, merge, override_key, to_toml
+from vaqkd.config import (
+    Config,
+    Override,
+    apply_override,
+    from_dict,
+    identity,
+    load_dict,
+    merge,
+    override_key,
+    to_toml,
+    validated,
+)
 from vaqkd.errors import ConfigError, RunFileError, RunLockedError, TrainingDiverged, VaqkdError
 from vaqkd.rundir import NUMBER, check_fields, has_checkpoint, read_json
 
@@ -66,13 +77,17 @@ def row_config(row: str, preset: dict, seed: int, teacher: str, overrides: Seque
 
 
 def preset_config(path: str | Path, preset: str | None, overrides: Sequence[Override]) -> Config:
-    """A config file with a preset's [student] section merged in, then the overrides."""
+    """A config file with a preset's [student] section merged in, then the overrides (an error about a value the
+    file or the preset gave names it: `config.validated`)."""
     d = load_dict(path)
+    layers = [(str(path), copy.deepcopy(d))]
     if preset:
-        merge(d, copy.deepcopy(load_preset(preset).get("student", {})))
+        student = load_preset(preset).get("student", {})
+        merge(d, copy.deepcopy(student))
+        layers.append((f"preset {preset}", student))
     for s in overrides:
         apply_override(d, s)
-    return from_dict(Config, d).validate()
+    return validated(d, overrides, layers)
 
 
 def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log,
@@ -102,8 +117,15 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
             records.mkdir(parents=True, exist_ok=True)
             shutil.copy2(place, records / name)
         return cached
-    # no kept evaluation: the teacher must be here to make one (a missing one named before the data is looked for)
-    resolve_weights(teacher, cfg.distill.teacher_arch, "--teacher")
+    # no kept evaluation: the teacher must be here to make one (a missing one named before the data is looked for),
+    # and its record readable (checked before the evaluation, not after)
+    resolve_weights(teacher, cfg.distill.teacher_arch, "teacher")
+    run = Path(teacher)
+    info_path = (run / "final.json" if (run / "final.json").exists()
+                 else resolve_weights(teacher, "resnet32").with_suffix(".json"))  # fmt: skip
+    info = read_json(info_path) if info_path.exists() else {}
+    used = ("seed", "epochs", "train_images", "train_seconds")  # those it has, of a record's types
+    check_fields(str(info_path), info, {k: RECORD_FIELDS[k] for k in used if k in info})
     if not evaluate_now and not data_present(cfg.data):  # refused rather than a report without its teacher row
         kept = f"{runs} or {records}" if records else f"{runs}"
         raise RunFileError(f"teacher {teacher}: no evaluation kept in {kept} and no data under "
@@ -114,15 +136,6 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
     model = build_teacher(cfg, data.num_classes, device)
     with torch.no_grad():
         top1 = evaluate(model, data.test, resolve_precision(cfg.train.precision, device))["top1"]
-    run = Path(teacher)
-    info_path = (
-        run / "final.json"
-        if (run / "final.json").exists()
-        else resolve_weights(teacher, "resnet32").with_suffix(".json")
-    )
-    info = read_json(info_path) if info_path.exists() else {}
-    used = ("seed", "epochs", "train_images", "train_seconds")  # those it has, of a record's types
-    check_fields(str(info_path), info, {k: RECORD_FIELDS[k] for k in used if k in info})
     from vaqkd.models import count_weights
 
     entry = {"seed": info.get("seed", 0), "top1_last": top1, "top1_best": top1, "epochs": info.get("epochs", 0),
