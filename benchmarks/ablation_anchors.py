@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std
+from vaqkd.cli import int_in, output_folder
 from vaqkd.data.build import env_data_root
 from vaqkd.runner import config_hash, load_preset, meta, row_config, run_or_reuse
 
@@ -60,11 +61,11 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--seeds", type=int_in(1), default=1)
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--teacher", default="pretrained")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--out", default="results/ablation")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--out", type=output_folder, default="results/ablation")
     args = ap.parse_args()
     preset = load_preset(args.preset)
     runs = Path("runs") / args.preset
@@ -101,4 +102,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/ablation_anchors.py"))

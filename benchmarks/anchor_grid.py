@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vaqkd.analysis.report import pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
+from vaqkd.cli import int_in, output_folder
 from vaqkd.data.build import env_data_root
 from vaqkd.rundir import read_json
 from vaqkd.runner import MAX_SEEDS, config_hash, load_preset, meta, row_config, run_or_reuse, save_record
@@ -49,11 +50,12 @@ def find(name: str, places: list[Path]) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
-    ap.add_argument("--seeds", type=int, default=3, help="train seeds 0..N-1 of every cell that lacks them")
+    ap.add_argument("--seeds", type=int_in(1, MAX_SEEDS), default=3,
+                    help="train seeds 0..N-1 of every cell that lacks them")  # fmt: skip
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--teacher", default="pretrained")
     ap.add_argument("--report-only", action="store_true", help="train nothing; report the records")
-    ap.add_argument("--out", default="results/ablation")
+    ap.add_argument("--out", type=output_folder, default="results/ablation")
     args = ap.parse_args()
     preset = load_preset(args.preset)
     runs = Path("runs") / args.preset
@@ -128,4 +130,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/anchor_grid.py"))

@@ -21,23 +21,27 @@ from pathlib import Path
 import torch
 
 from vaqkd.analysis.stats import paired_interval
+from vaqkd.cli import int_in, output_file
 from vaqkd.data.build import env_data_root
 from vaqkd.engine.setup import environment, resolve_precision
 from vaqkd.engine.step import evaluate, reestimate_bn
-from vaqkd.rundir import latest_checkpoint, load_run, read_jsonl
+from vaqkd.rundir import latest_checkpoint, load_run, read_jsonl, run_config, run_weights
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
-    ap.add_argument("--batches", type=int, default=50, help="training batches for the re-estimation")
+    ap.add_argument("--batches", type=int_in(1), default=50, help="training batches for the re-estimation")
     ap.add_argument("--precision", choices=["fp32", "bf16"], help="default: each run's own (as its training evaluated)")
     ap.add_argument("--layers", action="store_true",
                     help="also each BatchNorm's drift: mean |saved - re-estimated mean| / re-estimated std over its "
                     "channels, and the mean ratio of the variances")  # fmt: skip
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=output_file)
     args = ap.parse_args()
+    for run in args.runs:  # every run checked before the first is evaluated: a bad last one loses nothing
+        run_config(run)
+        run_weights(run)
     dev = torch.device("cpu")
     rows = []
     for run in args.runs:
@@ -79,4 +83,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/bn_restat.py"))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vaqkd.analysis.report import group_label, paired_rows, run_groups
 from vaqkd.analysis.stats import mean_std, t975
+from vaqkd.cli import output_folder
 from vaqkd.data.build import env_data_root
 from vaqkd.runner import MAX_SEEDS, load_preset, meta, row_result
 
@@ -58,7 +59,7 @@ def preset_points(preset: str, by_row: dict[str, list[dict]]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
-    ap.add_argument("--out", default="results/budget")
+    ap.add_argument("--out", type=output_folder, default="results/budget")
     args = ap.parse_args()
     sets = [("data.root", args.data_root)]
     lines = ["| preset | images seen | row | kind of run | n | top-1 (95 % CI) |", "|---|---|---|---|---|---|"]
@@ -124,4 +125,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/budget_plot.py"))

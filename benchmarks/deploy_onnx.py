@@ -91,13 +91,18 @@ def op_shares(path: Path, reps: int = 4) -> dict[str, float]:
 
 
 def main() -> None:
+    from vaqkd.cli import output_folder
+    from vaqkd.rundir import run_config
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--data-root")
-    ap.add_argument("--out", type=Path, default=Path("results/deploy"))
+    ap.add_argument("--out", type=output_folder, default=Path("results/deploy"))
     ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    ap.add_argument("--onnx-dir", type=Path, default=Path("runs/deploy_onnx"))
+    ap.add_argument("--onnx-dir", type=output_folder, default=Path("runs/deploy_onnx"))
     args = ap.parse_args()
+    if not args.case:
+        run_config(Path(args.run_dir))  # a run directory (not an artifact): said before anything is exported
     if args.case:  # a child process: one speed case
         print(json.dumps(speed_case(args.case, args.onnx_dir, args.run_dir, args.data_root)))
         return
@@ -160,4 +165,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/deploy_onnx.py"))

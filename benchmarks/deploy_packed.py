@@ -19,18 +19,21 @@ import torch
 
 
 def main() -> None:
+    from vaqkd.cli import output_folder
     from vaqkd.deploy import export_packed, load, pack_model, save_artifact
     from vaqkd.engine.setup import load_run
     from vaqkd.engine.step import evaluate
     from vaqkd.models import create_model
     from vaqkd.quant import quantize
+    from vaqkd.rundir import run_config
     from vaqkd.runner import command_line, meta
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--data-root")
-    ap.add_argument("--out", type=Path, default=Path("results/deploy"))
+    ap.add_argument("--out", type=output_folder, default=Path("results/deploy"))
     args = ap.parse_args()
+    run_config(args.run_dir)  # a run directory: said before --out is made
     args.out.mkdir(parents=True, exist_ok=True)
     artifact = args.out / f"{args.run_dir.name}.vaqkd.safetensors"
     header = export_packed(args.run_dir, artifact, data_root=args.data_root)
@@ -71,4 +74,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/deploy_packed.py"))

@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 from vaqkd.analysis.stats import mean_std, paired_interval
+from vaqkd.cli import int_in
 from vaqkd.data.build import env_data_root
-from vaqkd.rundir import has_checkpoint
+from vaqkd.rundir import has_checkpoint, resolve_weights
 from vaqkd.runner import command_line, config_hash, meta, preset_config, run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--teacher", default="pretrained")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int_in(1), default=3)
     args = ap.parse_args()
+    resolve_weights(args.teacher, "resnet32", "--teacher")  # before any training, not after the teacher runs
     runs = ROOT / "runs/fast_vs_plain"
     out = ROOT / "results/fast_vs_plain"
     out.mkdir(parents=True, exist_ok=True)
@@ -115,4 +117,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/fast_vs_plain.py"))

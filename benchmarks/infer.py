@@ -38,7 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vaqkd.cli import int_in, output_file  # noqa: E402
 from vaqkd.data.build import env_data_root  # noqa: E402
+from vaqkd.data.cifar import DataError, split_present  # noqa: E402
 from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
 from vaqkd.deploy.runtimes import compile_graph  # noqa: E402
 
@@ -100,20 +102,24 @@ def main(argv=None) -> int:
     ap.add_argument("--student", required=True, help="a packed artifact or a finished run directory")
     ap.add_argument("--teacher", default="pretrained:resnet32_cifar100_e64", help="FP32 weights spec")
     ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--streams", type=int, default=2,
+    ap.add_argument("--rounds", type=int_in(1), default=5)
+    ap.add_argument("--batches", type=int_in(1), nargs="+", default=[1, 256])
+    ap.add_argument("--threads", type=int_in(1), nargs="+", default=[1, 2])
+    ap.add_argument("--streams", type=int_in(1), default=2,
                     help="also every runtime as this many instances sharing batch and threads (1: not)")
-    ap.add_argument("--agreement-images", type=int, default=10000, help="test images for agreement (0: skip)")
+    ap.add_argument("--agreement-images", type=int_in(0, 10000), default=10000,
+                    help="test images for agreement (0: skip)")  # fmt: skip
     ap.add_argument("--torch-int8", action="store_true",
                     help="also torch's int8 path (vaqkd.deploy.torch_int8; needs torchao): the integer-residual "
                     "student as oneDNN int8 convs, the teacher quantized to 8 bits by PT2E (named int8-ptq)")
     ap.add_argument("--ort-own-layout", action="store_true",
                     help="also the W2A2 graph in ORT as ORT lays it out alone (named ort-own; the onnxruntime case "
                     "runs its integer body channels-last, vaqkd.deploy.ort_layout)")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=output_file)
     args = ap.parse_args(argv)
+    if args.agreement_images and not split_present("cifar100", args.data_root, train=False):  # before the timing
+        raise DataError(f"--data-root {args.data_root}: no CIFAR-100 test split there (the agreement needs it; "
+                        "--agreement-images 0 skips it)")
 
     student, (mean, std), meta = source_model(args.student, args.data_root)
     teacher, _, _ = source_model(args.teacher)
@@ -290,4 +296,6 @@ def _git_sha() -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/infer.py"))

@@ -157,11 +157,13 @@ def run(kills: int, data_root: Path | None, seed: int, work: Path) -> dict:
 
 
 def main() -> None:
+    from vaqkd.cli import int_in, output_file
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kills", type=int_in(1), default=20)
+    ap.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     ap.add_argument("--data-root", type=Path, help="real CIFAR-100 (default: synthetic data in a temp folder)")
-    ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    ap.add_argument("--out", type=output_file, help="write the result as JSON here")
     ap.add_argument("--mode", choices=sorted(MODE), default="default", help="default: as `vaqkd train` trains")
     args = ap.parse_args()
     global mode
@@ -179,4 +181,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/kill_resume.py"))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import vaqkd.deploy.onnx_export as ox
+from vaqkd.cli import output_folder
 from vaqkd.data.build import env_data_root
 from vaqkd.data.cifar import load_split
 from vaqkd.deploy import load
@@ -69,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--artifact", default="results/deploy/qkd_feature-s0-deploy.vaqkd.safetensors")
-    ap.add_argument("--out", type=Path, default=Path("results/deploy"))
+    ap.add_argument("--out", type=output_folder, default=Path("results/deploy"))
     args = ap.parse_args()
     from vaqkd.runner import meta
 
@@ -116,4 +117,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/onnx_bias_grid.py"))

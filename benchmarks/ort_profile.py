@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from infer import _cpu_name, _git_sha  # noqa: E402
 
+from vaqkd.cli import int_in, output_file  # noqa: E402
 from vaqkd.data.build import env_data_root  # noqa: E402
+from vaqkd.deploy.artifact import ExportError  # noqa: E402
 from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
 
 
@@ -49,7 +51,7 @@ def profile(graph: bytes, layout: str, threads: int, batch: int, runs: int, tmp:
     if layout == "channels-last":
         graph = channels_last_graph(graph)  # loaded as the backend loads it: every ORT optimization on
         if graph is None:
-            raise SystemExit("the graph has no integer conv: nothing to lay out channels-last")
+            raise ExportError("--student: the graph has no integer conv; nothing to lay out channels-last")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.optimized_model_filepath = str(tmp / f"{layout}.onnx")
     sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
@@ -114,11 +116,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", required=True)
     ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--batch", type=int_in(1), default=256)
+    ap.add_argument("--threads", type=int_in(1), default=1)
+    ap.add_argument("--runs", type=int_in(1), default=10)
     ap.add_argument("--teacher", help="FP32 weights spec (pretrained:resnet32_cifar100_e64): profile its graph too")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=output_file)
     args = ap.parse_args(argv)
 
     import onnxruntime
@@ -152,4 +154,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/ort_profile.py"))

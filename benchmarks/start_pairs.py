@@ -8,24 +8,29 @@ machine kind (the report's rule): pairs of two kinds are two lines, never one in
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from vaqkd.analysis.report import group_label, pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
+from vaqkd.errors import RunFileError
+from vaqkd.rundir import NUMBER, read_json
 
 
 def records(folder: Path, row: str) -> dict[int, dict]:
     """The finished runs of `row` in folder/runs by seed; two records of one seed (two configs of the row in one
     folder) are refused by name: which one pairs must not depend on the folders' order."""
+    if not (folder / "runs").is_dir():
+        raise RunFileError(f"{folder}: no runs/ folder of records here")
     out: dict[int, dict] = {}
     for final in sorted((folder / "runs").glob(f"{row}-s*/final.json")):
-        rec = {**json.loads(final.read_text()), "run_dir": str(final.parent)}
+        rec = {**read_json(final, {"top1_last": NUMBER, "seed": int}), "run_dir": str(final.parent)}
         if rec["seed"] in out:
             first = Path(out[rec["seed"]]["run_dir"]).name
-            raise SystemExit(f"{folder}: two records of {row} seed {rec['seed']} ({first}, {final.parent.name}); "
+            raise RunFileError(f"{folder}: two records of {row} seed {rec['seed']} ({first}, {final.parent.name}); "
                              "keep one config of the row in a folder")  # fmt: skip
         out[rec["seed"]] = rec
+    if not out:
+        raise RunFileError(f"{folder}/runs: no finished record of --row {row}")
     return out
 
 
@@ -63,4 +68,6 @@ def report(args, a: dict, b: dict, seeds: list[int], left_out: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/start_pairs.py"))

@@ -17,11 +17,11 @@ import collections
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from vaqkd import bench
+from vaqkd.cli import int_in, output_file
 from vaqkd.config import TermConfig
 from vaqkd.data.loader import DeviceLoader
 from vaqkd.distill.objective import Objective, build_term
@@ -79,10 +79,10 @@ def _quartiles(v: list[float]) -> list[float]:
 def parse_args(doc: str) -> argparse.Namespace:
     """The step benchmarks' options (--threads, --batch, --rounds, --out), the process set up for timing."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--threads", type=int_in(1), default=2)
+    ap.add_argument("--batch", type=int_in(1), default=128)
+    ap.add_argument("--rounds", type=int_in(1), default=20)
+    ap.add_argument("--out", type=output_file)
     args = ap.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
@@ -192,4 +192,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/step_floor.py"))

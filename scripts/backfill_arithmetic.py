@@ -10,12 +10,14 @@ alone. Reports then pair and average these records only within one era, and neve
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from vaqkd.engine.arithmetic import legacy_era
+from vaqkd.errors import RunFileError
+from vaqkd.rundir import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +30,14 @@ def is_ancestor(a: str, b: str) -> bool | None:
 
 
 def main() -> None:
-    top = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "results"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", nargs="?", type=Path, default=ROOT / "results", help="searched for env.json files")
+    top = ap.parse_args().folder
+    if not top.is_dir():
+        raise RunFileError(f"{top}: no such folder")
     counts: dict[str, int] = {}
     for env_path in sorted(top.rglob("env.json")):
-        env = json.loads(env_path.read_text())
+        env = read_json(env_path)
         if "arithmetic" in env:
             continue
         for part in (env, *env.get("resumes", [])):
@@ -39,9 +45,11 @@ def main() -> None:
             part["arithmetic_reconstructed"] = True
         eras = " + ".join(dict.fromkeys(p["arithmetic"] for p in (env, *env.get("resumes", []))))
         counts[eras] = counts.get(eras, 0) + 1
-        env_path.write_text(json.dumps(env, indent=2) + "\n")
+        write_json(env_path, env)  # whole or not at all
     print(json.dumps(counts, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "scripts/backfill_arithmetic.py"))

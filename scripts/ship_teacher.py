@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from vaqkd.errors import ConfigError, RunFileError
 from vaqkd.rundir import run_weights
 
 FOLDER = Path(__file__).resolve().parents[1] / "src" / "vaqkd" / "pretrained"
@@ -31,15 +32,17 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="replace weights already shipped under NAME")
     args = ap.parse_args()
     run = Path(args.run_dir)
+    if not args.name or Path(args.name).name != args.name or args.name.startswith("."):
+        raise ConfigError(f"--name {args.name}: a plain file name (letters, digits, _ and -), not a path")
     dest = FOLDER / f"{args.name}.safetensors"
     if dest.exists() and not args.force:
-        raise SystemExit(f"{dest}: already shipped (records name their teacher by it); choose another --name")
+        raise RunFileError(f"{dest}: already shipped (records name their teacher by it); choose another --name")
     if not (run / "final.json").exists():
-        raise SystemExit(f"{run}: not a finished run (no final.json)")
+        raise RunFileError(f"{run}: not a finished run (no final.json)")
     final = json.loads((run / "final.json").read_text())
     state = load_file(str(run_weights(run)))
     if any("_quant." in k for k in state):
-        raise SystemExit(f"{run}: a quantized run cannot be the FP32 teacher")
+        raise RunFileError(f"{run}: a quantized run cannot be the FP32 teacher")
     save_file(state, str(dest), metadata={"top1": f"{final['top1_last']:.2f}", "git_sha": final["git_sha"]})
     info = {**final, "command": args.command, "config_toml": (run / "config.toml").read_text(),
             "env": json.loads((run / "env.json").read_text()), "bytes": dest.stat().st_size}  # fmt: skip
@@ -49,4 +52,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "scripts/ship_teacher.py"))

@@ -281,6 +281,8 @@ def test_messages_name_the_culprit_not_a_neighbour(capsys, cifar_root, tmp_path)
     with pytest.raises(ConfigError, match=r"--preset \.\./cifar100/takd: unknown preset; available: demo"):
         load_preset("../cifar100/takd")
     (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"afile is a file, not a folder; the data root must be a folder"):
+        load_split("cifar100", tmp_path / "afile", train=False)  # it hid behind the download's clean-up
     one_line_error(capsys, ["table", "--out", str(tmp_path / "afile" / "t"), "--runs-dir", str(tmp_path / "runs"),
                             "--data-root", str(cifar_root)], "--out", "afile is a file, not a folder")  # fmt: skip
     one_line_error(capsys, ["table", "--report-only", "--teacher", gone, "--out", str(tmp_path / "o"),

@@ -187,3 +187,15 @@ def test_cifar_part_keeps_the_first_images_of_every_class(shared_cifar_root, tmp
         fx, fy = load_split("cifar100", shared_cifar_root, train, download_missing=False)
         keep = torch.cat([torch.nonzero(fy == c).flatten()[:k] for c in range(100)]).sort().values
         assert torch.equal(x, fx[keep]) and torch.equal(y, fy[keep])
+    # never over the dataset it is cut from; an existing part only with force; a count the data cannot give is
+    # refused before anything is written
+    source = (shared_cifar_root / "cifar-100-python" / "train").read_bytes()
+    with pytest.raises(DataError, match="is the data root itself"):
+        mod.part(str(shared_cifar_root), 1, 1, shared_cifar_root, force=True)
+    assert (shared_cifar_root / "cifar-100-python" / "train").read_bytes() == source
+    with pytest.raises(DataError, match="exists; remove it, choose another --out, or pass --force"):
+        mod.part(str(shared_cifar_root), 1, 1, tmp_path)
+    with pytest.raises(DataError, match="--test-per-class 5: .* fewer than 5 images in some class"):
+        mod.part(str(shared_cifar_root), 1, 5, tmp_path / "new")
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").rglob("*"))
+    assert mod.part(str(shared_cifar_root), 1, 1, tmp_path, force=True) == {"train": 100, "test": 100}

@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 from vaqkd.analysis.report import PAPER_TOP1, group_label, write_report
+from vaqkd.errors import RunFileError
 
 PROFILE = {"w_bits": 2, "a_bits": 2, "quant_mib": 0.136, "paper_quant_mib": 0.112, "bops_reduction": 96.2,
            "paper_bops_reduction": 256.0}  # fmt: skip
@@ -96,7 +97,7 @@ def test_start_pairs_refuses_two_records_of_one_seed(tmp_path, monkeypatch):
             run.mkdir(parents=True)
             (run / "final.json").write_text(json.dumps(_kind(0, 40.0, "x")))
     monkeypatch.setattr("sys.argv", ["start_pairs.py", str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(SystemExit, match=r"two records of qkd_logit seed 0 \(qkd_logit-s0-0000, qkd_logit-s0-1111\)"):
+    with pytest.raises(RunFileError, match=r"two records of qkd_logit seed 0 \(qkd_logit-s0-0000, qkd_logit-s0-1111\)"):
         start_pairs.main()
 
 

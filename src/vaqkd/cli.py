@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+from vaqkd.errors import VaqkdError
+
 EPILOG = """examples:
   vaqkd train configs/cifar100/teacher_resnet32_short.toml
   vaqkd train configs/cifar100/vaqkd_logit.toml --set train.seed=1 --out runs/vaqkd_logit_s1
@@ -31,7 +33,7 @@ def _fraction(positive: bool):
     return parse
 
 
-def _int_in(lo: int, hi: int | None = None, also: tuple[int, ...] = ()):
+def int_in(lo: int, hi: int | None = None, also: tuple[int, ...] = ()):
     """argparse type: an int in [lo, hi] (or one of `also`); anything else is argparse's one-line error."""
 
     def parse(text: str) -> int:
@@ -43,6 +45,27 @@ def _int_in(lo: int, hi: int | None = None, also: tuple[int, ...] = ()):
 
     parse.__name__ = "int"
     return parse
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a path that can become a file (an existing one is replaced: scripts regenerate their
+    results), checked when the arguments are read, not after the work (`rundir.check_file_target`)."""
+    from vaqkd.rundir import check_file_target
+
+    try:
+        check_file_target(Path(text), "result.json")
+    except VaqkdError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
+
+
+def output_folder(text: str) -> Path:
+    """argparse type: a path that is, or can become, a folder (not a file, not below one)."""
+    path = Path(text)
+    blocker = next((q for q in (path, *path.parents) if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, not a folder")
+    return path
 
 
 def _add_data_root(p: argparse.ArgumentParser) -> None:
@@ -369,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--preset", help="apply a preset's student settings (configs/presets/NAME.toml), e.g. quick")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--stop-after-steps", type=_int_in(1), metavar="N",
+    t.add_argument("--stop-after-steps", type=int_in(1), metavar="N",
                    help="stop (checkpointed) once N global steps are done; continue later with --resume")  # fmt: skip
     t.add_argument("--tensorboard", action="store_true",
                    help="also write each epoch's curves to OUT/tensorboard/ (pip install 'vaqkd[tensorboard]')")
@@ -386,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: from the file (onnxruntime for .onnx, torch for a run or a packed artifact); "
                    "onnxruntime or openvino on a run or an artifact export it to ONNX in memory first; torch-int8 "
                    "compiles an integer-residual run or artifact to oneDNN int8 convs")
-    e.add_argument("--bn-reestimate", type=_int_in(0), default=0, metavar="N",
+    e.add_argument("--bn-reestimate", type=int_in(0), default=0, metavar="N",
                    help="a run directory only: first re-estimate the BatchNorm running statistics over N training "
                    "batches (epoch 0's order, the run's augmentation and batch size; at most one epoch's); the run is "
                    "not changed")
@@ -407,18 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="per-layer bits, params, MACs; model size and BOPs")
     pr.add_argument("--model", default="resnet32")
-    pr.add_argument("--num-classes", type=_int_in(1, 100_000), default=100,
+    pr.add_argument("--num-classes", type=int_in(1, 100_000), default=100,
                     help="classes of the last layer (at most 100,000: the profile builds the model)")  # fmt: skip
-    pr.add_argument("--w-bits", type=_int_in(1, 16, also=(32,)), default=2, help="1: DoReFa's binary weights; 32: FP32")
-    pr.add_argument("--a-bits", type=_int_in(2, 16), default=2)
+    pr.add_argument("--w-bits", type=int_in(1, 16, also=(32,)), default=2, help="1: DoReFa's binary weights; 32: FP32")
+    pr.add_argument("--a-bits", type=int_in(2, 16), default=2)
     pr.add_argument("--first-last", choices=["fp32", "8", "same"], default="same")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(fn=cmd_profile)
 
     tb = sub.add_parser("table", help="train (or reuse) every row of the paper's table; write results/<preset>/")
     tb.add_argument("--preset", choices=preset_names(), default="demo")
-    tb.add_argument("--seeds", type=_int_in(1, MAX_SEEDS), default=1, help="seeds 0..N-1")
-    tb.add_argument("--first-seed", type=_int_in(0, MAX_SEEDS - 1), default=0, metavar="K",
+    tb.add_argument("--seeds", type=int_in(1, MAX_SEEDS), default=1, help="seeds 0..N-1")
+    tb.add_argument("--first-seed", type=int_in(0, MAX_SEEDS - 1), default=0, metavar="K",
                     help="train seeds K..N-1 only (the others' runs are neither trained nor resumed; the report "
                     "still shows every finished seed)")  # fmt: skip
     tb.add_argument("--rows", nargs="*", help="subset of rows (default: all of the preset)")
@@ -430,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--report-only", action="store_true",
                     help="train and download nothing: report the runs and records there are (the teacher from its "
                     "kept evaluation, or evaluated if the data is here)")  # fmt: skip
-    tb.add_argument("--jobs", type=_int_in(1), default=1, help="local launcher: cells run at once (processes)")
+    tb.add_argument("--jobs", type=int_in(1), default=1, help="local launcher: cells run at once (processes)")
     tb.add_argument("--launcher", choices=["local", "ray"], default="local",
                     help="ray: every (row, seed) cell as a Ray task (pip install 'vaqkd[cluster]')")  # fmt: skip
     tb.add_argument("--address", help="Ray cluster address (default: start a local Ray for this call)")
@@ -443,16 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gradcam", help="Grad-CAM grid comparing two runs (captum LayerGradCam on layer3)")
     g.add_argument("run_a")
     g.add_argument("run_b")
-    g.add_argument("--images", type=_int_in(1), default=8)
+    g.add_argument("--images", type=int_in(1), default=8)
     g.add_argument("--out", default="gradcam.png", help="the figure (an existing file: only with --force)")
     g.add_argument("--force", action="store_true", help="replace an existing --out")
-    g.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0, help="which test images (a random draw)")
+    g.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0, help="which test images (a random draw)")
     _add_data_root(g)
     g.set_defaults(fn=cmd_gradcam)
 
     b = sub.add_parser("bench", help="throughput of train steps, loader, epoch and eval; ratios in one process")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--batch", type=_int_in(1, 50_000), default=128,
+    b.add_argument("--batch", type=int_in(1, 50_000), default=128,
                    help="images a step (at most the 50,000 it times on)")  # fmt: skip
     b.add_argument("--quick", action="store_true", help="tiny sizes: checks that every case runs, not speed")
     b.add_argument("--json", action="store_true")
@@ -467,10 +490,46 @@ USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ED
                   errno.ENAMETOOLONG}  # fmt: skip
 
 
+def user_error_line(e: BaseException) -> str | None:
+    """The one line an error the user can fix is shown as (a VaqkdError, a file missing or in the way, the file
+    system refusing: read-only, no permission, full, a directory where a file goes); None for anything else, a bug
+    that keeps its traceback."""
+    from vaqkd.errors import VaqkdError
+
+    if isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_file():  # mkdir over a file
+        return f"{e.filename}: is a file, not a directory (a folder was needed there)"
+    if isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_symlink():  # leads nowhere
+        return f"{e.filename}: a symlink that leads to no folder (dangling, or a loop); a folder was needed there"
+    if isinstance(e, (VaqkdError, FileNotFoundError, FileExistsError)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in USER_OS_ERRNOS:
+        return f"{e.filename}: {e.strerror or e}" if e.filename else f"{e.strerror or e}"
+    return None
+
+
+def run_script(main_fn, prog: str) -> int:
+    """A benchmark's or script's entry point under the command line's rule: an error the user can fix
+    (`user_error_line`) is one line `PROG: error: ...` and exit 2, anything else keeps its traceback (and
+    VAQKD_DEBUG=1 keeps every traceback). Returns main_fn()'s exit code (0 for None)."""
+    import os
+
+    try:
+        code = main_fn()
+        return code if isinstance(code, int) else 0
+    except Exception as e:
+        line = None if os.environ.get("VAQKD_DEBUG") == "1" else user_error_line(e)
+        if line is None:
+            raise
+        from vaqkd.errors import TrainingDiverged
+
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vaqkd.engine.setup import tune_allocator
-    from vaqkd.errors import TrainingDiverged, VaqkdError
+    from vaqkd.errors import TrainingDiverged
 
     tune_allocator()  # fewer page faults per step on glibc; VAQKD_MALLOC_TUNE=0 turns it off
 
@@ -480,34 +539,22 @@ def main(argv: list[str] | None = None) -> int:
         code = args.fn(args)
         dist.barrier()  # under torchrun: every rank reaches the end before any tears the process group down
         return code
-    except (VaqkdError, FileNotFoundError, FileExistsError) as e:
+    except Exception as e:
         # errors the user can fix: one line naming the culprit; anything else is a bug and keeps its traceback
-        if args.debug:
+        line = None if args.debug else user_error_line(e)
+        if line is None:
+            if dist.active():  # torchrun's summary names the first rank that failed; this line says which one
+                print(f"vaqkd {args.command}: rank {dist.rank()} of {dist.world()} failed:", file=sys.stderr)
             raise
         where = f" (rank {dist.rank()} of {dist.world()})" if dist.active() else ""
-        if isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_file():  # mkdir over a file
-            e = f"{e.filename}: is a file, not a directory (a folder was needed there)"
-        elif isinstance(e, FileExistsError) and e.filename and Path(e.filename).is_symlink():  # leads nowhere
-            e = f"{e.filename}: a symlink that leads to no folder (dangling, or a loop); a folder was needed there"
-        print(f"vaqkd {args.command}{where}: error: {e}", file=sys.stderr)
+        print(f"vaqkd {args.command}{where}: error: {line}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_USER
-    except OSError as e:
-        # the file system refuses (read-only, no permission, full, a directory where a file goes): one line
-        if args.debug or e.errno not in USER_OS_ERRNOS:
-            raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"vaqkd {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return EXIT_USER
     except KeyboardInterrupt:
         from vaqkd.runner import command_line
 
         again = "rerun with --resume" if args.command == "train" else f"rerun `{command_line()}`"
         print(f"vaqkd {args.command}: interrupted (the last checkpoint is kept; {again})", file=sys.stderr)
         return 130
-    except Exception:
-        if dist.active():  # torchrun's summary names the first rank that failed; this line says which one this is
-            print(f"vaqkd {args.command}: rank {dist.rank()} of {dist.world()} failed:", file=sys.stderr)
-        raise
     finally:
         dist.shutdown()
 

@@ -93,6 +93,9 @@ def _md5(path: Path) -> str:
 def download(name: str, root: Path) -> None:
     """Download the official archive into `root`, verify its published MD5, and unpack it."""
     spec = get_spec(name)
+    blocker = next((q for q in (root, *root.parents) if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DataError(f"{root}: {blocker} is a file, not a folder; the data root must be a folder")
     archive = root / Path(spec.url).name
     if not archive.exists():
         tmp = archive.with_suffix(".part")
@@ -104,7 +107,8 @@ def download(name: str, root: Path) -> None:
                 with open(tmp, "wb") as f:
                     shutil.copyfileobj(r, f, 1 << 20)
         except (urllib.error.URLError, OSError) as e:  # socket timeouts are OSErrors
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             for folder in made:  # innermost first; never one that holds anything
                 with contextlib.suppress(OSError):
                     folder.rmdir()

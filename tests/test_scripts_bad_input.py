@@ -1,0 +1,34 @@
+"""The benchmarks' and scripts' command lines follow the CLI's rule: bad input is one line naming the culprit,
+exit 2, no traceback, before any work (`vaqkd.cli.run_script`, argparse types `int_in`, `output_file`,
+`output_folder`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "VAQKD_COMPILE": "0"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["benchmarks/bn_restat.py", "{tmp}/nowhere"], "{tmp}/nowhere: no such run directory (or file)"),
+    (["benchmarks/ort_profile.py", "--student", "x", "--runs", "0"], "argument --runs: must be >= 1, got 0"),
+    (["benchmarks/ort_profile.py", "--student", "x", "--out", "{tmp}/afile/r.json"], "afile is a file, not a"),
+    (["benchmarks/start_pairs.py", "{tmp}", "{tmp}"], "{tmp}: no runs/ folder of records here"),
+    (["scripts/ship_teacher.py", "{tmp}", "--command", "x", "--name", "../evil"], "--name ../evil: a plain file name"),
+    (["scripts/backfill_arithmetic.py", "{tmp}/nowhere"], "{tmp}/nowhere: no such folder"),
+])  # fmt: skip
+def test_a_scripts_bad_input_is_one_line_before_any_work(args, culprit, tmp_path):
+    (tmp_path / "afile").write_text("kept")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    p = _run([a.format(tmp=tmp_path) for a in args], ROOT)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in err and culprit.format(tmp=tmp_path) in err.splitlines()[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "afile").read_text() == "kept"
