@@ -152,7 +152,11 @@ def main() -> None:
     for case in CASES:
         cmd = [sys.executable, __file__, args.run_dir, "--case", case, "--onnx-dir", str(args.onnx_dir)]
         cmd += ["--data-root", args.data_root] if args.data_root else []
-        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:  # the agreement above is printed, not lost; the case's own last line says why
+            print(json.dumps(agreement, indent=2))
+            why = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"speed case {case} failed (exit {p.returncode}): {why}")
         speed[case] = json.loads(p.stdout.strip().splitlines()[-1])
     ratios = {f"ort_int_over_ort_fp32_batch{b}": speed["ort_w2a2_int"][f"img_per_s_batch{b}"]
               / speed["ort_fp32_teacher"][f"img_per_s_batch{b}"] for b in (1, 256)}  # fmt: skip
