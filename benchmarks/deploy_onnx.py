@@ -97,9 +97,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--data-root")
-    ap.add_argument("--out", type=output_folder, default=Path("results/deploy"))
+    ap.add_argument("--out", type=output_folder, default="results/deploy")
     ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    ap.add_argument("--onnx-dir", type=output_folder, default=Path("runs/deploy_onnx"))
+    ap.add_argument("--onnx-dir", type=output_folder, default="runs/deploy_onnx")
     args = ap.parse_args()
     if not args.case:
         run_config(Path(args.run_dir))  # a run directory (not an artifact): said before anything is exported

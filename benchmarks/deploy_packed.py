@@ -31,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--data-root")
-    ap.add_argument("--out", type=output_folder, default=Path("results/deploy"))
+    ap.add_argument("--out", type=output_folder, default="results/deploy")
     args = ap.parse_args()
     run_config(args.run_dir)  # a run directory: said before --out is made
     args.out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int_in(1), default=3)
     args = ap.parse_args()
     resolve_weights(args.teacher, "resnet32", "--teacher")  # before any training, not after the teacher runs
+    if not args.teacher.startswith("pretrained"):  # a path: as given here, whatever folder the children run in
+        args.teacher = str(Path(args.teacher).resolve())
     runs = ROOT / "runs/fast_vs_plain"
     out = ROOT / "results/fast_vs_plain"
     out.mkdir(parents=True, exist_ok=True)

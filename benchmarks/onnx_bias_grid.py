@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=env_data_root(), required=env_data_root() is None)  # default: $VAQKD_DATA
     ap.add_argument("--artifact", default="results/deploy/qkd_feature-s0-deploy.vaqkd.safetensors")
-    ap.add_argument("--out", type=output_folder, default=Path("results/deploy"))
+    ap.add_argument("--out", type=output_folder, default="results/deploy")
     args = ap.parse_args()
     from vaqkd.runner import meta
 

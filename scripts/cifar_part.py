@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vaqkd.cli import int_in
+from vaqkd.cli import int_in, output_folder
 from vaqkd.data.build import env_data_root
 from vaqkd.data.cifar import DataError, get_spec, load_split
 from vaqkd.errors import resolved, user_path
@@ -51,9 +51,15 @@ def part(data_root: str, train_per_class: int, test_per_class: int, out: Path, f
         with open(tmp / split, "wb") as f:
             pickle.dump(d, f, protocol=2)
     shutil.copy(source / "meta", tmp / "meta")
-    if folder.exists():
-        shutil.rmtree(folder)
+    old = folder.with_name(f".{folder.name}.old")  # the part it replaces, set aside until the new one is in place
+    if folder.is_symlink() or folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)  # a symlink is moved as a link: what it points to is never touched
     tmp.rename(folder)
+    if old.is_symlink():
+        old.unlink()
+    elif old.exists():
+        shutil.rmtree(old)
     return counts
 
 
@@ -62,7 +68,7 @@ def main() -> None:
     ap.add_argument("--data-root", default=env_data_root() or "../shared/data/cifar100")
     ap.add_argument("--train-per-class", type=int_in(1, 500), default=100)
     ap.add_argument("--test-per-class", type=int_in(1, 100), default=20)
-    ap.add_argument("--out", type=Path, required=True, help="a folder; the part goes to OUT/cifar-100-python")
+    ap.add_argument("--out", type=output_folder, required=True, help="a folder; the part goes to OUT/cifar-100-python")
     ap.add_argument("--force", action="store_true", help="replace a part already in --out")
     a = ap.parse_args()
     print(part(a.data_root, a.train_per_class, a.test_per_class, a.out, a.force))

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from vaqkd.errors import ConfigError, RunFileError
-from vaqkd.rundir import run_weights
+from vaqkd.rundir import NUMBER, read_json, run_weights
 
 FOLDER = Path(__file__).resolve().parents[1] / "src" / "vaqkd" / "pretrained"
 
@@ -32,22 +33,25 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="replace weights already shipped under NAME")
     args = ap.parse_args()
     run = Path(args.run_dir)
-    if not args.name or Path(args.name).name != args.name or args.name.startswith("."):
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         raise ConfigError(f"--name {args.name}: a plain file name (letters, digits, _ and -), not a path")
     dest = FOLDER / f"{args.name}.safetensors"
     if dest.exists() and not args.force:
         raise RunFileError(f"{dest}: already shipped (records name their teacher by it); choose another --name")
     if not (run / "final.json").exists():
         raise RunFileError(f"{run}: not a finished run (no final.json)")
-    final = json.loads((run / "final.json").read_text())
+    final = read_json(run / "final.json", {"top1_last": NUMBER, "git_sha": str})
     state = load_file(str(run_weights(run)))
     if any("_quant." in k for k in state):
         raise RunFileError(f"{run}: a quantized run cannot be the FP32 teacher")
+    # everything read before anything is written: a run that lacks a file ships nothing, not half a teacher
+    config, env, metrics = (run / "config.toml").read_text(), read_json(run / "env.json"), run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise RunFileError(f"{metrics}: file missing")
     save_file(state, str(dest), metadata={"top1": f"{final['top1_last']:.2f}", "git_sha": final["git_sha"]})
-    info = {**final, "command": args.command, "config_toml": (run / "config.toml").read_text(),
-            "env": json.loads((run / "env.json").read_text()), "bytes": dest.stat().st_size}  # fmt: skip
+    info = {**final, "command": args.command, "config_toml": config, "env": env, "bytes": dest.stat().st_size}
     dest.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.copyfile(run / "metrics.jsonl", dest.with_suffix(".metrics.jsonl"))
+    shutil.copyfile(metrics, dest.with_suffix(".metrics.jsonl"))
     print(f"shipped {dest} ({dest.stat().st_size / 1e6:.2f} MB), top-1 {final['top1_last']:.2f}%")
 
 

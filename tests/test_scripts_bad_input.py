@@ -22,6 +22,9 @@ def _run(args, cwd):
     (["benchmarks/ort_profile.py", "--student", "x", "--runs", "0"], "argument --runs: must be >= 1, got 0"),
     (["benchmarks/ort_profile.py", "--student", "x", "--out", "{tmp}/afile/r.json"], "afile is a file, not a"),
     (["benchmarks/start_pairs.py", "{tmp}", "{tmp}"], "{tmp}: no runs/ folder of records here"),
+    (["benchmarks/start_pairs.py", "results/quick_t64", "results/quick_t64_s30", "--row", "typo"],
+     "results/quick_t64/runs: no finished record of --row typo"),
+    (["scripts/ship_teacher.py", "{tmp}", "--command", "x", "--name", "x y"], "--name x y: a plain file name"),
     (["scripts/ship_teacher.py", "{tmp}", "--command", "x", "--name", "../evil"], "--name ../evil: a plain file name"),
     (["scripts/backfill_arithmetic.py", "{tmp}/nowhere"], "{tmp}/nowhere: no such folder"),
 ])  # fmt: skip
