@@ -67,6 +67,19 @@ def test_a_torn_metrics_line_does_not_block_resume_and_a_finished_run_is_not_red
     assert "already finished" in capsys.readouterr().out and (run / "final.json").read_bytes() == before
 
 
+def test_an_unfinished_run_as_teacher_is_said(shared_cifar_root, tmp_path):
+    """A run directory that has not finished may teach (its latest checkpoint), but the student's log says so."""
+    base = [f'data.root="{shared_cifar_root}"', "data.subset_per_class=2", "data.batch_size=100", "optim.epochs=2",
+            "model.arch=resnet20", "train.precision=fp32"]  # fmt: skip
+    teacher = tmp_path / "teacher"
+    fit(load_config(None, base), teacher, progress=False, log=lambda s: None, stop_after_steps=1)
+    student = load_config("configs/cifar100/vaqkd_logit.toml",
+                          [*base, 'model.init=""', f'distill.teacher="{teacher}"', 'distill.teacher_arch="resnet20"'])
+    lines = []
+    fit(student, tmp_path / "student", progress=False, log=lines.append, stop_after_steps=1)
+    assert any(f"distill.teacher {teacher} has not finished" in s and "ckpt-000000001" in s for s in lines), lines
+
+
 def test_a_resume_already_at_its_stop_step_trains_nothing(shared_cifar_root, tmp_path):
     """--stop-after-steps N on a run that is at step N or beyond stops at once (it used to train one more stretch
     before looking); below 1 it is refused before any work."""

@@ -20,7 +20,7 @@ from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint, quantizers
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.setup import build_teacher, environment, resolve_device, resolve_precision
 from vaqkd.engine.step import StudentLoss, make_optimizer
-from vaqkd.errors import RunFileError
+from vaqkd.errors import RunFileError, user_path
 from vaqkd.metrics.size import model_profile
 from vaqkd.models import stage_channels
 from vaqkd.quant import calibrate, set_grad_batch
@@ -29,6 +29,7 @@ from vaqkd.rundir import (
     build_student,
     has_checkpoint,
     holds_run,
+    latest_checkpoint,
     load_checkpoint,
     read_json,
     read_jsonl,
@@ -167,6 +168,10 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     data = build_data(cfg, device, shard=(dist.rank(), dist.world()))
     model = build_student(cfg, data.num_classes, device)
     teacher = build_teacher(cfg, data.num_classes, device)
+    t_run = user_path(cfg.distill.teacher) if teacher is not None else None
+    if t_run is not None and t_run.is_dir() and not (t_run / "final.json").exists():
+        log(f"note: distill.teacher {cfg.distill.teacher} has not finished (no final.json): its latest checkpoint, "
+            f"{latest_checkpoint(t_run).name}, teaches")  # allowed (a run's latest weights), but never silently
     image_size = data.train.images.shape[-1]
     s_ch, t_ch = stage_channels_of(cfg, model, teacher, image_size)
     terms = [build_term(t, s_ch, t_ch, data.train_labels, cfg.train.seed) for t in cfg.distill.terms]
