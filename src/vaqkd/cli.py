@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from vaqkd.errors import VaqkdError
+from vaqkd.errors import VaqkdError, file_in_the_way
 
 EPILOG = """examples:
   vaqkd train configs/cifar100/teacher_resnet32_short.toml
@@ -61,11 +61,9 @@ def output_file(text: str) -> Path:
 
 def output_folder(text: str) -> Path:
     """argparse type: a path that is, or can become, a folder (not a file, not below one)."""
-    path = Path(text)
-    blocker = next((q for q in (path, *path.parents) if q.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    if (blocker := file_in_the_way(text)) is not None:
         raise argparse.ArgumentTypeError(f"{text}: {blocker} is a file, not a folder")
-    return path
+    return Path(text)
 
 
 def _add_data_root(p: argparse.ArgumentParser) -> None:
@@ -263,9 +261,7 @@ def _export_target(source: str, out: str, force: bool, fmt: str) -> None:
     target, src = resolved(out), resolved(source)
     if Path(source).exists() and (target == src or (src.is_dir() and target.is_relative_to(src))):
         raise ExportError(f"--out {out}: is the source's own file ({source}); choose another --out")
-    check_file_target(Path(out), "model.onnx" if fmt == "onnx" else "model.vaqkd.safetensors")
-    if Path(out).is_file() and not force:
-        raise ExportError(f"--out {out}: exists; remove it, choose another --out, or pass --force")
+    check_file_target(Path(out), "model.onnx" if fmt == "onnx" else "model.vaqkd.safetensors", force=force)
 
 
 def cmd_export(args) -> int:

@@ -39,6 +39,14 @@ def user_path(text: str | Path) -> Path:
         raise PathError(f"{text}: {path.parts[0]} is no user's home directory") from None
 
 
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The nearest of `folder` and its parents that exists, when it is not a folder (a file where a folder is
+    wanted); None when the folder exists or can be made."""
+    path = Path(folder)
+    nearest = next((q for q in (path, *path.parents) if q.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
 def resolved(path: str | Path) -> Path:
     """Path(path).resolve(); a symlink loop is a PathError naming the path."""
     try:

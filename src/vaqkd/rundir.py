@@ -31,7 +31,7 @@ from torch import nn
 
 from vaqkd.config import Config, Override, load_config
 from vaqkd.data.build import Data, build_data
-from vaqkd.errors import RunFileError, RunLockedError, user_path
+from vaqkd.errors import RunFileError, RunLockedError, file_in_the_way, user_path
 from vaqkd.models import create_model
 from vaqkd.quant import quantize_student
 
@@ -104,8 +104,7 @@ def check_file_target(path: Path, example: str = "model.vaqkd.safetensors", forc
         raise RunFileError(f"{path}: is a directory; give a file name (e.g. {path / example})")
     if path.exists() and not path.is_file():
         raise RunFileError(f"{path}: exists and is not a regular file (a device, a pipe); give a file path")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
+    if (parent := file_in_the_way(path.parent)) is not None:
         raise RunFileError(f"{path}: {parent} is a file, not a directory")
 
 

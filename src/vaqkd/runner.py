@@ -26,7 +26,7 @@ from vaqkd.config import (
     to_toml,
     validated,
 )
-from vaqkd.errors import ConfigError, RunFileError, RunLockedError, TrainingDiverged, VaqkdError
+from vaqkd.errors import ConfigError, RunFileError, RunLockedError, TrainingDiverged, VaqkdError, file_in_the_way
 from vaqkd.rundir import NUMBER, check_fields, has_checkpoint, read_json
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
@@ -317,8 +317,7 @@ def run_table(
     keep = p.get("records", False) if records is None else records
     records_dir = out_dir / "runs" if keep else None
     for flag, folder in (("--out", out_dir), ("--runs-dir", runs)):  # said before the teacher is evaluated
-        blocker = next((q for q in (folder, *folder.parents) if q.exists()), None)
-        if blocker is not None and not blocker.is_dir():
+        if (blocker := file_in_the_way(folder)) is not None:
             raise RunFileError(f"{flag} {folder}: {blocker} is a file, not a folder")
     teacher_spec = resolve_teacher(teacher, p, runs, overrides, log, train=not report_only)
     teacher_row = teacher_entry(teacher_spec, p, runs, overrides, log, records_dir, evaluate_now=not report_only)

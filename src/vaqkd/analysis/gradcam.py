@@ -46,6 +46,7 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
 
     from vaqkd.data.build import data_root as root_of
     from vaqkd.data.cifar import UnsafePickleError, class_names
+    from vaqkd.rundir import check_file_target
 
     out_path = Path(out)
     if out_path.is_dir():
@@ -58,8 +59,7 @@ def gradcam_figure(run_a: str, run_b: str, images: int = 8, out: str = "gradcam.
                            f"({', '.join(sorted(formats))})")  # fmt: skip
     if not out_path.parent.is_dir():
         raise GradcamError(f"--out {out}: {out_path.parent} is not a folder")
-    if out_path.is_file() and not force:
-        raise GradcamError(f"--out {out_path}: exists; remove it, choose another --out, or pass --force")
+    check_file_target(out_path, "gradcam.png", force=force)  # an existing figure only with --force
     device = torch.device("cpu")
     model_a, data, cfg = load_run_model(run_a, device, data_root)
     model_b, data_b, cfg_b = load_run_model(run_b, device, data_root)

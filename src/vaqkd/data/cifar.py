@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaqkd.errors import VaqkdError, user_path
+from vaqkd.errors import VaqkdError, file_in_the_way, user_path
 
 DOWNLOAD_TIMEOUT_S = 60  # seconds without a byte from the server before the download counts as failed
 
@@ -93,8 +93,7 @@ def _md5(path: Path) -> str:
 def download(name: str, root: Path) -> None:
     """Download the official archive into `root`, verify its published MD5, and unpack it."""
     spec = get_spec(name)
-    blocker = next((q for q in (root, *root.parents) if q.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    if (blocker := file_in_the_way(root)) is not None:
         raise DataError(f"{root}: {blocker} is a file, not a folder; the data root must be a folder")
     archive = root / Path(spec.url).name
     if not archive.exists():
