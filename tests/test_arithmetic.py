@@ -191,6 +191,29 @@ def test_reports_hold_apart_two_kernel_arithmetics_and_pair_records_without_one(
     assert sorted(p["n"] for p in pairs) == [1, 2]
 
 
+def test_a_seed_run_on_two_kinds_pairs_within_each_and_the_pooled_interval_counts_it_once():
+    """Records of one seed on two kinds (the same experiment in fp32 and bf16, say) each pair with their own kind's
+    partner (keyed by seed alone, one pair was dropped); the pooled line holds every pair of the comparison, each
+    within one kind, a seed once."""
+    from vaqkd.analysis.report import pooled_rows
+
+    qkd = [_rec(0, 40.0, "a"), _rec(0, 42.0, "b"), _rec(1, 41.0, "a"), _rec(2, 43.0, "c")]
+    va = [_rec(0, 41.0, "a"), _rec(0, 42.5, "b"), _rec(1, 41.5, "a"), _rec(2, 44.0, "c")]
+    pairs = paired_rows({"qkd_logit": qkd, "vaqkd_logit": va})
+    got = sorted((p["arithmetic"], p["seeds"], p["differences"]) for p in pairs)
+    assert got == [("a", [0, 1], [1.0, 0.5]), ("b", [0], [0.5]), ("c", [2], [1.0])]
+    assert all(p["cross_arithmetic_pairs_left_out"] == 0 for p in pairs)
+    (pooled,) = pooled_rows(pairs)
+    assert pooled["comparison"] == "vaqkd_logit - qkd_logit [pooled over 2 kinds, each pair within one]"
+    assert (pooled["n"], pooled["seeds"], pooled["same_seed_pairs_left_out"]) == (3, [0, 1, 2], 1)
+    assert pooled["mean"] == pytest.approx(2.5 / 3) and pooled["lo"] < pooled["mean"] < pooled["hi"]
+    assert pooled_rows(paired_rows({"qkd_logit": qkd[:1] + qkd[2:3], "vaqkd_logit": va[:1] + va[2:3]})) == []
+    # a record with no partner of its kind is left out and counted, by what differs
+    lone = paired_rows({"qkd_logit": qkd[:2], "vaqkd_logit": [dict(va[0], cpu_capability="AVX512"), va[1], va[2]]})
+    assert [(p["n"], p["cross_machine_pairs_left_out"], p["cross_arithmetic_pairs_left_out"]) for p in lone] == [
+        (1, 1, 0)]  # seed 0: b pairs, a on AVX512 finds only an AVX2 partner; seed 1 has no QKD record
+
+
 def test_a_pair_is_of_the_machine_either_record_names_and_no_comparison_is_dropped():
     qkd = [_rec(0, 40.0, "a"), *(dict(_rec(s, 40.0 + s, "a"), cpu_capability="AVX512") for s in (1, 2))]
     va = [_rec(s, 41.0 + s, "a") for s in range(3)]

@@ -266,3 +266,39 @@ def test_one_gpus_runs_pair_whatever_host_threads_and_cpu_they_had(tmp_path):
     # on the CPU the host's threads are its arithmetic: 16 and 4 threads never average
     cpu = [run("c0", 0, 40.0, 16, "AVX512", "cpu"), run("c1", 1, 41.0, 4, "AVX512", "cpu")]
     assert len(run_groups(cpu)) == 2
+
+
+def test_the_report_collects_the_same_experiment_in_another_precision_and_nothing_else(tmp_path):
+    """A pair trained in bf16 where the preset says fp32 (or on other threads, device, memory format) is the same
+    experiment on other arithmetic: the report finds its records beside the preset's own (the run names differ);
+    a record of another experiment (another lr) is not collected, nor a folder whose config is not a record."""
+    from pathlib import Path
+
+    from vaqkd.config import to_toml
+    from vaqkd.runner import other_arithmetic
+
+    p, teacher, records = load_preset("full_t64"), "pretrained:resnet32_cifar100_e64", tmp_path / "records"
+
+    def record(seed, *sets):
+        cfg = row_config("qkd_logit", p, seed, teacher, list(sets))
+        d = records / f"qkd_logit-s{seed}-{config_hash(cfg)}"
+        d.mkdir(parents=True)
+        (d / "config.toml").write_text(to_toml(cfg))
+        (d / "final.json").write_text(json.dumps({"top1_last": 60.0, "top1_best": 60.0, "epochs": 36, "seed": seed,
+                                                  "train_images": 50000, "train_seconds": 1.0}))  # fmt: skip
+        return d.name
+
+    own = record(0)
+    bf16 = record(0, "train.precision=bf16")  # the same seed in another precision: both are kept
+    threads = record(1, "train.precision=bf16", "train.threads=1", "train.channels_last=true")
+    record(2, "optim.lr=0.01")  # another experiment
+    record(3, "train.precision=bf16", "optim.momentum=0.8")  # another experiment in another precision
+    (records / "qkd_logit-s4-00000000").mkdir()
+    (records / "qkd_logit-s4-00000000" / "config.toml").write_text("not [ toml")
+    (records / "qkd_logit-s4-00000000" / "final.json").write_text("{}")
+    assert len({own, bf16, threads}) == 3
+    found = other_arithmetic("qkd_logit", p, teacher, [], tmp_path / "runs", records, {own})
+    assert sorted(Path(f["run_dir"]).name for f in found) == sorted([bf16, threads])
+    again = other_arithmetic("qkd_logit", p, teacher, ["train.precision=bf16"], tmp_path / "runs", records, {bf16})
+    assert sorted(Path(f["run_dir"]).name for f in again) == sorted([own, threads])  # seen from the bf16 side
+    assert all(f["top1_last"] == 60.0 and f["seed"] in (0, 1) for f in again)

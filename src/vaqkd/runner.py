@@ -14,10 +14,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 from vaqkd.config import (
     Config,
     Override,
     apply_override,
+    experiment_identity,
     from_dict,
     identity,
     load_dict,
@@ -266,6 +272,37 @@ def row_result(row: str, seed: int, p: dict, teacher: str, overrides: Sequence[O
     return final
 
 
+def other_arithmetic(row: str, p: dict, teacher: str, overrides: Sequence[Override], runs: Path,
+                     records: Path | None, known: set[str]) -> list[dict]:  # fmt: skip
+    """Finished runs of `row` (any seed) whose config differs from the row's only in how it computes
+    (`config.ARITHMETIC_SETTINGS`: device, precision, threads, memory format) — e.g. a pair trained in bf16
+    where the preset says fp32: the same experiment on other arithmetic, which the report shows on lines of its own
+    (`report.run_groups`) and pairs only within one kind. `known`: run names already reported. TAKD chains are
+    matched by their exact names only."""
+    if row == "takd":
+        return []
+    out, wanted = [], {}
+    for place in (runs, records):
+        if place is None or not place.is_dir():
+            continue
+        for d in sorted(place.glob(f"{row}-s*-*")):
+            if d.name in known or not (d / "final.json").exists() or not (d / "config.toml").exists():
+                continue
+            try:
+                text = (d / "config.toml").read_text()
+                seed = int(tomllib.loads(text)["train"]["seed"])
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError):
+                continue  # not a record of this tool; `table` never wrote it
+            if d.name != f"{row}-s{seed}-{d.name.rsplit('-', 1)[-1]}" or not 0 <= seed < MAX_SEEDS:
+                continue
+            if seed not in wanted:
+                wanted[seed] = experiment_identity(to_toml(row_config(row, p, seed, teacher, overrides)))
+            if experiment_identity(text) == wanted[seed]:
+                known.add(d.name)
+                out.append({**read_json(d / "final.json", RECORD_FIELDS), "run_dir": str(d)})
+    return out
+
+
 def run_table(
     preset: str = "demo",
     seeds: int = 1,
@@ -329,8 +366,11 @@ def run_table(
         for row in dict.fromkeys([*p["rows"], *rows]):
             found = [row_result(row, s, p, teacher_spec, overrides, runs, log, train=False, records=records_dir)
                      for s in range(MAX_SEEDS)]  # fmt: skip
-            if any(found):
-                results[row] = [f for f in found if f]
+            found = [f for f in found if f]
+            known = {Path(f["run_dir"]).name for f in found}
+            found += other_arithmetic(row, p, teacher_spec, overrides, runs, records_dir, known)
+            if found:
+                results[row] = sorted(found, key=lambda f: f["seed"])  # stable: the row's own config first
         info = {**meta(preset, seeds, rows, teacher_spec), "runs_git_sha": trained_at(results), "failed": failed}
         write_report(out_dir, results, info)
         return results

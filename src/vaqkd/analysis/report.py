@@ -191,42 +191,85 @@ def pair_kind(a: dict, b: dict) -> dict:
     return {**{k: v for k, v in a.items() if k not in ("run_dir", "stages")}, **merged_kind([a, b])}
 
 
+def _pairs_of(va: list[dict], ref: list[dict]) -> tuple[list[tuple[dict, dict]], int, int]:
+    """Pairs of one seed and one kind (`same_machine`): a seed may have records of several kinds on each side (the
+    same experiment run on two machines or in two precisions, `runner.other_arithmetic`), and each record pairs with
+    at most one partner of its own kind. Also returned: how many records of a seed both rows hold found none of
+    their kind among the other row's records of that seed still free, by reason (arithmetic differs / machine
+    differs); a record whose seed has no free partner left is unpaired, like a seed only one row has."""
+    pairs, cross_arith, cross_machine = [], 0, 0
+    for seed in sorted({f["seed"] for f in va} & {f["seed"] for f in ref}):
+        free = [r for r in ref if r["seed"] == seed]
+        for v in (f for f in va if f["seed"] == seed):
+            partner = next((r for r in free if same_machine(v, r)[0]), None)
+            if partner is not None:
+                free.remove(partner)
+                pairs.append((v, partner))
+            elif free and any(arithmetic_of(v) == arithmetic_of(r) != "unknown" for r in free):
+                cross_machine += 1
+            elif free:
+                cross_arith += 1
+    return pairs, cross_arith, cross_machine
+
+
 def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
     """VA-QKD - QKD per setting over the seeds both rows have. A pair counts only if both runs share one
     arithmetic and one kind of machine (`same_machine`): a difference across either would mix the method's
     effect with the numerics, so such pairs are left out and counted (`cross_arithmetic_pairs_left_out`,
     `cross_machine_pairs_left_out`); pairs where a record lacks a machine field are kept and counted in
-    `pairs_with_unknown_machine_fields`."""
+    `pairs_with_unknown_machine_fields`. Pairs of two kinds are two lines (`pooled_rows` says what they say
+    together). Each line keeps its per-seed differences (`differences`)."""
     out = []
     for setting in SETTINGS:
-        va = {f["seed"]: f for f in results.get(f"vaqkd_{setting}", [])}
+        va = results.get(f"vaqkd_{setting}", [])
         for base in (f"qkd_{setting}", f"qkd_{setting}_wmatched"):
-            ref = {f["seed"]: f for f in results.get(base, [])}
-            both = sorted(set(va) & set(ref))
-            match = {s: same_machine(va[s], ref[s]) for s in both}
-            pairable = [s for s in both if match[s][0]]
-            cross_arith = sum(arithmetic_of(va[s]) != arithmetic_of(ref[s]) or arithmetic_of(va[s]) == "unknown"
-                              for s in both)  # fmt: skip
+            ref = results.get(base, [])
+            pairs, cross_arith, cross_machine = _pairs_of(va, ref)
             # pairs of one kind only: never two in one interval
-            groups = run_groups([pair_kind(va[s], ref[s]) for s in pairable])
-            if both and not groups:  # common seeds, none pairable: said, not dropped
+            groups = run_groups([{**pair_kind(v, r), "pair": i} for i, (v, r) in enumerate(pairs)])
+            if (cross_arith or cross_machine) and not groups:  # common seeds, none pairable: said, not dropped
                 out.append({"comparison": f"vaqkd_{setting} - {base}", "n": 0, "mean": None, "lo": None, "hi": None,
                             "verdict": "no pair of one arithmetic and machine kind", "seeds": [], "arithmetic": None,
-                            "cross_arithmetic_pairs_left_out": cross_arith,
-                            "cross_machine_pairs_left_out": len(both) - cross_arith, "pairs_of_other_kinds": 0,
+                            "differences": [], "cross_arithmetic_pairs_left_out": cross_arith,
+                            "cross_machine_pairs_left_out": cross_machine, "pairs_of_other_kinds": 0,
                             "pairs_with_unknown_machine_fields": 0, "pairs_lacking_a_part_fingerprint": 0})
             for g in groups:
-                seeds = sorted(f["seed"] for f in g)
-                stat = paired_interval([va[s]["top1_last"] for s in seeds], [ref[s]["top1_last"] for s in seeds])
+                mine = sorted((pairs[f["pair"]] for f in g), key=lambda p: p[0]["seed"])
+                stat = paired_interval([v["top1_last"] for v, _ in mine], [r["top1_last"] for _, r in mine])
                 label = f" [{group_label(g)}]" if len(groups) > 1 else ""
-                out.append({"comparison": f"vaqkd_{setting} - {base}{label}", **stat, "seeds": seeds,
-                            "arithmetic": arithmetic_of(g[0]),
+                out.append({"comparison": f"vaqkd_{setting} - {base}{label}", **stat,
+                            "seeds": [v["seed"] for v, _ in mine], "arithmetic": arithmetic_of(g[0]),
+                            "differences": [v["top1_last"] - r["top1_last"] for v, r in mine],
                             "cross_arithmetic_pairs_left_out": cross_arith,
-                            "cross_machine_pairs_left_out": len(both) - len(pairable) - cross_arith,
-                            "pairs_of_other_kinds": len(pairable) - len(seeds),
-                            "pairs_with_unknown_machine_fields": sum(match[s][1] for s in seeds),
-                            "pairs_lacking_a_part_fingerprint": sum(lacks_part_fingerprint(va[s], ref[s])
-                                                                    for s in seeds)})  # fmt: skip
+                            "cross_machine_pairs_left_out": cross_machine,
+                            "pairs_of_other_kinds": len(pairs) - len(mine),
+                            "pairs_with_unknown_machine_fields": sum(same_machine(v, r)[1] for v, r in mine),
+                            "pairs_lacking_a_part_fingerprint": sum(lacks_part_fingerprint(v, r)
+                                                                    for v, r in mine)})  # fmt: skip
+    return out
+
+
+def pooled_rows(pairs: list[dict]) -> list[dict]:
+    """Where a comparison's pairs come from several kinds (lines `row [kind]` of `paired_rows`), one interval over
+    all of them: each difference is still measured within one arithmetic and machine (no run is compared across
+    kinds), so a difference of kinds adds to the spread between pairs instead of biasing any pair. A seed counts
+    once (its pair of the largest kind): two pairs of one seed start from the same weights and see the same batches,
+    so they are not two independent draws. Only comparisons with pairs of two or more kinds get a line."""
+    out = []
+    for name in dict.fromkeys(p["comparison"].split(" [")[0] for p in pairs):
+        lines = [p for p in pairs if p["comparison"].split(" [")[0] == name and p["n"]]
+        if len(lines) < 2:
+            continue
+        seen, diffs, kinds = set(), [], 0
+        for p in sorted(lines, key=lambda p: -p["n"]):
+            fresh = [(s, d) for s, d in zip(p["seeds"], p["differences"]) if s not in seen]
+            kinds += bool(fresh)
+            seen.update(s for s, _ in fresh)
+            diffs += [d for _, d in fresh]
+        stat = paired_interval(diffs, [0.0] * len(diffs))
+        out.append({"comparison": f"{name} [pooled over {kinds} kinds, each pair within one]", **stat,
+                    "seeds": sorted(seen), "kinds": kinds,
+                    "same_seed_pairs_left_out": sum(p["n"] for p in lines) - len(diffs)})  # fmt: skip
     return out
 
 
@@ -234,7 +277,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, pairs = summary_rows(results), paired_rows(results)
-    doc = _no_nan({"rows": rows, "paired": pairs, "meta": meta})
+    pooled = pooled_rows(pairs)
+    doc = _no_nan({"rows": rows, "paired": pairs, "pooled": pooled, "meta": meta})
     (out_dir / "table.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     with open(out_dir / "table.csv", "w", newline="") as f:
         keys = [k for k in rows[0] if k not in ("top1_last", "seeds_list", "config", "runs")]
@@ -302,6 +346,17 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
             note += f" ({part} pair(s) with a record lacking a part fingerprint)" if part else ""
             mean = f"{p['mean']:+.2f}" if p["mean"] is not None else "—"
             lines.append(f"| {p['comparison']} | {p['n']} | {mean} | {ci} | {p['verdict']}{note} |")
+    if pooled:
+        lines += ["", "## Pooled over kinds, 95 % t-interval", "",
+                  "Where a comparison has pairs of several kinds (lines above), one interval over all of them: every "
+                  "difference is still taken within one arithmetic and machine, so the kinds add to the spread "
+                  "between pairs and bias none; a seed counts once (its pair of the largest kind).", "",
+                  "| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
+        for p in pooled:
+            ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
+            left = p["same_seed_pairs_left_out"]
+            note = f" ({left} pair(s) of a seed already counted left out)" if left else ""
+            lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']}{note} |")
     if meta.get("failed"):
         lines += ["", f"**Failed cells** (not in the table): {', '.join(meta['failed'])}."]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
