@@ -40,8 +40,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vaqkd.cli import int_in, output_file  # noqa: E402
 from vaqkd.data.build import env_data_root  # noqa: E402
+from vaqkd.deploy.artifact import ExportError  # noqa: E402
 from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
 from vaqkd.deploy.runtimes import compile_graph  # noqa: E402
+from vaqkd.quant.convert import quantizers  # noqa: E402
 
 
 def gemm_rate(threads: int, dtype: str, n: int = 2048, reps: int = 5) -> float:
@@ -118,12 +120,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     student, (mean, std), meta = source_model(args.student, args.data_root)
+    if not quantizers(student):
+        raise ExportError(f"--student {args.student}: an FP32 model (no quantizer): give a quantized run or artifact")
+    teacher, _, _ = source_model(args.teacher)
+    if quantizers(teacher):
+        raise ExportError(f"--teacher {args.teacher}: a quantized model: give the FP32 teacher's weights")
     test_split = None
     if args.agreement_images:  # read (or downloaded) before the timing: a data root that fails, fails first
         from vaqkd.data.cifar import load_split
 
         test_split = load_split(meta.get("dataset", "cifar100"), args.data_root, train=False)
-    teacher, _, _ = source_model(args.teacher)
     norm = normalisation(mean, std)
     graphs = {"w2a2": build_onnx(student, normalise=norm).SerializeToString(),
               "teacher": build_onnx(teacher, normalise=norm).SerializeToString()}  # fmt: skip

@@ -68,7 +68,8 @@ def test_a_torn_metrics_line_does_not_block_resume_and_a_finished_run_is_not_red
 
 
 def test_an_unfinished_run_as_teacher_is_said(shared_cifar_root, tmp_path):
-    """A run directory that has not finished may teach (its latest checkpoint), but the student's log says so."""
+    """A run directory that has not finished may teach or start a student (its latest checkpoint), but the
+    student's log says so."""
     base = [f'data.root="{shared_cifar_root}"', "data.subset_per_class=2", "data.batch_size=100", "optim.epochs=2",
             "model.arch=resnet20", "train.precision=fp32"]  # fmt: skip
     teacher = tmp_path / "teacher"
@@ -78,6 +79,13 @@ def test_an_unfinished_run_as_teacher_is_said(shared_cifar_root, tmp_path):
     lines = []
     fit(student, tmp_path / "student", progress=False, log=lines.append, stop_after_steps=1)
     assert any(f"distill.teacher {teacher} has not finished" in s and "ckpt-000000001" in s for s in lines), lines
+    # the same run as the student's start: said too
+    started = load_config("configs/cifar100/vaqkd_logit.toml",
+                          [*base, f'model.init="{teacher}"', f'distill.teacher="{teacher}"',
+                           'distill.teacher_arch="resnet20"'])  # fmt: skip
+    lines = []
+    fit(started, tmp_path / "started", progress=False, log=lines.append, stop_after_steps=1)
+    assert any(f"model.init {teacher} has not finished" in s and s.endswith("is the start") for s in lines), lines
 
 
 def test_a_resume_already_at_its_stop_step_trains_nothing(shared_cifar_root, tmp_path):

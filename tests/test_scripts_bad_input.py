@@ -27,6 +27,10 @@ def _run(args, cwd):
     (["scripts/ship_teacher.py", "{tmp}", "--command", "x", "--name", "x y"], "--name x y: a plain file name"),
     (["scripts/ship_teacher.py", "{tmp}", "--command", "x", "--name", "../evil"], "--name ../evil: a plain file name"),
     (["scripts/backfill_arithmetic.py", "{tmp}/nowhere"], "{tmp}/nowhere: no such folder"),
+    (["benchmarks/infer.py", "--student", "pretrained:resnet32_cifar100_e64", "--out", "{tmp}/r.json"],
+     "--student pretrained:resnet32_cifar100_e64: an FP32 model (no quantizer)"),
+    (["benchmarks/infer.py", "--student", "results/deploy/qkd_logit-int-s0.vaqkd.safetensors", "--teacher",
+      "results/deploy/qkd_logit-int-s0.vaqkd.safetensors"], "--teacher results/deploy/qkd_logit-int-s0.vaqkd"),
 ])  # fmt: skip
 def test_a_scripts_bad_input_is_one_line_before_any_work(args, culprit, tmp_path):
     (tmp_path / "afile").write_text("kept")

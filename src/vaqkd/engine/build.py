@@ -168,12 +168,13 @@ def prepare(cfg: Config, run_dir: Path, resume: bool, log) -> Run:
     data = build_data(cfg, device, shard=(dist.rank(), dist.world()))
     model = build_student(cfg, data.num_classes, device)
     teacher = build_teacher(cfg, data.num_classes, device)
-    spec = cfg.distill.teacher
-    t_run = user_path(spec) if teacher is not None and not spec.startswith("pretrained") else None
-    ckpt = latest_checkpoint(t_run) if t_run is not None and t_run.is_dir() else None
-    if ckpt is not None and not (t_run / "final.json").exists():  # allowed (a run's latest weights), never silently
-        log(f"note: distill.teacher {spec} has not finished (no final.json): its latest checkpoint, {ckpt.name}, "
-            "teaches")
+    # a run's latest weights as teacher or start are allowed, never silently
+    for key, spec, used, role in (("distill.teacher", cfg.distill.teacher, teacher is not None, "teaches"),
+                                  ("model.init", cfg.model.init, bool(cfg.model.init), "is the start")):  # fmt: skip
+        t_run = user_path(spec) if used and spec and not spec.startswith("pretrained") else None
+        ckpt = latest_checkpoint(t_run) if t_run is not None and t_run.is_dir() else None
+        if ckpt is not None and not (t_run / "final.json").exists():
+            log(f"note: {key} {spec} has not finished (no final.json): its latest checkpoint, {ckpt.name}, {role}")
     image_size = data.train.images.shape[-1]
     s_ch, t_ch = stage_channels_of(cfg, model, teacher, image_size)
     terms = [build_term(t, s_ch, t_ch, data.train_labels, cfg.train.seed) for t in cfg.distill.terms]
