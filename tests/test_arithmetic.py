@@ -206,12 +206,38 @@ def test_a_seed_run_on_two_kinds_pairs_within_each_and_the_pooled_interval_count
     (pooled,) = pooled_rows(pairs)
     assert pooled["comparison"] == "vaqkd_logit - qkd_logit [pooled over 2 kinds, each pair within one]"
     assert (pooled["n"], pooled["seeds"], pooled["same_seed_pairs_left_out"]) == (3, [0, 1, 2], 1)
+    assert sorted(pooled["n_by_kind"].values()) == [1, 2]
     assert pooled["mean"] == pytest.approx(2.5 / 3) and pooled["lo"] < pooled["mean"] < pooled["hi"]
     assert pooled_rows(paired_rows({"qkd_logit": qkd[:1] + qkd[2:3], "vaqkd_logit": va[:1] + va[2:3]})) == []
+    # two kinds holding the same seeds: once each seed counts once, one kind is left: no pooled line
+    assert pooled_rows(paired_rows({"qkd_logit": qkd[:2], "vaqkd_logit": va[:2]})) == []
     # a record with no partner of its kind is left out and counted, by what differs
     lone = paired_rows({"qkd_logit": qkd[:2], "vaqkd_logit": [dict(va[0], cpu_capability="AVX512"), va[1], va[2]]})
     assert [(p["n"], p["cross_machine_pairs_left_out"], p["cross_arithmetic_pairs_left_out"]) for p in lone] == [
         (1, 1, 0)]  # seed 0: b pairs, a on AVX512 finds only an AVX2 partner; seed 1 has no QKD record
+    # a record with no partner left on the other side is unpaired, not "left out", in either order
+    for extra in ([va[0], va[1]], [va[1], va[0]]):
+        (only_b,) = paired_rows({"qkd_logit": [qkd[1]], "vaqkd_logit": extra})
+        assert (only_b["n"], only_b["cross_arithmetic_pairs_left_out"], only_b["cross_machine_pairs_left_out"]) == (
+            1, 0, 0)
+
+
+def test_a_run_of_a_seed_and_kind_already_reported_is_left_out_not_counted_twice():
+    """Two records of one seed and one kind are one run under two names (precision fp32 and auto on a CPU compute
+    alike): the report keeps the first (the row's own config), never a second seed of it."""
+    from vaqkd.analysis.report import one_per_seed_and_kind, pooled_rows
+
+    qkd = [_rec(0, 40.0, "a"), _rec(0, 40.0, "a"), _rec(1, 41.0, "a"), _rec(0, 42.0, "b")]
+    kept, repeats = one_per_seed_and_kind(qkd)
+    assert kept == [qkd[0], qkd[2], qkd[3]] and repeats == [qkd[1]]
+    va = [_rec(0, 41.0, "a"), _rec(0, 41.0, "a"), _rec(1, 41.5, "a"), _rec(2, 44.0, "b"), _rec(2, 44.0, "b")]
+    pairs = paired_rows({"qkd_logit": kept, "vaqkd_logit": one_per_seed_and_kind(va)[0]})
+    assert sorted((p["arithmetic"], p["seeds"]) for p in pairs) == [("a", [0, 1])]
+    # the pooled line, given a line with a seed twice (a report built without the filter), counts it once
+    twice = {"comparison": "x - y [a]", "n": 2, "seeds": [0, 0], "differences": [1.0, 1.0]}
+    other = {"comparison": "x - y [b]", "n": 1, "seeds": [3], "differences": [0.0]}
+    (p,) = pooled_rows([twice, other])
+    assert (p["n"], p["same_seed_pairs_left_out"]) == (2, 1)
 
 
 def test_a_pair_is_of_the_machine_either_record_names_and_no_comparison_is_dropped():

@@ -293,6 +293,10 @@ def test_the_report_collects_the_same_experiment_in_another_precision_and_nothin
     threads = record(1, "train.precision=bf16", "train.threads=1", "train.channels_last=true")
     record(2, "optim.lr=0.01")  # another experiment
     record(3, "train.precision=bf16", "optim.momentum=0.8")  # another experiment in another precision
+    renamed = records / "qkd_logit-s5-0badc0de"  # a record under a name its config does not give
+    renamed.mkdir()
+    (renamed / "config.toml").write_text((records / bf16 / "config.toml").read_text().replace("seed = 0", "seed = 5"))
+    (renamed / "final.json").write_text((records / bf16 / "final.json").read_text())
     (records / "qkd_logit-s4-00000000").mkdir()
     (records / "qkd_logit-s4-00000000" / "config.toml").write_text("not [ toml")
     (records / "qkd_logit-s4-00000000" / "final.json").write_text("{}")

@@ -518,18 +518,9 @@ def identity(toml_text: str) -> str:
 
 
 # Settings that choose how a run computes, not what it computes: two records whose configs differ only in these
-# are the same experiment on other arithmetic (the report collects both and holds them apart by their recorded
-# arithmetic and machine; `experiment_identity`). Each still has its own run identity, so neither resumes the other.
+# are the same experiment on other arithmetic (the report collects both, `runner.other_arithmetic`, and holds them
+# apart by their recorded arithmetic and machine). Each has its own run identity, so neither resumes the other.
 ARITHMETIC_SETTINGS = {"train": ("device", "precision", "threads", "channels_last")}
-
-
-def experiment_identity(toml_text: str) -> str:
-    """`identity` without the ARITHMETIC_SETTINGS: what two runs must share to be the same experiment."""
-    d = tomllib.loads(toml_text)
-    for section, keys in ARITHMETIC_SETTINGS.items():
-        for key in keys:
-            d.get(section, {}).pop(key, None)
-    return identity(tomli_w.dumps(d))
 
 
 def differences(a_text: str, b_text: str, limit: int = 3) -> str:

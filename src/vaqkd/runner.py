@@ -20,10 +20,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from vaqkd.config import (
+    ARITHMETIC_SETTINGS,
     Config,
     Override,
     apply_override,
-    experiment_identity,
     from_dict,
     identity,
     load_dict,
@@ -277,11 +277,13 @@ def other_arithmetic(row: str, p: dict, teacher: str, overrides: Sequence[Overri
     """Finished runs of `row` (any seed) whose config differs from the row's only in how it computes
     (`config.ARITHMETIC_SETTINGS`: device, precision, threads, memory format) — e.g. a pair trained in bf16
     where the preset says fp32: the same experiment on other arithmetic, which the report shows on lines of its own
-    (`report.run_groups`) and pairs only within one kind. `known`: run names already reported. TAKD chains are
-    matched by their exact names only."""
+    (`report.run_groups`) and pairs only within one kind. A folder counts only if its name is the run name the
+    row's config with the folder's own arithmetic settings gives (`config_hash`: every other key, and a class
+    folder's content, as the row's). `known`: run names already reported. TAKD chains are matched by their exact
+    names only."""
     if row == "takd":
         return []
-    out, wanted = [], {}
+    out = []
     for place in (runs, records):
         if place is None or not place.is_dir():
             continue
@@ -289,15 +291,15 @@ def other_arithmetic(row: str, p: dict, teacher: str, overrides: Sequence[Overri
             if d.name in known or not (d / "final.json").exists() or not (d / "config.toml").exists():
                 continue
             try:
-                text = (d / "config.toml").read_text()
-                seed = int(tomllib.loads(text)["train"]["seed"])
-            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError):
-                continue  # not a record of this tool; `table` never wrote it
-            if d.name != f"{row}-s{seed}-{d.name.rsplit('-', 1)[-1]}" or not 0 <= seed < MAX_SEEDS:
-                continue
-            if seed not in wanted:
-                wanted[seed] = experiment_identity(to_toml(row_config(row, p, seed, teacher, overrides)))
-            if experiment_identity(text) == wanted[seed]:
+                t = tomllib.loads((d / "config.toml").read_text())
+                seed = int(t["train"]["seed"])
+                sets = [(f"{section}.{k}", t[section][k]) for section, keys in ARITHMETIC_SETTINGS.items()
+                        for k in keys if k in t.get(section, {})]  # fmt: skip
+                name = f"{row}-s{seed}-{config_hash(row_config(row, p, seed, teacher, [*overrides, *sets]))}"
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError,
+                    VaqkdError):  # fmt: skip
+                continue  # not a record of this row that `table` wrote
+            if d.name == name:
                 known.add(d.name)
                 out.append({**read_json(d / "final.json", RECORD_FIELDS), "run_dir": str(d)})
     return out
@@ -334,7 +336,7 @@ def run_table(
     cell as a Ray task to the cluster at `address` (default: a local Ray started for the call), with
     `cpus_per_run` CPUs and `gpus_per_run` GPUs (fractions pack several small runs onto one GPU). Run
     directories must lie on a filesystem every worker sees. A failed cell is reported; the others go on."""
-    from vaqkd.analysis.report import write_report
+    from vaqkd.analysis.report import one_per_seed_and_kind, write_report
     from vaqkd.launch import check_options
 
     check_options(launcher, jobs, address, cpus_per_run, gpus_per_run)
@@ -369,8 +371,13 @@ def run_table(
             found = [f for f in found if f]
             known = {Path(f["run_dir"]).name for f in found}
             found += other_arithmetic(row, p, teacher_spec, overrides, runs, records_dir, known)
+            found, repeats = one_per_seed_and_kind(sorted(found, key=lambda f: f["seed"]))  # the row's own first
+            if repeats:
+                log(f"note: {row}: {', '.join(Path(f['run_dir']).name for f in repeats)} left out: a run of the same "
+                    "seed and kind is reported (another name for the same arithmetic, e.g. precision fp32 "
+                    "against auto on a CPU)")
             if found:
-                results[row] = sorted(found, key=lambda f: f["seed"])  # stable: the row's own config first
+                results[row] = found
         info = {**meta(preset, seeds, rows, teacher_spec), "runs_git_sha": trained_at(results), "failed": failed}
         write_report(out_dir, results, info)
         return results

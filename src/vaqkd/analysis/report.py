@@ -191,23 +191,38 @@ def pair_kind(a: dict, b: dict) -> dict:
     return {**{k: v for k, v in a.items() if k not in ("run_dir", "stages")}, **merged_kind([a, b])}
 
 
+def one_per_seed_and_kind(finals: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, repeats): of a row's records, the first of each seed and kind (`same_machine`); a later one is the
+    same run under another name (e.g. `train.precision = "fp32"` against `"auto"` on a CPU, which compute alike)
+    and would count one seed twice."""
+    kept, repeats = [], []
+    for f in finals:
+        twin = any(k["seed"] == f["seed"] and same_machine(k, f)[0] for k in kept)
+        (repeats if twin else kept).append(f)
+    return kept, repeats
+
+
 def _pairs_of(va: list[dict], ref: list[dict]) -> tuple[list[tuple[dict, dict]], int, int]:
     """Pairs of one seed and one kind (`same_machine`): a seed may have records of several kinds on each side (the
     same experiment run on two machines or in two precisions, `runner.other_arithmetic`), and each record pairs with
-    at most one partner of its own kind. Also returned: how many records of a seed both rows hold found none of
-    their kind among the other row's records of that seed still free, by reason (arithmetic differs / machine
-    differs); a record whose seed has no free partner left is unpaired, like a seed only one row has."""
+    at most one partner of its own kind. Also returned: how many pairs a seed could have made of the records left
+    without a partner of their kind on both sides (at most as many as the smaller side), by reason (arithmetic
+    differs / machine differs); a record whose seed has nothing left on the other side is unpaired, like a seed
+    only one row has."""
     pairs, cross_arith, cross_machine = [], 0, 0
     for seed in sorted({f["seed"] for f in va} & {f["seed"] for f in ref}):
-        free = [r for r in ref if r["seed"] == seed]
+        free, alone = [r for r in ref if r["seed"] == seed], []
         for v in (f for f in va if f["seed"] == seed):
             partner = next((r for r in free if same_machine(v, r)[0]), None)
-            if partner is not None:
+            if partner is None:
+                alone.append(v)
+            else:
                 free.remove(partner)
                 pairs.append((v, partner))
-            elif free and any(arithmetic_of(v) == arithmetic_of(r) != "unknown" for r in free):
+        for v in alone[: len(free)]:
+            if any(arithmetic_of(v) == arithmetic_of(r) != "unknown" for r in free):
                 cross_machine += 1
-            elif free:
+            else:
                 cross_arith += 1
     return pairs, cross_arith, cross_machine
 
@@ -251,24 +266,27 @@ def paired_rows(results: dict[str, list[dict]]) -> list[dict]:
 
 def pooled_rows(pairs: list[dict]) -> list[dict]:
     """Where a comparison's pairs come from several kinds (lines `row [kind]` of `paired_rows`), one interval over
-    all of them: each difference is still measured within one arithmetic and machine (no run is compared across
-    kinds), so a difference of kinds adds to the spread between pairs instead of biasing any pair. A seed counts
-    once (its pair of the largest kind): two pairs of one seed start from the same weights and see the same batches,
-    so they are not two independent draws. Only comparisons with pairs of two or more kinds get a line."""
+    all of them. Each difference is still taken within one arithmetic and machine: no run is compared across kinds
+    and no row averages two. What it assumes: that VA-QKD's effect does not depend on the arithmetic, so that the
+    kinds only add spread between pairs (were it to, the mean would weigh each kind by its number of pairs, `n_by
+    _kind`). A seed counts once (its pair of the largest kind): two pairs of one seed share the seed's batch order
+    and random draws, so they are not two independent draws. A line only where two or more kinds remain."""
     out = []
     for name in dict.fromkeys(p["comparison"].split(" [")[0] for p in pairs):
         lines = [p for p in pairs if p["comparison"].split(" [")[0] == name and p["n"]]
-        if len(lines) < 2:
-            continue
-        seen, diffs, kinds = set(), [], 0
+        seen, diffs, by_kind = set(), [], {}
         for p in sorted(lines, key=lambda p: -p["n"]):
-            fresh = [(s, d) for s, d in zip(p["seeds"], p["differences"]) if s not in seen]
-            kinds += bool(fresh)
-            seen.update(s for s, _ in fresh)
-            diffs += [d for _, d in fresh]
+            for seed, d in zip(p["seeds"], p["differences"]):
+                if seed not in seen:
+                    seen.add(seed)
+                    diffs.append(d)
+                    kind = p["comparison"].partition(" [")[2].rstrip("]")
+                    by_kind[kind] = by_kind.get(kind, 0) + 1
+        if len(by_kind) < 2:
+            continue
         stat = paired_interval(diffs, [0.0] * len(diffs))
-        out.append({"comparison": f"{name} [pooled over {kinds} kinds, each pair within one]", **stat,
-                    "seeds": sorted(seen), "kinds": kinds,
+        out.append({"comparison": f"{name} [pooled over {len(by_kind)} kinds, each pair within one]", **stat,
+                    "seeds": sorted(seen), "kinds": len(by_kind), "n_by_kind": by_kind,
                     "same_seed_pairs_left_out": sum(p["n"] for p in lines) - len(diffs)})  # fmt: skip
     return out
 
@@ -329,7 +347,8 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
                   "A pair counts only when both runs share one training arithmetic (`arithmetic` in env.json; records "
                   "older than it carry the era of their git SHA, `legacy:*`) and one kind of machine (device, CPU "
                   "capability, precision, threads, processes); other pairs are left out and counted, and pairs of "
-                  "two kinds are two lines, never one interval. A machine field or part fingerprint (kernels, "
+                  "two kinds are two lines, never one interval (the pooled section below, if any, says what they "
+                  "say together, under its assumption). A machine field or part fingerprint (kernels, "
                   "quantizers) that one record lacks (written before the field existed) does not break a pair; such "
                   "pairs are counted. The integer residual stream's fingerprint is held by integer runs alone: "
                   "an integer run pairs with its float-residual partner.", ""]  # fmt: skip
@@ -348,15 +367,19 @@ def write_report(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> N
             lines.append(f"| {p['comparison']} | {p['n']} | {mean} | {ci} | {p['verdict']}{note} |")
     if pooled:
         lines += ["", "## Pooled over kinds, 95 % t-interval", "",
-                  "Where a comparison has pairs of several kinds (lines above), one interval over all of them: every "
-                  "difference is still taken within one arithmetic and machine, so the kinds add to the spread "
-                  "between pairs and bias none; a seed counts once (its pair of the largest kind).", "",
-                  "| comparison | n | mean diff (pts) | 95 % interval | verdict |", "|---|---|---|---|---|"]
+                  "Where a comparison has pairs of several kinds (lines above), one interval over all of them. "
+                  "Every difference is still taken within one arithmetic and machine; the interval assumes that "
+                  "VA-QKD's effect does not depend on the arithmetic (the kinds then only add spread between "
+                  "pairs; were it to, the mean would weigh each kind by its pairs, *n by kind*). A seed counts "
+                  "once (its pair of the largest kind).", "",
+                  "| comparison | n | n by kind | mean diff (pts) | 95 % interval | verdict |",
+                  "|---|---|---|---|---|---|"]
         for p in pooled:
             ci = f"[{p['lo']:+.2f}, {p['hi']:+.2f}]" if p["lo"] is not None else "—"
             left = p["same_seed_pairs_left_out"]
             note = f" ({left} pair(s) of a seed already counted left out)" if left else ""
-            lines.append(f"| {p['comparison']} | {p['n']} | {p['mean']:+.2f} | {ci} | {p['verdict']}{note} |")
+            kinds = ", ".join(f"{n} ({k.split(',')[0]})" for k, n in p["n_by_kind"].items())
+            lines.append(f"| {p['comparison']} | {p['n']} | {kinds} | {p['mean']:+.2f} | {ci} | {p['verdict']}{note} |")
     if meta.get("failed"):
         lines += ["", f"**Failed cells** (not in the table): {', '.join(meta['failed'])}."]
     (out_dir / "table.md").write_text("\n".join(lines) + "\n")
