@@ -136,7 +136,7 @@ RECORD_PRESETS = [
     ("residual/int8", "quick_t64_s30_nowarm", ['quant.residual="int"', "quant.residual_bits=8"]),
     ("full_t64_nowarm", "full_t64_nowarm", ['train.precision="bf16"']),
     ("full_t64_nowarm/pending", "full_t64_nowarm", []),
-    ("full_t64", "full_t64", []),
+    ("full_t64", "full_t64", [[], ['train.precision="bf16"']]),  # the preset's fp32 runs and a bf16 pair
     # a folder holding runs of two override sets: each record must be the run of one of them
     ("full_t64/pending", "full_t64", [[], ['quant.residual="int"', "quant.residual_bits=8"]]),
     ("quick_t64", "quick_t64", []),
