@@ -14,11 +14,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from vaqkd.config import (
     ARITHMETIC_SETTINGS,
     Config,
@@ -291,13 +286,12 @@ def other_arithmetic(row: str, p: dict, teacher: str, overrides: Sequence[Overri
             if d.name in known or not (d / "final.json").exists() or not (d / "config.toml").exists():
                 continue
             try:
-                t = tomllib.loads((d / "config.toml").read_text())
+                t = load_dict(d / "config.toml")
                 seed = int(t["train"]["seed"])
                 sets = [(f"{section}.{k}", t[section][k]) for section, keys in ARITHMETIC_SETTINGS.items()
                         for k in keys if k in t.get(section, {})]  # fmt: skip
                 name = f"{row}-s{seed}-{config_hash(row_config(row, p, seed, teacher, [*overrides, *sets]))}"
-            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError,
-                    VaqkdError):  # fmt: skip
+            except (OSError, KeyError, TypeError, ValueError, VaqkdError):
                 continue  # not a record of this row that `table` wrote
             if d.name == name:
                 known.add(d.name)
