@@ -17,7 +17,8 @@ from pathlib import Path
 from vaqkd.analysis.stats import mean_std
 from vaqkd.cli import int_in, output_folder
 from vaqkd.data.build import env_data_root
-from vaqkd.runner import config_hash, load_preset, meta, row_config, run_or_reuse
+from vaqkd.presets import config_hash, load_preset, row_config
+from vaqkd.runner import meta, run_or_reuse
 
 VARIANTS = {
     "qkd_logit": ("qkd_logit", []),

@@ -24,8 +24,10 @@ from vaqkd.analysis.report import pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.cli import int_in, output_folder
 from vaqkd.data.build import env_data_root
+from vaqkd.presets import config_hash, load_preset, row_config
+from vaqkd.records import MAX_SEEDS, save_record
 from vaqkd.rundir import read_json
-from vaqkd.runner import MAX_SEEDS, config_hash, load_preset, meta, row_config, run_or_reuse, save_record
+from vaqkd.runner import meta, run_or_reuse
 
 BITS = (2, 4, 8)
 SHARES = (0.25, 0.5, 0.75)

@@ -22,7 +22,9 @@ from vaqkd.analysis.report import group_label, paired_rows, run_groups
 from vaqkd.analysis.stats import mean_std, t975
 from vaqkd.cli import output_folder
 from vaqkd.data.build import env_data_root
-from vaqkd.runner import MAX_SEEDS, load_preset, meta, row_result
+from vaqkd.presets import load_preset
+from vaqkd.records import MAX_SEEDS
+from vaqkd.runner import meta, row_result
 
 ROWS = ("qkd_logit", "vaqkd_logit")
 PRESETS = ("quick", "full")

@@ -26,8 +26,9 @@ from pathlib import Path
 from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.cli import int_in
 from vaqkd.data.build import env_data_root
+from vaqkd.presets import config_hash, preset_config
 from vaqkd.rundir import has_checkpoint, resolve_weights
-from vaqkd.runner import command_line, config_hash, meta, preset_config, run_or_reuse
+from vaqkd.runner import command_line, meta, run_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -246,7 +246,7 @@ def test_messages_name_the_culprit_not_a_neighbour(capsys, cifar_root, tmp_path)
     setting that names them, an unknown --arch or --preset, and a table whose --out or --teacher cannot be used
     (said before the teacher is evaluated)."""
     from vaqkd.data.cifar import load_split
-    from vaqkd.runner import load_preset
+    from vaqkd.presets import load_preset
 
     test = cifar_root / "cifar-100-python" / "test"
     whole = test.read_bytes()

@@ -67,7 +67,7 @@ def test_base_file_is_refined(tmp_path):
 
 def test_every_preset_row_resolves_to_a_valid_config_and_its_teacher_ships():
     from vaqkd.engine.setup import resolve_weights
-    from vaqkd.runner import load_preset, preset_init, preset_names, preset_teacher, row_config
+    from vaqkd.presets import load_preset, preset_init, preset_names, preset_teacher, row_config
 
     assert {"demo", "quick", "full", "paper", "quick_t64", "full_t64"} <= set(preset_names())
     for preset in preset_names():
@@ -94,7 +94,7 @@ def test_named_pretrained_weights_and_unknown_names():
 
 
 def test_a_preset_may_start_its_students_from_other_weights_than_its_teacher():
-    from vaqkd.runner import load_preset, row_config
+    from vaqkd.presets import load_preset, row_config
 
     p = load_preset("quick_t64")
     cfg = row_config("qkd_logit", p, 0, "pretrained:resnet32_cifar100_e64", [])
@@ -155,7 +155,7 @@ RECORD_PRESETS = [
 
 @pytest.mark.parametrize("folder, preset, overrides", RECORD_PRESETS)
 def test_committed_records_are_the_runs_their_preset_names(folder, preset, overrides):
-    from vaqkd.runner import config_hash, load_preset, preset_teacher, row_config
+    from vaqkd.presets import config_hash, load_preset, preset_teacher, row_config
 
     where = Path(__file__).resolve().parents[1] / "results" / folder
     records = sorted((where if where.name == "pending" else where / "runs").glob("*-s*-*"))

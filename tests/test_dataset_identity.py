@@ -11,7 +11,7 @@ from vaqkd.config import load_config
 from vaqkd.data.identity import folder_digest
 from vaqkd.engine.train import fit
 from vaqkd.errors import RunFileError
-from vaqkd.runner import config_hash
+from vaqkd.presets import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 

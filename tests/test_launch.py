@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from vaqkd.launch import run_cells
-from vaqkd.runner import TableIncomplete, config_hash, load_preset, row_config, row_result, run_table
+from vaqkd.presets import config_hash, load_preset, row_config
+from vaqkd.runner import TableIncomplete, row_result, run_table
 
 
 def _sets(root):

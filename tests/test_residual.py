@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from vaqkd.config import Config, load_config
 from vaqkd.errors import ConfigError
 from vaqkd.models import create_model
+from vaqkd.presets import config_hash
 from vaqkd.quant import IntResidualBlock, calibrate, quantize_student, residual_mode
-from vaqkd.runner import config_hash
 
 
 def _student(bits=2, seed=0):

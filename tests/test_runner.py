@@ -6,7 +6,8 @@ from vaqkd.analysis.stats import mean_std, paired_interval, t975
 from vaqkd.config import load_config
 from vaqkd.engine.train import fit
 from vaqkd.errors import RunFileError
-from vaqkd.runner import config_hash, load_preset, row_config, run_table
+from vaqkd.presets import config_hash, load_preset, row_config
+from vaqkd.runner import run_table
 
 
 def _no_pairs(pairs: list[dict]) -> bool:
@@ -275,7 +276,7 @@ def test_the_report_collects_the_same_experiment_in_another_precision_and_nothin
     from pathlib import Path
 
     from vaqkd.config import to_toml
-    from vaqkd.runner import other_arithmetic
+    from vaqkd.records import other_arithmetic
 
     p, teacher, records = load_preset("full_t64"), "pretrained:resnet32_cifar100_e64", tmp_path / "records"
 

@@ -14,7 +14,7 @@ from vaqkd.distill import TERMS, Param
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.guard import advice
 from vaqkd.models import create_model, stage_channels
-from vaqkd.runner import config_hash
+from vaqkd.presets import config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = sorted(p for p in ROOT.glob("results/*/runs/*") if (p / "config.toml").exists())

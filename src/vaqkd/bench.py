@@ -44,7 +44,7 @@ MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 def _terms(row: str) -> list[TermConfig]:
     """The loss terms of a row of the table, read from its config file (so the bench times the defaults)."""
     from vaqkd.config import load_config
-    from vaqkd.runner import configs_dir
+    from vaqkd.presets import configs_dir
 
     return list(load_config(configs_dir() / "cifar100" / f"{row}.toml").distill.terms)
 

@@ -80,7 +80,7 @@ def _overrides(args) -> list:
 
 def cmd_train(args) -> int:
     from vaqkd.engine.train import fit
-    from vaqkd.runner import preset_config
+    from vaqkd.presets import preset_config
 
     cfg = preset_config(args.config, args.preset, _overrides(args))
     out = Path(args.out or Path("runs") / cfg.name)
@@ -370,7 +370,8 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from vaqkd.deploy import EVAL_BACKENDS, EXPORT_FORMATS
-    from vaqkd.runner import MAX_SEEDS, preset_names
+    from vaqkd.presets import preset_names
+    from vaqkd.records import MAX_SEEDS
 
     p = argparse.ArgumentParser(
         prog="vaqkd",

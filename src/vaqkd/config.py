@@ -518,7 +518,7 @@ def identity(toml_text: str) -> str:
 
 
 # Settings that choose how a run computes, not what it computes: two records whose configs differ only in these
-# are the same experiment on other arithmetic (the report collects both, `runner.other_arithmetic`, and holds them
+# are the same experiment on other arithmetic (the report collects both, `records.other_arithmetic`, and holds them
 # apart by their recorded arithmetic and machine). Each has its own run identity, so neither resumes the other.
 ARITHMETIC_SETTINGS = {"train": ("device", "precision", "threads", "channels_last")}
 

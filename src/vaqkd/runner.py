@@ -5,8 +5,6 @@ run with the same config is reused, an interrupted one is resumed, and a changed
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import shlex
 import shutil
@@ -14,81 +12,20 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vaqkd.config import (
-    ARITHMETIC_SETTINGS,
-    Config,
-    Override,
-    apply_override,
-    from_dict,
-    identity,
-    load_dict,
-    merge,
-    override_key,
-    to_toml,
-    validated,
-)
+from vaqkd.config import Config, Override, override_key
 from vaqkd.errors import ConfigError, RunFileError, RunLockedError, TrainingDiverged, VaqkdError, file_in_the_way
+from vaqkd.presets import config_hash, configs_dir, load_preset, preset_teacher, row_config
+from vaqkd.records import (
+    MAX_SEEDS,
+    RECORD_FIELDS,
+    finished_run,
+    other_arithmetic,
+    save_record,
+    trained_at,
+)
 from vaqkd.rundir import NUMBER, check_fields, has_checkpoint, read_json
 
 TAKD_CHAIN = ("takd_w8a8", "takd_w4a4", "takd")  # FP32 teacher -> W8A8 -> W4A4 -> W2A2
-
-# what the report reads of a record (final.json) and of a kept teacher evaluation: checked when read, so a damaged
-# one is a line naming it and the key, not a traceback from the report
-RECORD_FIELDS = {"top1_last": NUMBER, "top1_best": NUMBER, "epochs": int, "train_images": int,
-                 "train_seconds": NUMBER, "seed": int}  # fmt: skip
-
-
-def configs_dir() -> Path:
-    """The project's configs/ folder (beside src/ in a checkout; else ./configs)."""
-    here = Path(__file__).resolve().parents[2] / "configs"
-    return here if here.is_dir() else Path("configs")
-
-
-def preset_names() -> list[str]:
-    return sorted(f.stem for f in (configs_dir() / "presets").glob("*.toml"))
-
-
-def load_preset(name: str) -> dict:
-    """A preset by its name (configs/presets/NAME.toml); a path or an unknown name is one line naming the known."""
-    if name not in preset_names():
-        raise ConfigError(f"--preset {name}: unknown preset; available: {', '.join(preset_names())}")
-    return load_dict(configs_dir() / "presets" / f"{name}.toml")
-
-
-def preset_teacher(preset: dict) -> str:
-    """The teacher a preset's students learn from: its `teacher.weights`, else "pretrained"."""
-    return preset.get("teacher", {}).get("weights", "pretrained")
-
-
-def preset_init(preset: dict, teacher: str) -> str:
-    """The weights a preset's students start from: its `teacher.init`, else their teacher's."""
-    return preset.get("teacher", {}).get("init", teacher)
-
-
-def row_config(row: str, preset: dict, seed: int, teacher: str, overrides: Sequence[Override]) -> Config:
-    d = load_dict(configs_dir() / "cifar100" / f"{row}.toml")
-    merge(d, copy.deepcopy(preset.get("student", {})))
-    for s in [*overrides, f"train.seed={seed}"]:
-        apply_override(d, s)
-    if d.get("distill", {}).get("teacher"):
-        d["distill"]["teacher"] = teacher
-    if d.get("model", {}).get("init"):
-        d["model"]["init"] = preset_init(preset, teacher)
-    return from_dict(Config, d).validate()
-
-
-def preset_config(path: str | Path, preset: str | None, overrides: Sequence[Override]) -> Config:
-    """A config file with a preset's [student] section merged in, then the overrides (an error about a value the
-    file or the preset gave names it: `config.validated`)."""
-    d = load_dict(path)
-    layers = [(str(path), copy.deepcopy(d))]
-    if preset:
-        student = load_preset(preset).get("student", {})
-        merge(d, copy.deepcopy(student))
-        layers.append((f"preset {preset}", student))
-    for s in overrides:
-        apply_override(d, s)
-    return validated(d, overrides, layers)
 
 
 def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Override], log,
@@ -150,18 +87,6 @@ def teacher_entry(teacher: str, preset: dict, runs: Path, overrides: Sequence[Ov
     return entry
 
 
-def config_hash(cfg: Config) -> str:
-    """A run's identity as 8 hex digits: its resolved config (`config.identity`) and, for a class-folder
-    dataset, the folder's content (`data.identity.folder_digest`), so cells on two folders never share a run."""
-    text = identity(to_toml(cfg))
-    if cfg.data.dataset == "folder":
-        from vaqkd.data.identity import folder_digest
-        from vaqkd.engine.setup import data_root
-
-        text += f"# data {folder_digest(data_root(cfg.data))}\n"
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
 def run_or_reuse(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> dict | None:
     """final.json of the run in run_dir: reused if finished, resumed if interrupted, else trained. None when the
     run failed (diverged: failed.json, not retried until the folder is removed) or another process holds it."""
@@ -203,34 +128,6 @@ def resolve_teacher(teacher: str, preset: dict, runs: Path, overrides: Sequence[
     return str(run_dir)
 
 
-MAX_SEEDS = 100  # the report looks for finished runs of seeds 0..MAX_SEEDS-1
-RECORD_FILES = ("config.toml", "env.json", "metrics.jsonl", "final.json")
-
-
-def save_record(run_dir: Path, records: Path, name: str | None = None) -> Path:
-    """Copy a finished run's record (config, env, metrics, final; no weights) to records/<run name>, to be
-    committed: a report reads every committed record, so runs made at different times and places add up."""
-    dest = records / (name or run_dir.name)
-    if (dest / "final.json").exists():
-        return dest
-    tmp = records / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in RECORD_FILES:
-        if (run_dir / f).exists():
-            shutil.copy2(run_dir / f, tmp / f)
-    tmp.rename(dest)
-    return dest
-
-
-def _finished(name: str, runs: Path, records: Path | None) -> Path | None:
-    """Where the finished run `name` can be read: its run directory, else its committed record."""
-    for place in (runs / name, records / name if records else None):
-        if place is not None and (place / "final.json").exists():
-            return place
-    return None
-
-
 def row_result(row: str, seed: int, p: dict, teacher: str, overrides: Sequence[Override], runs: Path, log,
                train: bool = True, records: Path | None = None) -> dict | None:  # fmt: skip
     """final.json of one row and seed (TAKD: its whole chain, times summed), read from run directories or
@@ -242,7 +139,7 @@ def row_result(row: str, seed: int, p: dict, teacher: str, overrides: Sequence[O
         cfg = row_config(stage, p, seed, t_spec, overrides)
         names.append((stage, cfg, f"{stage}-s{seed}-{config_hash(cfg)}"))
         t_spec = str(runs / names[-1][2])  # TAKD: the next stage learns from, and starts from, this one
-    found = [_finished(name, runs, records) for _, _, name in names]
+    found = [finished_run(name, runs, records) for _, _, name in names]
     if all(found):
         stages = [{**read_json(f / "final.json", RECORD_FIELDS), "run_dir": str(f)} for f in found]
         if train:
@@ -265,38 +162,6 @@ def row_result(row: str, seed: int, p: dict, teacher: str, overrides: Sequence[O
         final["stages"] = [{"run_dir": s["run_dir"], "train_seconds": s["train_seconds"],
                             "top1_last": s["top1_last"]} for s in stages]  # fmt: skip
     return final
-
-
-def other_arithmetic(row: str, p: dict, teacher: str, overrides: Sequence[Override], runs: Path,
-                     records: Path | None, known: set[str]) -> list[dict]:  # fmt: skip
-    """Finished runs of `row` (any seed) whose config differs from the row's only in how it computes
-    (`config.ARITHMETIC_SETTINGS`: device, precision, threads, memory format) — e.g. a pair trained in bf16
-    where the preset says fp32: the same experiment on other arithmetic, which the report shows on lines of its own
-    (`report.run_groups`) and pairs only within one kind. A folder counts only if its name is the run name the
-    row's config with the folder's own arithmetic settings gives (`config_hash`: every other key, and a class
-    folder's content, as the row's). `known`: run names already reported. TAKD chains are matched by their exact
-    names only."""
-    if row == "takd":
-        return []
-    out = []
-    for place in (runs, records):
-        if place is None or not place.is_dir():
-            continue
-        for d in sorted(place.glob(f"{row}-s*-*")):
-            if d.name in known or not (d / "final.json").exists() or not (d / "config.toml").exists():
-                continue
-            try:
-                t = load_dict(d / "config.toml")
-                seed = int(t["train"]["seed"])
-                sets = [(f"{section}.{k}", t[section][k]) for section, keys in ARITHMETIC_SETTINGS.items()
-                        for k in keys if k in t.get(section, {})]  # fmt: skip
-                name = f"{row}-s{seed}-{config_hash(row_config(row, p, seed, teacher, [*overrides, *sets]))}"
-            except (OSError, KeyError, TypeError, ValueError, VaqkdError):
-                continue  # not a record of this row that `table` wrote
-            if d.name == name:
-                known.add(d.name)
-                out.append({**read_json(d / "final.json", RECORD_FIELDS), "run_dir": str(d)})
-    return out
 
 
 def run_table(
@@ -402,20 +267,6 @@ def run_table(
 
 class TableIncomplete(VaqkdError):
     """Some cells of the table failed; the report holds the others."""
-
-
-def trained_at(results: dict[str, list[dict]]) -> dict[str, int]:
-    """How many of the reported runs each git SHA trained (a reused run keeps the SHA that trained it, which
-    may be older than the report's)."""
-    shas: dict[str, int] = {}
-    for entries in results.values():
-        for e in entries:
-            dirs = [st["run_dir"] for st in e.get("stages", [])] or ([e["run_dir"]] if "run_dir" in e else [])
-            for d in dirs:
-                env = Path(d) / "env.json"
-                sha = read_json(env).get("git_sha", "unknown") if env.exists() else "unknown"
-                shas[sha] = shas.get(sha, 0) + 1
-    return shas
 
 
 def command_line() -> str:

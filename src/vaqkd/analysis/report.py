@@ -204,7 +204,7 @@ def one_per_seed_and_kind(finals: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def _pairs_of(va: list[dict], ref: list[dict]) -> tuple[list[tuple[dict, dict]], int, int]:
     """Pairs of one seed and one kind (`same_machine`): a seed may have records of several kinds on each side (the
-    same experiment run on two machines or in two precisions, `runner.other_arithmetic`), and each record pairs with
+    same experiment run on two machines or in two precisions, `records.other_arithmetic`), and each record pairs with
     at most one partner of its own kind. Also returned: how many pairs a seed could have made of the records left
     without a partner of their kind on both sides (at most as many as the smaller side), by reason (arithmetic
     differs / machine differs); a record whose seed has nothing left on the other side is unpaired, like a seed
