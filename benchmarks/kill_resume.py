@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import sys, time
-import vaqkd.rundir as ck
+import vaqkd.rundir.checkpoint as ck
 import vaqkd.engine.build as tr  # where a run's checkpoint is saved
 orig_save, orig_file = ck.save_checkpoint, ck.save_file
 def save_file(*a, **k):

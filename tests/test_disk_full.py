@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import vaqkd.rundir as ckpt
+import vaqkd.rundir.checkpoint as ckpt
 from vaqkd.cli import main
 from vaqkd.rundir import DiskFullError, RunLock, checkpoints, load_checkpoint, save_checkpoint
 

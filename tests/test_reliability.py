@@ -251,8 +251,6 @@ def test_the_lock_is_taken_on_the_file_in_the_folder_not_on_one_a_failed_start_r
     import fcntl
     import os
 
-    import vaqkd.rundir as rundir
-
     run = tmp_path / "r"
     run.mkdir()
     real, calls = fcntl.flock, []
@@ -263,10 +261,10 @@ def test_the_lock_is_taken_on_the_file_in_the_folder_not_on_one_a_failed_start_r
             (run / ".lock").unlink()  # the other start's tidy-up, just before this lock
         return real(fd, op)
 
-    monkeypatch.setattr(rundir.fcntl, "flock", flock_after_a_removal)
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_removal)
     with RunLock(run) as lock:
         assert os.stat(run / ".lock").st_ino == os.fstat(lock.fd).st_ino
-        monkeypatch.setattr(rundir.fcntl, "flock", real)
+        monkeypatch.setattr(fcntl, "flock", real)
         with pytest.raises(RunLockedError):
             RunLock(run).__enter__()
     odd = tmp_path / "odd"
