@@ -3,6 +3,8 @@ and loads, the error is one line ("disk full in DIR (needs ~N MB)"), and --resum
 uninterrupted run gives. The failures are injected (OSError(ENOSPC) and the libraries' own messages for it)."""
 
 import errno
+import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -63,8 +65,8 @@ def test_torch_save_failing_without_an_errno_is_told_by_the_free_space(monkeypat
         Path(path).write_bytes(b"\0" * 10)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
-    monkeypatch.setattr(ckpt.torch, "save", torch_save)
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(total=1, used=1, free=0))
+    monkeypatch.setattr(torch, "save", torch_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=1, used=1, free=0))
     with pytest.raises(DiskFullError, match="disk full in"):
         save_checkpoint(run, nn.Linear(2, 2), nn.Linear(2, 1), {"step": 5})
     assert list(run.iterdir()) == []
@@ -79,7 +81,7 @@ def test_a_full_disk_and_a_leftover_temporary_do_not_stop_the_run_lock(monkeypat
     def pwrite(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     with RunLock(run):
         assert not leftover.exists()  # the space it held is free again
 

@@ -1,7 +1,7 @@
 """Presets and the runs they name: a preset (configs/presets/NAME.toml) gives the rows of a table a shared
 [student] section and a teacher; `row_config` resolves one row and seed of it, and `config_hash` names the run.
-`vaqkd table` (runner), the command line and the benchmarks build their configs here, so a run trained by any of
-them has the name the table looks for.
+The table (runner) and the benchmarks name runs with `config_hash`, so a benchmark's run is one the table reuses;
+`vaqkd train --preset` merges a preset into a config file here (`preset_config`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def configs_dir() -> Path:
 
 
 def preset_names() -> list[str]:
+    """The presets there are, by name (configs/presets/*.toml)."""
     return sorted(f.stem for f in (configs_dir() / "presets").glob("*.toml"))
 
 
@@ -43,6 +44,8 @@ def preset_init(preset: dict, teacher: str) -> str:
 
 
 def row_config(row: str, preset: dict, seed: int, teacher: str, overrides: Sequence[Override]) -> Config:
+    """One row and seed of a preset's table: the row's config (configs/cifar100/ROW.toml) with the preset's [student]
+    section, the overrides and the seed; its teacher (and `model.init`, where the row starts from weights) set."""
     d = load_dict(configs_dir() / "cifar100" / f"{row}.toml")
     merge(d, copy.deepcopy(preset.get("student", {})))
     for s in [*overrides, f"train.seed={seed}"]:

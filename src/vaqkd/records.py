@@ -39,7 +39,7 @@ def save_record(run_dir: Path, records: Path, name: str | None = None) -> Path:
     return dest
 
 
-def finished_run(name: str, runs: Path, records: Path | None) -> Path | None:
+def record_place(name: str, runs: Path, records: Path | None) -> Path | None:
     """Where the finished run `name` can be read: its run directory, else its committed record."""
     for place in (runs / name, records / name if records else None):
         if place is not None and (place / "final.json").exists():

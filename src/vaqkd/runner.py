@@ -18,8 +18,8 @@ from vaqkd.presets import config_hash, configs_dir, load_preset, preset_teacher,
 from vaqkd.records import (
     MAX_SEEDS,
     RECORD_FIELDS,
-    finished_run,
     other_arithmetic,
+    record_place,
     save_record,
     trained_at,
 )
@@ -139,7 +139,7 @@ def row_result(row: str, seed: int, p: dict, teacher: str, overrides: Sequence[O
         cfg = row_config(stage, p, seed, t_spec, overrides)
         names.append((stage, cfg, f"{stage}-s{seed}-{config_hash(cfg)}"))
         t_spec = str(runs / names[-1][2])  # TAKD: the next stage learns from, and starts from, this one
-    found = [finished_run(name, runs, records) for _, _, name in names]
+    found = [record_place(name, runs, records) for _, _, name in names]
     if all(found):
         stages = [{**read_json(f / "final.json", RECORD_FIELDS), "run_dir": str(f)} for f in found]
         if train:

@@ -2,7 +2,7 @@
 
 Run directory: config.toml (resolved), env.json (git SHA, versions, device, CPU capability, seed, threads; the
 environment that started the run, with each resume appended), metrics.jsonl (one line per epoch), final.json,
-and the latest checkpoint `ckpt-<step>/` (see `vaqkd.rundir`). All training state is explicit: the data
+and the latest checkpoint `ckpt-<step>/` (see `vaqkd.rundir.checkpoint`). All training state is explicit: the data
 order and augmentation of step k of epoch e depend only on (seed, e, k), the learning rate is a pure function
 of the step, so a run resumed from any checkpoint continues the same run. A run whose loss becomes non-finite
 stops (TrainingDiverged) with its last good checkpoint and a `failed.json` saying where.

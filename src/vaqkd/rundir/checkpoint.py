@@ -1,4 +1,7 @@
-"""Checkpoints are one atomic unit: a checkpoint is a directory `ckpt-<step>/` holding `model.safetensors`,
+"""Checkpoints of a run directory, the checks of what a run folder holds, and the checked safetensors reads every
+weights file goes through.
+
+Checkpoints are one atomic unit: a checkpoint is a directory `ckpt-<step>/` holding `model.safetensors`,
 `objective.safetensors` (weights, each stamped with the step in its metadata) and `state.pt` (optimizer, counters,
 metric accumulators; loads with `weights_only=True`). It is written under a temporary name, flushed to disk and
 renamed in one step, and the previous checkpoint is deleted only after that: at every instant the run directory
@@ -141,7 +144,7 @@ def load_module(module: nn.Module, path: Path, device: str = "cpu", strict: bool
     return meta
 
 
-def load_state(module: nn.Module, state: dict, path: Path, strict: bool, what: str):
+def load_state(module: nn.Module, state: dict, path: Path, strict: bool, what: str) -> tuple[list[str], list[str]]:
     """`module.load_state_dict`; weights of other shapes (another class count, another width) are a RunFileError
     naming the file and the first mismatch."""
     try:

@@ -1,5 +1,5 @@
 """Run files read with one-line errors naming the file and the key, and written atomically (a temporary name,
-flushed, renamed); a full or read-only disk is one line saying so."""
+renamed over the file); a full or read-only disk is one line saying so."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def write_failure(where: Path, e: BaseException, need_bytes: int = 0) -> Excepti
 
 
 def fsync(path: Path) -> None:
+    """Flush a file or folder, by path, to disk (os.fsync takes a descriptor)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
