@@ -37,8 +37,8 @@ def speed_case(case: str, onnx_dir: Path, run: str, data_root: str | None) -> di
         def fn(x):  # uint8 pixels for a graph that normalises inside, else the same values as floats
             return ort_logits(sess, x)
     else:
-        from vaqkd.engine.setup import load_run, load_weights
         from vaqkd.models import create_model
+        from vaqkd.rundir import load_run, load_weights
 
         if "w2a2" in case:
             sets = ["train.device=cpu", "data.test_subset_per_class=1"]
@@ -109,8 +109,8 @@ def main() -> None:
     import onnxruntime as ort
 
     from vaqkd.deploy.onnx_export import build_onnx, export_onnx, export_source_onnx, ort_logits, session
-    from vaqkd.engine.setup import load_run, load_weights
     from vaqkd.models import create_model
+    from vaqkd.rundir import load_run, load_weights
     from vaqkd.runner import command_line, meta
 
     args.onnx_dir.mkdir(parents=True, exist_ok=True)

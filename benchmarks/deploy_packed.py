@@ -21,11 +21,10 @@ import torch
 def main() -> None:
     from vaqkd.cli import output_folder
     from vaqkd.deploy import export_packed, load, pack_model, save_artifact
-    from vaqkd.engine.setup import load_run
     from vaqkd.engine.step import evaluate
     from vaqkd.models import create_model
     from vaqkd.quant import quantize
-    from vaqkd.rundir import run_config
+    from vaqkd.rundir import load_run, run_config
     from vaqkd.runner import command_line, meta
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

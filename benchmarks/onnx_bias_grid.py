@@ -91,9 +91,9 @@ def main() -> None:
         "top1": {"torch": 100 * agree(ref, y), "export_now": 100 * agree(now, y), "export_old": 100 * agree(old, y)},
     }
 
-    from vaqkd.engine.setup import load_weights
     from vaqkd.models import create_model
     from vaqkd.quant import calibrate, quantize
+    from vaqkd.rundir import load_weights
 
     torch.manual_seed(0)
     w4 = create_model("resnet32", 100)

@@ -11,8 +11,9 @@ import torch
 
 from vaqkd import dist
 from vaqkd.config import load_config
+from vaqkd.engine.build import prepare
 from vaqkd.engine.setup import resolve_device
-from vaqkd.engine.train import end_epoch, fold_stretch, prepare, train_stretch
+from vaqkd.engine.train import end_epoch, fold_stretch, train_stretch
 
 
 def main() -> None:

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import one_line_error
-from vaqkd.config import Config, ConfigError, from_dict, load_config
+from vaqkd.config import Config, from_dict, load_config
 from vaqkd.data.cifar import DataError, load_split
+from vaqkd.errors import ConfigError
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

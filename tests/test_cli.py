@@ -179,7 +179,8 @@ def test_a_data_path_with_a_quote_a_backslash_t_and_a_space_is_read_as_it_is(tin
     """`--data-root` and the library's `data_root=` pass the path itself, never pasted into TOML text (where
     `\\t` became a TAB and a quote ended the string)."""
     from conftest import write_cifar100
-    from vaqkd.engine.setup import data_root, run_config
+    from vaqkd.data.build import data_root
+    from vaqkd.rundir import run_config
 
     root = write_cifar100(tmp_path / 'my "data\\tset" dir', per_class_train=1, per_class_test=1)
     assert main(["eval", str(tiny_teacher), "--data-root", str(root), "--json"]) == 0

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from vaqkd.config import Config, ConfigError, from_dict, load_config, to_toml
+from vaqkd.config import Config, from_dict, load_config, to_toml
+from vaqkd.errors import ConfigError
 
 
 def test_repo_configs_load(tmp_path):
@@ -66,8 +67,8 @@ def test_base_file_is_refined(tmp_path):
 
 
 def test_every_preset_row_resolves_to_a_valid_config_and_its_teacher_ships():
-    from vaqkd.engine.setup import resolve_weights
     from vaqkd.presets import load_preset, preset_init, preset_names, preset_teacher, row_config
+    from vaqkd.rundir import resolve_weights
 
     assert {"demo", "quick", "full", "paper", "quick_t64", "full_t64"} <= set(preset_names())
     for preset in preset_names():
@@ -83,7 +84,7 @@ def test_every_preset_row_resolves_to_a_valid_config_and_its_teacher_ships():
 
 
 def test_named_pretrained_weights_and_unknown_names():
-    from vaqkd.engine.setup import pretrained_names, resolve_weights
+    from vaqkd.rundir import pretrained_names, resolve_weights
 
     assert "resnet32_cifar100" in pretrained_names()
     assert resolve_weights("pretrained:resnet32_cifar100", "resnet32") == resolve_weights("pretrained", "resnet32")

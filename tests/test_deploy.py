@@ -50,7 +50,7 @@ def w2a2_run(shared_cifar_root, tmp_path_factory):
 
 
 def test_packed_model_gives_the_fake_quant_logits_bit_for_bit(w2a2_run, shared_cifar_root, tmp_path):
-    from vaqkd.engine.setup import load_run
+    from vaqkd.rundir import load_run
 
     out = tmp_path / "m.vaqkd.safetensors"
     header = export_packed(w2a2_run, out, data_root=str(shared_cifar_root))

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 from vaqkd.config import TermConfig
 from vaqkd.distill.anchors import virtual_anchor
 from vaqkd.distill.contrastive import CRDLoss
-from vaqkd.distill.objective import TERMS, Objective, build_term
+from vaqkd.distill.objective import Objective, build_term
+from vaqkd.distill.registry import TERMS
 from vaqkd.models import create_model, stage_channels
 
 

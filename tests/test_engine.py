@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vaqkd.config import ConfigError, OptimConfig, load_config, to_toml
+from vaqkd.config import OptimConfig, load_config, to_toml
 from vaqkd.engine.setup import resolve_device
-from vaqkd.engine.train import fit, lr_at
-from vaqkd.errors import RunFileError
+from vaqkd.engine.step import lr_at
+from vaqkd.engine.train import fit
+from vaqkd.errors import ConfigError, RunFileError
 from vaqkd.rundir import checkpoints, run_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,8 +295,8 @@ def test_bn_reestimate_batches_changes_what_is_evaluated_and_saved_never_a_train
     assert [r["train_loss"] for r in ma] == [r["train_loss"] for r in mb]  # the same training, step for step
     assert a["top1_last"] == ma[-1]["test_top1"]  # a evaluated its own statistics
     # what b saved and evaluated: a's final model with its statistics re-estimated on the last epoch's 2 batches
-    from vaqkd.engine.setup import load_run
     from vaqkd.engine.step import evaluate, reestimate_bn
+    from vaqkd.rundir import load_run
 
     _, model, data = load_run(tmp_path / "a", torch.device("cpu"))
     reestimate_bn(model, data.train, 2, epoch=1)

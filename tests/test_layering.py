@@ -122,3 +122,32 @@ def test_no_data_path_is_pasted_into_toml_text():
     hits = [f"{f.relative_to(SRC)}:{i}" for f in sorted(SRC.rglob("*.py"))
             for i, line in enumerate(f.read_text().splitlines(), 1) if "data.root=\"" in line.replace("'", '"')]
     assert hits == []
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """What a module defines itself (def, class, assignment, also under a top-level if/try); not what it imports."""
+    out: set[str] = set()
+    for node in tree.body:
+        for n in ast.walk(node) if isinstance(node, ast.If | ast.Try) else [node]:
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                out.add(n.name)
+            elif isinstance(n, ast.Assign | ast.AnnAssign):
+                for target in n.targets if isinstance(n, ast.Assign) else [n.target]:
+                    out |= {x.id for x in ast.walk(target) if isinstance(x, ast.Name)}
+    return out
+
+
+def test_names_are_imported_from_the_module_that_defines_them():
+    """`from vaqkd.m import name` only where m defines name (a package's __init__ may re-export): a module's own
+    imports are not an interface, so moving a name never leaves old import paths alive by accident."""
+    defines = {_module(f): _top_level_names(ast.parse(f.read_text()))
+               for f in SRC.rglob("*.py") if f.name != "__init__.py"}  # fmt: skip
+    roots = [SRC] + [SRC.parents[1] / d for d in ("tests", "benchmarks", "scripts") if (SRC.parents[1] / d).is_dir()]
+    wrong = [f"{f.name}:{node.lineno} {node.module}.{a.name}"
+             for root in roots for f in sorted(root.rglob("*.py"))
+             for node in ast.walk(ast.parse(f.read_text()))
+             if isinstance(node, ast.ImportFrom) and not node.level and node.module in defines
+             for a in node.names
+             if a.name not in defines[node.module] and f"{node.module}.{a.name}" not in defines]  # fmt: skip
+    assert wrong == []
+    assert "resolve_device" in defines["vaqkd.engine.setup"] and "load_run" not in defines["vaqkd.engine.setup"]

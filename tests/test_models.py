@@ -82,8 +82,9 @@ def test_features_by_module_path_on_a_model_without_forward_features():
 
 
 def test_a_wrong_stage_name_is_a_config_error(shared_cifar_root, tmp_path):
-    from vaqkd.config import ConfigError, load_config
+    from vaqkd.config import load_config
     from vaqkd.engine.train import fit
+    from vaqkd.errors import ConfigError
 
     sets = ["model.arch=resnet20", 'model.init=""', "distill.teacher_arch=resnet20", "train.device=cpu",
             "train.precision=fp32", "optim.epochs=1", ("data.root", str(shared_cifar_root)), "data.batch_size=100",

@@ -142,8 +142,8 @@ def test_damaged_run_files_are_named_in_one_line(finished_run, shared_cifar_root
 
 def _model_and_objective(run):
     from vaqkd.distill.objective import Objective, build_term
-    from vaqkd.engine.setup import build_student
     from vaqkd.models import stage_channels
+    from vaqkd.rundir import build_student
 
     cfg = load_config(run / "config.toml", ['model.init=""'])
     model = build_student(cfg, 100, torch.device("cpu"))

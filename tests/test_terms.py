@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaqkd.config import ConfigError, TermConfig, identity, load_config, to_toml
+from vaqkd.config import TermConfig, identity, load_config, to_toml
 from vaqkd.distill import TERMS, Param
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.guard import advice
+from vaqkd.errors import ConfigError
 from vaqkd.models import create_model, stage_channels
 from vaqkd.presets import config_hash
 

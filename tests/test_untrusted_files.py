@@ -138,7 +138,7 @@ def test_gradcam_does_not_paper_over_a_poisoned_meta_file(cifar_root, tmp_path, 
     """gradcam falls back to class indices when names are missing; a meta file that would run code is an error."""
     import vaqkd.analysis.gradcam as gradcam
     from vaqkd.config import load_config
-    from vaqkd.engine.setup import build_data
+    from vaqkd.data.build import build_data
     from vaqkd.models import create_model
 
     marker = tmp_path / "owned"

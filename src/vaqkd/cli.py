@@ -102,11 +102,12 @@ EVAL_TRAIN_KEYS = ("train.device", "train.precision", "train.threads", "train.ch
 def cmd_eval(args) -> int:
     import torch
 
-    from vaqkd.config import ConfigError, override_key
+    from vaqkd.config import override_key
     from vaqkd.deploy import backend_for
-    from vaqkd.engine.setup import load_run, resolve_device, resolve_precision
+    from vaqkd.engine.setup import resolve_device, resolve_precision
     from vaqkd.engine.step import evaluate, reestimate_bn
-    from vaqkd.errors import RunFileError
+    from vaqkd.errors import ConfigError, RunFileError
+    from vaqkd.rundir import load_run
 
     device = resolve_device("auto" if args.device is None else args.device, "--device")
     # what an evaluation may change: where and how it reads the test split, not the model the run trained
@@ -162,8 +163,9 @@ def cmd_eval(args) -> int:
 
 def _test_data(args, dataset: str, image_size: int, device):
     """The config and data an artifact (which carries no run directory) is evaluated on."""
-    from vaqkd.config import ConfigError, load_config
-    from vaqkd.engine.setup import build_data
+    from vaqkd.config import load_config
+    from vaqkd.data.build import build_data
+    from vaqkd.errors import ConfigError
 
     # data.batch_size=1: the training split is read (for class names and folder labels), never batched here
     header = [("data.dataset", dataset), ("data.image_size", image_size), ("data.batch_size", 1)]

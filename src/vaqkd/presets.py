@@ -76,8 +76,8 @@ def config_hash(cfg: Config) -> str:
     dataset, the folder's content (`data.identity.folder_digest`), so cells on two folders never share a run."""
     text = identity(to_toml(cfg))
     if cfg.data.dataset == "folder":
+        from vaqkd.data.build import data_root
         from vaqkd.data.identity import folder_digest
-        from vaqkd.engine.setup import data_root
 
         text += f"# data {folder_digest(data_root(cfg.data))}\n"
     return hashlib.sha1(text.encode()).hexdigest()[:8]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from vaqkd.config import Config, ConfigError, DataConfig
+from vaqkd.config import Config, DataConfig
 from vaqkd.data.cifar import SPECS, DataError, load_split, split_present
 from vaqkd.data.identity import tensor_digest
 from vaqkd.data.loader import DeviceLoader, subset_per_class
-from vaqkd.errors import user_path
+from vaqkd.errors import ConfigError, user_path
 
 
 def env_data_root() -> str | None:

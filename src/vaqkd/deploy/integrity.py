@@ -57,7 +57,8 @@ def _hex(v, n: int) -> bool:
 
 
 def _check_quant(q) -> str | None:
-    from vaqkd.config import ConfigError, QuantConfig
+    from vaqkd.config import QuantConfig
+    from vaqkd.errors import ConfigError
 
     if not isinstance(q, dict) or not set(QUANT_KEYS) <= set(q) <= {*QUANT_KEYS, *LATER_QUANT_KEYS}:
         got = sorted(q) if isinstance(q, dict) else type(q).__name__

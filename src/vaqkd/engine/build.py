@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from vaqkd import dist
-from vaqkd.config import Config, ConfigError, differences, identity, to_toml
+from vaqkd.config import Config, differences, identity, to_toml
 from vaqkd.data.build import Data, build_data, data_root
 from vaqkd.distill.objective import Objective, build_term, stages_of
 from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint, quantizers_fingerprint, residual_fingerprint
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.setup import build_teacher, environment, resolve_device, resolve_precision
 from vaqkd.engine.step import StudentLoss, make_optimizer
-from vaqkd.errors import RunFileError, user_path
+from vaqkd.errors import ConfigError, RunFileError, user_path
 from vaqkd.metrics.size import model_profile
 from vaqkd.models import stage_channels
 from vaqkd.quant import calibrate, set_grad_batch

@@ -15,23 +15,10 @@ import torch
 from torch import nn
 
 import vaqkd
-from vaqkd.config import Config, ConfigError, device_name_ok
-from vaqkd.data.build import Data, build_data, data_root  # noqa: F401  (re-exported: engine.setup's old names)
-from vaqkd.errors import user_path
+from vaqkd.config import Config, device_name_ok
+from vaqkd.errors import ConfigError, user_path
 from vaqkd.models import create_model
-from vaqkd.rundir import (  # noqa: F401  (re-exported: engine.setup's old names)
-    MACHINE_ENV_KEYS,
-    PRETRAINED,
-    build_student,
-    load_run,
-    load_weights,
-    pretrained_names,
-    resolve_weights,
-    run_config,
-    run_machine,
-    run_model,
-    write_json,
-)
+from vaqkd.rundir import load_weights, run_config, run_model
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
