@@ -20,22 +20,26 @@ import json
 import numpy as np
 import torch
 
+import vaqkd.deploy.onnx_build as builder
 import vaqkd.deploy.onnx_export as ox
 from vaqkd.cli import output_folder
 from vaqkd.data.build import env_data_root
 from vaqkd.data.cifar import load_split
 from vaqkd.deploy import load
+from vaqkd.deploy.artifact import weight_codes
+from vaqkd.deploy.onnx_grid import act_step, bn_fold
 from vaqkd.quant import QConv2d
 
 
 def _old_export(fn, *args, **kw):
     """`fn` with the export as it was: weight multiplier m_max for every channel, input codes not spread."""
-    saved = ox._bias_multipliers, ox._input_spread
-    ox._bias_multipliers, ox._input_spread = (lambda shift, unit, m_max: np.full(len(shift), m_max)), (lambda q, w: 1)
+    saved = builder.bias_multipliers, builder.input_spread  # where the Builder looks them up
+    builder.bias_multipliers = lambda shift, unit, m_max: np.full(len(shift), m_max)
+    builder.input_spread = lambda q, w: 1
     try:
         return fn(*args, **kw)
     finally:
-        ox._bias_multipliers, ox._input_spread = saved
+        builder.bias_multipliers, builder.input_spread = saved
 
 
 def _snapped_to_old_grid(model):
@@ -45,11 +49,11 @@ def _snapped_to_old_grid(model):
         if not isinstance(block.conv2, QConv2d):
             continue
         conv, bn = block.conv1, block.bn1
-        scale, shift = ox._bn_fold(bn)
-        _, qn = ox.weight_codes(conv)
+        scale, shift = bn_fold(bn)
+        _, qn = weight_codes(conv)
         m_max = max(127 // max(-qn, conv.w_quant.qp), 1)
         s_w = conv.w_quant.step.detach().double().reshape(-1).numpy() * np.ones(conv.out_channels)
-        grid = (ox._act_step(conv.a_quant) * np.abs(s_w * scale) / m_max).astype(np.float32).astype(np.float64)
+        grid = (act_step(conv.a_quant) * np.abs(s_w * scale) / m_max).astype(np.float32).astype(np.float64)
         with torch.no_grad():
             bn.bias += torch.from_numpy(np.round(shift / grid) * grid - shift).float()
     return m

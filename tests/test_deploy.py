@@ -251,11 +251,11 @@ def test_bias_multipliers_put_the_batchnorm_shift_on_the_int32_grid_closely():
     least as closely as the largest m, and far more closely on average (what moved 19 % of predictions)."""
     import numpy as np
 
-    from vaqkd.deploy.onnx_export import _bias_multipliers
+    from vaqkd.deploy.onnx_grid import bias_multipliers
 
     rng = np.random.default_rng(0)
     shift, unit = rng.normal(0, 0.3, 512), rng.uniform(0.01, 0.1, 512)
-    m = _bias_multipliers(shift, unit, 63)
+    m = bias_multipliers(shift, unit, 63)
     assert m.min() >= 1 and m.max() <= 63
 
     def err(m):
@@ -273,6 +273,7 @@ def test_integer_graph_keeps_every_code_through_all_blocks(monkeypatch):
     comparison can tell the two apart."""
     import numpy as np
 
+    from vaqkd.deploy import onnx_build
     from vaqkd.deploy import onnx_export as ox
     from vaqkd.models import create_model
     from vaqkd.quant import calibrate, quantize
@@ -292,8 +293,8 @@ def test_integer_graph_keeps_every_code_through_all_blocks(monkeypatch):
         return ((got - out["ref"]).abs() > 1e-4).float().mean().item()
 
     fine = moved()
-    monkeypatch.setattr(ox, "_bias_multipliers", lambda shift, unit, m_max: np.full(len(shift), m_max))
-    monkeypatch.setattr(ox, "_input_spread", lambda q, w_span: 1)
+    monkeypatch.setattr(onnx_build, "bias_multipliers", lambda shift, unit, m_max: np.full(len(shift), m_max))
+    monkeypatch.setattr(onnx_build, "input_spread", lambda q, w_span: 1)  # where Builder looks them up
     coarse = moved()
     print(f"outputs moved: fine grid {fine:.4%}, coarse grid {coarse:.2%}")
     assert fine < 1e-4, fine
