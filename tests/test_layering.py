@@ -150,4 +150,5 @@ def test_names_are_imported_from_the_module_that_defines_them():
              for a in node.names
              if a.name not in defines[node.module] and f"{node.module}.{a.name}" not in defines]  # fmt: skip
     assert wrong == []
-    assert "resolve_device" in defines["vaqkd.engine.setup"] and "load_run" not in defines["vaqkd.engine.setup"]
+    # what a module imports is not what it defines: engine.setup imports load_weights (and uses it), defines none
+    assert "resolve_device" in defines["vaqkd.engine.setup"] and "load_weights" not in defines["vaqkd.engine.setup"]

@@ -10,7 +10,7 @@ work, so that the job computes what one process with the same global batch would
   same per-epoch order, with the augmentation drawn for the global batch (`DeviceLoader(shard=...)`);
   `data.batch_size` stays the global batch and must divide by the world size;
 - gradients: the student and the objective's trainable heads (hint regressors, CRD embeddings) are one
-  module under DDP (`engine.train.StudentLoss`); the LSQ activation gradient scale counts the global batch;
+  module under DDP (`engine.step.StudentLoss`); the LSQ activation gradient scale counts the global batch;
 - BatchNorm: per-rank batch statistics (SyncBatchNorm with `train.sync_bn = true`, GPUs only); the running
   statistics are averaged over ranks before every evaluation and checkpoint (as timm's `distribute_bn`);
 - CRD: negatives are drawn for the global batch and each rank takes its rows; the memory banks are updated

@@ -273,7 +273,7 @@ def command_line() -> str:
     """The command that is running, as a user would type it."""
     prog = Path(sys.argv[0]).name
     args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if prog in ("vaqkd", "cli.py", "__main__.py"):
+    if prog in ("vaqkd", "__main__.py"):  # the console script, python -m vaqkd or python -m vaqkd.cli
         return f"vaqkd {args}"
     return f"python {shlex.quote(sys.argv[0])} {args}"
 

@@ -61,7 +61,7 @@ def add_data_root(p: argparse.ArgumentParser) -> None:
 
 def overrides(args) -> list:
     """The command's `--set` overrides (TOML text) and `--data-root` (a path, passed as it is)."""
-    overrides: list = list(args.set or [])
+    out: list = list(args.set or [])
     if getattr(args, "data_root", None):
-        overrides.append(("data.root", args.data_root))
-    return overrides
+        out.append(("data.root", args.data_root))
+    return out

@@ -23,8 +23,9 @@ from vaqkd.config.schema import (
     device_name_ok,
 )
 from vaqkd.config.tables import from_dict, to_dict, to_toml
+from vaqkd.errors import ConfigError  # the error of every check here (defined with the others in vaqkd.errors)
 
-__all__ = ["ARITHMETIC_SETTINGS", "COUNT_MAX", "LATER_DEFAULTS", "LEGACY_TERM_KEYS", "Config", "DataConfig",
-           "DistillConfig", "ModelConfig", "OptimConfig", "Override", "QuantConfig", "TermConfig", "TrainConfig",
-           "apply_override", "canonical_text", "device_name_ok", "differences", "from_dict", "identity",
+__all__ = ["ARITHMETIC_SETTINGS", "COUNT_MAX", "LATER_DEFAULTS", "LEGACY_TERM_KEYS", "Config", "ConfigError",
+           "DataConfig", "DistillConfig", "ModelConfig", "OptimConfig", "Override", "QuantConfig", "TermConfig",
+           "TrainConfig", "apply_override", "canonical_text", "device_name_ok", "differences", "from_dict", "identity",
            "load_config", "load_dict", "merge", "override_key", "to_dict", "to_toml", "validated"]  # fmt: skip

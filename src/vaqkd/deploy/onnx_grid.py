@@ -59,7 +59,7 @@ def bias_multipliers(shift: np.ndarray, unit: np.ndarray, m_max: int) -> np.ndar
     BatchNorm shift most closely: the error |shift − round(shift·m/unit)·unit/m| is what QLinearConv adds to
     every output of the channel, and at 2 bits it moves codes that lie near a rounding boundary."""
     ms = np.arange(1, m_max + 1)
-    grid = (unit[:, None] / ms[None, :]).astype(np.float32).astype(np.float64)  # as b_scale below
+    grid = (unit[:, None] / ms[None, :]).astype(np.float32).astype(np.float64)  # as b_scale in onnx_build.Builder.conv
     with np.errstate(divide="ignore", invalid="ignore"):  # a channel of scale 0 (γ = 0): no grid, any m
         err = np.abs(shift[:, None] - np.round(shift[:, None] / grid) * grid)
     return ms[np.argmin(np.nan_to_num(err, nan=np.inf), axis=1)]
