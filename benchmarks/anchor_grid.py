@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vaqkd.analysis.report import pair_kind, run_groups, same_machine
+from vaqkd.analysis.kinds import pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.cli import int_in, output_folder
 from vaqkd.data.build import env_data_root

@@ -18,7 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from vaqkd.analysis.report import group_label, paired_rows, run_groups
+from vaqkd.analysis.kinds import group_label, run_groups
+from vaqkd.analysis.report import paired_rows
 from vaqkd.analysis.stats import mean_std, t975
 from vaqkd.cli import output_folder
 from vaqkd.data.build import env_data_root

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vaqkd.analysis.report import group_label, pair_kind, run_groups, same_machine
+from vaqkd.analysis.kinds import group_label, pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.errors import RunFileError
 from vaqkd.rundir import NUMBER, read_json

@@ -8,7 +8,8 @@ import torch
 
 import vaqkd.distill.objective as objective_mod
 import vaqkd.engine.arithmetic as arithmetic
-from vaqkd.analysis.report import paired_rows, run_groups, summary_rows
+from vaqkd.analysis.kinds import run_groups
+from vaqkd.analysis.report import paired_rows, summary_rows
 from vaqkd.config import load_config
 from vaqkd.distill.kd import LogitKD
 from vaqkd.engine.train import fit
@@ -225,7 +226,8 @@ def test_a_seed_run_on_two_kinds_pairs_within_each_and_the_pooled_interval_count
 def test_a_run_of_a_seed_and_kind_already_reported_is_left_out_not_counted_twice():
     """Two records of one seed and one kind are one run under two names (precision fp32 and auto on a CPU compute
     alike): the report keeps the first (the row's own config), never a second seed of it."""
-    from vaqkd.analysis.report import one_per_seed_and_kind, pooled_rows
+    from vaqkd.analysis.kinds import one_per_seed_and_kind
+    from vaqkd.analysis.report import pooled_rows
 
     qkd = [_rec(0, 40.0, "a"), _rec(0, 40.0, "a"), _rec(1, 41.0, "a"), _rec(0, 42.0, "b")]
     kept, repeats = one_per_seed_and_kind(qkd)

@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 
-from vaqkd.analysis.report import PAPER_TOP1, group_label, write_report
+from vaqkd.analysis.kinds import group_label
+from vaqkd.analysis.report import PAPER_TOP1, write_report
 from vaqkd.errors import RunFileError
 
 PROFILE = {"w_bits": 2, "a_bits": 2, "quant_mib": 0.136, "paper_quant_mib": 0.112, "bops_reduction": 96.2,

@@ -248,7 +248,8 @@ def test_first_seed_trains_only_the_later_seeds(shared_cifar_root, tiny_teacher,
 
 
 def test_one_gpus_runs_pair_whatever_host_threads_and_cpu_they_had(tmp_path):
-    from vaqkd.analysis.report import group_label, paired_rows, run_groups
+    from vaqkd.analysis.kinds import group_label, run_groups
+    from vaqkd.analysis.report import paired_rows
 
     def run(name, seed, acc, threads, cap, device="cuda:0"):
         d = tmp_path / name

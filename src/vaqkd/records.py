@@ -52,7 +52,7 @@ def other_arithmetic(row: str, p: dict, teacher: str, overrides: Sequence[Overri
     """Finished runs of `row` (any seed) whose config differs from the row's only in how it computes
     (`config.ARITHMETIC_SETTINGS`: device, precision, threads, memory format) — e.g. a pair trained in bf16
     where the preset says fp32: the same experiment on other arithmetic, which the report shows on lines of its own
-    (`report.run_groups`) and pairs only within one kind. A folder counts only if its name is the run name the
+    (`analysis.kinds.run_groups`) and pairs only within one kind. A folder counts only if its name is the run name the
     row's config with the folder's own arithmetic settings gives (`config_hash`: every other key, and a class
     folder's content, as the row's). `known`: run names already reported. TAKD chains are matched by their exact
     names only."""

@@ -195,7 +195,8 @@ def run_table(
     cell as a Ray task to the cluster at `address` (default: a local Ray started for the call), with
     `cpus_per_run` CPUs and `gpus_per_run` GPUs (fractions pack several small runs onto one GPU). Run
     directories must lie on a filesystem every worker sees. A failed cell is reported; the others go on."""
-    from vaqkd.analysis.report import one_per_seed_and_kind, write_report
+    from vaqkd.analysis.kinds import one_per_seed_and_kind
+    from vaqkd.analysis.report import write_report
     from vaqkd.launch import check_options
 
     check_options(launcher, jobs, address, cpus_per_run, gpus_per_run)

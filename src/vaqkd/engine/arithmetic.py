@@ -15,7 +15,7 @@ The tiny step's activations are too small for the fused quantizer kernels that a
 from the eager ones), so a second fingerprint, `kernels_fingerprint`, runs the run's kind of them on a tensor large
 enough, forward and backward; env.json records it beside the first as `arithmetic_kernels` (quantized runs).
 It is a field of its own rather than a part of `arithmetic` so that the records made before it keep pairing by
-`arithmetic` alone (a field one record lacks is not held against a pair, `analysis.report.same_machine`); a
+`arithmetic` alone (a field one record lacks is not held against a pair, `analysis.kinds.same_machine`); a
 resume is refused when either differs. The integer residual stream (`quant.residual = "int"`), which the tiny
 step does not run either, has a third, `residual_fingerprint`, recorded as `arithmetic_residual` by those runs;
 and quantizers other than LSQ (EWGS or DoReFa weights, PACT or EWGS activations: the tiny step's are LSQ) a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # the fingerprints of what the tiny step does not run (engine.arithmetic), by env.json key: (a short name for
 # reports, what it names in a refused resume). Held by only some runs: compared on a resume and in reports where
-# both records have one, never counted as missing (analysis.report.OPTIONAL_FIELDS)
+# both records have one, never counted as missing (analysis.kinds.OPTIONAL_FIELDS)
 PART_FINGERPRINTS = {"arithmetic_kernels": ("kernels", "its fused quantizer kernels"),
                      "arithmetic_residual": ("residual", "its integer residual stream"),
                      "arithmetic_quantizers": ("quantizers", "its non-LSQ quantizers")}  # fmt: skip
