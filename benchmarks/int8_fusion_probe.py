@@ -1,0 +1,114 @@
+"""A probe, not a backend: how fast would torch's int8 path run the integer-residual student if a block's end were
+the pattern inductor fuses into one oneDNN conv (conv -> add(shortcut) -> ReLU -> quantize, a binary post-op, as
+PT2E's int8 teacher gets), i.e. without the block's mid requantization Q_mid between conv2 and the add?
+
+    python benchmarks/int8_fusion_probe.py --student results/deploy/qkd_logit-int8stream-full-s1.vaqkd.safetensors
+
+Both programs are built from the same weights and steps (`vaqkd.deploy.torch_int8`); the probe's differs only in
+each block's end: conv2's float output is added to the shortcut directly (no Q_mid) and the 8-bit stream's clamp is
+left to quantize's uint8 saturation (the same codes for an 8-bit stream). That is another arithmetic than the trained
+model's (the answers move: the share that agrees is printed), so the probe measures only what the fusion would buy,
+for a decision on training without Q_mid. Timed interleaved: `--rounds` rounds of `--calls` calls of each program
+on `--batch` random uint8 images, `--threads` threads; the median of the rounds and the spread of the per-round
+ratios. Nothing else may run meanwhile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from infer import _cpu_name, _git_sha  # noqa: E402
+
+from vaqkd.cli import int_in, output_file  # noqa: E402
+from vaqkd.deploy import torch_int8  # noqa: E402
+from vaqkd.deploy.artifact import ExportError  # noqa: E402
+from vaqkd.deploy.onnx_export import normalisation, source_model  # noqa: E402
+
+
+class FusedEnd(torch_int8._Block):
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """`torch_int8._Block.forward` without Q_mid: conv2 -> + shortcut -> ReLU -> quantize (8-bit stream)."""
+        return block_end_fused(self, u)
+
+
+def block_end_fused(self, u: torch.Tensor) -> torch.Tensor:
+    dq, q = torch_int8._dq, torch_int8._q
+    u_hat = dq(u, self.s_in, 0)
+    x = u_hat
+    if self.requant:
+        x = dq(q(F.hardtanh(u_hat, 0.0, self.qp_a1 * self.s_a1), self.s_a1, 0), self.s_a1, 0)
+    h = F.hardtanh(self.conv1(x), 0.0, self.qp_a2 * self.s_a2)
+    h = dq(q(h, self.s_a2, 0), self.s_a2, 0)
+    sc = u_hat
+    if self.downsample:
+        sc = F.pad(sc[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+    out = F.relu(self.conv2(h) + sc)
+    return out if self.s_out is None else q(out, self.s_out, 0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", required=True, help="an integer-residual run or packed artifact (8-bit stream)")
+    ap.add_argument("--batch", type=int_in(1), default=256)
+    ap.add_argument("--threads", type=int_in(1), default=2)
+    ap.add_argument("--rounds", type=int_in(1), default=5)
+    ap.add_argument("--calls", type=int_in(1), default=10)
+    ap.add_argument("--out", type=output_file)
+    args = ap.parse_args(argv)
+
+    student, (mean, std), _ = source_model(args.student)
+    torch.set_num_threads(args.threads)
+    example = torch.zeros(args.batch, 3, 32, 32, dtype=torch.uint8)
+    norm = normalisation(mean, std)
+    trained = torch_int8.compile_int8(student, *norm, example=example)
+    program = torch_int8.Int8Program(student.eval(), *norm).eval()
+    if any(b.qp_out not in (None, 255) for b in program.blocks):
+        raise ExportError(f"--student {args.student}: the probe takes an 8-bit stream (quant.residual_bits = 8)")
+    for b in program.blocks:
+        b.__class__ = FusedEnd
+    fused = torch_int8._runner(program, example, torch_int8._OPTIONS)
+    x = np.random.default_rng(0).integers(0, 256, (args.batch, 3, 32, 32), dtype=np.uint8)
+    agree = float((trained(x).argmax(1) == fused(x).argmax(1)).mean())
+    cases = {"trained (Q_mid)": trained, "fused block end (no Q_mid)": fused}
+    secs = {k: [] for k in cases}
+    for _ in range(args.rounds):  # interleaved: each round times every case once
+        for k, run in cases.items():
+            t = time.perf_counter()
+            for _ in range(args.calls):
+                run(x)
+            secs[k].append((time.perf_counter() - t) / args.calls)
+    ratios = [a / b for a, b in zip(secs["trained (Q_mid)"], secs["fused block end (no Q_mid)"])]
+    result = {"command": " ".join(["python", "benchmarks/int8_fusion_probe.py", *(argv or sys.argv[1:])]),
+              "student": args.student, "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+              "calls": args.calls, "machine": platform.processor() or platform.machine(), "device_name": _cpu_name(),
+              "torch": torch.__version__, "git_sha": _git_sha(), "same_top1_on_random_images": agree,
+              "img_per_s": {k: args.batch / statistics.median(v) for k, v in secs.items()},
+              "speedup_median": statistics.median(ratios), "speedup_spread": [min(ratios), max(ratios)]}  # fmt: skip
+    for k, v in result["img_per_s"].items():
+        print(f"{k:28s} {v:8.0f} img/s")
+    print(f"fused / trained: x{result['speedup_median']:.2f} [{min(ratios):.2f}, {max(ratios):.2f}] over "
+          f"{args.rounds} rounds; the same top-1 on {100 * agree:.1f} % of the random images (another arithmetic)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from vaqkd.cli import run_script
+
+    raise SystemExit(run_script(main, "benchmarks/int8_fusion_probe.py"))
