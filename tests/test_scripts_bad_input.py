@@ -24,6 +24,7 @@ def _run(args, cwd):
     (["benchmarks/torch_int8_profile.py", "--student", "x", "--warm", "0"], "argument --warm: must be >= 1, got 0"),
     (["benchmarks/torch_int8_profile.py", "--student", "pretrained:resnet32_cifar100_e64"],
      "--student pretrained:resnet32_cifar100_e64: an FP32 model (no quantizer)"),
+    (["benchmarks/int8_fusion_probe.py", "--student", "x", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
     (["benchmarks/start_pairs.py", "{tmp}", "{tmp}"], "{tmp}: no runs/ folder of records here"),
     (["benchmarks/start_pairs.py", "results/quick_t64", "results/quick_t64_s30", "--row", "typo"],
      "results/quick_t64/runs: no finished record of --row typo"),
