@@ -9,9 +9,11 @@ Inductor's generated loops are profiled as kernels of their own (`cpp.enable_ker
 appear as their ops (`onednn::qconv_pointwise`, ...). Each program runs `--runs` profiled batches of `--batch`
 random uint8 images on `--threads` threads after `--warm` unprofiled ones. Times are self time on the calling
 thread, so with several threads an op's time is its wall time, not CPU time; `ms_per_batch` is the wall time of
-a whole call without the profiler (median of the runs). Grouped: `conv` (the oneDNN convs), `linear`, `loops`
-(inductor's fused elementwise loops: quantize, dequantize, add, clamp), `other`. Nothing else heavy may run
-meanwhile."""
+a whole call without the profiler (median of the runs), of the programs compiled with the kernel-profiling hooks
+(a little slower than `vaqkd eval`'s). Grouped: `conv` (every conv: the int8 ones and a float stem), `linear`,
+`loops` (inductor's fused elementwise loops: quantize, dequantize, add, clamp), `other`; `conv_gmac_per_s` is the
+model's conv and linear multiply-adds (forward hooks, one 32x32 image) over the `conv` group's time. Nothing else
+heavy may run meanwhile."""
 
 from __future__ import annotations
 
@@ -39,7 +41,27 @@ from vaqkd.deploy.artifact import ExportError  # noqa: E402
 from vaqkd.deploy.onnx_export import normalisation, source_model  # noqa: E402
 from vaqkd.quant.convert import quantizers  # noqa: E402
 
-RESNET32_MACS = 68.87e6  # multiply-adds per 32x32 image, all convs and the FC (vaqkd profile)
+
+def model_macs(model: torch.nn.Module) -> int:
+    """Multiply-adds of one 32x32 image through the model's convs and linear layers (counted by forward hooks)."""
+    total = 0
+
+    def count(m, inputs, out):
+        nonlocal total
+        if isinstance(m, torch.nn.Conv2d):
+            total += out[0].numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total += m.in_features * m.out_features
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 32, 32))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 def group(name: str) -> str:
@@ -54,7 +76,7 @@ def group(name: str) -> str:
     return "other"
 
 
-def profile(run, batch: int, threads: int, runs: int, warm: int) -> dict:
+def profile(run, batch: int, threads: int, runs: int, warm: int, macs: int) -> dict:
     """Per op: ms per batch (self time) and share; per group; and the wall time of a call without the profiler."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -84,7 +106,7 @@ def profile(run, batch: int, threads: int, runs: int, warm: int) -> dict:
     conv_ms = groups["conv"] / runs / 1e3
     return {"ms_per_batch": ms, "img_per_s": batch / ms * 1e3, "profiled_ms_per_batch": total / runs / 1e3,
             "groups": {g: {"ms": v / runs / 1e3, "share": v / total} for g, v in groups.most_common()},
-            "conv_gmac_per_s": RESNET32_MACS * batch / conv_ms / 1e6 if conv_ms > 0 else None,
+            "conv_gmac_per_s": macs * batch / conv_ms / 1e6 if conv_ms > 0 else None,
             "by_op": {k: {"ms": v / runs / 1e3, "share": v / total, "calls_per_batch": calls[k] / runs}
                       for k, v in by_op.most_common(25)}}  # fmt: skip
 
@@ -118,14 +140,15 @@ def main(argv=None) -> int:
     example = torch.zeros(args.batch, 3, 32, 32, dtype=torch.uint8)
     calib = load_split(meta.get("dataset", "cifar100"), args.data_root, train=True)[0][:512]
     torch.set_num_threads(args.threads)
+    macs = {"w2a2": model_macs(student), "teacher": model_macs(teacher)}
     programs = {"w2a2/torch-int8/int8": compile_int8(student, *norm, example=example),
                 "teacher/torch-int8/int8-ptq": ptq_int8(teacher, *norm, calibration=calib, example=example)}
     result = {"command": " ".join(["python", "benchmarks/torch_int8_profile.py", *(argv or sys.argv[1:])]),
               "student": args.student, "teacher": args.teacher, "batch": args.batch, "threads": args.threads,
               "runs": args.runs, "machine": platform.processor() or platform.machine(), "device_name": _cpu_name(),
-              "torch": torch.__version__, "git_sha": _git_sha(), "programs": {}}  # fmt: skip
+              "torch": torch.__version__, "git_sha": _git_sha(), "macs_per_image": macs, "programs": {}}  # fmt: skip
     for name, run in programs.items():
-        p = profile(run, args.batch, args.threads, args.runs, args.warm)
+        p = profile(run, args.batch, args.threads, args.runs, args.warm, macs[name.split("/")[0]])
         result["programs"][name] = p
         rate = f", convs {p['conv_gmac_per_s']:.0f} G MAC/s" if p["conv_gmac_per_s"] else ""
         print(f"{name}: {p['ms_per_batch']:.1f} ms a batch of {args.batch} ({p['img_per_s']:.0f} img/s){rate}")

@@ -25,6 +25,8 @@ def _run(args, cwd):
     (["benchmarks/torch_int8_profile.py", "--student", "pretrained:resnet32_cifar100_e64"],
      "--student pretrained:resnet32_cifar100_e64: an FP32 model (no quantizer)"),
     (["benchmarks/int8_fusion_probe.py", "--student", "x", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+    (["benchmarks/int8_fusion_probe.py", "--student", "results/deploy/qkd_logit-int-s0.vaqkd.safetensors"],
+     "the probe takes an 8-bit stream (quant.residual_bits = 8)"),
     (["benchmarks/start_pairs.py", "{tmp}", "{tmp}"], "{tmp}: no runs/ folder of records here"),
     (["benchmarks/start_pairs.py", "results/quick_t64", "results/quick_t64_s30", "--row", "typo"],
      "results/quick_t64/runs: no finished record of --row typo"),
