@@ -44,22 +44,9 @@ from vaqkd.deploy.onnx_export import normalisation, source_model  # noqa: E402
 class FusedEnd(torch_int8._Block):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """`torch_int8._Block.forward` without Q_mid: conv2 -> + shortcut -> ReLU -> quantize (8-bit stream)."""
-        return block_end_fused(self, u)
-
-
-def block_end_fused(self, u: torch.Tensor) -> torch.Tensor:
-    dq, q = torch_int8._dq, torch_int8._q
-    u_hat = dq(u, self.s_in, 0)
-    x = u_hat
-    if self.requant:
-        x = dq(q(F.hardtanh(u_hat, 0.0, self.qp_a1 * self.s_a1), self.s_a1, 0), self.s_a1, 0)
-    h = F.hardtanh(self.conv1(x), 0.0, self.qp_a2 * self.s_a2)
-    h = dq(q(h, self.s_a2, 0), self.s_a2, 0)
-    sc = u_hat
-    if self.downsample:
-        sc = F.pad(sc[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-    out = F.relu(self.conv2(h) + sc)
-    return out if self.s_out is None else q(out, self.s_out, 0)
+        y, sc = self.branch(u)
+        out = F.relu(y + sc)
+        return out if self.s_out is None else torch_int8._q(out, self.s_out, 0)
 
 
 def main(argv=None) -> int:

@@ -94,18 +94,22 @@ class _Block(nn.Module):
         self.s_out = _step(next_stream) if next_stream is not None else None
         self.qp_out = next_stream.qp if next_stream is not None else None
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def branch(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv2's float output, the shortcut): the block up to its mid requantization and add."""
         u_hat = _dq(u, self.s_in, 0)
         x = u_hat
         if self.requant:
             x = _dq(_q(F.hardtanh(u_hat, 0.0, self.qp_a1 * self.s_a1), self.s_a1, 0), self.s_a1, 0)
         h = F.hardtanh(self.conv1(x), 0.0, self.qp_a2 * self.s_a2)
         h = _dq(_q(h, self.s_a2, 0), self.s_a2, 0)
-        m = _dq(_q(self.conv2(h), self.s_mid, 128), self.s_mid, 128)
         sc = u_hat
         if self.downsample:
             sc = F.pad(sc[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        out = F.relu(m + sc)
+        return self.conv2(h), sc
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        y, sc = self.branch(u)
+        out = F.relu(_dq(_q(y, self.s_mid, 128), self.s_mid, 128) + sc)
         if self.s_out is None:
             return out
         return _q(F.hardtanh(out, 0.0, self.qp_out * self.s_out), self.s_out, 0)
