@@ -322,7 +322,7 @@ def test_calibration_sees_the_fp32_function(act):
 
 def test_compiled_anchor_matches_eager(monkeypatch):
     from vaqkd.distill import anchors
-    from vaqkd.quant.ste import Fused
+    from vaqkd.quant.compiled import Fused
 
     monkeypatch.setenv("VAQKD_COMPILE", "1")
     fused = Fused(anchors._minmax_anchor)

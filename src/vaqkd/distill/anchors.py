@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from vaqkd.quant.ste import Fused
+from vaqkd.quant.compiled import Fused
 
 
 def _minmax_anchor(r: torch.Tensor, bits: int) -> torch.Tensor:

@@ -6,10 +6,9 @@ instead of building a graph of round/clamp/detach tricks.
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
+
+from vaqkd.quant.compiled import Fused
 
 
 def _lsq_forward(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
@@ -39,64 +38,6 @@ def _lsq_backward(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, qn: int, q
     PACT's clipping-level gradient, which sees only the clipped elements."""
     dx, t = _lsq_grads(dy, x, s, qn, qp, err, None)
     return dx, (t * g).to(s.dtype)
-
-
-def _compile_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = []
-    try:
-        from torch._dynamo.exc import TorchDynamoException
-
-        errs.append(TorchDynamoException)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch._inductor.exc import InductorError
-
-        errs.append(InductorError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
-
-
-class Fused:
-    """Elementwise kernels compiled into single loops by torch.compile (an eager chain of ~12 ops costs 5x
-    more on the CPU); falls back to eager, once and with a warning, where compilation is unavailable (no C++
-    compiler, no triton, an unsupported platform). Only compilation failures fall back: an error raised by a
-    kernel that has run before (out of memory, a device assert) propagates. VAQKD_COMPILE=0 turns
-    compilation off."""
-
-    def __init__(self, fn, options: dict | None = None):
-        self.eager = fn
-        self.options = options  # inductor settings for this kernel
-        self.fn = None
-        self.ran = False  # the compiled kernel has run at least once
-
-    def __call__(self, *args):
-        if self.fn is None:
-            use = os.environ.get("VAQKD_COMPILE", "1") != "0" and hasattr(torch, "compile")
-            self.fn = torch.compile(self.eager, dynamic=True, options=_known(self.options)) if use else self.eager
-        try:
-            out = self.fn(*args)
-        except Exception as e:
-            oom = isinstance(e, torch.OutOfMemoryError)
-            if self.fn is self.eager or oom or (self.ran and not isinstance(e, _compile_errors())):
-                raise
-            warnings.warn(
-                f"vaqkd: torch.compile failed ({type(e).__name__}); using eager quantizer kernels", stacklevel=2
-            )
-            self.fn = self.eager
-            return self.fn(*args)
-        self.ran = True
-        return out
-
-
-def _known(options: dict | None) -> dict | None:
-    """The inductor settings this torch has (an older one lacks some: its kernels then compile without them)."""
-    if not options:
-        return None
-    from torch._inductor import config
-
-    return {k: v for k, v in options.items() if hasattr(config, k)} or None
 
 
 FUSE_MIN_NUMEL = 1 << 16

@@ -1,0 +1,112 @@
+"""The W2A2 training step with its fused quantizer kernels called directly (inductor's compiled modules, what
+trains) against the same kernels called through `torch.compile` (dynamo's frame, guards and AOT-autograd's
+wrappers around every call), both timed in interleaved rounds against the FP32 step; and the calls' cost on 16
+elements, hot (what a call costs besides its data).
+
+    python benchmarks/direct_kernels.py --threads 2 --rounds 20 --out results/bench/direct_kernels_intel_amx.json
+
+Synthetic CIFAR-sized batch, CE only, SGD, fp32, as `step_floor.py`; both routes compile the same kernels (the
+step's weights after the timed steps are compared bit for bit). Run it on a quiet machine: every figure is a
+ratio or a median of one run, the ratios per round with their quartiles.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_floor import _step, interleave, over_fp32, parse_args, synthetic_batch  # noqa: E402
+
+from vaqkd import bench  # noqa: E402
+from vaqkd.engine.setup import environment  # noqa: E402
+from vaqkd.quant import ste  # noqa: E402
+from vaqkd.quant.compiled import _known  # noqa: E402
+
+FUSED = {n: getattr(ste, n) for n in ("lsq_forward", "lsq_backward", "relu_lsq_forward", "relu_lsq_backward")}
+
+
+def _route(routes: dict, name: str) -> None:
+    for k, f in FUSED.items():
+        f.fn = routes[name][k]
+
+
+def _hot_us(fn, *args, n: int = 500) -> float:
+    for _ in range(20):
+        fn(*args)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(*args)
+    return 1e6 * (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    dev = torch.device("cpu")
+    x, y, idx, labels = synthetic_batch(args.batch)
+    torch.manual_seed(0)
+    fp32 = bench._student(None, "lsq", "lsq", x, dev, False)
+    torch.manual_seed(0)
+    direct_model = bench._student(2, "lsq", "lsq", x, dev, False)
+    torch.manual_seed(0)
+    dynamo_model = bench._student(2, "lsq", "lsq", x, dev, False)
+    if any(not torch.equal(a, b) for a, b in zip(direct_model.state_dict().values(),
+                                                  dynamo_model.state_dict().values())):  # fmt: skip
+        raise SystemExit("direct_kernels: the two students differ before training")
+
+    routes = {"dynamo": {k: torch.compile(f.eager, dynamic=True, options=_known(f.options)) for k, f in FUSED.items()}}
+    step_direct = _step(direct_model, x, y, idx, labels, None)
+    step_direct()  # builds the direct modules
+    if any(f.fn is f.eager for f in FUSED.values()):
+        raise SystemExit("direct_kernels: compilation is off or failed here (VAQKD_COMPILE=0, no C++ compiler)")
+    routes["direct"] = {k: f.fn for k, f in FUSED.items()}
+
+    def routed(step, name):
+        def fn():
+            _route(routes, name)
+            step()
+
+        return fn
+
+    step_dynamo = _step(dynamo_model, x, y, idx, labels, None)
+    steps = {"fp32": _step(fp32, x, y, idx, labels, None), "w2a2_direct": routed(step_direct, "direct"),
+             "w2a2_dynamo": routed(step_dynamo, "dynamo")}  # fmt: skip
+    _route(routes, "dynamo")
+    step_dynamo()  # the two students have now taken one step each
+    times = interleave(steps, args.rounds)
+    cases = over_fp32(times)
+    ratio = [a / b for a, b in zip(times["w2a2_dynamo"], times["w2a2_direct"])]
+    q1, q2, q3 = statistics.quantiles(ratio, n=4)
+    print(f"direct over dynamo (throughput, per round): {q2:.3f} [{q1:.3f}, {q3:.3f}]")
+    same = all(torch.equal(a, b) for a, b in zip(direct_model.state_dict().values(),
+                                                 dynamo_model.state_dict().values()))  # fmt: skip
+    print(f"the two students' weights after {args.rounds + 4} steps each: {'identical' if same else 'DIFFERENT'}")
+
+    g = torch.Generator().manual_seed(0)
+    t, s, dy = torch.randn(1, 1, 4, 4, generator=g), torch.tensor(0.3), torch.randn(1, 1, 4, 4, generator=g)
+    t, dy = t.expand(2, 2, 4, 4).contiguous(), dy.expand(2, 2, 4, 4).contiguous()  # 64 elements, no size-1 dims
+    hot = {}
+    for name in ("direct", "dynamo"):
+        _route(routes, name)
+        hot[name] = {"lsq_forward": _hot_us(ste.lsq_forward, t, s, 0, 3),
+                     "lsq_backward": _hot_us(ste.lsq_backward, dy, t, s, 0, 3, 0.01, True)}  # fmt: skip
+        print(f"{name:7s} hot call on 64 elements: forward {hot[name]['lsq_forward']:.1f} µs, backward "
+              f"{hot[name]['lsq_backward']:.1f} µs")
+    _route(routes, "direct")
+    report = {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": cases,
+              "direct_over_dynamo_quartiles": [q1, q2, q3], "weights_identical": same, "hot_call_us": hot,
+              "env": environment(dev, 0, "fp32")}  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Elementwise kernels compiled into single loops, called without dynamo on the CPU.
+
+`Fused(fn)` runs `fn` — a pure function of tensors and constants (the quantizers' forward and backward) — as
+the loops inductor compiles from it. Through `torch.compile`, every call pays dynamo's frame evaluation and
+guards and AOT-autograd's runtime wrappers on top of inductor's own wrapper, and dynamo recompiles for each new
+kind of call up to its `recompile_limit`, after which it runs the function eagerly — another arithmetic, without
+a word beyond a log line (seen in one process that computed fourteen fingerprints). So on the CPU each kind of
+call (below) is traced once with symbolic sizes (`make_fx`) and its graph handed to inductor directly
+(`torch._inductor.standalone_compile`, with the same options); later calls of that kind go straight to the
+compiled module: a hot call on 64 elements costs 13 / 21 µs (forward / backward) against 24 / 32 µs through
+dynamo, and the W2A2 step gains ~1 % (`benchmarks/direct_kernels.py`, results/bench/README.md). The graph is
+the one dynamo captures, so the kernels are the same loops with the same reduction order: tests/test_compiled.py
+compares the two routes bit for bit on every fused kernel, and the arithmetic fingerprints do not move.
+
+A kind of call is what dynamo's guards tell apart: each tensor's dtype and memory format, which sizes are equal
+(dynamo's duck sizing: one symbol for equal sizes) and the constant arguments. Python floats (step-gradient
+scales) enter as 0-d float32 tensors, as dynamo passes a float (converted to float32 where it meets float32
+tensors, the only use the kernels make of them), so one compiled module serves every layer's scale. Calls that
+fit none of this — a tensor off the CPU, one neither contiguous nor channels-last, a size of 0 or 1 (dynamo
+specialises those), inputs that need a gradient with grad mode on — and a kind this torch cannot build directly
+(said in a warning) go through `torch.compile(dynamic=True)`; CUDA always (its kernels were not compared).
+
+Falls back to eager, once and with a warning, where compilation is unavailable (no C++ compiler, no triton, an
+unsupported platform). Only compilation failures fall back: an error raised by a kernel that has run before (out
+of memory, a device assert) propagates. VAQKD_COMPILE=0 turns compilation off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "this could not be compiled" rather than "the kernel failed"."""
+    errs: list[type[BaseException]] = []
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+
+        errs.append(TorchDynamoException)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torch._inductor.exc import InductorError
+
+        errs.append(InductorError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+def _known(options: dict | None) -> dict | None:
+    """The inductor settings this torch has (an older one lacks some: its kernels then compile without them)."""
+    if not options:
+        return None
+    from torch._inductor import config
+
+    return {k: v for k, v in options.items() if hasattr(config, k)} or None
+
+
+def _format(t: torch.Tensor) -> str | None:
+    if t.is_contiguous():
+        return "c"
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "cl"
+    return None
+
+
+def call_kind(args: tuple) -> tuple | None:
+    """The key of a call's compiled module (see the module's doc), or None where the call goes through dynamo."""
+    grad = torch.is_grad_enabled()
+    sizes: dict[int, int] = {}
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            fmt = _format(a)
+            if a.device.type != "cpu" or fmt is None or (grad and a.requires_grad) or any(n < 2 for n in a.shape):
+                return None
+            key.append(("t", a.dtype, fmt, tuple(sizes.setdefault(n, len(sizes)) for n in a.shape)))
+        elif isinstance(a, float):
+            key.append(("f",))
+        elif a is None or isinstance(a, (bool, int, str)):
+            key.append(("c", type(a).__name__, a))
+        else:
+            return None
+    return tuple(key)
+
+
+class _Direct:
+    """One compiled module per kind of call, traced and compiled on first sight; other calls through dynamo."""
+
+    def __init__(self, fn, options: dict | None):
+        self.eager, self.options = fn, _known(options)
+        self.modules: dict[tuple, tuple | None] = {}  # kind -> (one output?, module), None: through dynamo
+        self.dynamo = None
+
+    def __call__(self, *args):
+        kind = call_kind(args)
+        module = None if kind is None else self.modules.get(kind, False)
+        if module is False:  # first sight of this kind
+            module = self.modules[kind] = self._build(args)
+        if module is None:
+            if self.dynamo is None:
+                self.dynamo = torch.compile(self.eager, dynamic=True, options=self.options)
+            return self.dynamo(*args)
+        inputs = [torch.tensor(a, dtype=torch.float32) if isinstance(a, float) else a for a in args]
+        one, compiled = module
+        out = compiled(*[a for a in inputs if isinstance(a, torch.Tensor)])
+        return out[0] if one else tuple(out)
+
+    def _build(self, args: tuple):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        is_input = [isinstance(a, (torch.Tensor, float)) for a in args]
+        single = []
+
+        def graph(*tensors):
+            it = iter(tensors)
+            out = self.eager(*(next(it) if i else a for a, i in zip(args, is_input)))
+            single.append(isinstance(out, torch.Tensor))
+            return (out,) if single[-1] else tuple(out)
+
+        inputs = [torch.tensor(a, dtype=torch.float32) if isinstance(a, float) else a for a in args]
+        inputs = [a for a in inputs if isinstance(a, torch.Tensor)]
+        try:
+            with torch.no_grad():
+                gm = make_fx(graph, tracing_mode="symbolic")(*inputs)
+                options = {"config_patches": self.options} if self.options else None  # torch.compile's `options`
+                compiled = torch._inductor.standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # this torch cannot build it directly: the same kernel through dynamo, said once
+            warnings.warn(f"vaqkd: {getattr(self.eager, '__name__', 'kernel')} compiled through torch.compile "
+                          f"({type(e).__name__} building it directly)", stacklevel=3)  # fmt: skip
+            return None
+        return single[0], compiled
+
+
+class Fused:
+    """`fn` compiled into single loops (the module's doc: directly on the CPU, through dynamo elsewhere), or eager
+    where compilation is off or failed. `fn` is what runs: `self.fn` (None until the first call; then the
+    compiled callable, or `self.eager`)."""
+
+    def __init__(self, fn, options: dict | None = None):
+        self.eager = fn
+        self.options = options  # inductor settings for this kernel
+        self.fn = None
+        self.ran = False  # the compiled kernel has run at least once
+
+    def __call__(self, *args):
+        if self.fn is None:
+            use = os.environ.get("VAQKD_COMPILE", "1") != "0" and hasattr(torch, "compile")
+            self.fn = _Direct(self.eager, self.options) if use else self.eager
+        try:
+            out = self.fn(*args)
+        except Exception as e:
+            oom = isinstance(e, torch.OutOfMemoryError)
+            if self.fn is self.eager or oom or (self.ran and not isinstance(e, compile_errors())):
+                raise
+            warnings.warn(
+                f"vaqkd: torch.compile failed ({type(e).__name__}); using eager quantizer kernels", stacklevel=2
+            )
+            self.fn = self.eager
+            return self.fn(*args)
+        self.ran = True
+        return out
