@@ -99,7 +99,8 @@ def main() -> None:
         print(f"{name:7s} hot call on 64 elements: forward {hot[name]['lsq_forward']:.1f} µs, backward "
               f"{hot[name]['lsq_backward']:.1f} µs")
     _route(routes, "direct")
-    report = {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": cases,
+    report = {"command": " ".join(["python", "benchmarks/direct_kernels.py", *sys.argv[1:]]),
+              "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": cases,
               "direct_over_dynamo_quartiles": [q1, q2, q3], "weights_identical": same, "hot_call_us": hot,
               "env": environment(dev, 0, "fp32")}  # fmt: skip
     if args.out:
