@@ -3,6 +3,11 @@ side's mean ± sd and the paired difference with its 95 % t-interval; pairs only
 machine kind (the report's rule): pairs of two kinds are two lines, never one interval.
 
     python benchmarks/start_pairs.py results/quick_t64 results/quick_t64_s30 --row qkd_logit
+
+`--also A2 B2` adds the pairs of two more folders (e.g. the same comparison trained on another machine, whose
+seeds would collide with the first folders' records; a seed counts once). `--pool`: with pairs of several kinds,
+one interval over all of them besides each kind's line, each difference still taken within one kind (the report's
+pooled line, under its assumption that the effect does not depend on the arithmetic).
 """
 
 from __future__ import annotations
@@ -39,19 +44,34 @@ def main() -> None:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--row", default="qkd_logit")
+    ap.add_argument("--also", nargs=2, type=Path, action="append", default=[], metavar=("A2", "B2"))
+    ap.add_argument("--pool", action="store_true", help="also one interval over the pairs of every kind")
     args = ap.parse_args()
-    a, b = records(args.a, args.row), records(args.b, args.row)
-    seeds = [s for s in sorted(set(a) & set(b)) if same_machine(a[s], b[s])[0]]
+    a, b, left_out = {}, {}, 0
+    for fa, fb in [(args.a, args.b), *args.also]:
+        ra, rb = records(fa, args.row), records(fb, args.row)
+        common = sorted(set(ra) & set(rb))
+        for s in common:
+            if not same_machine(ra[s], rb[s])[0]:
+                left_out += 1
+            elif s in a:
+                raise RunFileError(f"{fa}, {fb}: seed {s} already pairs in an earlier pair of folders; a seed counts "
+                                   "once")  # fmt: skip
+            else:
+                a[s], b[s] = ra[s], rb[s]
+    seeds = sorted(a)
     if not seeds:
-        print(f"no pairs: {len(set(a) & set(b))} common seed(s), none of one arithmetic and machine kind")
+        print(f"no pairs: {left_out} common seed(s), none of one arithmetic and machine kind")
         return
-    left_out = len(set(a) & set(b)) - len(seeds)
     groups = run_groups([pair_kind(a[s], b[s]) for s in seeds])  # one line per kind of pair, largest first
     for g in groups:
         kind = [r["seed"] for r in g]
         if len(groups) > 1:
             print(f"-- pairs of {group_label(g)}:")
         report(args, a, b, kind, left_out)
+    if args.pool and len(groups) > 1:
+        print(f"-- pooled over {len(groups)} kinds (each difference within one):")
+        report(args, a, b, seeds, left_out)
 
 
 def report(args, a: dict, b: dict, seeds: list[int], left_out: int) -> None:

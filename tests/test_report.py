@@ -86,6 +86,36 @@ def test_start_pairs_gives_one_interval_per_kind_of_pair(tmp_path, monkeypatch, 
     assert "a - b: +0.83" in out and "a - b: -1.25" in out
 
 
+def test_start_pairs_adds_folders_and_pools_only_when_asked(tmp_path, monkeypatch, capsys):
+    """--also pairs two more folders (their seeds 3 and 4 on machine y; seed 5 has no partner); --pool adds one
+    interval over every kind's pairs; a seed that pairs in two pairs of folders is refused."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import start_pairs
+
+    sides = {"a": [(0, 40.0), (1, 41.0), (2, 42.0)], "b": [(0, 39.0), (1, 40.5), (2, 41.0)],
+             "a2": [(3, 50.0), (4, 52.5)], "b2": [(3, 52.0), (4, 52.0), (5, 1.0)]}  # fmt: skip
+    for side, runs in sides.items():
+        for seed, acc in runs:
+            run = tmp_path / side / "runs" / f"qkd_logit-s{seed}-0000"
+            run.mkdir(parents=True)
+            (run / "final.json").write_text(json.dumps(_kind(seed, acc, "y" if side.endswith("2") else "x")))
+    argv = ["start_pairs.py", str(tmp_path / "a"), str(tmp_path / "b"), "--also", str(tmp_path / "a2"),
+            str(tmp_path / "b2")]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    start_pairs.main()
+    out = capsys.readouterr().out
+    assert out.count("-- pairs of") == 2 and "pooled" not in out and "a - b: +0.83" in out and "a - b: -0.75" in out
+    monkeypatch.setattr("sys.argv", [*argv, "--pool"])
+    start_pairs.main()
+    out = capsys.readouterr().out
+    assert "-- pooled over 2 kinds" in out and "(n = 5;" in out and "a - b: +0.20" in out
+    monkeypatch.setattr("sys.argv", [*argv[:3], "--also", str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(RunFileError, match="seed 0 already pairs"):
+        start_pairs.main()
+
+
 def test_start_pairs_refuses_two_records_of_one_seed(tmp_path, monkeypatch):
     from pathlib import Path
 

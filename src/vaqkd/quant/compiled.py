@@ -111,8 +111,6 @@ class _Direct:
         return out[0] if one else tuple(out)
 
     def _build(self, args: tuple):
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         is_input = [isinstance(a, (torch.Tensor, float)) for a in args]
         single = []
 
@@ -125,6 +123,8 @@ class _Direct:
         inputs = [torch.tensor(a, dtype=torch.float32) if isinstance(a, float) else a for a in args]
         inputs = [a for a in inputs if isinstance(a, torch.Tensor)]
         try:
+            from torch.fx.experimental.proxy_tensor import make_fx
+
             with torch.no_grad():
                 gm = make_fx(graph, tracing_mode="symbolic")(*inputs)
                 options = {"config_patches": self.options} if self.options else None  # torch.compile's `options`
