@@ -1,9 +1,9 @@
 """The W2A2 training step with its fused quantizer kernels called directly (inductor's compiled modules, what
-trains) against the same kernels called through `torch.compile` (dynamo's frame, guards and AOT-autograd's
-wrappers around every call), both timed in interleaved rounds against the FP32 step; and the calls' cost on 16
-elements, hot (what a call costs besides its data).
+trains) against the same kernels called through `torch.compile` (dynamo's frame evaluation and guards before
+every call), both timed in interleaved rounds (the order reversed every other round) against the FP32 step; and
+one LSQ call, hot, on 65,536 elements (the smallest the direct route serves) by each route.
 
-    python benchmarks/direct_kernels.py --threads 2 --rounds 20 --out results/bench/direct_kernels_intel_amx.json
+    python benchmarks/direct_kernels.py --threads 2 --rounds 40 --out results/bench/direct_kernels_intel_amx.json
 
 Synthetic CIFAR-sized batch, CE only, SGD, fp32, as `step_floor.py`; both routes compile the same kernels (the
 step's weights after the timed steps are compared bit for bit). Run it on a quiet machine: every figure is a
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_floor import _step, interleave, over_fp32, parse_args, synthetic_batch  # noqa: E402
+from step_floor import _step, over_fp32, parse_args, synthetic_batch  # noqa: E402
 
 from vaqkd import bench  # noqa: E402
 from vaqkd.engine.setup import environment  # noqa: E402
@@ -35,6 +35,21 @@ FUSED = {n: getattr(ste, n) for n in ("lsq_forward", "lsq_backward", "relu_lsq_f
 def _route(routes: dict, name: str) -> None:
     for k, f in FUSED.items():
         f.fn = routes[name][k]
+
+
+def interleave(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each step, `rounds` times, the cases in turn and in reverse turn every other round (after three
+    warm-up steps each)."""
+    for fn in steps.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds):
+        for k in list(steps)[:: 1 if r % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def _hot_us(fn, *args, n: int = 500) -> float:
@@ -65,6 +80,8 @@ def main() -> None:
     step_direct()  # builds the direct modules
     if any(f.fn is f.eager for f in FUSED.values()):
         raise SystemExit("direct_kernels: compilation is off or failed here (VAQKD_COMPILE=0, no C++ compiler)")
+    if any(f.fn.dynamo is not None or None in f.fn.modules.values() for f in FUSED.values()):
+        raise SystemExit("direct_kernels: some calls of the step went through dynamo: nothing to compare")
     routes["direct"] = {k: f.fn for k, f in FUSED.items()}
 
     def routed(step, name):
@@ -89,16 +106,18 @@ def main() -> None:
     print(f"the two students' weights after {args.rounds + 4} steps each: {'identical' if same else 'DIFFERENT'}")
 
     g = torch.Generator().manual_seed(0)
-    t, s, dy = torch.randn(1, 1, 4, 4, generator=g), torch.tensor(0.3), torch.randn(1, 1, 4, 4, generator=g)
-    t, dy = t.expand(2, 2, 4, 4).contiguous(), dy.expand(2, 2, 4, 4).contiguous()  # 64 elements, no size-1 dims
+    shape = (4, 16, 32, 32)  # the step's pattern of sizes: both routes reuse what the step compiled
+    t, s, dy = torch.randn(shape, generator=g).relu(), torch.tensor(0.3), torch.randn(shape, generator=g)
     hot = {}
     for name in ("direct", "dynamo"):
         _route(routes, name)
         hot[name] = {"lsq_forward": _hot_us(ste.lsq_forward, t, s, 0, 3),
                      "lsq_backward": _hot_us(ste.lsq_backward, dy, t, s, 0, 3, 0.01, True)}  # fmt: skip
-        print(f"{name:7s} hot call on 64 elements: forward {hot[name]['lsq_forward']:.1f} µs, backward "
+        print(f"{name:7s} hot call on 65,536 elements: forward {hot[name]['lsq_forward']:.1f} µs, backward "
               f"{hot[name]['lsq_backward']:.1f} µs")
     _route(routes, "direct")
+    if any(f.fn.dynamo is not None for f in FUSED.values()):
+        raise SystemExit("direct_kernels: the hot calls went through dynamo on the direct route")
     report = {"command": " ".join(["python", "benchmarks/direct_kernels.py", *sys.argv[1:]]),
               "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": cases,
               "direct_over_dynamo_quartiles": [q1, q2, q3], "weights_identical": same, "hot_call_us": hot,

@@ -1,11 +1,12 @@
 """Pair two presets' records of one row by seed (e.g. the same recipe from two starting weights) and print each
 side's mean ± sd and the paired difference with its 95 % t-interval; pairs only runs of one arithmetic and
-machine kind (the report's rule): pairs of two kinds are two lines, never one interval.
+machine kind (the report's rule): pairs of two kinds are two lines (one interval over them only with `--pool`).
 
     python benchmarks/start_pairs.py results/quick_t64 results/quick_t64_s30 --row qkd_logit
 
-`--also A2 B2` adds the pairs of two more folders (e.g. the same comparison trained on another machine, whose
-seeds would collide with the first folders' records; a seed counts once). `--pool`: with pairs of several kinds,
+`--also A2 B2` adds the pairs of two more folders (e.g. more seeds of the same comparison trained on another
+machine, kept apart from the first folders' records); a seed counts once: one common to two pairs of folders is
+refused, whatever its kinds. `--pool`: with pairs of several kinds,
 one interval over all of them besides each kind's line, each difference still taken within one kind (the report's
 pooled line, under its assumption that the effect does not depend on the arithmetic).
 """
@@ -47,18 +48,18 @@ def main() -> None:
     ap.add_argument("--also", nargs=2, type=Path, action="append", default=[], metavar=("A2", "B2"))
     ap.add_argument("--pool", action="store_true", help="also one interval over the pairs of every kind")
     args = ap.parse_args()
-    a, b, left_out = {}, {}, 0
+    a, b, origin, left_out = {}, {}, {}, 0
     for fa, fb in [(args.a, args.b), *args.also]:
         ra, rb = records(fa, args.row), records(fb, args.row)
-        common = sorted(set(ra) & set(rb))
-        for s in common:
-            if not same_machine(ra[s], rb[s])[0]:
-                left_out += 1
-            elif s in a:
-                raise RunFileError(f"{fa}, {fb}: seed {s} already pairs in an earlier pair of folders; a seed counts "
-                                   "once")  # fmt: skip
-            else:
+        for s in sorted(set(ra) & set(rb)):
+            if s in origin:
+                raise RunFileError(f"{fa}, {fb}: seed {s} is common to {origin[s][0]}, {origin[s][1]} too; a seed "
+                                   "counts once")  # fmt: skip
+            origin[s] = (fa, fb)
+            if same_machine(ra[s], rb[s])[0]:
                 a[s], b[s] = ra[s], rb[s]
+            else:
+                left_out += 1
     seeds = sorted(a)
     if not seeds:
         print(f"no pairs: {left_out} common seed(s), none of one arithmetic and machine kind")
@@ -68,22 +69,24 @@ def main() -> None:
         kind = [r["seed"] for r in g]
         if len(groups) > 1:
             print(f"-- pairs of {group_label(g)}:")
-        report(args, a, b, kind, left_out)
+        report(a, b, kind, origin, left_out)
     if args.pool and len(groups) > 1:
         print(f"-- pooled over {len(groups)} kinds (each difference within one):")
-        report(args, a, b, seeds, left_out)
+        report(a, b, seeds, origin, left_out)
 
 
-def report(args, a: dict, b: dict, seeds: list[int], left_out: int) -> None:
-    for name, side in ((args.a, a), (args.b, b)):
+def report(a: dict, b: dict, seeds: list[int], origin: dict, left_out: int) -> None:
+    """Each side's mean ± sd over `seeds` and the paired difference; a side is named by its folders."""
+    names = ["+".join(dict.fromkeys(str(origin[s][i].name) for s in seeds)) for i in (0, 1)]
+    for name, side in zip(names, (a, b)):
         m, sd = mean_std([side[s]["top1_last"] for s in seeds])
         spread = f" ± {sd:.2f}" if len(seeds) > 1 else ""  # one seed has no sd
         print(f"{name}: {m:.2f}{spread} % (n = {len(seeds)}; {[side[s]['top1_last'] for s in seeds]})")
     p = paired_interval([a[s]["top1_last"] for s in seeds], [b[s]["top1_last"] for s in seeds])
     if p["lo"] is None:
-        print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} points from {len(seeds)} pair(s): no interval")
+        print(f"{names[0]} - {names[1]}: {p['mean']:+.2f} points from {len(seeds)} pair(s): no interval")
         return
-    print(f"{args.a.name} - {args.b.name}: {p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] points, sd of the "
+    print(f"{names[0]} - {names[1]}: {p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] points, sd of the "
           f"differences {p['sd']:.2f}; {p['verdict']}; {left_out} pair(s) of two kinds left out")
 
 

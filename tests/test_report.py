@@ -95,24 +95,26 @@ def test_start_pairs_adds_folders_and_pools_only_when_asked(tmp_path, monkeypatc
     import start_pairs
 
     sides = {"a": [(0, 40.0), (1, 41.0), (2, 42.0)], "b": [(0, 39.0), (1, 40.5), (2, 41.0)],
-             "a2": [(3, 50.0), (4, 52.5)], "b2": [(3, 52.0), (4, 52.0), (5, 1.0)]}  # fmt: skip
+             "a2": [(3, 50.0), (4, 52.5), (6, 3.0)], "b2": [(3, 52.0), (4, 52.0), (5, 1.0), (6, 2.0)]}  # fmt: skip
     for side, runs in sides.items():
         for seed, acc in runs:
             run = tmp_path / side / "runs" / f"qkd_logit-s{seed}-0000"
             run.mkdir(parents=True)
-            (run / "final.json").write_text(json.dumps(_kind(seed, acc, "y" if side.endswith("2") else "x")))
+            dev = "w" if (side, seed) == ("b2", 6) else "y" if side.endswith("2") else "x"  # seed 6: two machines
+            (run / "final.json").write_text(json.dumps(_kind(seed, acc, dev)))
     argv = ["start_pairs.py", str(tmp_path / "a"), str(tmp_path / "b"), "--also", str(tmp_path / "a2"),
             str(tmp_path / "b2")]  # fmt: skip
     monkeypatch.setattr("sys.argv", argv)
     start_pairs.main()
     out = capsys.readouterr().out
-    assert out.count("-- pairs of") == 2 and "pooled" not in out and "a - b: +0.83" in out and "a - b: -0.75" in out
+    assert out.count("-- pairs of") == 2 and "pooled" not in out and "a - b: +0.83" in out
+    assert "a2 - b2: -0.75" in out and "1 pair(s) of two kinds left out" in out  # seed 6
     monkeypatch.setattr("sys.argv", [*argv, "--pool"])
     start_pairs.main()
     out = capsys.readouterr().out
-    assert "-- pooled over 2 kinds" in out and "(n = 5;" in out and "a - b: +0.20" in out
+    assert "-- pooled over 2 kinds" in out and "(n = 5;" in out and "a+a2 - b+b2: +0.20" in out
     monkeypatch.setattr("sys.argv", [*argv[:3], "--also", str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(RunFileError, match="seed 0 already pairs"):
+    with pytest.raises(RunFileError, match="seed 0 is common to"):
         start_pairs.main()
 
 
