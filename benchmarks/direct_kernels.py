@@ -27,7 +27,7 @@ from step_floor import _step, over_fp32, parse_args, synthetic_batch  # noqa: E4
 from vaqkd import bench  # noqa: E402
 from vaqkd.engine.setup import environment  # noqa: E402
 from vaqkd.quant import ste  # noqa: E402
-from vaqkd.quant.compiled import _known  # noqa: E402
+from vaqkd.quant.compiled import _known, call_kind  # noqa: E402
 
 FUSED = {n: getattr(ste, n) for n in ("lsq_forward", "lsq_backward", "relu_lsq_forward", "relu_lsq_backward")}
 
@@ -80,8 +80,8 @@ def main() -> None:
     step_direct()  # builds the direct modules
     if any(f.fn is f.eager for f in FUSED.values()):
         raise SystemExit("direct_kernels: compilation is off or failed here (VAQKD_COMPILE=0, no C++ compiler)")
-    if any(f.fn.dynamo is not None or None in f.fn.modules.values() for f in FUSED.values()):
-        raise SystemExit("direct_kernels: some calls of the step went through dynamo: nothing to compare")
+    if any(not f.fn.modules or None in f.fn.modules.values() for f in FUSED.values()):  # (a model's setup probes
+        raise SystemExit("direct_kernels: the step's calls went through dynamo: nothing to compare")  # one image)
     routes["direct"] = {k: f.fn for k, f in FUSED.items()}
 
     def routed(step, name):
@@ -108,6 +108,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     shape = (4, 16, 32, 32)  # the step's pattern of sizes: both routes reuse what the step compiled
     t, s, dy = torch.randn(shape, generator=g).relu(), torch.tensor(0.3), torch.randn(shape, generator=g)
+    if call_kind((dy, t, s, 0, 3, 0.01, True)) is None:
+        raise SystemExit("direct_kernels: the hot call would go through dynamo on the direct route")
     hot = {}
     for name in ("direct", "dynamo"):
         _route(routes, name)
@@ -116,8 +118,6 @@ def main() -> None:
         print(f"{name:7s} hot call on 65,536 elements: forward {hot[name]['lsq_forward']:.1f} µs, backward "
               f"{hot[name]['lsq_backward']:.1f} µs")
     _route(routes, "direct")
-    if any(f.fn.dynamo is not None for f in FUSED.values()):
-        raise SystemExit("direct_kernels: the hot calls went through dynamo on the direct route")
     report = {"command": " ".join(["python", "benchmarks/direct_kernels.py", *sys.argv[1:]]),
               "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "cases": cases,
               "direct_over_dynamo_quartiles": [q1, q2, q3], "weights_identical": same, "hot_call_us": hot,
