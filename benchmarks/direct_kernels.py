@@ -12,7 +12,6 @@ ratio or a median of one run, the ratios per round with their quartiles.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_floor import _step, over_fp32, parse_args, synthetic_batch  # noqa: E402
 
 from vaqkd import bench  # noqa: E402
+from vaqkd.cli import write_output  # noqa: E402
 from vaqkd.engine.setup import environment  # noqa: E402
 from vaqkd.quant import ste  # noqa: E402
 from vaqkd.quant.compiled import _known, call_kind  # noqa: E402
@@ -123,9 +123,7 @@ def main() -> None:
               "direct_over_dynamo_quartiles": [q1, q2, q3], "weights_identical": same, "hot_call_us": hot,
               "env": environment(dev, 0, "fp32")}  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        write_output(args.out, report)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ fingerprints do not depend on the load).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vaqkd.cli import output_file
+from vaqkd.cli import output_file, write_output
 from vaqkd.engine.setup import environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +77,7 @@ def main() -> None:
         report = {"command": " ".join(["python", "benchmarks/fingerprint_matrix.py", *sys.argv[1:]]),
                   "this_git_sha": git_sha(ROOT), "against_git_sha": git_sha(args.against) if args.against else None,
                   "rows": rows, "env": environment(torch.device("cpu"), 0, "fp32")}  # fmt: skip
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        write_output(args.out, report)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ normalisation) on the test split. Nothing else heavy may run meanwhile (figures 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vaqkd.cli import int_in, output_file  # noqa: E402
+from vaqkd.cli import int_in, output_file, write_output  # noqa: E402
 from vaqkd.data.build import env_data_root  # noqa: E402
 from vaqkd.deploy.artifact import ExportError  # noqa: E402
 from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
@@ -229,9 +228,7 @@ def main(argv=None) -> int:
             print(f"{k:28s} agreement {100 * v['agreement_with_torch']:6.2f} %  top-1 {v['top1']:.2f} "
                   f"(PyTorch {v['torch_top1']:.2f})")  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_output(args.out, result)
     return 0
 
 

@@ -16,7 +16,6 @@ the spread of the per-round ratios. Nothing else may run meanwhile."""
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from infer import _cpu_name, _git_sha  # noqa: E402
 
-from vaqkd.cli import int_in, output_file  # noqa: E402
+from vaqkd.cli import int_in, output_file, write_output  # noqa: E402
 from vaqkd.data.build import env_data_root  # noqa: E402
 from vaqkd.data.cifar import load_split  # noqa: E402
 from vaqkd.deploy import torch_int8  # noqa: E402
@@ -103,9 +102,7 @@ def main(argv=None) -> int:
           f"{args.rounds} rounds; on {n} test images top-1 {top1['trained']:.2f} (trained) / {top1['fused']:.2f} % "
           f"(without Q_mid, not retrained), the same answer on {100 * agree:.2f} %")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_output(args.out, result)
     return 0
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from infer import _cpu_name, _git_sha  # noqa: E402
 
-from vaqkd.cli import int_in, output_file  # noqa: E402
+from vaqkd.cli import int_in, output_file, write_output  # noqa: E402
 from vaqkd.data.build import env_data_root  # noqa: E402
 from vaqkd.deploy.artifact import ExportError  # noqa: E402
 from vaqkd.deploy.onnx_export import build_onnx, normalisation, source_model  # noqa: E402
@@ -147,9 +147,7 @@ def main(argv=None) -> int:
                 if v["share"] >= 0.005:
                     print(f"  {op:22s} {100 * v['share']:5.1f} %  {v['ms']:7.2f} ms")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_output(args.out, result)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import platform
 import statistics
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from infer import _cpu_name, _git_sha  # noqa: E402
 
-from vaqkd.cli import int_in, output_file  # noqa: E402
+from vaqkd.cli import int_in, output_file, write_output  # noqa: E402
 from vaqkd.data.build import env_data_root  # noqa: E402
 from vaqkd.deploy.artifact import ExportError  # noqa: E402
 from vaqkd.deploy.onnx_export import normalisation, source_model  # noqa: E402
@@ -157,9 +156,7 @@ def main(argv=None) -> int:
         for op, v in list(p["by_op"].items())[:8]:
             print(f"    {op[:60]:60s} {100 * v['share']:5.1f} %  {v['ms']:7.2f} ms  x{v['calls_per_batch']:.0f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        write_output(args.out, result)
     return 0
 
 

@@ -45,3 +45,15 @@ def test_a_scripts_bad_input_is_one_line_before_any_work(args, culprit, tmp_path
     err = p.stderr.strip()
     assert p.returncode == 2 and "Traceback" not in err and culprit.format(tmp=tmp_path) in err.splitlines()[-1], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "afile").read_text() == "kept"
+
+
+def test_write_output_makes_the_folder_and_replaces_the_file(tmp_path, capsys):
+    import json
+
+    from vaqkd.cli import write_output
+
+    out = tmp_path / "new" / "result.json"
+    write_output(out, {"a": 1})
+    write_output(out, {"b": [2.5]})  # a rerun replaces the result whole
+    assert json.loads(out.read_text()) == {"b": [2.5]} and list(out.parent.iterdir()) == [out]
+    assert capsys.readouterr().out.splitlines() == [f"wrote {out}"] * 2

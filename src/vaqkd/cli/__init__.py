@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vaqkd.cli.args import add_data_root, fraction, int_in, output_file, output_folder
+from vaqkd.cli.args import add_data_root, fraction, int_in, output_file, output_folder, write_output
 from vaqkd.cli.commands import cmd_bench, cmd_gradcam, cmd_profile, cmd_table, cmd_train, table_summary
 from vaqkd.cli.deploy import cmd_eval, cmd_export
 from vaqkd.cli.exits import EXIT_DIVERGED, EXIT_USER, run_script, user_error_line
 
 __all__ = ["EPILOG", "build_parser", "int_in", "main", "output_file", "output_folder", "run_script", "table_summary",
-           "user_error_line"]  # fmt: skip
+           "user_error_line", "write_output"]  # fmt: skip
 
 EPILOG = """examples:
   vaqkd train configs/cifar100/teacher_resnet32_short.toml

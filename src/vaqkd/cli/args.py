@@ -48,6 +48,16 @@ def output_file(text: str) -> Path:
     return Path(text)
 
 
+def write_output(path: Path, result: dict) -> None:
+    """Write a script's `--out` result (an `output_file` argument) as indented JSON, its folder made, the file
+    replaced whole (`rundir.write_json`), and say where."""
+    from vaqkd.rundir.files import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    print(f"wrote {path}")
+
+
 def output_folder(text: str) -> Path:
     """argparse type: a path that is, or can become, a folder (not a file, not below one)."""
     if (blocker := file_in_the_way(text)) is not None:

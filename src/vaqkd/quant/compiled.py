@@ -119,9 +119,8 @@ class _Direct:
             if self.dynamo is None:
                 self.dynamo = torch.compile(self.eager, dynamic=True, options=self.options)
             return self.dynamo(*args)
-        inputs = [torch.tensor(a, dtype=torch.float32) if isinstance(a, float) else a for a in args]
         one, compiled = module
-        out = compiled(*[a for a in inputs if isinstance(a, torch.Tensor)])
+        out = compiled(*_inputs(args))
         return out[0] if one else tuple(out)
 
     def _build(self, args: tuple):
@@ -134,8 +133,7 @@ class _Direct:
             single.append(isinstance(out, torch.Tensor))
             return (out,) if single[-1] else tuple(out)
 
-        inputs = [torch.tensor(a, dtype=torch.float32) if isinstance(a, float) else a for a in args]
-        inputs = [a for a in inputs if isinstance(a, torch.Tensor)]
+        inputs = _inputs(args)
         try:
             from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -154,6 +152,12 @@ class _Direct:
                           f"({type(e).__name__} building it directly)", stacklevel=4)  # fmt: skip
             return None
         return single[0], compiled
+
+
+def _inputs(args: tuple) -> list[torch.Tensor]:
+    """A call's inputs to its compiled module: the tensors, and each float as a 0-d float32 tensor, in order."""
+    return [torch.tensor(a, dtype=torch.float32) if isinstance(a, float) else a for a in args
+            if isinstance(a, (torch.Tensor, float))]  # fmt: skip
 
 
 def _floats_meet_only_fp32(gm: torch.fx.GraphModule, positions: list[int]) -> bool:
