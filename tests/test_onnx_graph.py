@@ -4,6 +4,7 @@ integer-residual student with no float convolution but the FP32 stem, and what d
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import one_line_error as one_line
@@ -113,7 +114,8 @@ def test_an_integer_residual_student_has_no_float_conv_but_the_stem(bits, tmp_pa
 def test_the_profilers_conv_macs_from_the_graph_equal_the_models_layer_table(kind, monkeypatch):
     """benchmarks/ort_profile.py counts multiply-adds from the exported graph's shapes (float Conv, and the
     integer graph's convs behind their DequantizeLinear weights); `metrics.size.layer_table` counts them from a
-    dry run of the PyTorch model: the two agree, and of the integer residual only the FP32 stem counts as float."""
+    dry run of the PyTorch model: the two agree, and of the integer residual only the FP32 stem counts as float
+    (three times: computed exactly, as two convs on 3 and 6 channels, `Builder.pixels_conv`)."""
     from pathlib import Path
 
     from vaqkd.metrics.size import layer_table
@@ -130,11 +132,88 @@ def test_the_profilers_conv_macs_from_the_graph_equal_the_models_layer_table(kin
     expected = sum(r["macs"] for r in convs)
     assert expected > 40_000_000  # ResNet-20: 40.55 M multiply-adds in its convs
     macs = conv_macs(build_onnx(model, normalise=normalisation(MEAN, STD)).SerializeToString())
-    assert macs["integer"] + macs["float"] == expected
     stem = convs[0]["macs"]  # 3 -> 16 channels, 3x3, 32x32: the FP32 first conv of the quantized students
     assert stem == 16 * 32 * 32 * 27
+    assert macs["integer"] + macs["float"] == expected + (2 * stem if kind == "int" else 0)
     second = sum(r["macs"] for r in convs if r["name"].endswith("conv2"))  # float residual: they feed a float add
-    assert macs["float"] == {"fp32": expected, "w2a2": stem + second, "int": stem}[kind]
+    assert macs["float"] == {"fp32": expected, "w2a2": stem + second, "int": 3 * stem}[kind]
+
+
+def _wide_stream_student(seed=0):
+    torch.manual_seed(seed)
+    model = quantize_student(create_model("resnet20", 10), residual="int", residual_bits=8)
+    calibrate(model, [torch.randn(64, 3, 32, 32)])
+    return _trained_bn(model, seed).eval()
+
+
+def _stem_output(proto):
+    """The graph cut at its first QuantizeLinear's input: the stem's float output, which the stream codes quantize."""
+    first_q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(["input"], [first_q.input[0]])
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_integer_residual_stem_is_computed_within_half_an_ulp_of_exact(runtime, monkeypatch):
+    """The stem's output is quantized to the first stream codes, and a float32 conv summing in its own order moves
+    some of them (on the full-data artifact every disagreement with PyTorch began there). Exported with
+    `normalise`, the stem is the exact split of `Builder.pixels_conv`: every output within ~half an ulp of the
+    float64 value of the model's own arithmetic (the loader's float32 pixels, conv, BatchNorm) — the ulp of the
+    dot product's magnitude, sum |n·w| + |shift| — in both runtimes; the plain float32 conv is not."""
+    from vaqkd.deploy import onnx_build
+    from vaqkd.deploy.runtimes import compile_graph
+
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    model = _wide_stream_student()
+    norm = normalisation(MEAN, STD)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    m255, s255 = (torch.from_numpy(a).view(1, 3, 1, 1) for a in norm)
+    n = ((x.float() - m255) / s255).double()  # the loader's float32 values, then exact arithmetic
+    bn = model.bn1
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+    w = model.conv1.weight.double() * scale.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        exact = (F.conv2d(n, w, shift, 1, 1)).numpy()
+        magnitude = (F.conv2d(n.abs(), w.abs(), shift.abs(), 1, 1)).numpy()
+    ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
+
+    def error(proto):
+        run = compile_graph(runtime, _stem_output(proto).SerializeToString(), threads=1)
+        err = (np.abs(run(x.numpy()).astype(np.float64) - exact) / ulp).max()
+        print(f"{runtime}: {err:.3f} ulp")
+        return err
+
+    proto = build_onnx(model, normalise=norm)
+    assert [n.op_type for n in proto.graph.node].count("Gather") == 3  # the pixel tables: n, n_hi, n_lo
+    assert error(proto) <= 0.75
+    monkeypatch.setattr(onnx_build, "split_exact", lambda w: None)  # the plain float32 conv
+    plain = build_onnx(model, normalise=norm)
+    assert [n.op_type for n in plain.graph.node].count("Gather") == 0
+    assert error(plain) > 1.0
+
+
+def test_pixel_tables_and_the_exact_weight_split():
+    """The tables hold the loader's float32 values and split them exactly; a float32 conv of the weights' high
+    part on inputs of PIXEL_BITS-bit integers times 2^e sums exactly (equal to float64), the low part is the rest."""
+    from vaqkd.deploy.onnx_grid import PIXEL_BITS, pixel_tables, split_exact
+
+    norm = normalisation(MEAN, STD)
+    n, n_hi, n_lo, e = pixel_tables(norm)
+    x = torch.arange(256, dtype=torch.float32).view(1, 256).expand(3, 256)
+    loader = ((x - torch.from_numpy(norm[0]).view(3, 1)) / torch.from_numpy(norm[1]).view(3, 1)).numpy()
+    assert np.array_equal(n, loader)
+    assert np.array_equal(n_hi.astype(np.float64) + n_lo, n.astype(np.float64))
+    a = n_hi / 2.0**e
+    assert np.array_equal(a, np.round(a)) and np.abs(a).max() <= 2**PIXEL_BITS
+    w = torch.randn(16, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).numpy() * 0.3
+    hi, lo, unit = split_exact(w)
+    assert np.abs(hi.astype(np.float64) + lo - w).max() <= np.abs(w).max() * 2.0**-30
+    assert np.abs(hi / unit[:, None, None, None]).max() <= 2**23 / (27 * 2**PIXEL_BITS)
+    codes = torch.randint(-(2**PIXEL_BITS), 2**PIXEL_BITS + 1, (8, 3, 32, 32)).double() * 2.0**e
+    f32 = F.conv2d(codes.float(), torch.from_numpy(hi), padding=1).double()
+    assert torch.equal(f32, F.conv2d(codes, torch.from_numpy(hi).double(), padding=1))
+    assert split_exact(np.ones((4, 4096, 3, 3))) is None  # a fan-in too wide for the split to keep 4 bits
 
 
 @pytest.mark.parametrize("first_last", ["8", "same"])

@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from vaqkd.deploy.artifact import ExportError, weight_codes
-from vaqkd.deploy.onnx_grid import INT16_PAIR, act_step, bias_multipliers, bn_fold, exact_in_int16, input_spread
+from vaqkd.deploy.onnx_grid import (
+    INT16_PAIR,
+    act_step,
+    bias_multipliers,
+    bn_fold,
+    exact_in_int16,
+    input_spread,
+    pixel_tables,
+    split_exact,
+)
 from vaqkd.deploy.onnx_trace import consumer_quants, is_relu
 
 
@@ -42,8 +51,10 @@ class Value:
     """What a traced tensor is in the graph: a float tensor, or integer codes (uint8 at zero point `zp`) of the
     quantizer `q` with step `step`, dequantized on demand (`Builder.float`)."""
 
-    def __init__(self, name: str | None = None, codes: str | None = None, q=None, step: float = 0.0, zp: int = 0):
+    def __init__(self, name: str | None = None, codes: str | None = None, q=None, step: float = 0.0, zp: int = 0,
+                 pixels: tuple | None = None):  # fmt: skip
         self.name, self.codes, self.q, self.step, self.zp = name, codes, q, step, zp
+        self.pixels = pixels  # the graph's uint8 input and its normalisation (mean255, std255): normalised on demand
 
 
 class Builder:
@@ -56,7 +67,14 @@ class Builder:
 
     # --- values ---------------------------------------------------------------------------------------------
     def float(self, v: Value) -> str:
-        if v.name is None:
+        if v.name is None and v.pixels is not None:  # (x − mean255)/std255 in float32, the loader's arithmetic
+            from onnx import TensorProto
+
+            g, (x, (mean, std)) = self.g, v.pixels
+            mean, std = (np.asarray(a, np.float32).reshape(1, -1, 1, 1) for a in (mean, std))
+            x = g.op("Sub", [g.op("Cast", [x], "pixels", to=TensorProto.FLOAT), g.const("mean255", mean)])
+            v.name = g.op("Div", [x, g.const("std255", std)], "normalised")
+        elif v.name is None:
             g = self.g
             v.name = g.op("DequantizeLinear", [v.codes, g.const("a_scale", np.array(v.step, np.float32)),
                                                g.const("a_zp", np.array(v.zp, np.uint8))], "a_hat")  # fmt: skip
@@ -124,15 +142,20 @@ class Builder:
             shift = shift + scale * conv.bias.detach().double().numpy()
         attrs = dict(kernel_shape=list(conv.kernel_size), strides=list(conv.stride), dilations=list(conv.dilation),
                      pads=[conv.padding[0], conv.padding[1]] * 2, group=conv.groups)  # fmt: skip
+        readers = consumer_quants(out_node, self.modules)
         if not isinstance(conv, QConv2d):
-            w = g.const("w", (conv.weight.detach().double().numpy() * scale[:, None, None, None]).astype(np.float32))
+            w = conv.weight.detach().double().numpy() * scale[:, None, None, None]
+            if v.pixels is not None and self.integer and readers and None not in readers:
+                y = self.pixels_conv(v.pixels, w, shift, attrs)
+                if y is not None:
+                    return Value(y)
+            w = g.const("w", w.astype(np.float32))
             y = g.op("Conv", [self.float(v), w, g.const("bias", shift.astype(np.float32))], "conv", **attrs)
             return Value(y)
         v = self.quant(v, conv.a_quant)
         codes, qn = weight_codes(conv)
         q = (codes + qn).numpy().astype(np.int64)  # (C_out, C_in, k, k), in [Qn, Qp]
         span = max(-qn, conv.w_quant.qp)
-        readers = consumer_quants(out_node, self.modules)
         exact = exact_in_int16(conv)
         fused = (self.integer and exact and len(readers) > 0
                  and all(r is readers[0] and r is not None for r in readers))  # fmt: skip
@@ -172,6 +195,38 @@ class Builder:
             w = g.const("w_hat", q.astype(np.float32) * ch_scale.astype(np.float32)[:, None, None, None])
             bias = g.const("bias", shift.astype(np.float32))
         return Value(g.op("Conv", [x, w, bias], "conv", **attrs))
+
+    def pixels_conv(self, pixels: tuple, w: np.ndarray, shift: np.ndarray, attrs: dict) -> str | None:
+        """A float conv on the normalised pixels whose output only quantizers read (an integer-residual stem),
+        computed within about an ulp of exact: its codes are the first the integer graph makes, and a float32 conv
+        summing in its own order moves some of them (every later disagreement with PyTorch started there, measured
+        on the full-data Intel artifact). The normalised pixels come from tables (`onnx_grid.pixel_tables`: the
+        loader's float32 values, which a runtime computing x·(1/std) would not give), split n = n_hi + n_lo, and
+        the folded weights w = w_hi + w_lo (`onnx_grid.split_exact`): conv(n_hi, w_hi) plus the shift's part on its
+        grid is exact in float32; the rest, conv(n, w_lo) + conv(n_lo, w_hi) + the shift's remainder, is ~2^-9 of
+        it; one add joins them. None where the weights do not split (the plain conv then)."""
+        from onnx import TensorProto
+
+        split = split_exact(w)
+        if split is None or attrs["group"] != 1:
+            return None
+        g, (x, normalise) = self.g, pixels
+        n, n_hi, n_lo, e = pixel_tables(normalise)
+        offsets = (np.arange(len(n), dtype=np.int32) * 256).reshape(1, -1, 1, 1)
+        index = g.op("Add", [g.op("Cast", [x], "pixel_index", to=TensorProto.INT32), g.const("channel_row", offsets)])
+        n, n_hi, n_lo = (g.op("Gather", [g.const(f"table_{k}", t.reshape(-1)), index], f"pixels_{k}")
+                         for k, t in (("n", n), ("hi", n_hi), ("lo", n_lo)))  # fmt: skip
+        w_hi, w_lo, unit = split
+        grid = unit * 2.0**e  # the exact conv's sums are integers times this, per output channel
+        b_hi = np.where(np.abs(shift / grid) < 2**22, np.round(shift / grid) * grid, 0.0)
+        exact = g.op("Conv", [n_hi, g.const("w_hi", w_hi), g.const("bias_hi", b_hi.astype(np.float32))],
+                     "conv_exact", **attrs)  # fmt: skip
+        # the rest negated and subtracted: ORT fuses a conv's Add (not Sub) into the other conv as its accumulator's
+        # start, and the exact conv would then sum onto an inexact value
+        both, w_rest = g.op("Concat", [n, n_lo], "pixels_both", axis=1), -np.concatenate([w_lo, w_hi], axis=1)
+        rest = g.op("Conv", [both, g.const("w_rest", w_rest), g.const("bias_rest", (b_hi - shift).astype(np.float32))],
+                    "conv_rest_negated", **attrs)  # fmt: skip
+        return g.op("Sub", [exact, rest], "conv")
 
     def linear(self, fc: nn.Linear, v: Value) -> Value:
         from vaqkd.quant import QLinear
@@ -219,7 +274,7 @@ class Builder:
                for n, a in (("st", starts), ("en", ends), ("ax", axes), ("sp", steps))]  # fmt: skip
         if v.codes is not None:
             return Value(codes=g.op("Slice", [v.codes, *ins]), q=v.q, step=v.step, zp=v.zp)
-        return Value(g.op("Slice", [v.name, *ins]))
+        return Value(g.op("Slice", [self.float(v), *ins]))
 
     def pad(self, v: Value, pads, mode: str = "constant", value=None) -> Value:
         if mode != "constant" or value not in (None, 0, 0.0):
@@ -236,7 +291,7 @@ class Builder:
         if v.codes is not None:  # zero padding of codes is the code of zero (the zero point)
             out = g.op("Pad", [v.codes, p, g.const("pad_zp", np.array(v.zp, np.uint8))], mode="constant")
             return Value(codes=out, q=v.q, step=v.step, zp=v.zp)
-        return Value(g.op("Pad", [v.name, p], mode="constant"))
+        return Value(g.op("Pad", [self.float(v), p], mode="constant"))
 
     # --- the walk -------------------------------------------------------------------------------------------
     def value(self, a) -> Value:

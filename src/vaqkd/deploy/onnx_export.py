@@ -84,12 +84,7 @@ def build_onnx(model: nn.Module, batch: int | None = None, normalise: tuple | No
     result, b.stop = None, stop
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            x = "input"
-            if normalise is not None:
-                mean, std = (np.asarray(a, np.float32).reshape(1, -1, 1, 1) for a in normalise)
-                x = g.op("Div", [g.op("Sub", [g.op("Cast", [x], "pixels", to=onnx.TensorProto.FLOAT),
-                                              g.const("mean255", mean)]), g.const("std255", std)], "normalised")
-            b.env[n] = Value(x)
+            b.env[n] = Value("input") if normalise is None else Value(pixels=("input", normalise))
         elif n.op == "get_attr":
             raise ExportError(f"{n.target}: a tensor read directly in forward does not export (use a layer)")
         elif n.op == "output":
