@@ -152,6 +152,25 @@ def _stem_output(proto):
     return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(["input"], [first_q.input[0]])
 
 
+def stem_error(model, x: torch.Tensor, norm, got: np.ndarray) -> float:
+    """The largest error of a stem output `got` (bn1(conv1(normalised x)), before the ReLU) against its float64
+    value from the loader's float32 pixels, in ulps of each output's magnitude (sum |n·w| + |shift|, the scale a
+    float32 dot product rounds at)."""
+    m255, s255 = (torch.from_numpy(a).view(1, 3, 1, 1) for a in norm)
+    n = ((x.float() - m255) / s255).double()  # the loader's float32 values, then exact arithmetic
+    bn = model.bn1
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+    w = model.conv1.weight.double() * scale.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        exact = F.conv2d(n, w, shift, 1, 1).numpy()
+        magnitude = F.conv2d(n.abs(), w.abs(), shift.abs(), 1, 1).numpy()
+    ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
+    err = float((np.abs(np.asarray(got, np.float64) - exact) / ulp).max())
+    print(f"stem error {err:.3f} ulp")
+    return err
+
+
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_the_integer_residual_stem_is_computed_within_half_an_ulp_of_exact(runtime, monkeypatch):
     """The stem's output is quantized to the first stream codes, and a float32 conv summing in its own order moves
@@ -167,27 +186,15 @@ def test_the_integer_residual_stem_is_computed_within_half_an_ulp_of_exact(runti
     model = _wide_stream_student()
     norm = normalisation(MEAN, STD)
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    m255, s255 = (torch.from_numpy(a).view(1, 3, 1, 1) for a in norm)
-    n = ((x.float() - m255) / s255).double()  # the loader's float32 values, then exact arithmetic
-    bn = model.bn1
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    shift = bn.bias.double() - bn.running_mean.double() * scale
-    w = model.conv1.weight.double() * scale.view(-1, 1, 1, 1)
-    with torch.no_grad():
-        exact = (F.conv2d(n, w, shift, 1, 1)).numpy()
-        magnitude = (F.conv2d(n.abs(), w.abs(), shift.abs(), 1, 1)).numpy()
-    ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
 
     def error(proto):
         run = compile_graph(runtime, _stem_output(proto).SerializeToString(), threads=1)
-        err = (np.abs(run(x.numpy()).astype(np.float64) - exact) / ulp).max()
-        print(f"{runtime}: {err:.3f} ulp")
-        return err
+        return stem_error(model, x, norm, run(x.numpy()))
 
     proto = build_onnx(model, normalise=norm)
     assert [n.op_type for n in proto.graph.node].count("Gather") == 3  # the pixel tables: n, n_hi, n_lo
     assert error(proto) <= 0.75
-    monkeypatch.setattr(onnx_build, "split_exact", lambda w: None)  # the plain float32 conv
+    monkeypatch.setattr(onnx_build, "exact_parts", lambda *a: None)  # the plain float32 conv
     plain = build_onnx(model, normalise=norm)
     assert [n.op_type for n in plain.graph.node].count("Gather") == 0
     assert error(plain) > 1.0
@@ -196,7 +203,7 @@ def test_the_integer_residual_stem_is_computed_within_half_an_ulp_of_exact(runti
 def test_pixel_tables_and_the_exact_weight_split():
     """The tables hold the loader's float32 values and split them exactly; a float32 conv of the weights' high
     part on inputs of PIXEL_BITS-bit integers times 2^e sums exactly (equal to float64), the low part is the rest."""
-    from vaqkd.deploy.onnx_grid import PIXEL_BITS, pixel_tables, split_exact
+    from vaqkd.deploy.stem import PIXEL_BITS, pixel_tables, split_exact
 
     norm = normalisation(MEAN, STD)
     n, n_hi, n_lo, e = pixel_tables(norm)

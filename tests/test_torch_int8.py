@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("torchao")
 
 from conftest import one_line_error as one_line  # noqa: E402
-from test_onnx_graph import _trained_bn  # noqa: E402
+from test_onnx_graph import _trained_bn, stem_error  # noqa: E402
 from vaqkd.cli import main  # noqa: E402
 from vaqkd.deploy.artifact import ExportError  # noqa: E402
 from vaqkd.deploy.onnx_export import normalisation  # noqa: E402
@@ -66,6 +66,24 @@ def test_compiled_every_block_conv_is_one_onednn_int8_conv_and_the_answers_stay(
     with inductor_config.patch({"freezing": True}), torch.no_grad():
         _, code = run_and_get_code(torch.compile(run.program), images)
     assert code[0].count("torch.ops.onednn.qconv_pointwise") == 18  # 9 blocks x 2 convs; the stem stays float
+
+
+def test_the_programs_stem_is_computed_within_half_an_ulp_of_exact(monkeypatch):
+    """As in the ONNX graph (`deploy.stem`): eager and compiled, the stem within ~half an ulp of its float64 value;
+    the plain float32 conv (where the weights do not split) is not, on the same images."""
+    from vaqkd.deploy import stem
+
+    model, images, x, norm = _student(8)
+    program = Int8Program(model, *norm).eval()
+    assert program.stem.exact
+    with torch.no_grad():
+        assert stem_error(model, images, norm, program.stem(images).numpy()) <= 0.75
+        assert stem_error(model, images, norm, torch.compile(program.stem)(images).numpy()) <= 0.75
+        monkeypatch.setattr(stem, "split_exact", lambda w: None)
+        plain = Int8Program(model, *norm).eval()
+        assert not plain.stem.exact
+        assert stem_error(model, images, norm, plain.stem(images).numpy()) > 1.0
+        assert (plain(images).argmax(1) == program(images).argmax(1)).float().mean() > 0.9  # the same model
 
 
 def test_what_it_cannot_take_is_one_line():

@@ -19,10 +19,9 @@ from vaqkd.deploy.onnx_grid import (
     bn_fold,
     exact_in_int16,
     input_spread,
-    pixel_tables,
-    split_exact,
 )
 from vaqkd.deploy.onnx_trace import consumer_quants, is_relu
+from vaqkd.deploy.stem import exact_parts
 
 
 class Graph:
@@ -198,34 +197,22 @@ class Builder:
 
     def pixels_conv(self, pixels: tuple, w: np.ndarray, shift: np.ndarray, attrs: dict) -> str | None:
         """A float conv on the normalised pixels whose output only quantizers read (an integer-residual stem),
-        computed within about an ulp of exact: its codes are the first the integer graph makes, and a float32 conv
-        summing in its own order moves some of them (every later disagreement with PyTorch started there, measured
-        on the full-data Intel artifact). The normalised pixels come from tables (`onnx_grid.pixel_tables`: the
-        loader's float32 values, which a runtime computing x·(1/std) would not give), split n = n_hi + n_lo, and
-        the folded weights w = w_hi + w_lo (`onnx_grid.split_exact`): conv(n_hi, w_hi) plus the shift's part on its
-        grid is exact in float32; the rest, conv(n, w_lo) + conv(n_lo, w_hi) + the shift's remainder, is ~2^-9 of
-        it; one add joins them. None where the weights do not split (the plain conv then)."""
+        computed within about half an ulp of exact (`deploy.stem`): the tables by Gather, two convs and one Sub.
+        None where the weights do not split (the plain conv then)."""
         from onnx import TensorProto
 
-        split = split_exact(w)
-        if split is None or attrs["group"] != 1:
+        parts = exact_parts(w, shift, pixels[1]) if attrs["group"] == 1 else None
+        if parts is None:
             return None
-        g, (x, normalise) = self.g, pixels
-        n, n_hi, n_lo, e = pixel_tables(normalise)
-        offsets = (np.arange(len(n), dtype=np.int32) * 256).reshape(1, -1, 1, 1)
-        index = g.op("Add", [g.op("Cast", [x], "pixel_index", to=TensorProto.INT32), g.const("channel_row", offsets)])
-        n, n_hi, n_lo = (g.op("Gather", [g.const(f"table_{k}", t.reshape(-1)), index], f"pixels_{k}")
-                         for k, t in (("n", n), ("hi", n_hi), ("lo", n_lo)))  # fmt: skip
-        w_hi, w_lo, unit = split
-        grid = unit * 2.0**e  # the exact conv's sums are integers times this, per output channel
-        b_hi = np.where(np.abs(shift / grid) < 2**22, np.round(shift / grid) * grid, 0.0)
-        exact = g.op("Conv", [n_hi, g.const("w_hi", w_hi), g.const("bias_hi", b_hi.astype(np.float32))],
-                     "conv_exact", **attrs)  # fmt: skip
-        # the rest negated and subtracted: ORT fuses a conv's Add (not Sub) into the other conv as its accumulator's
-        # start, and the exact conv would then sum onto an inexact value
-        both, w_rest = g.op("Concat", [n, n_lo], "pixels_both", axis=1), -np.concatenate([w_lo, w_hi], axis=1)
-        rest = g.op("Conv", [both, g.const("w_rest", w_rest), g.const("bias_rest", (b_hi - shift).astype(np.float32))],
-                    "conv_rest_negated", **attrs)  # fmt: skip
+        g, c = self.g, len(parts["n"])
+        offsets = g.const("channel_row", (np.arange(c, dtype=np.int32) * 256).reshape(1, -1, 1, 1))
+        index = g.op("Add", [g.op("Cast", [pixels[0]], "pixel_index", to=TensorProto.INT32), offsets])
+        n, hi, lo = (g.op("Gather", [g.const(f"table_{k}", parts[k].reshape(-1)), index], f"pixels_{k}")
+                     for k in ("n", "hi", "lo"))  # fmt: skip
+        exact = g.op("Conv", [hi, g.const("w_hi", parts["w_hi"]), g.const("b_hi", parts["b_hi"])], "conv_exact",
+                     **attrs)  # fmt: skip
+        rest = g.op("Conv", [g.op("Concat", [n, lo], "pixels_both", axis=1), g.const("w_rest", parts["w_rest"]),
+                             g.const("b_rest", parts["b_rest"])], "conv_rest_negated", **attrs)  # fmt: skip
         return g.op("Sub", [exact, rest], "conv")
 
     def linear(self, fc: nn.Linear, v: Value) -> Value:

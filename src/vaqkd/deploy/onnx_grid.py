@@ -64,35 +64,3 @@ def bias_multipliers(shift: np.ndarray, unit: np.ndarray, m_max: int) -> np.ndar
         err = np.abs(shift[:, None] - np.round(shift[:, None] / grid) * grid)
     return ms[np.argmin(np.nan_to_num(err, nan=np.inf), axis=1)]
 
-
-PIXEL_BITS = 10  # the normalised pixels' high part: a·2^e with |a| <= 2^10 (`onnx_build.Builder.pixels_conv`)
-
-
-def pixel_tables(normalise: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(n, n_hi, n_lo, e), each table (C, 256) float32: n the normalised value of every pixel value x in 0..255,
-    (x − mean255)/std255 in float32 as the loader computes it; n_hi = round(n / 2^e)·2^e with |n_hi / 2^e| <=
-    2^PIXEL_BITS, n_lo = n − n_hi (exact in float32: n_hi is 0 or within 2^-10 of n's magnitude on a coarser grid)."""
-    mean, std = (np.asarray(a, np.float32).reshape(-1, 1) for a in normalise)
-    n = (np.arange(256, dtype=np.float32)[None, :] - mean) / std
-    e = int(np.frexp(np.abs(n).max())[1]) - PIXEL_BITS
-    n_hi = np.round(n * np.float32(2.0**-e)) * np.float32(2.0**e)
-    n_lo = n - n_hi
-    if not np.array_equal(n_hi.astype(np.float64) + n_lo, n.astype(np.float64)):
-        raise ExportError("the normalised pixels do not split exactly in float32 (a bug)")
-    return n, n_hi, n_lo, e
-
-
-def split_exact(w: np.ndarray, in_bits: int = PIXEL_BITS) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(hi, lo, unit) with w = hi + lo per output channel (axis 0): hi = k·unit, unit a power of two, |k| as wide
-    as lets the conv's fan-in products with `in_bits`-bit integers sum within 2^23 (so a float32 conv of hi on such
-    inputs is exact, in any order of summation); lo the rest (rounded to float32). None where hi would keep fewer
-    than 4 bits (a fan-in too large for the split to pay)."""
-    fan_in = w[0].size
-    bits = int(np.floor(np.log2(2.0**23 / (fan_in * 2.0**in_bits))))
-    if bits < 4:
-        return None
-    peak = np.abs(w.reshape(len(w), -1)).max(1)
-    unit = np.ldexp(1.0, np.frexp(peak)[1] - bits)  # |w / unit| < 2^bits
-    u = unit.reshape(-1, *[1] * (w.ndim - 1))
-    hi = np.round(w / u) * u
-    return hi.astype(np.float32), (w - hi).astype(np.float32), unit

@@ -16,8 +16,9 @@ of its own (PT2E's X86InductorQuantizer would observe and choose 8-bit steps of 
 
 Quantize's `quant_min`/`quant_max` are not honoured by inductor's fused kernels (measured: codes up to 6 from a
 0..3 quantizer), so every clamp narrower than uint8 is written as a float hardtanh before Q, which they do fuse.
-The FP32 stem and FC (the default policy) stay float. What it supports: CIFAR ResNets with an integer residual
-(`quant.residual = "int"`, LSQ weights and activations); anything else is one ExportError.
+The FP32 stem and FC (the default policy) stay float, the stem computed within half an ulp of exact
+(`deploy.stem`: a float32 conv's own rounding moves stream codes). What it supports: CIFAR ResNets with an
+integer residual (`quant.residual = "int"`, LSQ weights and activations); anything else is one ExportError.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaqkd.deploy.artifact import ExportError, weight_codes
+from vaqkd.deploy.stem import ExactStem
 
 
 def _ops():
@@ -128,17 +130,14 @@ class Int8Program(nn.Module):
                               "quant.residual = int")  # fmt: skip
         if type(model.conv1) is not nn.Conv2d or type(model.fc) is not nn.Linear:
             raise ExportError("the torch int8 backend takes an FP32 first conv and last FC (first_last = fp32)")
-        self.register_buffer("mean", torch.as_tensor(mean255, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std255, dtype=torch.float32).view(1, -1, 1, 1))
-        self.stem, self.bn = model.conv1, model.bn1
+        self.stem = ExactStem(model.conv1, model.bn1, (mean255, std255))  # within half an ulp: `deploy.stem`
         self.s_stem, self.qp_stem = _step(blocks[0].stream), blocks[0].stream.qp
         self.blocks = nn.ModuleList(_Block(b, n.stream if n is not None else None)
                                     for b, n in zip(blocks, [*blocks[1:], None]))  # fmt: skip
         self.fc = model.fc
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
-        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.stem(images))
         u = _q(F.hardtanh(x, 0.0, self.qp_stem * self.s_stem), self.s_stem, 0)
         for b in self.blocks:
             u = b(u)

@@ -1,0 +1,109 @@
+"""The exact stem: an FP32 first conv on normalised pixels, computed within about half an ulp of exact in float32
+by any runtime, whatever order its conv sums in.
+
+An integer-residual student quantizes its stem's output to the first stream codes; a float32 conv moves some of
+them (its rounding depends on the order of summation, which differs between PyTorch, ORT, OpenVINO and oneDNN), and
+every later code inherits the move: on the full-data artifact every disagreement of ORT and OpenVINO with PyTorch
+began as a moved stem code (results/deploy/README.md). So the deployed programs compute the stem as
+
+    n = n_hi + n_lo       the normalised pixels, from tables of the loader's float32 values (`pixel_tables`):
+                          n_hi = a·2^e with |a| <= 2^PIXEL_BITS, n_lo the exact rest
+    w = w_hi + w_lo       the folded weights (`split_exact`): w_hi = k·unit per output channel, |k| small enough
+                          that every partial sum of conv(n_hi, w_hi) is an integer times 2^e·unit below 2^23
+    y = [conv(n_hi, w_hi) + shift_hi] − [−conv(n, w_lo) − conv(n_lo, w_hi) − shift_lo]
+
+The first bracket is exact in float32 in any order; the second is ~2^-9 of it, so its rounding is negligible;
+the one subtraction rounds once (a subtraction, not an add, which ORT would fuse into the other conv as its
+accumulator's start). Used by `onnx_build.Builder.pixels_conv` and `torch_int8.Int8Program`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaqkd.deploy.artifact import ExportError
+
+PIXEL_BITS = 10  # the normalised pixels' high part: a·2^e with |a| <= 2^10
+
+
+def pixel_tables(normalise: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(n, n_hi, n_lo, e), each table (C, 256) float32: n the normalised value of every pixel value x in 0..255,
+    (x − mean255)/std255 in float32 as the loader computes it; n_hi = round(n / 2^e)·2^e with |n_hi / 2^e| <=
+    2^PIXEL_BITS, n_lo = n − n_hi (exact in float32: n_hi is 0 or within 2^-10 of n's magnitude on a coarser grid)."""
+    mean, std = (np.asarray(a, np.float32).reshape(-1, 1) for a in normalise)
+    n = (np.arange(256, dtype=np.float32)[None, :] - mean) / std
+    e = int(np.frexp(np.abs(n).max())[1]) - PIXEL_BITS
+    n_hi = np.round(n * np.float32(2.0**-e)) * np.float32(2.0**e)
+    n_lo = n - n_hi
+    if not np.array_equal(n_hi.astype(np.float64) + n_lo, n.astype(np.float64)):
+        raise ExportError("the normalised pixels do not split exactly in float32 (a bug)")
+    return n, n_hi, n_lo, e
+
+
+def split_exact(w: np.ndarray, in_bits: int = PIXEL_BITS) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(hi, lo, unit) with w = hi + lo per output channel (axis 0): hi = k·unit, unit a power of two, |k| as wide
+    as lets the conv's fan-in products with `in_bits`-bit integers sum within 2^23 (so a float32 conv of hi on such
+    inputs is exact, in any order of summation); lo the rest (rounded to float32). None where hi would keep fewer
+    than 4 bits (a fan-in too large for the split to pay)."""
+    fan_in = w[0].size
+    bits = int(np.floor(np.log2(2.0**23 / (fan_in * 2.0**in_bits))))
+    if bits < 4:
+        return None
+    peak = np.abs(w.reshape(len(w), -1)).max(1)
+    unit = np.ldexp(1.0, np.frexp(peak)[1] - bits)  # |w / unit| < 2^bits
+    u = unit.reshape(-1, *[1] * (w.ndim - 1))
+    hi = np.round(w / u) * u
+    return hi.astype(np.float32), (w - hi).astype(np.float32), unit
+
+
+def fold_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
+    """(w, shift) in float64 with bn(conv(x)) = conv(x, w) + shift per output channel."""
+    from vaqkd.deploy.onnx_grid import bn_fold
+
+    scale, shift = bn_fold(bn) if bn is not None else (np.ones(conv.out_channels), np.zeros(conv.out_channels))
+    if conv.bias is not None:
+        shift = shift + scale * conv.bias.detach().double().numpy()
+    return conv.weight.detach().double().numpy() * scale[:, None, None, None], shift
+
+
+def exact_parts(w: np.ndarray, shift: np.ndarray, normalise: tuple) -> dict[str, np.ndarray] | None:
+    """The tables and weights of the exact stem (module docstring), float32: pixel tables `n`, `hi`, `lo` (C, 256),
+    `w_hi` and `b_hi` (the exact conv), `w_rest` and `b_rest` (the rest, negated: y = exact − rest). None where
+    the weights do not split."""
+    split = split_exact(w)
+    if split is None:
+        return None
+    n, n_hi, n_lo, e = pixel_tables(normalise)
+    w_hi, w_lo, unit = split
+    grid = unit * 2.0**e  # the exact conv's partial sums are integers times this, per output channel
+    b_hi = np.where(np.abs(shift / grid) < 2**22, np.round(shift / grid) * grid, 0.0)
+    return {"n": n, "hi": n_hi, "lo": n_lo, "w_hi": w_hi, "b_hi": b_hi.astype(np.float32),
+            "w_rest": -np.concatenate([w_lo, w_hi], axis=1), "b_rest": (b_hi - shift).astype(np.float32)}  # fmt: skip
+
+
+class ExactStem(nn.Module):
+    """uint8 images -> bn(conv(normalised images)) as the module docstring computes it (torch's int8 program);
+    where the weights do not split (a wide fan-in, groups), the plain float32 conv on the tables' pixels."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, normalise: tuple):
+        super().__init__()
+        w, shift = fold_stem(conv, bn)
+        parts = exact_parts(w, shift, normalise) if conv.groups == 1 else None
+        n = pixel_tables(normalise)[0]
+        buffers = parts or {"n": n, "w_hi": w.astype(np.float32), "b_hi": shift.astype(np.float32)}
+        buffers["rows"] = np.arange(len(n)).reshape(1, -1, 1, 1) * 256
+        for name, a in buffers.items():
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(a)))
+        self.exact = parts is not None
+        self.conv = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        i = images.long() + self.rows
+        n = self.n.view(-1)[i]
+        if not self.exact:
+            return F.conv2d(n, self.w_hi, self.b_hi, **self.conv)
+        rest = F.conv2d(torch.cat([n, self.lo.view(-1)[i]], 1), self.w_rest, self.b_rest, **self.conv)
+        return F.conv2d(self.hi.view(-1)[i], self.w_hi, self.b_hi, **self.conv) - rest
