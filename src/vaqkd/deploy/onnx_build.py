@@ -63,6 +63,7 @@ class Builder:
         self.modules = dict(gm.named_modules())
         self.env: dict[fx.Node, Value] = {}
         self.folded: set[fx.Node] = set()  # BatchNorm nodes folded into the conv before them
+        self.exact_stem = True  # an integer-residual stem on the pixels computed exactly (`pixels_conv`)
 
     # --- values ---------------------------------------------------------------------------------------------
     def float(self, v: Value) -> str:
@@ -144,7 +145,7 @@ class Builder:
         readers = consumer_quants(out_node, self.modules)
         if not isinstance(conv, QConv2d):
             w = conv.weight.detach().double().numpy() * scale[:, None, None, None]
-            if v.pixels is not None and self.integer and readers and None not in readers:
+            if v.pixels is not None and self.exact_stem and self.integer and readers and None not in readers:
                 y = self.pixels_conv(v.pixels, w, shift, attrs)
                 if y is not None:
                     return Value(y)

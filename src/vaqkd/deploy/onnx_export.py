@@ -33,10 +33,13 @@ The residual stream decides how much is integer. A float-residual student (`quan
 paper's) adds the unquantized shortcut to its second conv's output, so that conv, the add and the ReLU stay float
 (float convs on the exact 2-bit values, dequantized weights as constants ORT can prepack); an integer-residual
 student (`"int"`, `vaqkd.quant.residual`) computes codes everywhere, and its optimised graph has no float conv
-but the FP32 stem (and a float FC, by policy), no float add but the last block's. ORT requantizes with a float
+but the FP32 stem (and a float FC, by policy), no float add but the last block's. Its stem, whose output the
+first stream codes quantize, is computed within half an ulp of exact (`deploy.stem`: pixel tables by Gather, an
+exact float32 conv of their high parts and the rest), since a float32 conv summing in its own order moves codes and
+every later code inherits the move; the integer body after it is exact but for ties. ORT requantizes with a float
 multiplier and rounds half to even, so a value on a rounding boundary can land on the other code than in PyTorch:
-agreement is measured (benchmarks/deploy_onnx.py), not assumed. Wider students export, but the bias grid is
-coarser there (at 4 bits ~135x finer only): measure their agreement before relying on it.
+agreement is measured (benchmarks/deploy_onnx.py, benchmarks/infer.py), not assumed. Wider students export, but
+the bias grid is coarser there (at 4 bits ~135x finer only): measure their agreement before relying on it.
 
 The parts: `onnx_trace` (tracing), `onnx_grid` (the integer grid), `onnx_build` (the node-by-node mapping); this
 module builds, writes and runs the graph (`build_onnx`, `export_onnx`, `export_source_onnx`, `session`).
@@ -60,7 +63,7 @@ IR_VERSION = 10  # what opset 21 needs; later IR versions are refused by ORT <= 
 
 
 def build_onnx(model: nn.Module, batch: int | None = None, normalise: tuple | None = None, integer: bool = True,
-               stop_after: str | None = None):  # fmt: skip
+               stop_after: str | None = None, exact_stem: bool = True):  # fmt: skip
     """The ONNX model (onnx.ModelProto) of a model in eval mode, quantized or not, built from its traced graph.
 
     `normalise` = (mean·255, std·255) per channel, as the loader holds them: the graph then takes uint8 images
@@ -68,11 +71,13 @@ def build_onnx(model: nn.Module, batch: int | None = None, normalise: tuple | No
     preprocessing for every consumer); without it the input is the normalised float image. Output: logits named
     "logits" (with `stop_after`, the output of the module at that path, e.g. "layer3", for checking a graph
     stage by stage). `integer=False`: the reference graph, every conv float on the exact codes (no int32
-    biases); it shows how close ONNX Runtime's float arithmetic comes to PyTorch's."""
+    biases); it shows how close ONNX Runtime's float arithmetic comes to PyTorch's. `exact_stem=False`: an
+    integer-residual stem as one plain float32 conv (for measuring what the exact one, `deploy.stem`, changes)."""
     import onnx
 
     gm, outputs = trace(model)
     b = Builder(gm, integer)
+    b.exact_stem = exact_stem
     g = b.g
     first = next(m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     c_in = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
