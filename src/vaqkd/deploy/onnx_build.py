@@ -198,7 +198,7 @@ class Builder:
 
     def pixels_conv(self, pixels: tuple, w: np.ndarray, shift: np.ndarray, attrs: dict) -> str | None:
         """A float conv on the normalised pixels whose output only quantizers read (an integer-residual stem),
-        computed within about half an ulp of exact (`deploy.stem`): the tables by Gather, two convs and one Sub.
+        computed within about half an ulp of exact (`deploy.stem`): the table by Gather, two convs and one Sub.
         None where the weights do not split (the plain conv then)."""
         from onnx import TensorProto
 
@@ -208,8 +208,10 @@ class Builder:
         g, c = self.g, len(parts["n"])
         offsets = g.const("channel_row", (np.arange(c, dtype=np.int32) * 256).reshape(1, -1, 1, 1))
         index = g.op("Add", [g.op("Cast", [pixels[0]], "pixel_index", to=TensorProto.INT32), offsets])
-        n, hi, lo = (g.op("Gather", [g.const(f"table_{k}", parts[k].reshape(-1)), index], f"pixels_{k}")
-                     for k in ("n", "hi", "lo"))  # fmt: skip
+        n = g.op("Gather", [g.const("pixel_table", parts["n"].reshape(-1)), index], "pixels")
+        a = g.op("Round", [g.op("Mul", [n, g.const("grid_inv", np.float32(1) / parts["grid"])])])
+        hi = g.op("Mul", [a, g.const("grid", parts["grid"])], "pixels_hi")
+        lo = g.op("Sub", [n, hi], "pixels_lo")
         exact = g.op("Conv", [hi, g.const("w_hi", parts["w_hi"]), g.const("b_hi", parts["b_hi"])], "conv_exact",
                      **attrs)  # fmt: skip
         rest = g.op("Conv", [g.op("Concat", [n, lo], "pixels_both", axis=1), g.const("w_rest", parts["w_rest"]),

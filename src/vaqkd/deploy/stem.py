@@ -6,15 +6,16 @@ them (its rounding depends on the order of summation, which differs between PyTo
 every later code inherits the move: on the full-data artifact every disagreement of ORT and OpenVINO with PyTorch
 began as a moved stem code (results/deploy/README.md). So the deployed programs compute the stem as
 
-    n = n_hi + n_lo       the normalised pixels, from tables of the loader's float32 values (`pixel_tables`):
-                          n_hi = a·2^e with |a| <= 2^PIXEL_BITS, n_lo the exact rest
+    n = n_hi + n_lo       the normalised pixels, from a table of the loader's float32 values (`pixel_tables`;
+                          a runtime computing x·(1/std) would not give them): n_hi = round(n / 2^e)·2^e with
+                          |n_hi / 2^e| <= 2^PIXEL_BITS, n_lo = n − n_hi, both exact in float32
     w = w_hi + w_lo       the folded weights (`split_exact`): w_hi = k·unit per output channel, |k| small enough
                           that every partial sum of conv(n_hi, w_hi) is an integer times 2^e·unit below 2^23
     y = [conv(n_hi, w_hi) + shift_hi] − [−conv(n, w_lo) − conv(n_lo, w_hi) − shift_lo]
 
 The first bracket is exact in float32 in any order; the second is ~2^-9 of it, so its rounding is negligible;
-the one subtraction rounds once (a subtraction, not an add, which ORT would fuse into the other conv as its
-accumulator's start). Used by `onnx_build.Builder.pixels_conv` and `torch_int8.Int8Program`.
+the one subtraction rounds once (a subtraction, not an add, which ORT may fuse into a conv's accumulation).
+Used by `onnx_build.Builder.pixels_conv` and `torch_int8.Int8Program`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def fold_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[np.ndarray, n
 
 
 def exact_parts(w: np.ndarray, shift: np.ndarray, normalise: tuple) -> dict[str, np.ndarray] | None:
-    """The tables and weights of the exact stem (module docstring), float32: pixel tables `n`, `hi`, `lo` (C, 256),
+    """The table and weights of the exact stem (module docstring), float32: the pixel table `n` (C, 256) and the
+    `grid` 2^e (n_hi = round(n / grid)·grid, n_lo = n − n_hi: exact operations, which give `pixel_tables`' split),
     `w_hi` and `b_hi` (the exact conv), `w_rest` and `b_rest` (the rest, negated: y = exact − rest). None where
     the weights do not split."""
     split = split_exact(w)
@@ -78,9 +80,9 @@ def exact_parts(w: np.ndarray, shift: np.ndarray, normalise: tuple) -> dict[str,
         return None
     n, n_hi, n_lo, e = pixel_tables(normalise)
     w_hi, w_lo, unit = split
-    grid = unit * 2.0**e  # the exact conv's partial sums are integers times this, per output channel
-    b_hi = np.where(np.abs(shift / grid) < 2**22, np.round(shift / grid) * grid, 0.0)
-    return {"n": n, "hi": n_hi, "lo": n_lo, "w_hi": w_hi, "b_hi": b_hi.astype(np.float32),
+    cell = unit * 2.0**e  # the exact conv's partial sums are integers times this, per output channel
+    b_hi = np.where(np.abs(shift / cell) < 2**22, np.round(shift / cell) * cell, 0.0)
+    return {"n": n, "grid": np.array(2.0**e, np.float32), "w_hi": w_hi, "b_hi": b_hi.astype(np.float32),
             "w_rest": -np.concatenate([w_lo, w_hi], axis=1), "b_rest": (b_hi - shift).astype(np.float32)}  # fmt: skip
 
 
@@ -94,6 +96,8 @@ class ExactStem(nn.Module):
         parts = exact_parts(w, shift, normalise) if conv.groups == 1 else None
         n = pixel_tables(normalise)[0]
         buffers = parts or {"n": n, "w_hi": w.astype(np.float32), "b_hi": shift.astype(np.float32)}
+        if parts:
+            buffers["grid_inv"] = np.float32(1) / parts["grid"]
         buffers["rows"] = np.arange(len(n)).reshape(1, -1, 1, 1) * 256
         for name, a in buffers.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(a)))
@@ -105,5 +109,6 @@ class ExactStem(nn.Module):
         n = self.n.view(-1)[i]
         if not self.exact:
             return F.conv2d(n, self.w_hi, self.b_hi, **self.conv)
-        rest = F.conv2d(torch.cat([n, self.lo.view(-1)[i]], 1), self.w_rest, self.b_rest, **self.conv)
-        return F.conv2d(self.hi.view(-1)[i], self.w_hi, self.b_hi, **self.conv) - rest
+        hi = torch.round(n * self.grid_inv) * self.grid
+        rest = F.conv2d(torch.cat([n, n - hi], 1), self.w_rest, self.b_rest, **self.conv)
+        return F.conv2d(hi, self.w_hi, self.b_hi, **self.conv) - rest
