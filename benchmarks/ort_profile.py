@@ -89,9 +89,10 @@ def _is_conv(op: str) -> bool:
 
 
 def conv_macs(graph: bytes, image: tuple = (1, 3, 32, 32)) -> dict[str, int]:
-    """Multiply-adds per image of the convs of an exported (not yet optimised) ONNX graph, from shape inference on
-    one image of the given shape: {"integer": the quantized convs' (QDQ: weights from a DequantizeLinear, or
-    QLinearConv / ConvInteger), "float": the others'}."""
+    """Multiply-adds per image that the convs of an exported (not yet optimised) ONNX graph execute, from shape
+    inference on one image of the given shape: {"integer": the quantized convs' (QDQ: weights from a
+    DequantizeLinear, or QLinearConv / ConvInteger), "float": the others'}. An integer-residual student's exact
+    stem executes its two convs, three times the stem's multiply-adds (`vaqkd.deploy.stem`)."""
     import onnx
 
     model = onnx.load_from_string(graph)

@@ -40,11 +40,14 @@ BATCH = 500
 
 
 def first_codes_graph(proto):
-    """The graph cut at its first QuantizeLinear's output: the first stream codes (uint8)."""
+    """The graph cut at the first stream codes (uint8): its first QuantizeLinear's output, or the Clip's after it
+    (a stream narrower than 8 bits is clamped there)."""
     import onnx
 
     q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
-    return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(["input"], [q.output[0]])
+    clip = [n for n in proto.graph.node if n.op_type == "Clip" and n.input[0] == q.output[0]]
+    out = clip[0].output[0] if clip else q.output[0]
+    return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(["input"], [out])
 
 
 def torch_answers(model, images, norm, dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -90,3 +90,30 @@ def tiny_teacher(shared_cifar_root, tmp_path_factory):
     )
     fit(cfg, run, progress=False, log=lambda s: None)
     return run
+
+
+def stem_error(conv, bn, x: torch.Tensor, norm, got) -> float:
+    """The largest error of a stem output `got` (bn(conv(normalised uint8 x)), before any ReLU) against its float64
+    value from the loader's float32 pixels, in ulps of each output's magnitude (sum |n·w| + |shift|, the scale a
+    float32 dot product rounds at). `norm` = (mean255, std255)."""
+    import torch.nn.functional as F
+
+    m255, s255 = (torch.from_numpy(np.asarray(a, np.float32)).view(1, -1, 1, 1) for a in norm)
+    n = ((x.float() - m255) / s255).double()  # the loader's float32 values, then exact arithmetic
+    c_out = conv.out_channels
+    if bn is not None:
+        scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        shift = bn.bias.detach().double() - bn.running_mean.double() * scale
+    else:
+        scale, shift = torch.ones(c_out, dtype=torch.float64), torch.zeros(c_out, dtype=torch.float64)
+    if conv.bias is not None:
+        shift = shift + scale * conv.bias.detach().double()
+    w = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    with torch.no_grad():
+        exact = F.conv2d(n, w, shift, *args).numpy()
+        magnitude = F.conv2d(n.abs(), w.abs(), shift.abs(), *args).numpy()
+    ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
+    err = float((np.abs(np.asarray(got, np.float64) - exact) / ulp).max())
+    print(f"stem error {err:.3f} ulp")
+    return err

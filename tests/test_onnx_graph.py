@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import one_line_error as one_line
+from conftest import stem_error
 from vaqkd.cli import main
 
 onnx = pytest.importorskip("onnx")
@@ -152,29 +153,10 @@ def _stem_output(proto):
     return onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(["input"], [first_q.input[0]])
 
 
-def stem_error(model, x: torch.Tensor, norm, got: np.ndarray) -> float:
-    """The largest error of a stem output `got` (bn1(conv1(normalised x)), before the ReLU) against its float64
-    value from the loader's float32 pixels, in ulps of each output's magnitude (sum |n·w| + |shift|, the scale a
-    float32 dot product rounds at)."""
-    m255, s255 = (torch.from_numpy(a).view(1, 3, 1, 1) for a in norm)
-    n = ((x.float() - m255) / s255).double()  # the loader's float32 values, then exact arithmetic
-    bn = model.bn1
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    shift = bn.bias.double() - bn.running_mean.double() * scale
-    w = model.conv1.weight.double() * scale.view(-1, 1, 1, 1)
-    with torch.no_grad():
-        exact = F.conv2d(n, w, shift, 1, 1).numpy()
-        magnitude = F.conv2d(n.abs(), w.abs(), shift.abs(), 1, 1).numpy()
-    ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
-    err = float((np.abs(np.asarray(got, np.float64) - exact) / ulp).max())
-    print(f"stem error {err:.3f} ulp")
-    return err
-
-
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_the_integer_residual_stem_is_computed_within_half_an_ulp_of_exact(runtime, monkeypatch):
     """The stem's output is quantized to the first stream codes, and a float32 conv summing in its own order moves
-    some of them (on the full-data artifact every disagreement with PyTorch began there). Exported with
+    some of them (on the full-data artifact nearly every disagreement with PyTorch began there). Exported with
     `normalise`, the stem is the exact split of `Builder.pixels_conv`: every output within ~half an ulp of the
     float64 value of the model's own arithmetic (the loader's float32 pixels, conv, BatchNorm) — the ulp of the
     dot product's magnitude, sum |n·w| + |shift| — in both runtimes; the plain float32 conv is not."""
@@ -189,7 +171,7 @@ def test_the_integer_residual_stem_is_computed_within_half_an_ulp_of_exact(runti
 
     def error(proto):
         run = compile_graph(runtime, _stem_output(proto).SerializeToString(), threads=1)
-        return stem_error(model, x, norm, run(x.numpy()))
+        return stem_error(model.conv1, model.bn1, x, norm, run(x.numpy()))
 
     proto = build_onnx(model, normalise=norm)
     assert [n.op_type for n in proto.graph.node].count("Gather") == 1  # the pixel table

@@ -17,6 +17,7 @@ from vaqkd.deploy.onnx_grid import (
     act_step,
     bias_multipliers,
     bn_fold,
+    conv_bn_fold,
     exact_in_int16,
     input_spread,
 )
@@ -47,8 +48,9 @@ class Graph:
 
 
 class Value:
-    """What a traced tensor is in the graph: a float tensor, or integer codes (uint8 at zero point `zp`) of the
-    quantizer `q` with step `step`, dequantized on demand (`Builder.float`)."""
+    """What a traced tensor is in the graph: a float tensor, integer codes (uint8 at zero point `zp`) of the
+    quantizer `q` with step `step`, dequantized on demand (`Builder.float`), or the graph's uint8 pixels with their
+    normalisation (`pixels`), normalised on demand (or read through the exact stem's table, `pixels_conv`)."""
 
     def __init__(self, name: str | None = None, codes: str | None = None, q=None, step: float = 0.0, zp: int = 0,
                  pixels: tuple | None = None):  # fmt: skip
@@ -57,13 +59,13 @@ class Value:
 
 
 class Builder:
-    def __init__(self, gm: fx.GraphModule, integer: bool):
+    def __init__(self, gm: fx.GraphModule, integer: bool, exact_stem: bool = True):
         self.g, self.gm, self.integer = Graph(), gm, integer
+        self.exact_stem = exact_stem  # an integer-residual stem on the pixels computed exactly (`pixels_conv`)
         self.stop: fx.Node | None = None  # build_onnx(stop_after=...): the node whose output the graph gives
         self.modules = dict(gm.named_modules())
         self.env: dict[fx.Node, Value] = {}
         self.folded: set[fx.Node] = set()  # BatchNorm nodes folded into the conv before them
-        self.exact_stem = True  # an integer-residual stem on the pixels computed exactly (`pixels_conv`)
 
     # --- values ---------------------------------------------------------------------------------------------
     def float(self, v: Value) -> str:
@@ -137,9 +139,7 @@ class Builder:
             self.folded.add(out_node)
         else:
             out_node = node
-        scale, shift = bn_fold(bn) if bn is not None else (np.ones(c_out), np.zeros(c_out))
-        if conv.bias is not None:
-            shift = shift + scale * conv.bias.detach().double().numpy()
+        scale, shift = conv_bn_fold(conv, bn)
         attrs = dict(kernel_shape=list(conv.kernel_size), strides=list(conv.stride), dilations=list(conv.dilation),
                      pads=[conv.padding[0], conv.padding[1]] * 2, group=conv.groups)  # fmt: skip
         readers = consumer_quants(out_node, self.modules)
@@ -149,9 +149,9 @@ class Builder:
                 y = self.pixels_conv(v.pixels, w, shift, attrs)
                 if y is not None:
                     return Value(y)
+            x = self.float(v)
             w = g.const("w", w.astype(np.float32))
-            y = g.op("Conv", [self.float(v), w, g.const("bias", shift.astype(np.float32))], "conv", **attrs)
-            return Value(y)
+            return Value(g.op("Conv", [x, w, g.const("bias", shift.astype(np.float32))], "conv", **attrs))
         v = self.quant(v, conv.a_quant)
         codes, qn = weight_codes(conv)
         q = (codes + qn).numpy().astype(np.int64)  # (C_out, C_in, k, k), in [Qn, Qp]

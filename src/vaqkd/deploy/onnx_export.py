@@ -76,8 +76,7 @@ def build_onnx(model: nn.Module, batch: int | None = None, normalise: tuple | No
     import onnx
 
     gm, outputs = trace(model)
-    b = Builder(gm, integer)
-    b.exact_stem = exact_stem
+    b = Builder(gm, integer, exact_stem)
     g = b.g
     first = next(m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     c_in = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features

@@ -19,6 +19,17 @@ def bn_fold(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
     return scale.numpy(), shift.numpy()
 
 
+def conv_bn_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per output channel in float64 with bn(conv(x)) = scale·conv_nobias(x) + shift: the BatchNorm
+    after the conv (if any) and the conv's own bias folded together."""
+    if conv.padding_mode != "zeros":
+        raise ExportError(f"a conv with padding_mode={conv.padding_mode!r}: only zero padding exports")
+    scale, shift = bn_fold(bn) if bn is not None else (np.ones(conv.out_channels), np.zeros(conv.out_channels))
+    if conv.bias is not None:
+        shift = shift + scale * conv.bias.detach().double().numpy()
+    return scale, shift
+
+
 def act_step(q: nn.Module) -> float:
     from vaqkd.quant import LSQQuantizer, PACTQuantizer
 
@@ -63,4 +74,3 @@ def bias_multipliers(shift: np.ndarray, unit: np.ndarray, m_max: int) -> np.ndar
     with np.errstate(divide="ignore", invalid="ignore"):  # a channel of scale 0 (γ = 0): no grid, any m
         err = np.abs(shift[:, None] - np.round(shift[:, None] / grid) * grid)
     return ms[np.argmin(np.nan_to_num(err, nan=np.inf), axis=1)]
-

@@ -1,10 +1,10 @@
 """The exact stem: an FP32 first conv on normalised pixels, computed within about half an ulp of exact in float32
-by any runtime, whatever order its conv sums in.
+(the ulp of its dot products' magnitude, sum |n·w| + |shift|) by any runtime, whatever order its conv sums in.
 
 An integer-residual student quantizes its stem's output to the first stream codes; a float32 conv moves some of
 them (its rounding depends on the order of summation, which differs between PyTorch, ORT, OpenVINO and oneDNN), and
-every later code inherits the move: on the full-data artifact every disagreement of ORT and OpenVINO with PyTorch
-began as a moved stem code (results/deploy/README.md). So the deployed programs compute the stem as
+every later code inherits the move: on the full-data artifact nearly every disagreement of ORT and OpenVINO with
+PyTorch began as a moved stem code (results/deploy/README.md). So the deployed programs compute the stem as
 
     n = n_hi + n_lo       the normalised pixels, from a table of the loader's float32 values (`pixel_tables`;
                           a runtime computing x·(1/std) would not give them): n_hi = round(n / 2^e)·2^e with
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaqkd.deploy.artifact import ExportError
+from vaqkd.deploy.onnx_grid import conv_bn_fold
 
 PIXEL_BITS = 10  # the normalised pixels' high part: a·2^e with |a| <= 2^10
 
@@ -44,30 +45,24 @@ def pixel_tables(normalise: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return n, n_hi, n_lo, e
 
 
-def split_exact(w: np.ndarray, in_bits: int = PIXEL_BITS) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def split_exact(w: np.ndarray, in_bits: int = PIXEL_BITS, unit_floor: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:  # fmt: skip
     """(hi, lo, unit) with w = hi + lo per output channel (axis 0): hi = k·unit, unit a power of two, |k| as wide
     as lets the conv's fan-in products with `in_bits`-bit integers sum within 2^23 (so a float32 conv of hi on such
-    inputs is exact, in any order of summation); lo the rest (rounded to float32). None where hi would keep fewer
-    than 4 bits (a fan-in too large for the split to pay)."""
+    inputs is exact, in any order of summation); lo the rest (rounded to float32). `unit_floor`: per channel, a
+    unit no finer than this (fewer bits in hi). None where hi would keep fewer than 4 bits (a fan-in too large for
+    the split to pay)."""
     fan_in = w[0].size
     bits = int(np.floor(np.log2(2.0**23 / (fan_in * 2.0**in_bits))))
     if bits < 4:
         return None
     peak = np.abs(w.reshape(len(w), -1)).max(1)
     unit = np.ldexp(1.0, np.frexp(peak)[1] - bits)  # |w / unit| < 2^bits
+    if unit_floor is not None:
+        unit = np.maximum(unit, unit_floor)
     u = unit.reshape(-1, *[1] * (w.ndim - 1))
     hi = np.round(w / u) * u
     return hi.astype(np.float32), (w - hi).astype(np.float32), unit
-
-
-def fold_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
-    """(w, shift) in float64 with bn(conv(x)) = conv(x, w) + shift per output channel."""
-    from vaqkd.deploy.onnx_grid import bn_fold
-
-    scale, shift = bn_fold(bn) if bn is not None else (np.ones(conv.out_channels), np.zeros(conv.out_channels))
-    if conv.bias is not None:
-        shift = shift + scale * conv.bias.detach().double().numpy()
-    return conv.weight.detach().double().numpy() * scale[:, None, None, None], shift
 
 
 def exact_parts(w: np.ndarray, shift: np.ndarray, normalise: tuple) -> dict[str, np.ndarray] | None:
@@ -75,40 +70,45 @@ def exact_parts(w: np.ndarray, shift: np.ndarray, normalise: tuple) -> dict[str,
     `grid` 2^e (n_hi = round(n / grid)·grid, n_lo = n − n_hi: exact operations, which give `pixel_tables`' split),
     `w_hi` and `b_hi` (the exact conv), `w_rest` and `b_rest` (the rest, negated: y = exact − rest). None where
     the weights do not split."""
-    split = split_exact(w)
+    n, n_hi, n_lo, e = pixel_tables(normalise)
+    # the shift's high part must fit the exact conv's grid too (below 2^22 cells): where the shift is large against
+    # the weights, the grid is made coarser (the rest then carries more of the weights, and stays small against y)
+    split = split_exact(w, unit_floor=np.ldexp(1.0, np.frexp(np.abs(shift))[1] - 22 - e))
     if split is None:
         return None
-    n, n_hi, n_lo, e = pixel_tables(normalise)
     w_hi, w_lo, unit = split
     cell = unit * 2.0**e  # the exact conv's partial sums are integers times this, per output channel
-    b_hi = np.where(np.abs(shift / cell) < 2**22, np.round(shift / cell) * cell, 0.0)
+    b_hi = np.round(shift / cell) * cell  # |shift / cell| <= 2^22
     return {"n": n, "grid": np.array(2.0**e, np.float32), "w_hi": w_hi, "b_hi": b_hi.astype(np.float32),
             "w_rest": -np.concatenate([w_lo, w_hi], axis=1), "b_rest": (b_hi - shift).astype(np.float32)}  # fmt: skip
 
 
 class ExactStem(nn.Module):
     """uint8 images -> bn(conv(normalised images)) as the module docstring computes it (torch's int8 program);
-    where the weights do not split (a wide fan-in, groups), the plain float32 conv on the tables' pixels."""
+    where the weights do not split (a wide fan-in, groups), the plain float32 conv on the table's pixels."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, normalise: tuple):
         super().__init__()
-        w, shift = fold_stem(conv, bn)
+        scale, shift = conv_bn_fold(conv, bn)
+        w = conv.weight.detach().double().numpy() * scale[:, None, None, None]
         parts = exact_parts(w, shift, normalise) if conv.groups == 1 else None
-        n = pixel_tables(normalise)[0]
-        buffers = parts or {"n": n, "w_hi": w.astype(np.float32), "b_hi": shift.astype(np.float32)}
-        if parts:
-            buffers["grid_inv"] = np.float32(1) / parts["grid"]
-        buffers["rows"] = np.arange(len(n)).reshape(1, -1, 1, 1) * 256
+        if parts is None:
+            buffers = {"n": pixel_tables(normalise)[0], "w": w.astype(np.float32), "b": shift.astype(np.float32)}
+        else:
+            buffers = {**parts, "grid_inv": np.float32(1) / parts["grid"]}
+        buffers["rows"] = np.arange(len(buffers["n"])).reshape(1, -1, 1, 1) * 256
         for name, a in buffers.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(a)))
         self.exact = parts is not None
         self.conv = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ExportError(f"the exact stem takes uint8 images, got {images.dtype}")
         i = images.long() + self.rows
         n = self.n.view(-1)[i]
         if not self.exact:
-            return F.conv2d(n, self.w_hi, self.b_hi, **self.conv)
+            return F.conv2d(n, self.w, self.b, **self.conv)
         hi = torch.round(n * self.grid_inv) * self.grid
         rest = F.conv2d(torch.cat([n, n - hi], 1), self.w_rest, self.b_rest, **self.conv)
         return F.conv2d(hi, self.w_hi, self.b_hi, **self.conv) - rest
