@@ -183,19 +183,22 @@ def test_the_integer_residual_stem_is_computed_within_half_an_ulp_of_exact(runti
     assert [n.op_type for n in build_onnx(model, normalise=norm).graph.node].count("Gather") == 0
 
 
-def test_pixel_tables_and_the_exact_weight_split():
-    """The tables hold the loader's float32 values and split them exactly; a float32 conv of the weights' high
-    part on inputs of PIXEL_BITS-bit integers times 2^e sums exactly (equal to float64), the low part is the rest."""
-    from vaqkd.deploy.stem import PIXEL_BITS, pixel_tables, split_exact
+def test_pixel_table_and_the_exact_weight_split():
+    """The table holds the loader's float32 values and splits exactly as the graph splits them (round to the 2^e
+    grid, subtract); a float32 conv of the weights' high part on inputs of PIXEL_BITS-bit integers times 2^e sums
+    exactly (equal to float64), the low part is the rest."""
+    from vaqkd.deploy.stem import PIXEL_BITS, pixel_table, split_exact
 
     norm = normalisation(MEAN, STD)
-    n, n_hi, n_lo, e = pixel_tables(norm)
+    n, e = pixel_table(norm)
     x = torch.arange(256, dtype=torch.float32).view(1, 256).expand(3, 256)
     loader = ((x - torch.from_numpy(norm[0]).view(3, 1)) / torch.from_numpy(norm[1]).view(3, 1)).numpy()
     assert np.array_equal(n, loader)
+    n_hi = np.round(n * np.float32(2.0**-e)) * np.float32(2.0**e)
+    n_lo = n - n_hi
     assert np.array_equal(n_hi.astype(np.float64) + n_lo, n.astype(np.float64))
     a = n_hi / 2.0**e
-    assert np.array_equal(a, np.round(a)) and np.abs(a).max() <= 2**PIXEL_BITS
+    assert np.array_equal(a, np.round(a)) and 2 ** (PIXEL_BITS - 1) < np.abs(a).max() <= 2**PIXEL_BITS
     w = torch.randn(16, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).numpy() * 0.3
     hi, lo, unit = split_exact(w)
     assert np.abs(hi.astype(np.float64) + lo - w).max() <= np.abs(w).max() * 2.0**-30

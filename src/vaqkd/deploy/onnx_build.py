@@ -214,8 +214,9 @@ class Builder:
         lo = g.op("Sub", [n, hi], "pixels_lo")
         exact = g.op("Conv", [hi, g.const("w_hi", parts["w_hi"]), g.const("b_hi", parts["b_hi"])], "conv_exact",
                      **attrs)  # fmt: skip
-        rest = g.op("Conv", [g.op("Concat", [n, lo], "pixels_both", axis=1), g.const("w_rest", parts["w_rest"]),
-                             g.const("b_rest", parts["b_rest"])], "conv_rest_negated", **attrs)  # fmt: skip
+        w_rest = -np.concatenate([parts["w_lo"], parts["w_hi"]], axis=1)  # on [n, n_lo], negated: y = exact − rest
+        rest = g.op("Conv", [g.op("Concat", [n, lo], "pixels_both", axis=1), g.const("w_rest", w_rest),
+                             g.const("b_rest", -parts["b_lo"])], "conv_rest_negated", **attrs)  # fmt: skip
         return g.op("Sub", [exact, rest], "conv")
 
     def linear(self, fc: nn.Linear, v: Value) -> Value:

@@ -21,7 +21,8 @@ def bn_fold(bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
 
 def conv_bn_fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift) per output channel in float64 with bn(conv(x)) = scale·conv_nobias(x) + shift: the BatchNorm
-    after the conv (if any) and the conv's own bias folded together."""
+    after the conv (if any) and the conv's own bias folded together. Every exported conv passes here, so a padding
+    other than zeros (which the ONNX graph and torch's int8 program would compute as zeros) is refused here."""
     if conv.padding_mode != "zeros":
         raise ExportError(f"a conv with padding_mode={conv.padding_mode!r}: only zero padding exports")
     scale, shift = bn_fold(bn) if bn is not None else (np.ones(conv.out_channels), np.zeros(conv.out_channels))

@@ -6,7 +6,7 @@ them (its rounding depends on the order of summation, which differs between PyTo
 every later code inherits the move: on the full-data artifact nearly every disagreement of ORT and OpenVINO with
 PyTorch began as a moved stem code (results/deploy/README.md). So the deployed programs compute the stem as
 
-    n = n_hi + n_lo       the normalised pixels, from a table of the loader's float32 values (`pixel_tables`;
+    n = n_hi + n_lo       the normalised pixels, from a table of the loader's float32 values (`pixel_table`;
                           a runtime computing x·(1/std) would not give them): n_hi = round(n / 2^e)·2^e with
                           |n_hi / 2^e| <= 2^PIXEL_BITS, n_lo = n − n_hi, both exact in float32
     w = w_hi + w_lo       the folded weights (`split_exact`): w_hi = k·unit per output channel, |k| small enough
@@ -31,18 +31,13 @@ from vaqkd.deploy.onnx_grid import conv_bn_fold
 PIXEL_BITS = 10  # the normalised pixels' high part: a·2^e with |a| <= 2^10
 
 
-def pixel_tables(normalise: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(n, n_hi, n_lo, e), each table (C, 256) float32: n the normalised value of every pixel value x in 0..255,
-    (x − mean255)/std255 in float32 as the loader computes it; n_hi = round(n / 2^e)·2^e with |n_hi / 2^e| <=
-    2^PIXEL_BITS, n_lo = n − n_hi (exact in float32: n_hi is 0 or within 2^-10 of n's magnitude on a coarser grid)."""
+def pixel_table(normalise: tuple) -> tuple[np.ndarray, int]:
+    """(n, e): n (C, 256) float32 the normalised value of every pixel value x in 0..255, (x − mean255)/std255 in
+    float32 as the loader computes it; e with |n| < 2^(e + PIXEL_BITS). n_hi = round(n / 2^e)·2^e and n_lo = n − n_hi
+    are then exact in float32 (n_hi is 0, or n and n_hi share n's ulp and differ by at most 2^(e−1))."""
     mean, std = (np.asarray(a, np.float32).reshape(-1, 1) for a in normalise)
     n = (np.arange(256, dtype=np.float32)[None, :] - mean) / std
-    e = int(np.frexp(np.abs(n).max())[1]) - PIXEL_BITS
-    n_hi = np.round(n * np.float32(2.0**-e)) * np.float32(2.0**e)
-    n_lo = n - n_hi
-    if not np.array_equal(n_hi.astype(np.float64) + n_lo, n.astype(np.float64)):
-        raise ExportError("the normalised pixels do not split exactly in float32 (a bug)")
-    return n, n_hi, n_lo, e
+    return n, int(np.frexp(np.abs(n).max())[1]) - PIXEL_BITS
 
 
 def split_exact(w: np.ndarray, in_bits: int = PIXEL_BITS, unit_floor: np.ndarray | None = None
@@ -67,10 +62,10 @@ def split_exact(w: np.ndarray, in_bits: int = PIXEL_BITS, unit_floor: np.ndarray
 
 def exact_parts(w: np.ndarray, shift: np.ndarray, normalise: tuple) -> dict[str, np.ndarray] | None:
     """The table and weights of the exact stem (module docstring), float32: the pixel table `n` (C, 256) and the
-    `grid` 2^e (n_hi = round(n / grid)·grid, n_lo = n − n_hi: exact operations, which give `pixel_tables`' split),
-    `w_hi` and `b_hi` (the exact conv), `w_rest` and `b_rest` (the rest, negated: y = exact − rest). None where
-    the weights do not split."""
-    n, n_hi, n_lo, e = pixel_tables(normalise)
+    `grid` 2^e (n_hi = round(n / grid)·grid, n_lo = n − n_hi), `w_hi` and `b_hi` (the exact conv), `w_lo` and `b_lo`
+    (the rest: y = conv(n_hi, w_hi) + b_hi + conv(n, w_lo) + conv(n_lo, w_hi) + b_lo). None where the weights do not
+    split."""
+    n, e = pixel_table(normalise)
     # the shift's high part must fit the exact conv's grid too (below 2^22 cells): where the shift is large against
     # the weights, the grid is made coarser (the rest then carries more of the weights, and stays small against y)
     split = split_exact(w, unit_floor=np.ldexp(1.0, np.frexp(np.abs(shift))[1] - 22 - e))
@@ -80,7 +75,7 @@ def exact_parts(w: np.ndarray, shift: np.ndarray, normalise: tuple) -> dict[str,
     cell = unit * 2.0**e  # the exact conv's partial sums are integers times this, per output channel
     b_hi = np.round(shift / cell) * cell  # |shift / cell| <= 2^22
     return {"n": n, "grid": np.array(2.0**e, np.float32), "w_hi": w_hi, "b_hi": b_hi.astype(np.float32),
-            "w_rest": -np.concatenate([w_lo, w_hi], axis=1), "b_rest": (b_hi - shift).astype(np.float32)}  # fmt: skip
+            "w_lo": w_lo, "b_lo": (shift - b_hi).astype(np.float32)}  # fmt: skip
 
 
 class ExactStem(nn.Module):
@@ -98,14 +93,14 @@ class ExactStem(nn.Module):
         parts = exact_parts(w, shift, normalise) if conv.groups == 1 else None
         c_out, c_in = w.shape[:2]
         if parts is None:
-            buffers = {"n": pixel_tables(normalise)[0], "w": w.astype(np.float32), "b": shift.astype(np.float32)}
+            buffers = {"n": pixel_table(normalise)[0], "w": w.astype(np.float32), "b": shift.astype(np.float32)}
         else:
-            w_hi, w_lo = parts["w_hi"], -parts["w_rest"][:, :c_in]
+            w_hi, w_lo = parts["w_hi"], parts["w_lo"]
             both = np.zeros((2 * c_out, 2 * c_in, *w.shape[2:]), np.float32)
             both[:c_out, :c_in] = w_hi
             both[c_out:, :c_in], both[c_out:, c_in:] = -w_lo, -(w_hi.astype(np.float64) + w_lo)
             buffers = {"n": parts["n"], "grid": parts["grid"], "grid_inv": np.float32(1) / parts["grid"],
-                       "w": both, "b": np.concatenate([parts["b_hi"], parts["b_rest"]])}  # fmt: skip
+                       "w": both, "b": np.concatenate([parts["b_hi"], -parts["b_lo"]])}  # fmt: skip
         buffers["rows"] = np.arange(len(buffers["n"])).reshape(1, -1, 1, 1) * 256
         for name, a in buffers.items():
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(a)))
