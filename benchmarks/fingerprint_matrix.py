@@ -74,7 +74,8 @@ def main() -> None:
     if args.against is not None:
         print(f"{len(rows) - differ} of {len(rows)} the same")
     if args.out:
-        report = {"command": " ".join(["python", "benchmarks/fingerprint_matrix.py", *sys.argv[1:]]),
+        switch = [f"VAQKD_INT_CONV={os.environ['VAQKD_INT_CONV']}"] if "VAQKD_INT_CONV" in os.environ else []
+        report = {"command": " ".join([*switch, "python", "benchmarks/fingerprint_matrix.py", *sys.argv[1:]]),
                   "this_git_sha": git_sha(ROOT), "against_git_sha": git_sha(args.against) if args.against else None,
                   "rows": rows, "env": environment(torch.device("cpu"), 0, "fp32")}  # fmt: skip
         write_output(args.out, report)

@@ -23,7 +23,7 @@ from vaqkd.engine.step import StudentLoss, make_optimizer
 from vaqkd.errors import ConfigError, RunFileError, user_path
 from vaqkd.metrics.size import model_profile
 from vaqkd.models import stage_channels
-from vaqkd.quant import calibrate, set_grad_batch
+from vaqkd.quant import calibrate, intconv, set_grad_batch
 from vaqkd.rundir import (
     PART_FINGERPRINTS,
     build_student,
@@ -63,7 +63,10 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: 
         before = [part.get("arithmetic", "unknown") for part in (env, *env.get("resumes", []))][-1]
         if before != arithmetic:
             msg = f"trained with arithmetic {before}, this code and machine compute {arithmetic} (engine.arithmetic)"
-            raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out")
+            cpu32 = env.get("device") == "cpu" and env.get("precision") == "fp32"
+            hint = ("; a float32 CPU run started before the integer forward convolution (quant.intconv) resumes "
+                    "with VAQKD_INT_CONV=0" if cpu32 and intconv.enabled() else "")  # fmt: skip
+            raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out{hint}")
         # the last part that recorded each (a resume by code older than the field leaves a gap, not a pass)
         recorded = (env, *env.get("resumes", []))
         for key, now in (parts or {}).items():

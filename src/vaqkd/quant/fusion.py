@@ -28,8 +28,8 @@ class QuantBasicBlock(BasicBlock):
     """A BasicBlock with quantized convolutions: `forward` as the plain block (the ReLU before conv2 skipped
     where conv2's quantizer absorbs it), `forward_fused` for `FusedStage`."""
 
-    def _body(self, x: torch.Tensor, x_hat: torch.Tensor | None) -> torch.Tensor:
-        out = self.bn1(self.conv1(x) if x_hat is None else self.conv1.forward_quantized(x_hat))
+    def _body(self, x: torch.Tensor, x_hat: torch.Tensor | None, codes: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.bn1(self.conv1(x) if x_hat is None else self.conv1.forward_quantized(x_hat, codes))
         if not self.conv2.input_clamps_at_zero:
             out = F.relu(out)
         return self.bn2(self.conv2(out))
@@ -37,12 +37,20 @@ class QuantBasicBlock(BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self._body(x, None) + self.shortcut(x))
 
-    def forward_fused(self, x: torch.Tensor, x_hat: torch.Tensor | None, next_quant: nn.Module | None):
-        """(h, q(h)): the block output and, where the next block's quantizer has a fused kernel, its quantized
-        input made in the same pass (else None). `x_hat`: this block's input already quantized, or None."""
-        out, sc = self._body(x, x_hat), self.shortcut(x)
-        fused = next_quant.relu_quant(out, sc) if next_quant is not None else None
-        return fused if fused is not None else (F.relu(out + sc), None)
+    def forward_fused(self, x: torch.Tensor, x_hat: torch.Tensor | None, codes: torch.Tensor | None,
+                      next_conv: QConv2d | None):  # fmt: skip
+        """(h, q(h), codes): the block output and, where the next block's input quantizer has a fused kernel,
+        that conv's quantized input made in the same pass (else None), with its uint8 codes where the conv
+        reads them (`QConv2d.wants_codes`, else None). `x_hat`, `codes`: this block's input already quantized
+        (None: not)."""
+        out, sc = self._body(x, x_hat, codes), self.shortcut(x)
+        if next_conv is None:
+            return F.relu(out + sc), None, None
+        q = next_conv.a_quant
+        fused = q.relu_quant_codes(out, sc) if next_conv.wants_codes(out) else q.relu_quant(out, sc)
+        if fused is None:
+            return F.relu(out + sc), None, None
+        return fused if len(fused) == 3 else (*fused, None)
 
 
 class FastStage(nn.Sequential):
@@ -59,10 +67,10 @@ class FusedStage(FastStage):
             for b in blocks:  # hooks must see every module's output: the plain path
                 x = b(x)
             return x
-        x_hat = None
+        x_hat = codes = None
         for i, b in enumerate(blocks):
-            nxt = blocks[i + 1].conv1.a_quant if i + 1 < len(blocks) else None
-            x, x_hat = b.forward_fused(x, x_hat, nxt)
+            nxt = blocks[i + 1].conv1 if i + 1 < len(blocks) else None
+            x, x_hat, codes = b.forward_fused(x, x_hat, codes, nxt)
         return x
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaqkd.quant import intconv
+
 
 class QConv2d(nn.Conv2d):
     def __init__(self, conv: nn.Conv2d, w_quant: nn.Module, a_quant: nn.Module):
@@ -31,12 +33,20 @@ class QConv2d(nn.Conv2d):
     def a_bits(self) -> int:
         return getattr(self.a_quant, "bits", 32)
 
+    def wants_codes(self, x: torch.Tensor) -> bool:
+        """Whether this conv would read its input's codes (the integer forward, `quant.intconv`): then its input
+        quantizer should write them beside x_hat where it can (`Quantizer.with_codes`)."""
+        return intconv.module_ok(self) and intconv.wanted(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wants_codes(x):
+            return self.forward_quantized(*self.a_quant.with_codes(x))
         return self.forward_quantized(self.a_quant(x))
 
-    def forward_quantized(self, x_hat: torch.Tensor) -> torch.Tensor:
-        """The convolution of an input already quantized by this layer's `a_quant` (e.g. fused with a ReLU)."""
-        return self._conv_forward(x_hat, self.w_quant(self.weight), self.bias)
+    def forward_quantized(self, x_hat: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of an input already quantized by this layer's `a_quant` (e.g. fused with a ReLU);
+        `codes`: its uint8 codes where the quantizer wrote them (else the integer forward recovers them)."""
+        return intconv.conv2d(self, x_hat, self.w_quant(self.weight), codes)
 
 
 class QLinear(nn.Linear):

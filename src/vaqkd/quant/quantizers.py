@@ -17,7 +17,14 @@ import math
 import torch
 from torch import nn
 
-from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSDiscretize, EWGSQuant, LSQQuant, ReluLSQQuant, RoundSTE
+from vaqkd.quant.ste import (
+    FUSE_MIN_NUMEL,
+    EWGSDiscretize,
+    EWGSQuant,
+    LSQQuant,
+    ReluLSQQuant,
+    RoundSTE,
+)
 
 
 class Quantizer(nn.Module):
@@ -69,6 +76,21 @@ class Quantizer(nn.Module):
         """(h, q(h)) for h = relu(a + b) computed in one fused pass, or None where this quantizer has no fused
         kernel (the caller then applies the ReLU and the quantizer separately)."""
         return None
+
+    def code_step(self) -> torch.Tensor | None:
+        """The step s where every output is an integer code times s (x_hat = q·s: what `quant.intconv`'s integer
+        convolution needs), else None (and None while calibrating: the output is then the input itself)."""
+        return None
+
+    def with_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_hat, codes): x_hat = self(x) and, where a fused kernel writes them in the same pass, its uint8 codes
+        (channels-last), else None (a consumer recovers them from x_hat: the same integers)."""
+        return self(x), None
+
+    def relu_quant_codes(self, a: torch.Tensor, b: torch.Tensor | None = None):
+        """`relu_quant` with the codes as `with_codes` gives them: (h, q(h), codes or None), or None."""
+        fused = self.relu_quant(a, b)
+        return None if fused is None else (*fused, None)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
@@ -136,6 +158,21 @@ class LSQQuantizer(Quantizer):
         if self.calibrating or self.signed or self.per_channel:
             return None
         return ReluLSQQuant.apply(a, b, self.step, self.qp, 1.0 / math.sqrt(a.numel() * self.grad_batch * self.qp))
+
+    def code_step(self) -> torch.Tensor | None:
+        return None if self.calibrating else self.step
+
+    def with_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.calibrating or self.signed or self.per_channel or self.bits > 8 or x.numel() < FUSE_MIN_NUMEL:
+            return self(x), None
+        g = 1.0 / math.sqrt(x.numel() * self.grad_batch * self.qp)  # as `forward` (one step)
+        return LSQQuant.apply(x, self.step, self.qn, self.qp, g, True, True)
+
+    def relu_quant_codes(self, a: torch.Tensor, b: torch.Tensor | None = None):
+        if self.calibrating or self.signed or self.per_channel or self.bits > 8:
+            return super().relu_quant_codes(a, b)
+        g = 1.0 / math.sqrt(a.numel() * self.grad_batch * self.qp)
+        return ReluLSQQuant.apply(a, b, self.step, self.qp, g, True, True)
 
 
 class EWGSQuantizer(Quantizer):
@@ -228,6 +265,21 @@ class PACTQuantizer(Quantizer):
             return None
         levels = 2**self.bits - 1
         return ReluLSQQuant.apply(a, b, self.alpha / levels, levels, 1.0, False)
+
+    def code_step(self) -> torch.Tensor | None:
+        return None if self.calibrating else self.alpha / (2**self.bits - 1)
+
+    def with_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.calibrating or self.bits > 8 or x.numel() < FUSE_MIN_NUMEL:
+            return self(x), None
+        levels = 2**self.bits - 1
+        return LSQQuant.apply(x, self.alpha / levels, 0, levels, 1.0, False, True)
+
+    def relu_quant_codes(self, a: torch.Tensor, b: torch.Tensor | None = None):
+        if self.calibrating or self.bits > 8:
+            return super().relu_quant_codes(a, b)
+        levels = 2**self.bits - 1
+        return ReluLSQQuant.apply(a, b, self.alpha / levels, levels, 1.0, False, True)
 
 
 class DoReFaQuantizer(Quantizer):

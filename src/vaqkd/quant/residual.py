@@ -64,34 +64,39 @@ class IntResidualBlock(BasicBlock):
         y = self._body(x_s, is_fx_symbolic_tracing() or _hooked(self))
         return F.relu(self.mid_quant(y) + self.shortcut(x_s))
 
-    def _body(self, x_s: torch.Tensor, whole_conv1: bool = False) -> torch.Tensor:
+    def _body(self, x_s: torch.Tensor, whole_conv1: bool = False, codes: torch.Tensor | None = None) -> torch.Tensor:
         """bn2(conv2(...(conv1(x_s)))): the conv branch before Q_mid. conv1 requantizes a wide stream to its own
-        codes; a 2-bit stream is its input already."""
+        codes; a 2-bit stream is its input already (`codes`: its uint8 codes, where made)."""
         if hasattr(self, "stream_quant") or whole_conv1:
             a = self.conv1(x_s)
         else:
-            a = self.conv1.forward_quantized(x_s)
+            a = self.conv1.forward_quantized(x_s, codes)
         out = self.bn1(a)
         if not self.conv2.input_clamps_at_zero:
             out = F.relu(out)
         return self.bn2(self.conv2(out))
 
-    def forward_codes(self, x_s: torch.Tensor, nxt: Quantizer | None) -> torch.Tensor:
-        """From this block's stream codes `x_s` (`IntStage`): the next block's, nxt(relu(Q_mid(y) + shortcut)), or
-        with `nxt` None the block's output itself; the block's end (and `nxt`) in one fused pass where the
-        quantizers have the kernel, else one by one."""
-        y, sc = self._body(x_s), self.shortcut(x_s)
-        mid = self.mid_quant
+    def forward_codes(self, x_s: torch.Tensor, codes: torch.Tensor | None, nxt: IntResidualBlock | None):
+        """From this block's stream `x_s` (`IntStage`; `codes`: its uint8 codes where made, else None): the next
+        block's, (x_next, its codes or None) with x_next = Q_stream(relu(Q_mid(y) + shortcut)), or with `nxt` None
+        (the stage's last block) (the block's output, None); the block's end (and the next stream quantizer) in
+        one fused pass where the quantizers have the kernel, else one by one. The codes are made where the next
+        block's conv1 reads its stream directly and takes the integer forward (`quant.intconv`)."""
+        y, sc = self._body(x_s, codes=codes), self.shortcut(x_s)
+        mid, q = self.mid_quant, (None if nxt is None else nxt.stream)
         if not (_fusable(mid) and y.numel() >= FUSE_MIN_NUMEL):
             h = F.relu(mid(y) + sc)
-            return h if nxt is None else nxt(h)
+            return (h, None) if q is None else (q(h), None)
         g_mid = 1.0 / math.sqrt(y.numel() * mid.grad_batch * mid.qp)
-        if nxt is None:
-            return IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid)
-        if _fusable(nxt) and not nxt.signed:
-            g_next = 1.0 / math.sqrt(y.numel() * nxt.grad_batch * nxt.qp)
-            return IntEndQuant.apply(y, sc, mid.step, nxt.step, mid.qn, mid.qp, nxt.qp, g_mid, g_next)
-        return nxt(IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid))
+        if q is None:
+            return IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid), None
+        if _fusable(q) and not q.signed:
+            g_next = 1.0 / math.sqrt(y.numel() * q.grad_batch * q.qp)
+            args = (y, sc, mid.step, q.step, mid.qn, mid.qp, q.qp, g_mid, g_next)
+            if q is nxt.conv1.a_quant and q.bits <= 8 and nxt.conv1.wants_codes(y):
+                return IntEndQuant.apply(*args, True)
+            return IntEndQuant.apply(*args), None
+        return q(IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid)), None
 
 
 def _fusable(q: Quantizer) -> bool:
@@ -108,9 +113,13 @@ class IntStage(FastStage):
             for b in blocks:  # hooks must see every module's output, a trace every layer: block by block
                 x = b(x)
             return x
-        x_s = blocks[0].stream(x)
+        first = blocks[0]
+        if first.stream is first.conv1.a_quant and first.conv1.wants_codes(x):
+            x_s, codes = first.stream.with_codes(x)
+        else:
+            x_s, codes = first.stream(x), None
         for b, nxt in zip(blocks, [*blocks[1:], None]):
-            x_s = b.forward_codes(x_s, nxt.stream if nxt is not None else None)
+            x_s, codes = b.forward_codes(x_s, codes, nxt)
         return x_s  # the last block's output
 
 

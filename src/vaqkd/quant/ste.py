@@ -62,24 +62,38 @@ class LSQQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, grad_scale: float,
-                err: bool = True) -> torch.Tensor:  # fmt: skip
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, qn: int, qp: int, grad_scale: float, err: bool = True,
+                codes: bool = False):  # fmt: skip
         fused = s.ndim == 0 and x.numel() >= FUSE_MIN_NUMEL  # activations; weights are too small to matter
-        y = (lsq_forward if fused else _lsq_forward)(x, s, qn, qp)
         ctx.save_for_backward(x, s)
         ctx.grad_scale, ctx.qn, ctx.qp, ctx.fused, ctx.err = grad_scale, qn, qp, fused, err
-        return y
+        if codes and fused and qn >= 0:  # (x_hat, its uint8 codes from the same pass: `_lsq_forward_codes`)
+            y, c = lsq_forward_codes(x, s, qn, qp)
+            ctx.mark_non_differentiable(c)
+            return y, c
+        y = (lsq_forward if fused else _lsq_forward)(x, s, qn, qp)
+        return (y, None) if codes else y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dy: torch.Tensor, *_codes):
         x, s = ctx.saved_tensors
         if ctx.fused:
             dy = dy.contiguous(memory_format=_memory_format(x))
             dx, ds = lsq_backward(dy, x, s, ctx.qn, ctx.qp, ctx.grad_scale, ctx.err)
-            return dx, ds, None, None, None, None
+            return dx, ds, None, None, None, None, None
         dims = [d for d, n in enumerate(s.shape) if n == 1] if s.ndim else None
         dx, t = _lsq_grads(dy, x, s, ctx.qn, ctx.qp, ctx.err, dims)
-        return dx, (t * ctx.grad_scale).to(s.dtype), None, None, None, None
+        return dx, (t * ctx.grad_scale).to(s.dtype), None, None, None, None, None
+
+
+def _lsq_forward_codes(x: torch.Tensor, s: torch.Tensor, qn: int, qp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat, codes): `_lsq_forward`'s x_hat and its unsigned codes clamp(round(x/s), Qn, Qp) as uint8 (what
+    `quant.intconv`'s integer convolution reads), from the same pass (Qn >= 0)."""
+    q = torch.clamp(torch.round(x.float() * torch.reciprocal(s.float())), qn, qp)
+    return _lsq_forward(x, s, qn, qp), q.to(torch.uint8)
+
+
+lsq_forward_codes = Fused(_lsq_forward_codes)
 
 
 def _relu_lsq_forward(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, qp: int):
@@ -97,8 +111,15 @@ def _relu_lsq_backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tenso
     return da, (t * g).to(s.dtype)
 
 
+def _relu_lsq_forward_codes(a: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, qp: int):
+    """(h, q(h), codes of q(h)): `_relu_lsq_forward` and the codes as `_lsq_forward_codes` writes them."""
+    h = torch.relu(a if b is None else a + b)
+    return h, *_lsq_forward_codes(h, s, 0, qp)
+
+
 relu_lsq_forward = Fused(_relu_lsq_forward)
 relu_lsq_backward = Fused(_relu_lsq_backward)
+relu_lsq_forward_codes = Fused(_relu_lsq_forward_codes)
 
 
 class ReluLSQQuant(torch.autograd.Function):
@@ -109,14 +130,16 @@ class ReluLSQQuant(torch.autograd.Function):
     LSQQuant applied to relu(a + b)."""
 
     @staticmethod
-    def forward(ctx, a, b, s, qp: int, grad_scale: float, err: bool = True):
-        h, y = relu_lsq_forward(a, b, s, qp)
-        ctx.save_for_backward(h, s)
+    def forward(ctx, a, b, s, qp: int, grad_scale: float, err: bool = True, codes: bool = False):
+        out = (relu_lsq_forward_codes if codes else relu_lsq_forward)(a, b, s, qp)
+        ctx.save_for_backward(out[0], s)
         ctx.qp, ctx.grad_scale, ctx.has_b, ctx.err = qp, grad_scale, b is not None, err
-        return h, y
+        if codes:
+            ctx.mark_non_differentiable(out[2])
+        return tuple(out)
 
     @staticmethod
-    def backward(ctx, dh, dy):
+    def backward(ctx, dh, dy, *_codes):
         h, s = ctx.saved_tensors
         fmt = _memory_format(h)
         if dy is None:  # x_hat unused: only the ReLU's gradient
@@ -125,7 +148,7 @@ class ReluLSQQuant(torch.autograd.Function):
         else:
             dh = None if dh is None else dh.contiguous(memory_format=fmt)
             da, ds = relu_lsq_backward(dy.contiguous(memory_format=fmt), dh, h, s, ctx.qp, ctx.grad_scale, ctx.err)
-        return da, (da if ctx.has_b else None), ds, None, None, None
+        return da, (da if ctx.has_b else None), ds, None, None, None, None
 
 
 def _int_add_forward(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, qn_mid: int, qp_mid: int) -> torch.Tensor:
@@ -159,10 +182,17 @@ def _int_end_backward(dy: torch.Tensor, y: torch.Tensor, sc: torch.Tensor, s_mid
     return *_int_add_backward(dh, h, y, s_mid, qn_mid, qp_mid, g_mid), (t_next * g_next).to(s_next.dtype)
 
 
+def _int_end_forward_codes(y: torch.Tensor, sc: torch.Tensor, s_mid: torch.Tensor, s_next: torch.Tensor, qn_mid: int,
+                           qp_mid: int, qp: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(`_int_end_forward`, its uint8 codes as `_lsq_forward_codes` writes them)."""
+    return _lsq_forward_codes(_int_add_forward(y, sc, s_mid, qn_mid, qp_mid), s_next, 0, qp)
+
+
 # bf16 tensors round where the eager ops between the separate kernels store them (Q_mid's output, the sum), so
 # the fused kernels compute the composite's values in every dtype
 _EMULATE = {"emulate_precision_casts": True}
 int_end_forward = Fused(_int_end_forward, _EMULATE)
+int_end_forward_codes = Fused(_int_end_forward_codes, _EMULATE)
 int_end_backward = Fused(_int_end_backward, _EMULATE)
 int_add_forward = Fused(_int_add_forward, _EMULATE)
 int_add_backward = Fused(_int_add_backward, _EMULATE)
@@ -175,18 +205,23 @@ class IntEndQuant(torch.autograd.Function):
     `LSQQuant` -> add -> ReLU -> `LSQQuant` (the step-gradient sums up to summation order)."""
 
     @staticmethod
-    def forward(ctx, y, sc, s_mid, s_next, qn_mid: int, qp_mid: int, qp: int, g_mid: float, g_next: float):
+    def forward(ctx, y, sc, s_mid, s_next, qn_mid: int, qp_mid: int, qp: int, g_mid: float, g_next: float,
+                codes: bool = False):  # fmt: skip
         ctx.save_for_backward(y, sc, s_mid, s_next)
         ctx.consts = (qn_mid, qp_mid, qp, g_mid, g_next)
+        if codes:  # (x_next, its uint8 codes from the same pass)
+            x, c = int_end_forward_codes(y, sc, s_mid, s_next, qn_mid, qp_mid, qp)
+            ctx.mark_non_differentiable(c)
+            return x, c
         return int_end_forward(y, sc, s_mid, s_next, qn_mid, qp_mid, qp)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, *_codes):
         y, sc, s_mid, s_next = ctx.saved_tensors
         fmt = _memory_format(y)
         dy, sc = dy.contiguous(memory_format=fmt), sc.contiguous(memory_format=fmt)
         dx, dsc, ds_mid, ds_next = int_end_backward(dy, y, sc, s_mid, s_next, *ctx.consts)
-        return dx, dsc, ds_mid, ds_next, None, None, None, None, None
+        return dx, dsc, ds_mid, ds_next, None, None, None, None, None, None
 
 
 class IntAddQuant(torch.autograd.Function):
