@@ -70,6 +70,7 @@ class LSQQuant(torch.autograd.Function):
         if codes and fused and qn >= 0:  # (x_hat, its uint8 codes from the same pass: `_lsq_forward_codes`)
             y, c = lsq_forward_codes(x, s, qn, qp)
             ctx.mark_non_differentiable(c)
+            ctx.set_materialize_grads(False)  # no zero tensor for the codes' (absent) gradient
             return y, c
         y = (lsq_forward if fused else _lsq_forward)(x, s, qn, qp)
         return (y, None) if codes else y
@@ -77,6 +78,8 @@ class LSQQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor, *_codes):
         x, s = ctx.saved_tensors
+        if dy is None:  # only with codes (grads not materialised): x_hat unused
+            return None, None, None, None, None, None, None
         if ctx.fused:
             dy = dy.contiguous(memory_format=_memory_format(x))
             dx, ds = lsq_backward(dy, x, s, ctx.qn, ctx.qp, ctx.grad_scale, ctx.err)
@@ -136,6 +139,7 @@ class ReluLSQQuant(torch.autograd.Function):
         ctx.qp, ctx.grad_scale, ctx.has_b, ctx.err = qp, grad_scale, b is not None, err
         if codes:
             ctx.mark_non_differentiable(out[2])
+            ctx.set_materialize_grads(False)  # no zero tensor for the codes' gradient (dh, dy may be None)
         return tuple(out)
 
     @staticmethod
@@ -212,12 +216,15 @@ class IntEndQuant(torch.autograd.Function):
         if codes:  # (x_next, its uint8 codes from the same pass)
             x, c = int_end_forward_codes(y, sc, s_mid, s_next, qn_mid, qp_mid, qp)
             ctx.mark_non_differentiable(c)
+            ctx.set_materialize_grads(False)
             return x, c
         return int_end_forward(y, sc, s_mid, s_next, qn_mid, qp_mid, qp)
 
     @staticmethod
     def backward(ctx, dy, *_codes):
         y, sc, s_mid, s_next = ctx.saved_tensors
+        if dy is None:  # only with codes (grads not materialised): the output unused
+            return (None,) * 10
         fmt = _memory_format(y)
         dy, sc = dy.contiguous(memory_format=fmt), sc.contiguous(memory_format=fmt)
         dx, dsc, ds_mid, ds_next = int_end_backward(dy, y, sc, s_mid, s_next, *ctx.consts)
