@@ -8,7 +8,10 @@ machine kind (the report's rule): pairs of two kinds are two lines (one interval
 machine, kept apart from the first folders' records); a seed counts once: one common to two pairs of folders is
 refused, whatever its kinds. `--pool`: with pairs of several kinds,
 one interval over all of them besides each kind's line, each difference still taken within one kind (the report's
-pooled line, under its assumption that the effect does not depend on the arithmetic).
+pooled line, under its assumption that the effect does not depend on the arithmetic). `--across-arithmetic`: where
+the arithmetic itself is what the two folders compare (e.g. the integer forward convolution against the float32 one,
+`VAQKD_INT_CONV=0`), pair runs whose machine fields agree whatever their fingerprints (device, CPU capability,
+precision, threads, processes).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vaqkd.analysis.kinds import group_label, pair_kind, run_groups, same_machine
+from vaqkd.analysis.kinds import MACHINE_FIELDS, group_label, machine_kind, pair_kind, run_groups, same_machine
 from vaqkd.analysis.stats import mean_std, paired_interval
 from vaqkd.errors import RunFileError
 from vaqkd.rundir import NUMBER, read_json
@@ -40,6 +43,13 @@ def records(folder: Path, row: str) -> dict[int, dict]:
     return out
 
 
+def same_hardware(a: dict, b: dict) -> bool:
+    """Every machine field but the arithmetic fingerprints is equal in both records (the device known)."""
+    ka, kb = machine_kind(a), machine_kind(b)
+    fields = [(f, x, y) for f, x, y in zip(MACHINE_FIELDS, ka, kb) if not f.startswith("arithmetic")]
+    return ka[0] is not None and all(x == y for _, x, y in fields)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", type=Path)
@@ -47,6 +57,8 @@ def main() -> None:
     ap.add_argument("--row", default="qkd_logit")
     ap.add_argument("--also", nargs=2, type=Path, action="append", default=[], metavar=("A2", "B2"))
     ap.add_argument("--pool", action="store_true", help="also one interval over the pairs of every kind")
+    ap.add_argument("--across-arithmetic", action="store_true",
+                    help="pair runs of one machine kind whatever their arithmetic fingerprints")  # fmt: skip
     args = ap.parse_args()
     a, b, origin, left_out = {}, {}, {}, 0
     for fa, fb in [(args.a, args.b), *args.also]:
@@ -56,7 +68,7 @@ def main() -> None:
                 raise RunFileError(f"{fa}, {fb}: seed {s} is common to {origin[s][0]}, {origin[s][1]} too; a seed "
                                    "counts once")  # fmt: skip
             origin[s] = (fa, fb)
-            if same_machine(ra[s], rb[s])[0]:
+            if (same_hardware(ra[s], rb[s]) if args.across_arithmetic else same_machine(ra[s], rb[s])[0]):
                 a[s], b[s] = ra[s], rb[s]
             else:
                 left_out += 1
