@@ -21,6 +21,12 @@ step does not run either, has a third, `residual_fingerprint`, recorded as `arit
 and quantizers other than LSQ (EWGS or DoReFa weights, PACT or EWGS activations: the tiny step's are LSQ) a
 fourth, `quantizers_fingerprint`, recorded as `arithmetic_quantizers` by runs that use them.
 
+The integer forward convolution (`quant.intconv`: on the CPU in float32, a quantized conv's forward as an exact
+integer conv) is part of what the fingerprints measure: the tiny step's convs take it, so every float32 CPU
+fingerprint moved when it came (the records before it computed the float32 conv; bf16 and CUDA fingerprints did not
+move); with `VAQKD_INT_CONV=0` a process computes, and fingerprints, the float32 conv again
+(`benchmarks/fingerprint_matrix.py` against the commit before it reads "same" on every line that way).
+
 Records made before the fingerprint existed carry a reconstructed value instead (`LEGACY`): the era of their
 git SHA against the measured boundary a20de37 (the fused stages moved into `quant.fusion`, which changed
 bf16 rounding order: quick QKD logit seed 0 read 26.51 % at epoch 1 before and 23.12 % after, same machine).

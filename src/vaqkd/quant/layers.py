@@ -1,5 +1,6 @@
 """Drop-in quantized layers: the FP32 weight stays the trained parameter; each forward quantizes the
-weight once and the incoming activation once, then runs the ordinary op on the fake-quantized tensors."""
+weight once and the incoming activation once, then runs the op on the fake-quantized tensors — for a conv on the
+CPU in float32, as the exact integer convolution of their codes (`quant.intconv`; the same gradients)."""
 
 from __future__ import annotations
 
