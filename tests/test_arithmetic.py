@@ -323,6 +323,30 @@ def test_the_residual_fingerprint_sees_the_integer_stream_that_the_others_cannot
         assert arithmetic.kernels_fingerprint(CPU, "fp32", "lsq") == kernels
 
 
+def test_a_float32_run_from_before_the_integer_conv_is_told_how_to_resume(shared_cifar_root, tmp_path, monkeypatch):
+    """A float32 CPU run that trained with the float32 convolution (before `quant.intconv`) is refused with the
+    switch named, and resumes with it; another arithmetic is refused without that hint."""
+    from vaqkd.quant import intconv
+
+    if not intconv.enabled():
+        pytest.skip("no integer convolution here")
+    cfg = _tiny(shared_cifar_root)
+    run = tmp_path / "run"
+    monkeypatch.setenv("VAQKD_INT_CONV", "0")
+    fit(cfg, run, progress=False, log=lambda s: None, stop_after_steps=2)
+    monkeypatch.delenv("VAQKD_INT_CONV")
+    with pytest.raises(RunFileError, match="resume it with VAQKD_INT_CONV=0"):
+        fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    text = (run / "env.json").read_text()
+    (run / "env.json").write_text(json.dumps({**json.loads(text), "arithmetic": "0123456789abcdef"}))
+    with pytest.raises(RunFileError, match="refusing to resume: rerun in another --out$"):
+        fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    (run / "env.json").write_text(text)
+    monkeypatch.setenv("VAQKD_INT_CONV", "0")
+    final = fit(cfg, run, resume=True, progress=False, log=lambda s: None)
+    assert final["arithmetic"] == json.loads(text)["arithmetic"] == arithmetic.fingerprint(CPU, "fp32")
+
+
 def test_integer_residual_runs_record_their_stream_and_refuse_to_resume_on_another(shared_cifar_root, tmp_path):
     float_cfg = _tiny(shared_cifar_root)
     fit(float_cfg, tmp_path / "float", progress=False, log=lambda s: None, stop_after_steps=1)

@@ -18,13 +18,18 @@ def _exact(codes, qw, s_x, s_w, **geometry) -> torch.Tensor:
     return acc * (s_x * s_w.reshape(1, -1, 1, 1))
 
 
-@pytest.mark.parametrize("bits, stride, per_channel, groups", [(2, 1, False, 1), (2, 2, True, 1), (4, 1, True, 2),
-                                                                 (8, 2, False, 1)])  # fmt: skip
-def test_the_integer_forward_is_the_exact_sum_scaled_once(bits, stride, per_channel, groups):
-    g = torch.Generator().manual_seed(bits + stride)
-    qp, qwn, qwp = 2**bits - 1, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+@pytest.mark.parametrize("a_bits, w_bits, stride, per_channel, groups", [
+    (2, 2, 1, False, 1), (2, 2, 2, True, 1), (4, 4, 1, True, 2),
+    (8, 7, 2, False, 1),  # the widest pair it takes: 2·255·64 <= 32,767 (int16 pairs without VNNI)
+])  # fmt: skip
+def test_the_integer_forward_is_the_exact_sum_scaled_once(a_bits, w_bits, stride, per_channel, groups):
+    """On every oneDNN kernel (e.g. ONEDNN_MAX_CPU_ISA=AVX2, AVX512_CORE, AVX512_CORE_VNNI: the same bits)."""
+    g = torch.Generator().manual_seed(a_bits + stride)
+    qp, qwn, qwp = 2**a_bits - 1, -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1
     codes = torch.randint(0, qp + 1, (4, 8, 12, 12), generator=g, dtype=torch.uint8)
+    codes[0] = qp  # the extremes: every pair of products at its largest
     qw = torch.randint(qwn, qwp + 1, (16, 8 // groups, 3, 3), generator=g).float()
+    qw[0] = qwn
     s_x = torch.tensor(0.3712)
     s_w = torch.rand(16, 1, 1, 1, generator=g) * 0.1 + 0.01 if per_channel else torch.tensor(0.05131)
     x_hat, w_hat = codes.float() * s_x, qw * s_w
@@ -94,6 +99,38 @@ def test_qconv2d_takes_the_integer_forward_where_it_applies(monkeypatch):
     assert intconv.applies(q, x, q.w_quant(q.weight)) is None
 
 
+def test_w8a8_keeps_the_float_convolution_everywhere():
+    """2·255·128 overflows the int16 pairs of oneDNN's kernels without VNNI: the float32 conv on every machine."""
+    q = _qconv()
+    q.a_quant.bits, q.w_quant.bits = 8, 8
+    x = torch.rand(2, 8, 6, 6)
+    assert not intconv.module_ok(q) and torch.equal(q(x), _float_conv(q, x))
+    q.w_quant.bits = 7
+    assert intconv.module_ok(q)
+
+
+def test_hooks_on_the_input_quantizer_see_it_called_and_the_codes_path_is_the_same():
+    """A large input takes the kernels that write the codes (`with_codes`), unless the quantizer has hooks: then it
+    is called as a module; the output is the same either way."""
+    q = _qconv()
+    x = torch.rand(64, 8, 16, 16) * 2  # above FUSE_MIN_NUMEL
+    assert q.wants_codes(x)
+    plain = q(x)
+    seen = []
+    handle = q.a_quant.register_forward_hook(lambda m, i, o: seen.append(o))
+    assert not q.wants_codes(x) and torch.equal(q(x), plain) and len(seen) == 1
+    handle.remove()
+
+
+def test_the_output_has_the_float_convolutions_memory_format():
+    q = _qconv().to(memory_format=torch.channels_last)  # a channels-last weight, a contiguous input
+    x = torch.rand(2, 8, 6, 6)
+    ref = _float_conv(q, x)
+    y = q(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(memory_format=torch.channels_last)
+    assert y.stride() == ref.stride()
+
+
 def test_the_kernels_codes_are_the_recovered_codes_and_change_nothing_else():
     g = torch.Generator().manual_seed(5)
     shape = (4, 16, 32, 32)  # above FUSE_MIN_NUMEL: the fused kernels
@@ -122,3 +159,17 @@ def test_the_switch_is_part_of_the_arithmetic_fingerprint(monkeypatch):
     off = fingerprint(cpu, "fp32"), fingerprint(cpu, "bf16")
     assert on[0] != off[0]  # float32 training: the integer forward is another arithmetic
     assert on[1] == off[1]  # bf16 training keeps its bf16 convolution either way
+
+
+def test_a_relu_quant_whose_x_hat_is_unused_passes_the_relus_gradient_alone():
+    """With codes the Function's gradients are not materialised: an unused x_hat reaches the backward as None; the
+    gradients equal those of the same call without codes (whose x_hat gradient is a materialised zero)."""
+    g = torch.Generator().manual_seed(6)
+    a, b, dh = (torch.randn(4, 16, 32, 32, generator=g) for _ in range(3))
+    grads = []
+    for codes in (False, True):
+        aa, bb, s = a.clone().requires_grad_(), b.clone().requires_grad_(), torch.tensor(0.3, requires_grad=True)
+        h = ste.ReluLSQQuant.apply(aa, bb, s, 3, 0.01, True, codes)[0]
+        h.backward(dh)
+        grads.append((aa.grad, bb.grad, s.grad))
+    assert all(torch.equal(x, y) for x, y in zip(*grads))

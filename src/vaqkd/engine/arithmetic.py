@@ -35,6 +35,7 @@ bf16 rounding order: quick QKD logit seed 0 read 26.51 % at epoch 1 before and 2
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import replace
 
 import torch
@@ -92,6 +93,20 @@ def fingerprint(device: torch.device, precision: str) -> str:
             digest.update(name.encode())
             digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def float_conv_fingerprint(precision: str) -> str:
+    """`fingerprint` on the CPU as this process would compute it with `VAQKD_INT_CONV=0` (the float32 convolution,
+    the arithmetic before `quant.intconv`): what a record made before it carries."""
+    before = os.environ.get("VAQKD_INT_CONV")
+    os.environ["VAQKD_INT_CONV"] = "0"
+    try:
+        return fingerprint(torch.device("cpu"), precision)
+    finally:
+        if before is None:
+            del os.environ["VAQKD_INT_CONV"]
+        else:
+            os.environ["VAQKD_INT_CONV"] = before
 
 
 def kernels_fingerprint(device: torch.device, precision: str, act: str = "lsq", channels_last: bool = False) -> str:

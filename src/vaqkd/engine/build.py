@@ -16,7 +16,13 @@ from vaqkd import dist
 from vaqkd.config import Config, differences, identity, to_toml
 from vaqkd.data.build import Data, build_data, data_root
 from vaqkd.distill.objective import Objective, build_term, stages_of
-from vaqkd.engine.arithmetic import fingerprint, kernels_fingerprint, quantizers_fingerprint, residual_fingerprint
+from vaqkd.engine.arithmetic import (
+    fingerprint,
+    float_conv_fingerprint,
+    kernels_fingerprint,
+    quantizers_fingerprint,
+    residual_fingerprint,
+)
 from vaqkd.engine.curves import Curves
 from vaqkd.engine.setup import build_teacher, environment, resolve_device, resolve_precision
 from vaqkd.engine.step import StudentLoss, make_optimizer
@@ -63,9 +69,9 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, arithmetic: str, parts: 
         before = [part.get("arithmetic", "unknown") for part in (env, *env.get("resumes", []))][-1]
         if before != arithmetic:
             msg = f"trained with arithmetic {before}, this code and machine compute {arithmetic} (engine.arithmetic)"
-            cpu32 = env.get("device") == "cpu" and env.get("precision") == "fp32"
-            hint = ("; a float32 CPU run started before the integer forward convolution (quant.intconv) resumes "
-                    "with VAQKD_INT_CONV=0" if cpu32 and intconv.enabled() else "")  # fmt: skip
+            cpu32 = env.get("device") == "cpu" and env.get("precision") == "fp32" and intconv.enabled()
+            hint = ("; it trained with the float32 convolution (before quant.intconv): resume it with "
+                    "VAQKD_INT_CONV=0" if cpu32 and float_conv_fingerprint("fp32") == before else "")  # fmt: skip
             raise RunFileError(f"{run_dir}: {msg}; refusing to resume: rerun in another --out{hint}")
         # the last part that recorded each (a resume by code older than the field leaves a gap, not a pass)
         recorded = (env, *env.get("resumes", []))

@@ -6,21 +6,26 @@ w_hat = q_w·s_w with q_w signed, per tensor or per output channel) computes
     y = float32(Σ q_x·q_w) · float32(s_x·s_w)        (one oneDNN int8 convolution, int32 accumulation)
 
 instead of a float32 convolution of x_hat and w_hat. The sum of integer products is exact in any summation order,
-so the forward no longer depends on how a machine's float32 convolution orders its sums (AVX-512, AVX2, AMX and
-thread counts all give the same bits), and it is the integer graph's own arithmetic (`deploy.onnx_export`); the
-float32 convolution rounds every product and partial sum (~1e-7 relative). It is also 3-6× faster on the CPU than
+so the forward does not depend on how a machine orders its sums, and it is the integer graph's own arithmetic
+(`deploy.onnx_export`); the float32 convolution rounds every product and partial sum (~1e-7 relative). oneDNN is
+handed the product s_x·s_w as the weight scale and 1 as the input's: given the two scales apart, its AMX kernels
+multiply the sum by their product and its VNNI/AVX2 ones by one and then the other (one ulp apart on a third of the
+outputs), while a single scale is applied the same way by every kernel. Its int8 kernels without VNNI sum pairs of
+u8·s8 products in int16, which saturates beyond 2·Qp_x·|Qn_w| = 32,767: W8A8 convs (255·128·2) keep the float32
+convolution on every machine, so that the choice does not depend on the CPU. It is also 3-6× faster on the CPU than
 the float32 convolution it replaces, which is what brings the W2A2 training step level with the FP32 one
 (benchmarks/NOTES.md). The backward is unchanged: `aten.convolution_backward` on the same float32 x_hat and w_hat
 that autograd's convolution would use, bit for bit.
 
 Where: float32 tensors on a CPU whose oneDNN has int8 convolutions (x86), autocast off (a bf16 run keeps its bf16
 convolution), 4-D input, no bias, zero padding given as numbers, both quantizers of the code·step kind with at most
-8 bits, not calibrating. Elsewhere, and with `VAQKD_INT_CONV=0`, the float32 convolution as before. Either choice
-is part of the training arithmetic, which the fingerprints measure (`engine.arithmetic`).
+8 bits and 2·Qp_x·|Qn_w| ≤ 32,767, not calibrating. Elsewhere, and with `VAQKD_INT_CONV=0`, the float32
+convolution as before. Either choice is part of the training arithmetic, which the fingerprints measure
+(`engine.arithmetic`).
 
-The codes: the fused activation kernels can write them beside x_hat (uint8, channels-last, what oneDNN reads
-fastest: `Quantizer.with_codes`, `ste.LSQQuantCodes`); otherwise they are recovered as round(x_hat·(1/s)), which is
-q exactly (x_hat = fl(q·s) is within 2 ulp of q·s, far inside ±1/2 for q ≤ 255).
+The codes: the fused activation kernels can write them beside x_hat (uint8, in x's memory format:
+`Quantizer.with_codes`, `ste.LSQQuant(..., codes=True)`); otherwise they are recovered as round(x_hat·(1/s)), which
+is q exactly (x_hat = fl(q·s) is within 2 ulp of q·s, far inside ±1/2 for q ≤ 255).
 """
 
 from __future__ import annotations
@@ -60,13 +65,19 @@ def _code_scale(q, signed: bool) -> torch.Tensor | None:
     return step
 
 
+INT16_PAIR_MAX = 32767  # oneDNN's int8 kernels without VNNI add two u8·s8 products in int16 (saturating)
+
+
 def module_ok(conv) -> bool:
     """Whether `conv` (a QConv2d) is of the kind the integer forward serves, whatever its input: no bias, zero
-    padding given as numbers, code·step quantizers of at most 8 bits (unsigned input, signed weight), not
-    calibrating."""
+    padding given as numbers, code·step quantizers of at most 8 bits (unsigned input, signed weight) whose pairs of
+    products fit in int16, not calibrating."""
     if conv.bias is not None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
-    return _code_scale(conv.a_quant, False) is not None and _code_scale(conv.w_quant, True) is not None
+    a, w = conv.a_quant, conv.w_quant
+    if _code_scale(a, False) is None or _code_scale(w, True) is None:
+        return False
+    return 2 * a.qp * max(-w.qn, w.qp) <= INT16_PAIR_MAX
 
 
 def applies(conv, x_hat: torch.Tensor, w_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -84,15 +95,19 @@ def codes_of(x_hat: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
     return torch.round(x_hat * torch.reciprocal(s_x)).to(torch.uint8)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    cl = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
+    """F.conv2d's output format on the CPU: channels-last where the input or the weight is."""
+    return torch.channels_last if _channels_last(x) or _channels_last(w) else torch.contiguous_format
 
 
 class IntConv(torch.autograd.Function):
     """y = fl(Σ q_x·q_w)·fl(s_x·s_w) forward (oneDNN's int8 convolution with a float32 output); the float32
-    convolution's own gradients backward (see the module docstring). `codes`: x's uint8 codes (channels-last), or
-    None to recover them from x_hat. The output has x_hat's memory format, as F.conv2d's would."""
+    convolution's own gradients backward (see the module docstring). `codes`: x's uint8 codes, or None to recover
+    them from x_hat. The output in the memory format F.conv2d's would have."""
 
     @staticmethod
     def forward(ctx, x_hat, w_hat, codes, s_x, s_w, stride, padding, dilation, groups):
@@ -102,14 +117,15 @@ class IntConv(torch.autograd.Function):
             qx = codes_of(x_hat, s_x) if codes is None else codes
             qw = torch.round(w_hat * torch.reciprocal(s_w)).to(torch.int8)  # (C_out, C_in/groups, kH, kW)
             c_out = w_hat.shape[0]
-            w_scales = s_w.reshape(-1).expand(c_out).contiguous()
+            # one scale, fl(s_x·s_w) per output channel, and 1 for the input: every oneDNN kernel then computes
+            # fl(acc)·scale (see the module docstring)
+            scales = (s_x * s_w).reshape(-1).expand(c_out).contiguous()
             zeros = torch.zeros(c_out, dtype=torch.long)
-            x_scale = float(s_x)  # an fp32 value, exactly a double
-            packed = torch.ops.onednn.qconv_prepack(qw, w_scales, x_scale, 0, stride, padding, dilation, groups,
+            packed = torch.ops.onednn.qconv_prepack(qw, scales, 1.0, 0, stride, padding, dilation, groups,
                                                     list(qx.shape))  # fmt: skip
-            y = torch.ops.onednn.qconv_pointwise(qx, x_scale, 0, packed, w_scales, zeros, None, stride, padding,
-                                                 dilation, groups, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
-            y = y.contiguous(memory_format=_memory_format(x_hat))
+            y = torch.ops.onednn.qconv_pointwise(qx, 1.0, 0, packed, scales, zeros, None, stride, padding, dilation,
+                                                 groups, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+            y = y.contiguous(memory_format=_memory_format(x_hat, w_hat))
         ctx.save_for_backward(x_hat, w_hat)
         ctx.conf = (stride, padding, dilation, groups)
         return y

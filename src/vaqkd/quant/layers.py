@@ -36,8 +36,9 @@ class QConv2d(nn.Conv2d):
 
     def wants_codes(self, x: torch.Tensor) -> bool:
         """Whether this conv would read its input's codes (the integer forward, `quant.intconv`): then its input
-        quantizer should write them beside x_hat where it can (`Quantizer.with_codes`)."""
-        return intconv.module_ok(self) and intconv.wanted(x)
+        quantizer should write them beside x_hat where it can (`Quantizer.with_codes`). Not where the quantizer
+        has forward hooks (or any module has, globally): those must see it called as a module."""
+        return intconv.module_ok(self) and intconv.wanted(x) and not _hooked(self.a_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.wants_codes(x):
@@ -63,3 +64,11 @@ class QLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.a_quant(x), self.w_quant(self.weight), self.bias)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether `m` has forward (pre-)hooks, or every module has, globally."""
+    from torch.nn.modules import module as mod
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or mod._global_forward_hooks
+                or mod._global_forward_pre_hooks)  # fmt: skip

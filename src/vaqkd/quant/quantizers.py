@@ -84,7 +84,8 @@ class Quantizer(nn.Module):
 
     def with_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x_hat, codes): x_hat = self(x) and, where a fused kernel writes them in the same pass, its uint8 codes
-        (channels-last), else None (a consumer recovers them from x_hat: the same integers)."""
+        (in x's memory format), else None (a consumer recovers them from x_hat: the same integers). Calls the
+        kernels directly, not the module: a caller with hooks on this quantizer calls `self(x)` instead."""
         return self(x), None
 
     def relu_quant_codes(self, a: torch.Tensor, b: torch.Tensor | None = None):
