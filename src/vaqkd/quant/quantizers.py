@@ -17,14 +17,7 @@ import math
 import torch
 from torch import nn
 
-from vaqkd.quant.ste import (
-    FUSE_MIN_NUMEL,
-    EWGSDiscretize,
-    EWGSQuant,
-    LSQQuant,
-    ReluLSQQuant,
-    RoundSTE,
-)
+from vaqkd.quant.ste import FUSE_MIN_NUMEL, EWGSDiscretize, EWGSQuant, LSQQuant, ReluLSQQuant, RoundSTE
 
 
 class Quantizer(nn.Module):

@@ -93,7 +93,7 @@ class IntResidualBlock(BasicBlock):
         if _fusable(q) and not q.signed:
             g_next = 1.0 / math.sqrt(y.numel() * q.grad_batch * q.qp)
             args = (y, sc, mid.step, q.step, mid.qn, mid.qp, q.qp, g_mid, g_next)
-            if q is nxt.conv1.a_quant and q.bits <= 8 and nxt.conv1.wants_codes(y):
+            if q is nxt.conv1.a_quant and nxt.conv1.wants_codes(y):  # (wants_codes: q's codes fit in 8 bits)
                 return IntEndQuant.apply(*args, True)
             return IntEndQuant.apply(*args), None
         return q(IntAddQuant.apply(y, sc, mid.step, mid.qn, mid.qp, g_mid)), None
